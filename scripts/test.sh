@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The whole test suite: formatting, lints, unit tests and the integration tests that mount
+# real FUSE filesystems. This is what CI runs (.ci/run).
+#
+# Needs /dev/fuse and root (or fusermount3 for a user); installs fuse3 when fusermount3 is
+# missing. Usage: bash scripts/test.sh   (extra arguments go to `cargo test`)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n==> %s\n' "$*"; }
+die() { printf 'test.sh: %s\n' "$*" >&2; exit 1; }
+
+SUDO=()
+[ "$(id -u)" -eq 0 ] || SUDO=(sudo)
+export DEBIAN_FRONTEND=noninteractive
+
+missing=()
+command -v fusermount3 >/dev/null || missing+=(fuse3)
+command -v cc >/dev/null || missing+=(gcc libc6-dev)
+if [ "${#missing[@]}" -gt 0 ]; then
+    step "installing ${missing[*]} (apt-get)"
+    "${SUDO[@]}" apt-get update -q
+    "${SUDO[@]}" apt-get install -y -q "${missing[@]}"
+fi
+[ -e /dev/fuse ] || die "/dev/fuse is missing: load the fuse module (modprobe fuse) or run the container with --device /dev/fuse"
+command -v cargo >/dev/null || die "cargo is missing: install Rust (https://rustup.rs), or run scripts/demo.sh once"
+
+step "toolchain: $(cargo --version), kernel $(uname -r), $(nproc) cores"
+
+if cargo fmt --version >/dev/null 2>&1; then
+    step "cargo fmt --all --check"
+    cargo fmt --all --check
+else
+    step "skipping cargo fmt (rustfmt is not installed: rustup component add rustfmt)"
+fi
+
+if cargo clippy --version >/dev/null 2>&1; then
+    step "cargo clippy --all-targets -- -D warnings"
+    cargo clippy --all-targets -- -D warnings
+else
+    step "skipping cargo clippy (not installed: rustup component add clippy)"
+fi
+
+# Release mode: the integration tests push hundreds of thousands of requests and hundreds
+# of MiB through the filesystem, several times faster optimised; it shares its build with
+# scripts/demo.sh.
+step "cargo test --release $*"
+cargo test --release "$@"
+
+step "all tests passed"

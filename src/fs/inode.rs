@@ -1,0 +1,311 @@
+//! The inode table: what the kernel knows of the backing tree, without an fd pinned per inode.
+//!
+//! A FUSE node id is the backing inode number (swapped with 1 for the root), so `st_ino` seen
+//! through the mount is stable and hard links share one node. Each inode keeps a kernel file
+//! handle (name_to_handle_at) and, while it is hot, an O_PATH fd. Open O_PATH fds are bounded:
+//! beyond the budget the oldest ones are closed and reopened by handle on next use, so trees
+//! far larger than RLIMIT_NOFILE work. Where handles are unavailable (no CAP_DAC_READ_SEARCH),
+//! a cold inode is re-resolved from its parent by name and checked against its inode number.
+
+use std::collections::VecDeque;
+use std::ffi::{OsStr, OsString};
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::sync::{Arc, Weak};
+
+use dashmap::DashMap;
+use fuser::BackingId;
+use parking_lot::Mutex;
+
+use super::sys::{self, FileHandle};
+
+pub(crate) const ROOT: u64 = 1;
+
+/// Node ids are backing inode numbers, with the root's number and 1 swapped: a bijection, so
+/// no two backing inodes ever share a node id.
+#[derive(Clone, Copy)]
+pub(crate) struct InoMap {
+    root_backing: u64,
+}
+
+impl InoMap {
+    pub(crate) fn to_node(self, backing: u64) -> u64 {
+        if backing == self.root_backing {
+            ROOT
+        } else if backing == ROOT {
+            self.root_backing
+        } else {
+            backing
+        }
+    }
+}
+
+pub(crate) struct Inode {
+    pub(crate) node: u64,
+    pub(crate) state: Mutex<InodeState>,
+}
+
+pub(crate) struct InodeState {
+    pub(crate) nlookup: u64,
+    /// Cached O_PATH fd; `None` while cold.
+    fd: Option<Arc<OwnedFd>>,
+    handle: Option<FileHandle>,
+    /// A name the inode was last seen under, to re-resolve it without handles.
+    parent: u64,
+    name: OsString,
+    pub(crate) is_symlink: bool,
+    /// Passthrough backing id shared by every concurrent open of this inode (the kernel
+    /// requires one backing file per inode), with the number of opens using it.
+    pub(crate) backing: Option<(Arc<BackingId>, usize)>,
+}
+
+pub(crate) struct InodeTable {
+    map: DashMap<u64, Arc<Inode>>,
+    /// O_PATH fds opened, oldest first; the budget closes from the front.
+    fd_queue: Mutex<VecDeque<Weak<Inode>>>,
+    fd_budget: usize,
+    root_fd: Arc<OwnedFd>,
+    root_dev: u64,
+    use_handles: bool,
+    pub(crate) inos: InoMap,
+}
+
+pub(crate) struct Looked {
+    pub(crate) inode: Arc<Inode>,
+    pub(crate) st: libc::stat,
+}
+
+impl InodeState {
+    /// The directory this inode was last seen in (for "..").
+    pub(crate) fn parent_node(&self) -> u64 {
+        self.parent
+    }
+}
+
+impl InodeTable {
+    pub(crate) fn new(root_fd: OwnedFd, fd_budget: usize) -> io::Result<InodeTable> {
+        let st = sys::fstat(root_fd.as_fd())?;
+        if st.st_mode & libc::S_IFMT != libc::S_IFDIR {
+            return Err(io::Error::from_raw_os_error(libc::ENOTDIR));
+        }
+        // Handles are used only if both directions work here (open_by_handle_at needs
+        // CAP_DAC_READ_SEARCH, and some filesystems have no handles).
+        let handle = sys::name_to_handle(root_fd.as_fd()).ok();
+        let use_handles = match &handle {
+            Some(h) => sys::open_by_handle(root_fd.as_raw_fd(), h, libc::O_PATH).is_ok(),
+            None => false,
+        };
+        let root_fd = Arc::new(root_fd);
+        let root = Arc::new(Inode {
+            node: ROOT,
+            state: Mutex::new(InodeState {
+                nlookup: 1,
+                fd: Some(root_fd.clone()),
+                handle: if use_handles { handle } else { None },
+                parent: ROOT,
+                name: OsString::new(),
+                is_symlink: false,
+                backing: None,
+            }),
+        });
+        let map = DashMap::new();
+        map.insert(ROOT, root);
+        Ok(InodeTable {
+            map,
+            fd_queue: Mutex::new(VecDeque::new()),
+            fd_budget: fd_budget.max(16),
+            root_fd,
+            root_dev: st.st_dev,
+            use_handles,
+            inos: InoMap {
+                root_backing: st.st_ino,
+            },
+        })
+    }
+
+    pub(crate) fn uses_handles(&self) -> bool {
+        self.use_handles
+    }
+
+    pub(crate) fn root_fd(&self) -> &Arc<OwnedFd> {
+        &self.root_fd
+    }
+
+    pub(crate) fn get(&self, node: u64) -> io::Result<Arc<Inode>> {
+        self.map
+            .get(&node)
+            .map(|e| e.value().clone())
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::ESTALE))
+    }
+
+    /// The O_PATH fd of an inode, reopening it if it was closed to stay within the budget.
+    pub(crate) fn fd(&self, inode: &Arc<Inode>) -> io::Result<Arc<OwnedFd>> {
+        let (handle, parent, name) = {
+            let st = inode.state.lock();
+            if let Some(fd) = &st.fd {
+                return Ok(fd.clone());
+            }
+            (st.handle.clone(), st.parent, st.name.clone())
+        };
+        let fd = match handle {
+            Some(h) => sys::open_by_handle(self.root_fd.as_raw_fd(), &h, libc::O_PATH)?,
+            None => self.reresolve(inode.node, parent, &name)?,
+        };
+        let fd = Arc::new(fd);
+        {
+            let mut st = inode.state.lock();
+            if let Some(existing) = &st.fd {
+                return Ok(existing.clone());
+            }
+            st.fd = Some(fd.clone());
+        }
+        self.note_fd_opened(inode);
+        Ok(fd)
+    }
+
+    /// Without handles: open the inode by name from its parent and check it is still the same
+    /// inode (a rename by someone else makes it stale rather than wrong).
+    fn reresolve(&self, node: u64, parent: u64, name: &OsStr) -> io::Result<OwnedFd> {
+        if node == ROOT {
+            return Ok(self.root_fd.try_clone()?);
+        }
+        let parent_inode = self.get(parent)?;
+        let pfd = self.fd(&parent_inode)?;
+        let cname = sys::component(name)?;
+        let fd = sys::open_path_at(pfd.as_fd(), &cname)?;
+        let st = sys::fstat(fd.as_fd())?;
+        if self.inos.to_node(st.st_ino) != node || st.st_dev != self.root_dev {
+            return Err(io::Error::from_raw_os_error(libc::ESTALE));
+        }
+        Ok(fd)
+    }
+
+    fn note_fd_opened(&self, inode: &Arc<Inode>) {
+        let mut victims = Vec::new();
+        {
+            let mut q = self.fd_queue.lock();
+            q.push_back(Arc::downgrade(inode));
+            while q.len() > self.fd_budget {
+                if let Some(w) = q.pop_front() {
+                    victims.push(w);
+                }
+            }
+        }
+        // Close outside the queue lock; without handles an inode is only dropped from the
+        // cache if it can be found again by name (its parent chain is in the table).
+        for w in victims {
+            if let Some(v) = w.upgrade()
+                && v.node != ROOT
+            {
+                let old = v.state.lock().fd.take();
+                drop(old);
+            }
+        }
+    }
+
+    /// Looks up `name` in directory `parent` and takes one kernel reference on the result
+    /// (when `count` is set).
+    pub(crate) fn lookup(
+        &self,
+        parent: &Arc<Inode>,
+        name: &OsStr,
+        count: bool,
+    ) -> io::Result<Looked> {
+        let cname = sys::component(name)?;
+        let pfd = self.fd(parent)?;
+        let fd = sys::open_path_at(pfd.as_fd(), &cname)?;
+        self.adopt(parent.node, name, fd, count)
+    }
+
+    /// Registers a freshly opened O_PATH fd as a child `name` of `parent`.
+    pub(crate) fn adopt(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        fd: OwnedFd,
+        count: bool,
+    ) -> io::Result<Looked> {
+        let st = sys::fstat(fd.as_fd())?;
+        if st.st_dev != self.root_dev {
+            // Something is mounted inside the instance directory: never serve across it.
+            return Err(io::Error::from_raw_os_error(libc::EXDEV));
+        }
+        let node = self.inos.to_node(st.st_ino);
+        let is_symlink = st.st_mode & libc::S_IFMT == libc::S_IFLNK;
+        let handle = if self.use_handles {
+            Some(sys::name_to_handle(fd.as_fd())?)
+        } else {
+            None
+        };
+        let fd = Arc::new(fd);
+        let mut opened = false;
+        let inode = match self.map.entry(node) {
+            dashmap::Entry::Occupied(e) => {
+                let inode = e.get().clone();
+                drop(e);
+                let mut s = inode.state.lock();
+                if handle.is_some() && s.handle != handle {
+                    // The backing inode number was reused by a new file: take the new identity.
+                    s.handle = handle;
+                    s.fd = Some(fd.clone());
+                    opened = true;
+                } else if s.fd.is_none() {
+                    s.fd = Some(fd.clone());
+                    opened = true;
+                }
+                s.parent = parent;
+                s.name = name.to_owned();
+                s.is_symlink = is_symlink;
+                if count {
+                    s.nlookup += 1;
+                }
+                drop(s);
+                if opened {
+                    self.note_fd_opened(&inode);
+                }
+                return Ok(Looked { inode, st });
+            }
+            dashmap::Entry::Vacant(v) => {
+                let inode = Arc::new(Inode {
+                    node,
+                    state: Mutex::new(InodeState {
+                        nlookup: u64::from(count),
+                        fd: Some(fd.clone()),
+                        handle,
+                        parent,
+                        name: name.to_owned(),
+                        is_symlink,
+                        backing: None,
+                    }),
+                });
+                v.insert(inode.clone());
+                inode
+            }
+        };
+        self.note_fd_opened(&inode);
+        Ok(Looked { inode, st })
+    }
+
+    /// Drops `n` kernel references; the inode leaves the table at zero.
+    pub(crate) fn forget(&self, node: u64, n: u64) {
+        if node == ROOT {
+            return;
+        }
+        // Removing under the map's shard lock keeps a concurrent lookup from resurrecting a
+        // half-removed entry.
+        self.map.remove_if(&node, |_, inode| {
+            let mut s = inode.state.lock();
+            s.nlookup = s.nlookup.saturating_sub(n);
+            s.nlookup == 0 && s.backing.is_none()
+        });
+    }
+
+    /// Records a rename so name-based re-resolution follows the file.
+    pub(crate) fn renamed(&self, node: u64, newparent: u64, newname: &OsStr) {
+        if let Some(inode) = self.map.get(&node) {
+            let mut s = inode.state.lock();
+            s.parent = newparent;
+            s.name = newname.to_owned();
+        }
+    }
+}

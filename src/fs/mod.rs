@@ -1,0 +1,385 @@
+//! The FUSE passthrough filesystem that serves one cache instance at a target path.
+//!
+//! API used by the CLI and the tests:
+//! - [`check_fuse_device`] and [`check_target`]: preflight, before anything is created.
+//! - [`mount`]: mount an instance directory at a target; returns a live [`MountedFs`].
+//! - [`MountedFs::unmount`] (also on drop).
+
+mod inode;
+mod ops;
+mod sys;
+
+use std::ffi::CString;
+use std::io;
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use fuser::{MountOption, SessionACL};
+use tracing::{debug, warn};
+
+/// Errors from mounting and serving a filesystem.
+#[derive(Debug, thiserror::Error)]
+pub enum FsError {
+    #[error(
+        "/dev/fuse is missing: load the fuse module (modprobe fuse) or run in a container with --device /dev/fuse"
+    )]
+    NoFuseDevice,
+    #[error("/dev/fuse is not usable ({0}): run as root or install fuse3 for fusermount3")]
+    FuseDeviceUnusable(std::io::Error),
+    #[error("target {0} exists and is not a directory: choose a directory path")]
+    TargetNotDirectory(PathBuf),
+    #[error("target {0} is already a mount point: unmount it first (umount {0})")]
+    TargetMounted(PathBuf),
+    #[error("target path {0} is not valid: {1}")]
+    TargetInvalid(PathBuf, String),
+    #[error("cannot open the instance directory {0}: {1}")]
+    Source(PathBuf, std::io::Error),
+    #[error("mounting {0} failed: {1}")]
+    Mount(PathBuf, std::io::Error),
+    #[error("unmounting {0} failed: {1}")]
+    Unmount(PathBuf, std::io::Error),
+}
+
+/// How a filesystem is served.
+#[derive(Debug, Clone)]
+pub struct FsOptions {
+    /// Use kernel FUSE passthrough for regular-file I/O when the kernel offers it.
+    pub passthrough: bool,
+    /// Mount read-only.
+    pub read_only: bool,
+    /// How long the kernel may cache entries (names) and attributes.
+    pub entry_ttl: Duration,
+    pub attr_ttl: Duration,
+    /// Worker threads serving requests.
+    pub threads: usize,
+    /// Shown as the mount's source in /proc/mounts.
+    pub fsname: String,
+}
+
+impl Default for FsOptions {
+    fn default() -> Self {
+        FsOptions {
+            passthrough: true,
+            read_only: false,
+            entry_ttl: Duration::from_secs(1),
+            attr_ttl: Duration::from_secs(1),
+            threads: 4,
+            fsname: "cachefs".to_string(),
+        }
+    }
+}
+
+/// A live mount. Dropping it unmounts (best effort); call [`MountedFs::unmount`] to see errors.
+pub struct MountedFs {
+    target: PathBuf,
+    session: Option<fuser::BackgroundSession>,
+    passthrough: Arc<AtomicBool>,
+    /// The FUSE connection number (minor of st_dev), to abort a mount that cannot be
+    /// unmounted cleanly.
+    connection: Option<u32>,
+}
+
+impl std::fmt::Debug for MountedFs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MountedFs")
+            .field("target", &self.target)
+            .field("passthrough", &self.passthrough_active())
+            .finish()
+    }
+}
+
+impl MountedFs {
+    pub fn target(&self) -> &Path {
+        &self.target
+    }
+
+    /// Whether regular files are served through kernel passthrough.
+    pub fn passthrough_active(&self) -> bool {
+        self.passthrough.load(Ordering::Relaxed)
+    }
+
+    /// Unmounts and waits for the serving threads to end. A mount still busy (a process left
+    /// behind holds a file open in it) is detached and its connection aborted, so this never
+    /// hangs and never leaves a dead mount behind.
+    pub fn unmount(mut self) -> Result<(), FsError> {
+        self.do_unmount()
+    }
+
+    fn do_unmount(&mut self) -> Result<(), FsError> {
+        let Some(session) = self.session.take() else {
+            return Ok(());
+        };
+        let target = self.target.clone();
+        let ctarget = CString::new(target.as_os_str().as_bytes())
+            .map_err(|e| FsError::Unmount(target.clone(), io::Error::other(e)))?;
+        let mut result = Ok(());
+        // As root, unmount directly so a busy mount can be told apart; otherwise fuser goes
+        // through fusermount3.
+        if rustix::process::geteuid().is_root() {
+            let r = unsafe { libc::umount2(ctarget.as_ptr(), 0) };
+            if r != 0 {
+                let e = io::Error::last_os_error();
+                match e.raw_os_error() {
+                    Some(libc::EINVAL) | Some(libc::ENOENT) => {} // already gone
+                    Some(libc::EBUSY) => {
+                        warn!("{} is busy; detaching it", target.display());
+                        unsafe { libc::umount2(ctarget.as_ptr(), libc::MNT_DETACH) };
+                        self.abort_connection();
+                    }
+                    _ => result = Err(FsError::Unmount(target.clone(), e)),
+                }
+            }
+        }
+        match session.umount_and_join() {
+            Ok(()) => {}
+            Err(e) => {
+                debug!("session end: {e}");
+                if result.is_ok() && is_mount_point(&target).unwrap_or(false) {
+                    result = Err(FsError::Unmount(target, e));
+                }
+            }
+        }
+        result
+    }
+
+    fn abort_connection(&self) {
+        if let Some(n) = self.connection {
+            let path = format!("/sys/fs/fuse/connections/{n}/abort");
+            if let Err(e) = std::fs::write(&path, b"1") {
+                debug!("cannot abort FUSE connection {n}: {e}");
+            }
+        }
+    }
+}
+
+impl Drop for MountedFs {
+    fn drop(&mut self) {
+        if let Err(e) = self.do_unmount() {
+            warn!("{e}");
+        }
+    }
+}
+
+/// Checks that /dev/fuse exists and can be opened.
+pub fn check_fuse_device() -> Result<(), FsError> {
+    let path = std::env::var_os("CACHEFS_FUSE_DEVICE").unwrap_or_else(|| "/dev/fuse".into());
+    let meta = match std::fs::metadata(&path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(FsError::NoFuseDevice),
+        Err(e) => return Err(FsError::FuseDeviceUnusable(e)),
+    };
+    if !meta.file_type().is_char_device() {
+        return Err(FsError::NoFuseDevice);
+    }
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .map(drop)
+        .map_err(FsError::FuseDeviceUnusable)
+}
+
+/// Checks a mount target without changing anything: it must be a directory or not exist yet,
+/// and must not already be a mount point. Returns the absolute path.
+pub fn check_target(target: &Path) -> Result<PathBuf, FsError> {
+    let abs = if target.is_absolute() {
+        target.to_path_buf()
+    } else {
+        std::env::current_dir()
+            .map_err(|e| FsError::TargetInvalid(target.to_path_buf(), e.to_string()))?
+            .join(target)
+    };
+    let abs = normalize(&abs);
+    if abs.as_os_str().as_bytes().contains(&0) {
+        return Err(FsError::TargetInvalid(abs, "contains a NUL byte".into()));
+    }
+    match std::fs::symlink_metadata(&abs) {
+        Ok(m) if m.is_dir() => {}
+        Ok(m) if m.file_type().is_symlink() => match std::fs::metadata(&abs) {
+            Ok(t) if t.is_dir() => {}
+            Ok(_) => return Err(FsError::TargetNotDirectory(abs)),
+            Err(e) => return Err(FsError::TargetInvalid(abs, e.to_string())),
+        },
+        Ok(_) => return Err(FsError::TargetNotDirectory(abs)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(abs),
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
+            // A dead FUSE mount: report it as mounted, with the fix.
+            return Err(FsError::TargetMounted(abs));
+        }
+        Err(e) => return Err(FsError::TargetInvalid(abs, e.to_string())),
+    }
+    if is_mount_point(&abs).map_err(|e| FsError::TargetInvalid(abs.clone(), e.to_string()))? {
+        return Err(FsError::TargetMounted(abs));
+    }
+    Ok(abs)
+}
+
+/// Lexically removes "." and ".." so the same directory is always spelled the same way.
+fn normalize(p: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for c in p.components() {
+        match c {
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::CurDir => {}
+            other => out.push(other.as_os_str()),
+        }
+    }
+    out
+}
+
+/// Whether `path` is a mount point, from /proc/self/mountinfo (stat-based checks miss bind
+/// mounts of the same filesystem).
+pub fn is_mount_point(path: &Path) -> io::Result<bool> {
+    let canon = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    let info = std::fs::read("/proc/self/mountinfo")?;
+    for line in info.split(|&b| b == b'\n') {
+        let mut fields = line.split(|&b| b == b' ');
+        if let Some(mp) = fields.nth(4)
+            && unescape_mountinfo(mp) == canon.as_os_str().as_bytes()
+        {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+fn unescape_mountinfo(s: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(s.len());
+    let mut i = 0;
+    while i < s.len() {
+        if s[i] == b'\\'
+            && i + 3 < s.len() + 0
+            && s[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            let v = (s[i + 1] - b'0') * 64 + (s[i + 2] - b'0') * 8 + (s[i + 3] - b'0');
+            out.push(v);
+            i += 4;
+        } else {
+            out.push(s[i]);
+            i += 1;
+        }
+    }
+    out
+}
+
+/// Raises the soft open-file limit to the hard one: the fd budget is a share of it.
+fn raise_nofile_limit() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return 1024;
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: lim.rlim_max,
+            rlim_max: lim.rlim_max,
+        };
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            return lim.rlim_max;
+        }
+    }
+    lim.rlim_cur
+}
+
+fn fusermount3_available() -> bool {
+    std::env::var_os("PATH")
+        .map(|paths| std::env::split_paths(&paths).any(|d| d.join("fusermount3").is_file()))
+        .unwrap_or(false)
+}
+
+/// Mounts `source` (an instance directory) at `target` (an existing directory).
+pub fn mount(source: &Path, target: &Path, opts: &FsOptions) -> Result<MountedFs, FsError> {
+    let nofile = raise_nofile_limit();
+    let csource = CString::new(source.as_os_str().as_bytes())
+        .map_err(|e| FsError::Source(source.to_path_buf(), io::Error::other(e)))?;
+    // The instance path comes from the store, not from the build step; from here on only fds.
+    let raw = unsafe {
+        libc::open(
+            csource.as_ptr(),
+            libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        )
+    };
+    if raw < 0 {
+        return Err(FsError::Source(
+            source.to_path_buf(),
+            io::Error::last_os_error(),
+        ));
+    }
+    let root_fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    // A quarter of the fd limit for cached O_PATH fds leaves room for open files and the
+    // rest of the process.
+    let budget = (nofile / 4).clamp(64, 16384) as usize;
+    let table = inode::InodeTable::new(root_fd, budget)
+        .map_err(|e| FsError::Source(source.to_path_buf(), e))?;
+    debug!(
+        "serving {} (file handles: {})",
+        source.display(),
+        table.uses_handles()
+    );
+    // The kernel applies the caller's umask before a create reaches us; ours must not apply
+    // a second time.
+    unsafe { libc::umask(0) };
+    let passthrough = Arc::new(AtomicBool::new(false));
+    let fs = ops::CacheFs::new(table, opts, passthrough.clone());
+
+    let as_root = rustix::process::geteuid().is_root();
+    let fsname: String = opts
+        .fsname
+        .chars()
+        .map(|c| {
+            if c == ',' || c.is_whitespace() || c.is_control() {
+                '_'
+            } else {
+                c
+            }
+        })
+        .collect();
+    let mut options = vec![
+        MountOption::FSName(fsname),
+        MountOption::Subtype("cachefs".into()),
+        MountOption::DefaultPermissions,
+        MountOption::NoDev,
+        MountOption::NoSuid,
+    ];
+    if opts.read_only {
+        options.push(MountOption::RO);
+    }
+    let mut config = fuser::Config::default();
+    if as_root {
+        // Build users other than root can use a cache root mounted for them.
+        config.acl = SessionACL::All;
+        if fusermount3_available() {
+            // fusermount3 unmounts for us if this process dies, even by SIGKILL.
+            options.push(MountOption::AutoUnmount);
+        }
+    }
+    config.mount_options = options;
+    config.n_threads = Some(opts.threads.max(1));
+    config.clone_fd = true;
+    let session = fuser::Session::new(fs, target, &config)
+        .map_err(|e| FsError::Mount(target.to_path_buf(), e))?;
+    let session = session
+        .spawn()
+        .map_err(|e| FsError::Mount(target.to_path_buf(), e))?;
+    let connection = std::fs::metadata(target).ok().map(|m| {
+        use std::os::unix::fs::MetadataExt;
+        let dev = m.dev();
+        (((dev >> 12) & 0xfff00) | (dev & 0xff)) as u32
+    });
+    Ok(MountedFs {
+        target: target.to_path_buf(),
+        session: Some(session),
+        passthrough,
+        connection,
+    })
+}

@@ -1,0 +1,1180 @@
+//! The FUSE request handlers: a passthrough over one instance directory.
+//!
+//! Every handler reaches the backing tree through the inode table's fds and `*at()` calls on
+//! single name components (see `sys`). The request path does only the request's own work:
+//! no database access, no scans, and no logging above debug level.
+
+use std::ffi::{OsStr, OsString};
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStringExt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use dashmap::DashMap;
+use fuser::{
+    AccessFlags, BsdFileFlags, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType,
+    FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags,
+    ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry,
+    ReplyLock, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow,
+    WriteFlags,
+};
+use parking_lot::Mutex;
+use tracing::debug;
+
+use super::FsOptions;
+use super::inode::{Inode, InodeTable, ROOT};
+use super::sys::{self, errno};
+
+/// One open regular file.
+struct OpenFile {
+    inode: Arc<Inode>,
+    fd: OwnedFd,
+    /// Served by kernel passthrough: holds one use of the inode's backing id.
+    passthrough: bool,
+}
+
+/// One open directory; its entries are read once per rewind so offsets stay stable.
+struct OpenDir {
+    inode: Arc<Inode>,
+    entries: Mutex<Option<Arc<Vec<DirEnt>>>>,
+}
+
+struct DirEnt {
+    name: OsString,
+    node: u64,
+    kind: FileType,
+}
+
+pub(crate) struct CacheFs {
+    table: InodeTable,
+    entry_ttl: Duration,
+    attr_ttl: Duration,
+    want_passthrough: bool,
+    passthrough: Arc<AtomicBool>,
+    files: DashMap<u64, Arc<OpenFile>>,
+    dirs: DashMap<u64, Arc<OpenDir>>,
+    next_fh: AtomicU64,
+    /// Running as root: new objects are given to the caller, as a local filesystem would.
+    as_root: bool,
+}
+
+type Res<T> = io::Result<T>;
+
+fn ebadf() -> io::Error {
+    io::Error::from_raw_os_error(libc::EBADF)
+}
+
+fn kind_of(mode: u32) -> FileType {
+    match mode & libc::S_IFMT {
+        libc::S_IFDIR => FileType::Directory,
+        libc::S_IFLNK => FileType::Symlink,
+        libc::S_IFBLK => FileType::BlockDevice,
+        libc::S_IFCHR => FileType::CharDevice,
+        libc::S_IFIFO => FileType::NamedPipe,
+        libc::S_IFSOCK => FileType::Socket,
+        _ => FileType::RegularFile,
+    }
+}
+
+fn kind_of_dtype(d: u8) -> FileType {
+    match d {
+        libc::DT_DIR => FileType::Directory,
+        libc::DT_LNK => FileType::Symlink,
+        libc::DT_BLK => FileType::BlockDevice,
+        libc::DT_CHR => FileType::CharDevice,
+        libc::DT_FIFO => FileType::NamedPipe,
+        libc::DT_SOCK => FileType::Socket,
+        _ => FileType::RegularFile,
+    }
+}
+
+fn time(sec: i64, nsec: i64) -> SystemTime {
+    if sec >= 0 {
+        UNIX_EPOCH + Duration::new(sec as u64, nsec as u32)
+    } else {
+        UNIX_EPOCH - Duration::from_secs(sec.unsigned_abs()) + Duration::from_nanos(nsec as u64)
+    }
+}
+
+fn timespec(t: Option<TimeOrNow>) -> libc::timespec {
+    match t {
+        None => libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_OMIT,
+        },
+        Some(TimeOrNow::Now) => libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_NOW,
+        },
+        Some(TimeOrNow::SpecificTime(t)) => match t.duration_since(UNIX_EPOCH) {
+            Ok(d) => libc::timespec {
+                tv_sec: d.as_secs() as libc::time_t,
+                tv_nsec: d.subsec_nanos() as libc::c_long,
+            },
+            Err(e) => {
+                let d = e.duration();
+                let mut sec = -(d.as_secs() as i64);
+                let mut nsec = -(d.subsec_nanos() as i64);
+                if nsec < 0 {
+                    sec -= 1;
+                    nsec += 1_000_000_000;
+                }
+                libc::timespec {
+                    tv_sec: sec as libc::time_t,
+                    tv_nsec: nsec as libc::c_long,
+                }
+            }
+        },
+    }
+}
+
+impl CacheFs {
+    pub(crate) fn new(
+        table: InodeTable,
+        opts: &FsOptions,
+        passthrough: Arc<AtomicBool>,
+    ) -> CacheFs {
+        CacheFs {
+            table,
+            entry_ttl: opts.entry_ttl,
+            attr_ttl: opts.attr_ttl,
+            want_passthrough: opts.passthrough,
+            passthrough,
+            files: DashMap::new(),
+            dirs: DashMap::new(),
+            next_fh: AtomicU64::new(1),
+            as_root: rustix::process::geteuid().is_root(),
+        }
+    }
+
+    fn attr(&self, st: &libc::stat) -> FileAttr {
+        FileAttr {
+            ino: INodeNo(self.table.inos.to_node(st.st_ino)),
+            size: st.st_size as u64,
+            blocks: st.st_blocks as u64,
+            atime: time(st.st_atime, st.st_atime_nsec),
+            mtime: time(st.st_mtime, st.st_mtime_nsec),
+            ctime: time(st.st_ctime, st.st_ctime_nsec),
+            crtime: UNIX_EPOCH,
+            kind: kind_of(st.st_mode),
+            perm: (st.st_mode & 0o7777) as u16,
+            nlink: st.st_nlink as u32,
+            uid: st.st_uid,
+            gid: st.st_gid,
+            rdev: st.st_rdev as u32,
+            blksize: st.st_blksize as u32,
+            flags: 0,
+        }
+    }
+
+    fn inode_fd(&self, node: INodeNo) -> Res<(Arc<Inode>, Arc<OwnedFd>)> {
+        let inode = self.table.get(node.0)?;
+        let fd = self.table.fd(&inode)?;
+        Ok((inode, fd))
+    }
+
+    fn file(&self, fh: FileHandle) -> Res<Arc<OpenFile>> {
+        self.files
+            .get(&fh.0)
+            .map(|f| f.value().clone())
+            .ok_or_else(ebadf)
+    }
+
+    fn new_fh(&self) -> u64 {
+        self.next_fh.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Gives a new object to the caller when we create it as root; in a set-group-id
+    /// directory the group stays the one the kernel inherited.
+    fn give_to_caller(&self, req: &Request, pfd: &OwnedFd, name: &std::ffi::CStr) -> Res<()> {
+        if !self.as_root || (req.uid() == 0 && req.gid() == 0) {
+            return Ok(());
+        }
+        let parent = sys::fstat(pfd.as_fd())?;
+        let gid = if parent.st_mode & libc::S_ISGID != 0 {
+            u32::MAX
+        } else {
+            req.gid()
+        };
+        sys::cvt(unsafe {
+            libc::fchownat(
+                pfd.as_raw_fd(),
+                name.as_ptr(),
+                req.uid(),
+                gid,
+                libc::AT_SYMLINK_NOFOLLOW,
+            )
+        })
+        .map(drop)
+    }
+
+    /// Looks up a just-created child and replies with its entry.
+    fn reply_new_entry(&self, parent: &Arc<Inode>, name: &OsStr, reply: ReplyEntry) {
+        match self.table.lookup(parent, name, true) {
+            Ok(l) => reply.entry_with_ttls(
+                &self.attr_ttl,
+                &self.entry_ttl,
+                &self.attr(&l.st),
+                Generation(0),
+            ),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    /// Opens the backing file with the caller's flags, by handle when possible.
+    fn open_backing_fd(&self, fd: &OwnedFd, flags: i32) -> Res<OwnedFd> {
+        // O_NOCTTY and O_CREAT/O_EXCL have no meaning on reopen; O_DIRECT would need aligned
+        // buffers in the userspace path.
+        let flags = flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY | libc::O_DIRECT);
+        sys::reopen(fd.as_fd(), flags)
+    }
+
+    /// Registers an open file, sharing the inode's passthrough backing id when it has one.
+    fn register_open(
+        &self,
+        inode: &Arc<Inode>,
+        fd: OwnedFd,
+        make_backing: impl FnOnce(&OwnedFd) -> io::Result<fuser::BackingId>,
+    ) -> (u64, Option<Arc<fuser::BackingId>>) {
+        let fh = self.new_fh();
+        let mut backing = None;
+        if self.passthrough.load(Ordering::Relaxed) {
+            let mut st = inode.state.lock();
+            match &mut st.backing {
+                Some((id, n)) => {
+                    *n += 1;
+                    backing = Some(id.clone());
+                }
+                None => match make_backing(&fd) {
+                    Ok(id) => {
+                        let id = Arc::new(id);
+                        st.backing = Some((id.clone(), 1));
+                        backing = Some(id);
+                    }
+                    Err(e) => debug!("passthrough unavailable for node {}: {e}", inode.node),
+                },
+            }
+        }
+        self.files.insert(
+            fh,
+            Arc::new(OpenFile {
+                inode: inode.clone(),
+                fd,
+                passthrough: backing.is_some(),
+            }),
+        );
+        (fh, backing)
+    }
+
+    fn dir_entries(&self, dir: &OpenDir, offset: u64) -> Res<Arc<Vec<DirEnt>>> {
+        let mut cached = dir.entries.lock();
+        if offset == 0 || cached.is_none() {
+            let fd = self.table.fd(&dir.inode)?;
+            let raw = sys::read_dir_all(fd.as_fd())?;
+            let parent = if dir.inode.node == ROOT {
+                ROOT
+            } else {
+                dir.inode.state.lock().parent_node()
+            };
+            let mut v = Vec::with_capacity(raw.len() + 2);
+            v.push(DirEnt {
+                name: OsString::from("."),
+                node: dir.inode.node,
+                kind: FileType::Directory,
+            });
+            v.push(DirEnt {
+                name: OsString::from(".."),
+                node: parent,
+                kind: FileType::Directory,
+            });
+            for (name, ino, dtype) in raw {
+                v.push(DirEnt {
+                    name: OsString::from_vec(name),
+                    node: self.table.inos.to_node(ino),
+                    kind: kind_of_dtype(dtype),
+                });
+            }
+            *cached = Some(Arc::new(v));
+        }
+        cached.clone().ok_or_else(ebadf)
+    }
+
+    fn do_setattr(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        fh: Option<FileHandle>,
+    ) -> Res<libc::stat> {
+        let _ = req;
+        let (inode, fd) = self.inode_fd(ino)?;
+        let open = fh.and_then(|fh| self.files.get(&fh.0).map(|f| f.value().clone()));
+        let is_symlink = inode.state.lock().is_symlink;
+        if let Some(mode) = mode {
+            if is_symlink {
+                return Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP));
+            }
+            match &open {
+                Some(f) => {
+                    sys::cvt(unsafe { libc::fchmod(f.fd.as_raw_fd(), mode & 0o7777) }).map(drop)?
+                }
+                None => sys::fchmod_path(fd.as_fd(), mode & 0o7777)?,
+            }
+        }
+        if uid.is_some() || gid.is_some() {
+            sys::fchown_path(fd.as_fd(), uid.unwrap_or(u32::MAX), gid.unwrap_or(u32::MAX))?;
+        }
+        if let Some(size) = size {
+            let res = match &open {
+                Some(f) => {
+                    sys::cvt(unsafe { libc::ftruncate(f.fd.as_raw_fd(), size as libc::off_t) })
+                }
+                None => {
+                    let w = sys::reopen(fd.as_fd(), libc::O_WRONLY)?;
+                    sys::cvt(unsafe { libc::ftruncate(w.as_raw_fd(), size as libc::off_t) })
+                }
+            };
+            res?;
+        }
+        if atime.is_some() || mtime.is_some() {
+            let times = [timespec(atime), timespec(mtime)];
+            match &open {
+                Some(f) => sys::cvt(unsafe { libc::futimens(f.fd.as_raw_fd(), times.as_ptr()) })
+                    .map(drop)?,
+                None => sys::utimens_path(fd.as_fd(), &times, is_symlink)?,
+            }
+        }
+        sys::fstat(fd.as_fd())
+    }
+
+    fn create_node(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        make: impl FnOnce(&OwnedFd, &std::ffi::CStr) -> Res<()>,
+        reply: ReplyEntry,
+    ) {
+        let res = (|| {
+            let cname = sys::component(name)?;
+            let (pinode, pfd) = self.inode_fd(parent)?;
+            make(&pfd, &cname)?;
+            if let Err(e) = self.give_to_caller(req, &pfd, &cname) {
+                debug!("chown of new node failed: {e}");
+            }
+            Ok::<_, io::Error>(pinode)
+        })();
+        match res {
+            Ok(pinode) => self.reply_new_entry(&pinode, name, reply),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn release_file(&self, fh: FileHandle) {
+        let Some((_, file)) = self.files.remove(&fh.0) else {
+            return;
+        };
+        if file.passthrough {
+            let mut st = file.inode.state.lock();
+            if let Some((_, n)) = &mut st.backing {
+                *n -= 1;
+                if *n == 0 {
+                    // The last open is gone: dropping the id closes the kernel's backing file.
+                    st.backing = None;
+                }
+            }
+            let gone = st.nlookup == 0 && st.backing.is_none();
+            drop(st);
+            if gone {
+                self.table.forget(file.inode.node, 0);
+            }
+        }
+    }
+}
+
+impl fuser::Filesystem for CacheFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
+        let wanted = InitFlags::FUSE_DO_READDIRPLUS
+            | InitFlags::FUSE_READDIRPLUS_AUTO
+            | InitFlags::FUSE_PARALLEL_DIROPS
+            | InitFlags::FUSE_POSIX_LOCKS
+            | InitFlags::FUSE_FLOCK_LOCKS
+            | InitFlags::FUSE_ATOMIC_O_TRUNC
+            | InitFlags::FUSE_CACHE_SYMLINKS
+            | InitFlags::FUSE_ASYNC_DIO;
+        let have = config.capabilities();
+        let _ = config.add_capabilities(wanted & have);
+        if self.want_passthrough && have.contains(InitFlags::FUSE_PASSTHROUGH) {
+            // Depth 2 lets the store live on overlayfs (containers); never combined with the
+            // writeback cache, which silently disables passthrough.
+            if config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
+                && config.set_max_stack_depth(2).is_ok()
+            {
+                self.passthrough.store(true, Ordering::Relaxed);
+            }
+        }
+        let _ = config.set_max_background(64);
+        let _ = config.set_congestion_threshold(48);
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let res = self
+            .table
+            .get(parent.0)
+            .and_then(|p| self.table.lookup(&p, name, true));
+        match res {
+            Ok(l) => reply.entry_with_ttls(
+                &self.attr_ttl,
+                &self.entry_ttl,
+                &self.attr(&l.st),
+                Generation(0),
+            ),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.table.forget(ino.0, nlookup);
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
+        let res = match fh.and_then(|fh| self.files.get(&fh.0).map(|f| f.value().clone())) {
+            Some(f) => sys::fstat(f.fd.as_fd()),
+            None => self
+                .inode_fd(ino)
+                .and_then(|(_, fd)| sys::fstat(fd.as_fd())),
+        };
+        match res {
+            Ok(st) => reply.attr(&self.attr_ttl, &self.attr(&st)),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn setattr(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        match self.do_setattr(req, ino, mode, uid, gid, size, atime, mtime, fh) {
+            Ok(st) => reply.attr(&self.attr_ttl, &self.attr(&st)),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self
+            .inode_fd(ino)
+            .and_then(|(_, fd)| sys::readlink_fd(fd.as_fd()))
+        {
+            Ok(target) => reply.data(&target),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        self.create_node(
+            req,
+            parent,
+            name,
+            |pfd, cname| sys::mknodat(pfd.as_fd(), cname, mode, u64::from(rdev)),
+            reply,
+        );
+    }
+
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        reply: ReplyEntry,
+    ) {
+        self.create_node(
+            req,
+            parent,
+            name,
+            |pfd, cname| sys::mkdirat(pfd.as_fd(), cname, mode),
+            reply,
+        );
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let res = sys::component(name).and_then(|cname| {
+            let (_, pfd) = self.inode_fd(parent)?;
+            sys::unlinkat(pfd.as_fd(), &cname, 0)
+        });
+        match res {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let res = sys::component(name).and_then(|cname| {
+            let (_, pfd) = self.inode_fd(parent)?;
+            sys::unlinkat(pfd.as_fd(), &cname, libc::AT_REMOVEDIR)
+        });
+        match res {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &std::path::Path,
+        reply: ReplyEntry,
+    ) {
+        // The target is stored as text and never resolved by us: the kernel resolves it in the
+        // mount's namespace when a process follows the link.
+        self.create_node(
+            req,
+            parent,
+            link_name,
+            |pfd, cname| sys::symlinkat(target.as_os_str(), pfd.as_fd(), cname),
+            reply,
+        );
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        let res = (|| {
+            let cold = sys::component(name)?;
+            let cnew = sys::component(newname)?;
+            let (_, pfd) = self.inode_fd(parent)?;
+            let (_, npfd) = self.inode_fd(newparent)?;
+            sys::renameat2(pfd.as_fd(), &cold, npfd.as_fd(), &cnew, flags.bits())?;
+            if !self.table.uses_handles() {
+                // Without handles, cold inodes are found again by name: follow the move.
+                if let Ok(st) = sys::fstatat(npfd.as_fd(), &cnew) {
+                    self.table
+                        .renamed(self.table.inos.to_node(st.st_ino), newparent.0, newname);
+                }
+                if flags.contains(RenameFlags::RENAME_EXCHANGE)
+                    && let Ok(st) = sys::fstatat(pfd.as_fd(), &cold)
+                {
+                    self.table
+                        .renamed(self.table.inos.to_node(st.st_ino), parent.0, name);
+                }
+            }
+            Ok::<_, io::Error>(())
+        })();
+        match res {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn link(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        let res = (|| {
+            let cname = sys::component(newname)?;
+            let (_, fd) = self.inode_fd(ino)?;
+            let (pinode, pfd) = self.inode_fd(newparent)?;
+            sys::linkat_fd(fd.as_fd(), pfd.as_fd(), &cname)?;
+            Ok::<_, io::Error>(pinode)
+        })();
+        match res {
+            Ok(pinode) => self.reply_new_entry(&pinode, newname, reply),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let res = (|| {
+            let (inode, fd) = self.inode_fd(ino)?;
+            let file = self.open_backing_fd(&fd, flags.0)?;
+            Ok::<_, io::Error>((inode, file))
+        })();
+        let (inode, file) = match res {
+            Ok(v) => v,
+            Err(e) => return reply.error(errno(&e)),
+        };
+        let (fh, backing) = self.register_open(&inode, file, |f| reply.open_backing(f));
+        let mut fopen = FopenFlags::empty();
+        if flags.0 & libc::O_ACCMODE == libc::O_RDONLY {
+            // Nothing to flush for a read-only open: saves a round trip per close.
+            fopen |= FopenFlags::FOPEN_NOFLUSH;
+        }
+        match backing {
+            Some(id) => reply.opened_passthrough(FileHandle(fh), fopen, &id),
+            None => reply.opened(FileHandle(fh), fopen),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let res = self.file(fh).and_then(|f| {
+            let mut buf = vec![0u8; size as usize];
+            let n = sys::pread(f.fd.as_fd(), &mut buf, offset)?;
+            buf.truncate(n);
+            Ok(buf)
+        });
+        match res {
+            Ok(buf) => reply.data(&buf),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        match self
+            .file(fh)
+            .and_then(|f| sys::pwrite(f.fd.as_fd(), data, offset))
+        {
+            Ok(n) => reply.written(n as u32),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        // Nothing is buffered here. Locks are released with the open file at release, not at
+        // every close of a duplicate (a forked child closing its copy must not drop them).
+        match self.file(fh) {
+            Ok(_) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.release_file(fh);
+        reply.ok();
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        let res = self.file(fh).and_then(|f| {
+            let fd = f.fd.as_raw_fd();
+            sys::cvt(unsafe {
+                if datasync {
+                    libc::fdatasync(fd)
+                } else {
+                    libc::fsync(fd)
+                }
+            })
+            .map(drop)
+        });
+        match res {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.table.get(ino.0) {
+            Ok(inode) => {
+                let fh = self.new_fh();
+                self.dirs.insert(
+                    fh,
+                    Arc::new(OpenDir {
+                        inode,
+                        entries: Mutex::new(None),
+                    }),
+                );
+                reply.opened(FileHandle(fh), FopenFlags::empty());
+            }
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let Some(dir) = self.dirs.get(&fh.0).map(|d| d.value().clone()) else {
+            return reply.error(Errno::EBADF);
+        };
+        let entries = match self.dir_entries(&dir, offset) {
+            Ok(e) => e,
+            Err(e) => return reply.error(errno(&e)),
+        };
+        for (i, e) in entries.iter().enumerate().skip(offset as usize) {
+            if reply.add(INodeNo(e.node), (i + 1) as u64, e.kind, &e.name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let Some(dir) = self.dirs.get(&fh.0).map(|d| d.value().clone()) else {
+            return reply.error(Errno::EBADF);
+        };
+        let entries = match self.dir_entries(&dir, offset) {
+            Ok(e) => e,
+            Err(e) => return reply.error(errno(&e)),
+        };
+        let dir_attr = match self
+            .table
+            .fd(&dir.inode)
+            .and_then(|fd| sys::fstat(fd.as_fd()))
+        {
+            Ok(st) => self.attr(&st),
+            Err(e) => return reply.error(errno(&e)),
+        };
+        for (i, e) in entries.iter().enumerate().skip(offset as usize) {
+            let off = (i + 1) as u64;
+            if i < 2 {
+                // "." and "..": the kernel takes no reference on these.
+                let mut a = dir_attr;
+                a.ino = INodeNo(e.node);
+                if reply.add(
+                    INodeNo(e.node),
+                    off,
+                    &e.name,
+                    &self.entry_ttl,
+                    &a,
+                    Generation(0),
+                ) {
+                    break;
+                }
+                continue;
+            }
+            let looked = match self.table.lookup(&dir.inode, &e.name, true) {
+                Ok(l) => l,
+                // Removed since the directory was read: skip it, as getdents would.
+                Err(_) => continue,
+            };
+            let attr = self.attr(&looked.st);
+            if reply.add(
+                attr.ino,
+                off,
+                &e.name,
+                &self.entry_ttl,
+                &attr,
+                Generation(0),
+            ) {
+                // Not sent: give back the reference the lookup took.
+                self.table.forget(looked.inode.node, 1);
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        self.dirs.remove(&fh.0);
+        reply.ok();
+    }
+
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        let res = self.inode_fd(ino).and_then(|(_, fd)| {
+            let d = sys::openat(fd.as_fd(), c".", libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
+            sys::cvt(unsafe {
+                if datasync {
+                    libc::fdatasync(d.as_raw_fd())
+                } else {
+                    libc::fsync(d.as_raw_fd())
+                }
+            })
+            .map(drop)
+        });
+        match res {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        match sys::statvfs(self.table.root_fd().as_fd()) {
+            Ok(s) => reply.statfs(
+                s.f_blocks,
+                s.f_bfree,
+                s.f_bavail,
+                s.f_files,
+                s.f_ffree,
+                s.f_bsize as u32,
+                s.f_namemax as u32,
+                s.f_frsize as u32,
+            ),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        let res = xattr_name(name).and_then(|cname| {
+            let (inode, fd) = self.inode_fd(ino)?;
+            let symlink = inode.state.lock().is_symlink;
+            sys::setxattr(fd.as_fd(), symlink, &cname, value, flags)
+        });
+        match res {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let res = xattr_name(name).and_then(|cname| {
+            let (inode, fd) = self.inode_fd(ino)?;
+            let symlink = inode.state.lock().is_symlink;
+            let mut buf = vec![0u8; size as usize];
+            let n = sys::getxattr(fd.as_fd(), symlink, &cname, &mut buf)?;
+            buf.truncate(n);
+            Ok((n, buf))
+        });
+        match res {
+            Ok((n, _)) if size == 0 => reply.size(n as u32),
+            Ok((_, buf)) => reply.data(&buf),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let res = self.inode_fd(ino).and_then(|(inode, fd)| {
+            let symlink = inode.state.lock().is_symlink;
+            let mut buf = vec![0u8; size as usize];
+            let n = sys::listxattr(fd.as_fd(), symlink, &mut buf)?;
+            buf.truncate(n);
+            Ok((n, buf))
+        });
+        match res {
+            Ok((n, _)) if size == 0 => reply.size(n as u32),
+            Ok((_, buf)) => reply.data(&buf),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let res = xattr_name(name).and_then(|cname| {
+            let (inode, fd) = self.inode_fd(ino)?;
+            let symlink = inode.state.lock().is_symlink;
+            sys::removexattr(fd.as_fd(), symlink, &cname)
+        });
+        match res {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn access(&self, _req: &Request, _ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
+        // Mounted with default_permissions: the kernel checks access itself.
+        reply.ok();
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let res = (|| {
+            let cname = sys::component(name)?;
+            let (pinode, pfd) = self.inode_fd(parent)?;
+            let oflags = (flags | libc::O_CREAT) & !(libc::O_NOCTTY | libc::O_DIRECT);
+            let file = sys::openat(pfd.as_fd(), &cname, oflags, mode & 0o7777)?;
+            if let Err(e) = self.give_to_caller(req, &pfd, &cname) {
+                debug!("chown of new file failed: {e}");
+            }
+            // The inode's own fd must be O_PATH (an fd open for writing would make exec of the
+            // file fail with ETXTBSY); reopen the created file itself, not its name.
+            let opath = sys::reopen(file.as_fd(), libc::O_PATH)?;
+            let looked = self.table.adopt(pinode.node, name, opath, true)?;
+            Ok::<_, io::Error>((looked, file))
+        })();
+        let (looked, file) = match res {
+            Ok(v) => v,
+            Err(e) => return reply.error(errno(&e)),
+        };
+        let attr = self.attr(&looked.st);
+        let (fh, backing) = self.register_open(&looked.inode, file, |f| reply.open_backing(f));
+        match backing {
+            Some(id) => reply.created_passthrough(
+                &self.entry_ttl,
+                &attr,
+                Generation(0),
+                FileHandle(fh),
+                FopenFlags::empty(),
+                &id,
+            ),
+            None => reply.created(
+                &self.entry_ttl,
+                &attr,
+                Generation(0),
+                FileHandle(fh),
+                FopenFlags::empty(),
+            ),
+        }
+    }
+
+    fn getlk(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _lock_owner: LockOwner,
+        start: u64,
+        end: u64,
+        typ: i32,
+        _pid: u32,
+        reply: ReplyLock,
+    ) {
+        match self
+            .file(fh)
+            .and_then(|f| sys::ofd_getlk(f.fd.as_fd(), typ, start, end))
+        {
+            Ok((t, s, e, pid)) => reply.locked(s, e, t, pid),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn setlk(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _lock_owner: LockOwner,
+        start: u64,
+        end: u64,
+        typ: i32,
+        _pid: u32,
+        sleep: bool,
+        reply: ReplyEmpty,
+    ) {
+        let file = match self.file(fh) {
+            Ok(f) => f,
+            Err(e) => return reply.error(errno(&e)),
+        };
+        match sys::ofd_lock(file.fd.as_fd(), typ, start, end, false) {
+            Ok(()) => reply.ok(),
+            Err(e)
+                if sleep && matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EACCES)) =>
+            {
+                // A waiting lock must not hold one of the few worker threads.
+                let spawned = std::thread::Builder::new()
+                    .name("cachefs-lockwait".into())
+                    .spawn(
+                        move || match sys::ofd_lock(file.fd.as_fd(), typ, start, end, true) {
+                            Ok(()) => reply.ok(),
+                            Err(e) => reply.error(errno(&e)),
+                        },
+                    );
+                if let Err(e) = spawned {
+                    debug!("cannot start a lock waiter: {e}");
+                }
+            }
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        let res = self.file(fh).and_then(|f| {
+            sys::cvt(unsafe {
+                libc::fallocate(
+                    f.fd.as_raw_fd(),
+                    mode,
+                    offset as libc::off_t,
+                    length as libc::off_t,
+                )
+            })
+            .map(drop)
+        });
+        match res {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn lseek(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: i64,
+        whence: i32,
+        reply: ReplyLseek,
+    ) {
+        let res = self.file(fh).and_then(|f| {
+            let r = unsafe { libc::lseek(f.fd.as_raw_fd(), offset as libc::off_t, whence) };
+            if r < 0 {
+                Err(io::Error::last_os_error())
+            } else {
+                Ok(r as i64)
+            }
+        });
+        match res {
+            Ok(off) => reply.offset(off),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn copy_file_range(
+        &self,
+        _req: &Request,
+        _ino_in: INodeNo,
+        fh_in: FileHandle,
+        offset_in: u64,
+        _ino_out: INodeNo,
+        fh_out: FileHandle,
+        offset_out: u64,
+        len: u64,
+        flags: CopyFileRangeFlags,
+        reply: ReplyWrite,
+    ) {
+        let res = (|| {
+            let fin = self.file(fh_in)?;
+            let fout = self.file(fh_out)?;
+            let mut off_in = offset_in as libc::off64_t;
+            let mut off_out = offset_out as libc::off64_t;
+            let n = unsafe {
+                libc::copy_file_range(
+                    fin.fd.as_raw_fd(),
+                    &mut off_in,
+                    fout.fd.as_raw_fd(),
+                    &mut off_out,
+                    len.min(u32::MAX as u64) as usize,
+                    flags.bits() as u32,
+                )
+            };
+            if n < 0 {
+                Err(io::Error::last_os_error())
+            } else {
+                Ok(n as u32)
+            }
+        })();
+        match res {
+            Ok(n) => reply.written(n),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+}
+
+fn xattr_name(name: &OsStr) -> io::Result<std::ffi::CString> {
+    use std::os::unix::ffi::OsStrExt;
+    std::ffi::CString::new(name.as_bytes()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+}

@@ -1,0 +1,517 @@
+//! Thin safe wrappers over the `*at()` system calls the filesystem uses.
+//!
+//! Every call here takes a directory fd and a single path component (or no path at all), and
+//! never follows a symlink in the last component, so a backing path is never resolved from a
+//! string that a build step could redirect.
+
+use std::ffi::{CStr, CString, OsStr};
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+
+pub(crate) fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+fn cvt_size(ret: libc::ssize_t) -> io::Result<usize> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret as usize)
+    }
+}
+
+/// A single path component as a C string. The kernel never sends '/' in a name; "." and ".."
+/// are refused too, so a name can only ever designate a child of the directory fd it is used
+/// with.
+pub(crate) fn component(name: &OsStr) -> io::Result<CString> {
+    let bytes = name.as_bytes();
+    if bytes.is_empty() || bytes == b"." || bytes == b".." || bytes.contains(&b'/') {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    CString::new(bytes).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+}
+
+const EMPTY: &CStr = c"";
+
+pub(crate) fn openat(
+    dir: BorrowedFd<'_>,
+    name: &CStr,
+    flags: i32,
+    mode: u32,
+) -> io::Result<OwnedFd> {
+    // SAFETY: valid C string and fd; the returned fd is owned by us.
+    let fd = cvt(unsafe {
+        libc::openat(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            flags | libc::O_CLOEXEC | libc::O_NOFOLLOW,
+            mode as libc::c_uint,
+        )
+    })?;
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Opens `name` beneath `dir` as an O_PATH fd without following a symlink in it.
+pub(crate) fn open_path_at(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<OwnedFd> {
+    openat(dir, name, libc::O_PATH, 0)
+}
+
+/// Reopens the file an O_PATH fd designates with real access flags, through the
+/// /proc/self/fd magic link: it designates exactly that inode, whatever happened to its name.
+pub(crate) fn reopen(fd: BorrowedFd<'_>, flags: i32) -> io::Result<OwnedFd> {
+    let path = proc_fd_path(fd);
+    // O_NOFOLLOW must not be set: the magic link is what we follow. O_CREAT/O_EXCL never apply.
+    let flags = (flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW)) | libc::O_CLOEXEC;
+    let raw = cvt(unsafe { libc::open(path.as_ptr(), flags, 0) })?;
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
+pub(crate) fn proc_fd_path(fd: BorrowedFd<'_>) -> CString {
+    // A decimal fd never contains NUL.
+    CString::new(format!("/proc/self/fd/{}", fd.as_raw_fd())).unwrap_or_default()
+}
+
+pub(crate) fn fstat(fd: BorrowedFd<'_>) -> io::Result<libc::stat> {
+    let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+    cvt(unsafe {
+        libc::fstatat(
+            fd.as_raw_fd(),
+            EMPTY.as_ptr(),
+            st.as_mut_ptr(),
+            libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW,
+        )
+    })?;
+    Ok(unsafe { st.assume_init() })
+}
+
+pub(crate) fn fstatat(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<libc::stat> {
+    let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+    cvt(unsafe {
+        libc::fstatat(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            st.as_mut_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    })?;
+    Ok(unsafe { st.assume_init() })
+}
+
+pub(crate) fn mkdirat(dir: BorrowedFd<'_>, name: &CStr, mode: u32) -> io::Result<()> {
+    cvt(unsafe { libc::mkdirat(dir.as_raw_fd(), name.as_ptr(), mode as libc::mode_t) }).map(drop)
+}
+
+pub(crate) fn mknodat(dir: BorrowedFd<'_>, name: &CStr, mode: u32, rdev: u64) -> io::Result<()> {
+    cvt(unsafe { libc::mknodat(dir.as_raw_fd(), name.as_ptr(), mode as libc::mode_t, rdev) })
+        .map(drop)
+}
+
+pub(crate) fn symlinkat(target: &OsStr, dir: BorrowedFd<'_>, name: &CStr) -> io::Result<()> {
+    let target =
+        CString::new(target.as_bytes()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    cvt(unsafe { libc::symlinkat(target.as_ptr(), dir.as_raw_fd(), name.as_ptr()) }).map(drop)
+}
+
+pub(crate) fn unlinkat(dir: BorrowedFd<'_>, name: &CStr, flags: i32) -> io::Result<()> {
+    cvt(unsafe { libc::unlinkat(dir.as_raw_fd(), name.as_ptr(), flags) }).map(drop)
+}
+
+pub(crate) fn renameat2(
+    olddir: BorrowedFd<'_>,
+    oldname: &CStr,
+    newdir: BorrowedFd<'_>,
+    newname: &CStr,
+    flags: u32,
+) -> io::Result<()> {
+    cvt(unsafe {
+        libc::renameat2(
+            olddir.as_raw_fd(),
+            oldname.as_ptr(),
+            newdir.as_raw_fd(),
+            newname.as_ptr(),
+            flags,
+        )
+    })
+    .map(drop)
+}
+
+/// Hard-links the inode an O_PATH fd designates as `name` in `newdir`.
+pub(crate) fn linkat_fd(fd: BorrowedFd<'_>, newdir: BorrowedFd<'_>, name: &CStr) -> io::Result<()> {
+    // AT_EMPTY_PATH needs CAP_DAC_READ_SEARCH; the /proc magic link works for everyone and
+    // designates the same inode.
+    let r = unsafe {
+        libc::linkat(
+            fd.as_raw_fd(),
+            EMPTY.as_ptr(),
+            newdir.as_raw_fd(),
+            name.as_ptr(),
+            libc::AT_EMPTY_PATH,
+        )
+    };
+    if r == 0 {
+        return Ok(());
+    }
+    let err = io::Error::last_os_error();
+    if err.raw_os_error() != Some(libc::ENOENT) && err.raw_os_error() != Some(libc::EPERM) {
+        return Err(err);
+    }
+    let path = proc_fd_path(fd);
+    cvt(unsafe {
+        libc::linkat(
+            libc::AT_FDCWD,
+            path.as_ptr(),
+            newdir.as_raw_fd(),
+            name.as_ptr(),
+            libc::AT_SYMLINK_FOLLOW,
+        )
+    })
+    .map(drop)
+}
+
+pub(crate) fn readlink_fd(fd: BorrowedFd<'_>) -> io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; libc::PATH_MAX as usize + 1];
+    let n = cvt_size(unsafe {
+        libc::readlinkat(
+            fd.as_raw_fd(),
+            EMPTY.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    })?;
+    buf.truncate(n);
+    Ok(buf)
+}
+
+pub(crate) fn fchmod_path(fd: BorrowedFd<'_>, mode: u32) -> io::Result<()> {
+    // fchmod() refuses O_PATH fds; chmod through the magic link reaches the same inode.
+    let path = proc_fd_path(fd);
+    cvt(unsafe { libc::chmod(path.as_ptr(), mode as libc::mode_t) }).map(drop)
+}
+
+pub(crate) fn fchown_path(fd: BorrowedFd<'_>, uid: u32, gid: u32) -> io::Result<()> {
+    cvt(unsafe {
+        libc::fchownat(
+            fd.as_raw_fd(),
+            EMPTY.as_ptr(),
+            uid,
+            gid,
+            libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW,
+        )
+    })
+    .map(drop)
+}
+
+pub(crate) fn utimens_path(
+    fd: BorrowedFd<'_>,
+    times: &[libc::timespec; 2],
+    symlink: bool,
+) -> io::Result<()> {
+    if symlink {
+        // A symlink's own times: AT_EMPTY_PATH on the O_PATH fd (Linux 5.8+), never following.
+        return cvt(unsafe {
+            libc::utimensat(
+                fd.as_raw_fd(),
+                EMPTY.as_ptr(),
+                times.as_ptr(),
+                libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW,
+            )
+        })
+        .map(drop);
+    }
+    let path = proc_fd_path(fd);
+    cvt(unsafe { libc::utimensat(libc::AT_FDCWD, path.as_ptr(), times.as_ptr(), 0) }).map(drop)
+}
+
+pub(crate) fn statvfs(fd: BorrowedFd<'_>) -> io::Result<libc::statvfs> {
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    cvt(unsafe { libc::fstatvfs(fd.as_raw_fd(), st.as_mut_ptr()) })?;
+    Ok(unsafe { st.assume_init() })
+}
+
+pub(crate) fn pread(fd: BorrowedFd<'_>, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        let n = cvt_size(unsafe {
+            libc::pread(
+                fd.as_raw_fd(),
+                buf[done..].as_mut_ptr().cast(),
+                buf.len() - done,
+                (offset + done as u64) as libc::off_t,
+            )
+        });
+        match n {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
+}
+
+pub(crate) fn pwrite(fd: BorrowedFd<'_>, buf: &[u8], offset: u64) -> io::Result<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        let n = cvt_size(unsafe {
+            libc::pwrite(
+                fd.as_raw_fd(),
+                buf[done..].as_ptr().cast(),
+                buf.len() - done,
+                (offset + done as u64) as libc::off_t,
+            )
+        });
+        match n {
+            Ok(n) => done += n,
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
+}
+
+/// Xattr calls go through the /proc magic link: the f*xattr calls refuse O_PATH fds.
+/// For symlinks the l* variants act on the link itself.
+pub(crate) fn getxattr(
+    fd: BorrowedFd<'_>,
+    symlink: bool,
+    name: &CStr,
+    buf: &mut [u8],
+) -> io::Result<usize> {
+    let path = proc_fd_path(fd);
+    let f = if symlink {
+        libc::lgetxattr
+    } else {
+        libc::getxattr
+    };
+    cvt_size(unsafe {
+        f(
+            path.as_ptr(),
+            name.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    })
+}
+
+pub(crate) fn listxattr(fd: BorrowedFd<'_>, symlink: bool, buf: &mut [u8]) -> io::Result<usize> {
+    let path = proc_fd_path(fd);
+    let f = if symlink {
+        libc::llistxattr
+    } else {
+        libc::listxattr
+    };
+    cvt_size(unsafe { f(path.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) })
+}
+
+pub(crate) fn setxattr(
+    fd: BorrowedFd<'_>,
+    symlink: bool,
+    name: &CStr,
+    value: &[u8],
+    flags: i32,
+) -> io::Result<()> {
+    let path = proc_fd_path(fd);
+    let f = if symlink {
+        libc::lsetxattr
+    } else {
+        libc::setxattr
+    };
+    cvt(unsafe {
+        f(
+            path.as_ptr(),
+            name.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            flags,
+        )
+    })
+    .map(drop)
+}
+
+pub(crate) fn removexattr(fd: BorrowedFd<'_>, symlink: bool, name: &CStr) -> io::Result<()> {
+    let path = proc_fd_path(fd);
+    let f = if symlink {
+        libc::lremovexattr
+    } else {
+        libc::removexattr
+    };
+    cvt(unsafe { f(path.as_ptr(), name.as_ptr()) }).map(drop)
+}
+
+/// A kernel file handle: a stable name for an inode that survives renames and needs no open fd.
+#[derive(Clone, PartialEq, Eq)]
+pub(crate) struct FileHandle {
+    handle_type: i32,
+    bytes: Box<[u8]>,
+}
+
+const MAX_HANDLE_SZ: usize = 128;
+
+#[repr(C)]
+struct RawHandle {
+    handle_bytes: u32,
+    handle_type: i32,
+    f_handle: [u8; MAX_HANDLE_SZ],
+}
+
+pub(crate) fn name_to_handle(fd: BorrowedFd<'_>) -> io::Result<FileHandle> {
+    let mut raw = RawHandle {
+        handle_bytes: MAX_HANDLE_SZ as u32,
+        handle_type: 0,
+        f_handle: [0; MAX_HANDLE_SZ],
+    };
+    let mut mount_id: libc::c_int = 0;
+    cvt(unsafe {
+        libc::name_to_handle_at(
+            fd.as_raw_fd(),
+            EMPTY.as_ptr(),
+            (&mut raw as *mut RawHandle).cast(),
+            &mut mount_id,
+            libc::AT_EMPTY_PATH,
+        )
+    })?;
+    let len = (raw.handle_bytes as usize).min(MAX_HANDLE_SZ);
+    Ok(FileHandle {
+        handle_type: raw.handle_type,
+        bytes: raw.f_handle[..len].into(),
+    })
+}
+
+/// Opens an inode by handle. `mount_fd` is any fd on the same filesystem (the instance root).
+pub(crate) fn open_by_handle(
+    mount_fd: RawFd,
+    handle: &FileHandle,
+    flags: i32,
+) -> io::Result<OwnedFd> {
+    let mut raw = RawHandle {
+        handle_bytes: handle.bytes.len() as u32,
+        handle_type: handle.handle_type,
+        f_handle: [0; MAX_HANDLE_SZ],
+    };
+    raw.f_handle[..handle.bytes.len()].copy_from_slice(&handle.bytes);
+    let fd = cvt(unsafe {
+        libc::open_by_handle_at(
+            mount_fd,
+            (&mut raw as *mut RawHandle).cast(),
+            flags | libc::O_CLOEXEC,
+        )
+    })?;
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Reads every entry of a directory (except "." and "..") from a fresh fd.
+pub(crate) fn read_dir_all(dir: BorrowedFd<'_>) -> io::Result<Vec<(Vec<u8>, u64, u8)>> {
+    let fd = openat(dir, c".", libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = cvt_size(unsafe {
+            libc::syscall(
+                libc::SYS_getdents64,
+                fd.as_raw_fd(),
+                buf.as_mut_ptr(),
+                buf.len(),
+            ) as libc::ssize_t
+        })?;
+        if n == 0 {
+            break;
+        }
+        let mut pos = 0;
+        while pos < n {
+            // struct linux_dirent64 { u64 d_ino; i64 d_off; u16 d_reclen; u8 d_type; char d_name[]; }
+            let rec = &buf[pos..n];
+            if rec.len() < 19 {
+                break;
+            }
+            let ino = u64::from_ne_bytes(rec[0..8].try_into().unwrap_or([0; 8]));
+            let reclen = u16::from_ne_bytes([rec[16], rec[17]]) as usize;
+            let dtype = rec[18];
+            if reclen == 0 || reclen > rec.len() {
+                break;
+            }
+            let name_area = &rec[19..reclen];
+            let name_len = name_area
+                .iter()
+                .position(|&b| b == 0)
+                .unwrap_or(name_area.len());
+            let name = &name_area[..name_len];
+            if name != b"." && name != b".." {
+                out.push((name.to_vec(), ino, dtype));
+            }
+            pos += reclen;
+        }
+    }
+    Ok(out)
+}
+
+/// Open file description locks: owned by the backing open file, so each FUSE open (its own
+/// backing fd) excludes the others, across processes and across mounts of one instance.
+pub(crate) fn ofd_lock(
+    fd: BorrowedFd<'_>,
+    typ: i32,
+    start: u64,
+    end: u64,
+    wait: bool,
+) -> io::Result<()> {
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = typ as libc::c_short;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    fl.l_start = start.min(i64::MAX as u64) as libc::off_t;
+    // FUSE sends end = OFFSET_MAX for "to the end of file"; l_len 0 means the same.
+    fl.l_len = if end >= i64::MAX as u64 {
+        0
+    } else {
+        (end - start.min(end) + 1) as libc::off_t
+    };
+    let cmd = if wait {
+        libc::F_OFD_SETLKW
+    } else {
+        libc::F_OFD_SETLK
+    };
+    loop {
+        let r = unsafe { libc::fcntl(fd.as_raw_fd(), cmd, &fl) };
+        if r == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EINTR) && wait {
+            continue;
+        }
+        return Err(e);
+    }
+}
+
+/// Tests for a conflicting lock; returns (type, start, end, pid) of the conflict or F_UNLCK.
+pub(crate) fn ofd_getlk(
+    fd: BorrowedFd<'_>,
+    typ: i32,
+    start: u64,
+    end: u64,
+) -> io::Result<(i32, u64, u64, u32)> {
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = typ as libc::c_short;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    fl.l_start = start.min(i64::MAX as u64) as libc::off_t;
+    fl.l_len = if end >= i64::MAX as u64 {
+        0
+    } else {
+        (end - start.min(end) + 1) as libc::off_t
+    };
+    cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_OFD_GETLK, &mut fl) })?;
+    let lstart = fl.l_start.max(0) as u64;
+    let lend = if fl.l_len == 0 {
+        i64::MAX as u64
+    } else {
+        lstart + fl.l_len as u64 - 1
+    };
+    Ok((fl.l_type as i32, lstart, lend, fl.l_pid.max(0) as u32))
+}
+
+pub(crate) fn errno(e: &io::Error) -> fuser::Errno {
+    fuser::Errno::from_i32(e.raw_os_error().unwrap_or(libc::EIO))
+}

@@ -1,0 +1,9 @@
+//! cachefs: persistent cache mounts for build steps, served through FUSE.
+//!
+//! The library holds every concern; `src/main.rs` is a thin binary over [`cli`].
+//! See docs/ARCHITECTURE.md for the module map and the path of a request.
+
+pub mod cli;
+pub mod fs;
+pub mod spec;
+pub mod store;

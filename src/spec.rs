@@ -1,0 +1,787 @@
+//! Cache-mount specs in Dockerfile syntax, so a line can be pasted from a Dockerfile:
+//! `type=cache,id=apt,target=/var/cache/apt,sharing=locked,uid=0,gid=0,mode=0755,ro`.
+//!
+//! Follows BuildKit's `RUN --mount` parser (keys case-insensitive, CSV fields, octal
+//! mode, `id` defaulting to the target) and is stricter where BuildKit is silently
+//! lenient: unknown or repeated keys are errors, not ignored or overridden.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+pub use crate::store::CacheId;
+use crate::store::IdError;
+
+/// How concurrent mounts of one cache id share it (BuildKit's `sharing=`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Sharing {
+    /// All mounts see the same instance at once.
+    #[default]
+    Shared,
+    /// One mount at a time; later ones wait.
+    Locked,
+    /// A busy cache gets another instance.
+    Private,
+}
+
+impl Sharing {
+    pub const ALL: [Sharing; 3] = [Sharing::Shared, Sharing::Locked, Sharing::Private];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Sharing::Shared => "shared",
+            Sharing::Locked => "locked",
+            Sharing::Private => "private",
+        }
+    }
+}
+
+impl fmt::Display for Sharing {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Sharing {
+    type Err = SpecError;
+    /// Case-insensitive, as BuildKit lowercases the value.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Sharing::ALL
+            .into_iter()
+            .find(|m| m.as_str().eq_ignore_ascii_case(s))
+            .ok_or_else(|| SpecError::InvalidSharing {
+                value: s.to_owned(),
+            })
+    }
+}
+
+/// Default permission bits of a new cache directory (BuildKit's).
+pub const DEFAULT_MODE: u32 = 0o755;
+
+/// One `--mount=type=cache,...` request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountSpec {
+    pub id: CacheId,
+    pub target: PathBuf,
+    pub sharing: Sharing,
+    /// Owner of a newly created cache directory.
+    pub uid: u32,
+    pub gid: u32,
+    /// Permission bits of a newly created cache directory (at most 0o7777).
+    pub mode: u32,
+    pub read_only: bool,
+}
+
+/// Keys accepted in a spec, in the order error messages list them.
+pub const VALID_KEYS: &[&str] = &[
+    "type",
+    "id",
+    "target",
+    "dst",
+    "destination",
+    "sharing",
+    "uid",
+    "gid",
+    "mode",
+    "ro",
+    "readonly",
+    "rw",
+    "readwrite",
+];
+
+/// Why a mount spec was rejected. Each message is one line.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SpecError {
+    #[error("mount spec is empty: expected e.g. type=cache,target=/var/cache/apt")]
+    Empty,
+    #[error("mount spec: field {position} is empty (two commas in a row, or a trailing comma?)")]
+    EmptyField { position: usize },
+    #[error("mount spec: {problem} in field {position} ('{}')", Shown(field))]
+    Quote {
+        position: usize,
+        field: String,
+        problem: &'static str,
+    },
+    #[error("mount spec: field '{}' must be key=value", Shown(field))]
+    NotKeyValue { field: String },
+    #[error("mount spec: unknown key '{}' (valid keys: {})", Shown(key), VALID_KEYS.join(", "))]
+    UnknownKey { key: String },
+    #[error("mount spec: '{key}' is not supported: {reason}")]
+    Unsupported { key: String, reason: &'static str },
+    #[error(
+        "mount spec: type={} is not supported: cachefs only serves type=cache mounts",
+        Shown(value)
+    )]
+    UnsupportedType { value: String },
+    #[error("mount spec: '{key}' given twice{}", if first == key { String::new() } else { format!(" (already set by '{first}')") })]
+    Duplicate { key: String, first: String },
+    #[error("mount spec: empty value for '{key}'")]
+    EmptyValue { key: String },
+    #[error("mount spec: invalid {key} '{}': expected {expected}", Shown(value))]
+    InvalidValue {
+        key: String,
+        value: String,
+        expected: &'static str,
+    },
+    #[error("mount spec needs target=PATH (e.g. type=cache,target=/var/cache/apt)")]
+    MissingTarget,
+    #[error("mount spec: target must not contain a NUL byte")]
+    TargetNul,
+    #[error("mount spec: {}: {source}", if *from_target { "the target is the default id" } else { "invalid id" })]
+    InvalidId {
+        from_target: bool,
+        #[source]
+        source: IdError,
+    },
+    #[error(
+        "invalid sharing mode '{}' (valid: shared, locked, private)",
+        Shown(value)
+    )]
+    InvalidSharing { value: String },
+}
+
+/// Shows user text inside a one-line message: control characters escaped, long text cut.
+struct Shown<'a>(&'a str);
+
+impl fmt::Display for Shown<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        const MAX_CHARS: usize = 80;
+        for (i, c) in self.0.chars().enumerate() {
+            if i == MAX_CHARS {
+                return f.write_str("...");
+            }
+            if c.is_control() {
+                write!(f, "{}", c.escape_default())?;
+            } else {
+                write!(f, "{c}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The settings that several keys write to; a second write to one is a duplicate.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Slot {
+    Type,
+    Id,
+    Target,
+    Sharing,
+    Uid,
+    Gid,
+    Mode,
+    ReadOnly,
+}
+
+fn slot_of(key: &str) -> Option<Slot> {
+    Some(match key {
+        "type" => Slot::Type,
+        "id" => Slot::Id,
+        "target" | "dst" | "destination" => Slot::Target,
+        "sharing" => Slot::Sharing,
+        "uid" => Slot::Uid,
+        "gid" => Slot::Gid,
+        "mode" => Slot::Mode,
+        "ro" | "readonly" | "rw" | "readwrite" => Slot::ReadOnly,
+        _ => return None,
+    })
+}
+
+/// Why keys that Dockerfiles accept for other uses are refused here.
+fn unsupported_reason(key: &str) -> Option<&'static str> {
+    match key {
+        "from" => Some(
+            "cachefs caches start empty or from a restored layer, not from a build stage (use cachefs restore)",
+        ),
+        "source" | "src" => Some(
+            "cachefs serves the whole cache directory, not a subpath of it (mount a separate id instead)",
+        ),
+        _ => None,
+    }
+}
+
+impl MountSpec {
+    /// Parses a spec such as `type=cache,id=apt,target=/var/cache/apt,sharing=locked`.
+    pub fn parse(s: &str) -> Result<MountSpec, SpecError> {
+        if s.trim().is_empty() {
+            return Err(SpecError::Empty);
+        }
+        let mut id: Option<String> = None;
+        let mut target: Option<String> = None;
+        let mut sharing = Sharing::default();
+        let mut uid = 0;
+        let mut gid = 0;
+        let mut mode = DEFAULT_MODE;
+        let mut read_only = false;
+        let mut seen: Vec<(Slot, String)> = Vec::new();
+
+        for (i, field) in split_fields(s)?.into_iter().enumerate() {
+            let position = i + 1;
+            let (raw_key, value) = match field.split_once('=') {
+                Some((k, v)) => (k, Some(v)),
+                None => (field.as_str(), None),
+            };
+            let key_trimmed = raw_key.trim();
+            if key_trimmed.is_empty() {
+                return Err(if value.is_some() {
+                    SpecError::NotKeyValue { field }
+                } else {
+                    SpecError::EmptyField { position }
+                });
+            }
+            let key = key_trimmed.to_ascii_lowercase();
+            if let Some(reason) = unsupported_reason(&key) {
+                return Err(SpecError::Unsupported { key, reason });
+            }
+            let Some(slot) = slot_of(&key) else {
+                return Err(SpecError::UnknownKey {
+                    key: key_trimmed.to_owned(),
+                });
+            };
+            if let Some((_, first)) = seen.iter().find(|(s, _)| *s == slot) {
+                return Err(SpecError::Duplicate {
+                    key,
+                    first: first.clone(),
+                });
+            }
+            seen.push((slot, key.clone()));
+
+            // Bare flags: only the read-only switches may come without a value.
+            let Some(value) = value else {
+                match slot {
+                    Slot::ReadOnly => {
+                        read_only = matches!(key.as_str(), "ro" | "readonly");
+                        continue;
+                    }
+                    _ => return Err(SpecError::NotKeyValue { field }),
+                }
+            };
+            if value.is_empty() {
+                return Err(SpecError::EmptyValue { key });
+            }
+            let invalid = |expected| SpecError::InvalidValue {
+                key: key.clone(),
+                value: value.to_owned(),
+                expected,
+            };
+            match slot {
+                Slot::Type => {
+                    if !value.eq_ignore_ascii_case("cache") {
+                        return Err(SpecError::UnsupportedType {
+                            value: value.to_owned(),
+                        });
+                    }
+                }
+                Slot::Id => id = Some(value.to_owned()),
+                Slot::Target => target = Some(value.to_owned()),
+                Slot::Sharing => {
+                    sharing = value
+                        .parse()
+                        .map_err(|_| invalid("shared, locked or private"))?
+                }
+                Slot::Uid => uid = parse_id_number(value).ok_or_else(|| invalid(ID_EXPECTED))?,
+                Slot::Gid => gid = parse_id_number(value).ok_or_else(|| invalid(ID_EXPECTED))?,
+                Slot::Mode => {
+                    mode = parse_mode(value)
+                        .ok_or_else(|| invalid("octal permission bits from 0 to 7777, e.g. 0755"))?
+                }
+                Slot::ReadOnly => {
+                    let b = parse_bool(value).ok_or_else(|| invalid("true or false"))?;
+                    read_only = if matches!(key.as_str(), "ro" | "readonly") {
+                        b
+                    } else {
+                        !b
+                    };
+                }
+            }
+        }
+
+        let target = target.ok_or(SpecError::MissingTarget)?;
+        if target.contains('\0') {
+            return Err(SpecError::TargetNul);
+        }
+        // BuildKit's default id is the target as written.
+        let (id, from_target) = match id {
+            Some(id) => (id, false),
+            None => (target.clone(), true),
+        };
+        let id = CacheId::new(&id).map_err(|source| SpecError::InvalidId {
+            from_target,
+            source,
+        })?;
+        Ok(MountSpec {
+            id,
+            target: PathBuf::from(target),
+            sharing,
+            uid,
+            gid,
+            mode,
+            read_only,
+        })
+    }
+}
+
+impl FromStr for MountSpec {
+    type Err = SpecError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        MountSpec::parse(s)
+    }
+}
+
+/// The canonical spec text; parses back to an equal `MountSpec`. Every field is
+/// written, `ro` only when set, and values that need it are double-quoted.
+impl fmt::Display for MountSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "type=cache,id=")?;
+        write_value(f, self.id.as_str())?;
+        write!(f, ",target=")?;
+        write_value(f, &self.target.to_string_lossy())?;
+        write!(
+            f,
+            ",sharing={},uid={},gid={},mode={:04o}",
+            self.sharing, self.uid, self.gid, self.mode
+        )?;
+        if self.read_only {
+            write!(f, ",ro")?;
+        }
+        Ok(())
+    }
+}
+
+/// Quotes a value when it holds a separator, a quote, or edge whitespace.
+fn write_value(f: &mut fmt::Formatter<'_>, v: &str) -> fmt::Result {
+    let plain = !v.contains([',', '"'])
+        && !v.starts_with(char::is_whitespace)
+        && !v.ends_with(char::is_whitespace);
+    if plain {
+        f.write_str(v)
+    } else {
+        write!(f, "\"{}\"", v.replace('"', "\"\""))
+    }
+}
+
+const ID_EXPECTED: &str = "a decimal number from 0 to 4294967294";
+
+/// Decimal uid/gid. `u32::MAX` is refused: to chown it means "leave unchanged".
+fn parse_id_number(s: &str) -> Option<u32> {
+    if !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None; // also rejects the '+' that u32::from_str would take
+    }
+    s.parse().ok().filter(|&n| n != u32::MAX)
+}
+
+/// Octal mode, with or without a leading 0, at most 0o7777 (like BuildKit's base-8 parse).
+fn parse_mode(s: &str) -> Option<u32> {
+    if !s.bytes().all(|b| (b'0'..=b'7').contains(&b)) {
+        return None;
+    }
+    u32::from_str_radix(s, 8).ok().filter(|&m| m <= 0o7777)
+}
+
+/// Go's strconv.ParseBool, which BuildKit uses for `ro=`.
+fn parse_bool(s: &str) -> Option<bool> {
+    match s {
+        "1" | "t" | "T" | "true" | "TRUE" | "True" => Some(true),
+        "0" | "f" | "F" | "false" | "FALSE" | "False" => Some(false),
+        _ => None,
+    }
+}
+
+/// Splits on commas, honouring double quotes as BuildKit's CSV reader does.
+///
+/// A quoted section may span the whole field (`"id=a,b"`, as Go's encoding/csv reads
+/// it) or the whole value (`id="a,b"`, which reads more naturally). Inside quotes `""`
+/// is a literal quote. A quote anywhere else, or text after a closing quote, is an
+/// error rather than a guess.
+fn split_fields(s: &str) -> Result<Vec<String>, SpecError> {
+    let mut fields = Vec::new();
+    let mut chars = s.chars().peekable();
+    loop {
+        let position = fields.len() + 1;
+        let mut field = String::new();
+        // Whether `field` so far is only a key and '=' (a quote may start the value).
+        let mut at_value_start = false;
+        let mut quoted_once = false;
+        let more = loop {
+            match chars.next() {
+                None => break false,
+                Some(',') => break true,
+                Some('"') => {
+                    let starts_field = field.is_empty();
+                    if quoted_once || !(starts_field || at_value_start) {
+                        return Err(SpecError::Quote {
+                            position,
+                            field: field + "\"",
+                            problem: "stray '\"' (quote the whole field or the whole value)",
+                        });
+                    }
+                    quoted_once = true;
+                    loop {
+                        match chars.next() {
+                            None => {
+                                return Err(SpecError::Quote {
+                                    position,
+                                    field,
+                                    problem: "unterminated '\"'",
+                                });
+                            }
+                            Some('"') if chars.peek() == Some(&'"') => {
+                                chars.next();
+                                field.push('"');
+                            }
+                            Some('"') => break,
+                            Some(c) => field.push(c),
+                        }
+                    }
+                    // A quoted value ends its field; a quoted whole field may not
+                    // continue either.
+                    match chars.peek() {
+                        None | Some(',') => {}
+                        Some(_) => {
+                            return Err(SpecError::Quote {
+                                position,
+                                field,
+                                problem: "text after a closing '\"'",
+                            });
+                        }
+                    }
+                    at_value_start = false;
+                }
+                Some(c) => {
+                    field.push(c);
+                    at_value_start = c == '=' && !field[..field.len() - 1].contains('=');
+                }
+            }
+        };
+        fields.push(field);
+        // After a trailing comma the loop runs once more and yields an empty field,
+        // which the caller reports.
+        if !more {
+            return Ok(fields);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn parse(s: &str) -> MountSpec {
+        MountSpec::parse(s).unwrap_or_else(|e| panic!("{s:?}: {e}"))
+    }
+
+    fn err(s: &str) -> String {
+        match MountSpec::parse(s) {
+            Ok(m) => panic!("{s:?} parsed to {m:?}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn full_dockerfile_line() {
+        let m = parse(
+            "type=cache,id=apt,target=/var/cache/apt,sharing=locked,uid=1000,gid=100,mode=0700,ro",
+        );
+        assert_eq!(m.id.as_str(), "apt");
+        assert_eq!(m.target, PathBuf::from("/var/cache/apt"));
+        assert_eq!(m.sharing, Sharing::Locked);
+        assert_eq!(
+            (m.uid, m.gid, m.mode, m.read_only),
+            (1000, 100, 0o700, true)
+        );
+    }
+
+    #[test]
+    fn defaults_follow_buildkit() {
+        let m = parse("type=cache,target=/root/.cache/pip");
+        assert_eq!(
+            m.id.as_str(),
+            "/root/.cache/pip",
+            "id defaults to the target"
+        );
+        assert_eq!(m.sharing, Sharing::Shared);
+        assert_eq!((m.uid, m.gid, m.mode, m.read_only), (0, 0, 0o755, false));
+        // type may be omitted.
+        assert_eq!(parse("target=/x"), parse("type=cache,target=/x"));
+        // Relative targets are kept as written.
+        assert_eq!(parse("target=rel/dir").target, PathBuf::from("rel/dir"));
+    }
+
+    #[test]
+    fn keys_and_enum_values_are_case_insensitive() {
+        let m = parse("TYPE=Cache,Target=/x,SHARING=Private,ReadOnly");
+        assert_eq!(m.sharing, Sharing::Private);
+        assert!(m.read_only);
+        // Values that are data keep their case.
+        assert_eq!(parse("target=/X,id=MyId").id.as_str(), "MyId");
+    }
+
+    #[test]
+    fn target_aliases() {
+        for k in ["target", "dst", "destination", "DST"] {
+            assert_eq!(parse(&format!("{k}=/t")).target, PathBuf::from("/t"));
+        }
+        assert_eq!(
+            err("target=/a,dst=/b"),
+            "mount spec: 'dst' given twice (already set by 'target')"
+        );
+        assert_eq!(
+            err("type=cache,id=x"),
+            "mount spec needs target=PATH (e.g. type=cache,target=/var/cache/apt)"
+        );
+        assert_eq!(err("target="), "mount spec: empty value for 'target'");
+    }
+
+    #[test]
+    fn read_only_flags() {
+        assert!(parse("target=/x,ro").read_only);
+        assert!(parse("target=/x,readonly").read_only);
+        assert!(parse("target=/x,ro=true").read_only);
+        assert!(parse("target=/x,ro=1").read_only);
+        assert!(!parse("target=/x,ro=false").read_only);
+        assert!(!parse("target=/x,readonly=False").read_only);
+        assert!(!parse("target=/x,rw").read_only);
+        assert!(parse("target=/x,rw=false").read_only);
+        assert_eq!(
+            err("target=/x,ro=yes"),
+            "mount spec: invalid ro 'yes': expected true or false"
+        );
+        assert_eq!(
+            err("target=/x,ro,readonly"),
+            "mount spec: 'readonly' given twice (already set by 'ro')"
+        );
+        assert_eq!(err("target=/x,ro,ro"), "mount spec: 'ro' given twice");
+    }
+
+    #[test]
+    fn numbers() {
+        assert_eq!(parse("target=/x,mode=755").mode, 0o755);
+        assert_eq!(parse("target=/x,mode=0").mode, 0);
+        assert_eq!(parse("target=/x,mode=07777").mode, 0o7777);
+        assert_eq!(parse("target=/x,mode=1777").mode, 0o1777);
+        assert_eq!(parse("target=/x,uid=4294967294").uid, 4294967294);
+        assert_eq!(
+            err("target=/x,uid=abc"),
+            "mount spec: invalid uid 'abc': expected a decimal number from 0 to 4294967294"
+        );
+        for bad in ["-1", "+1", "1.0", " 1", "4294967295", "99999999999", "0x10"] {
+            let e = err(&format!("target=/x,gid={bad}"));
+            assert!(
+                e.starts_with(&format!("mount spec: invalid gid '{bad}'")),
+                "{e}"
+            );
+        }
+        assert_eq!(
+            err("target=/x,mode=0999"),
+            "mount spec: invalid mode '0999': expected octal permission bits from 0 to 7777, e.g. 0755"
+        );
+        for bad in ["99999", "17777", "0o755", "rwx", "-755"] {
+            assert!(
+                err(&format!("target=/x,mode={bad}")).starts_with("mount spec: invalid mode"),
+                "{bad}"
+            );
+        }
+        assert_eq!(err("target=/x,uid="), "mount spec: empty value for 'uid'");
+        assert_eq!(
+            err("target=/x,uid"),
+            "mount spec: field 'uid' must be key=value"
+        );
+    }
+
+    #[test]
+    fn sharing_values() {
+        for (s, m) in [
+            ("shared", Sharing::Shared),
+            ("locked", Sharing::Locked),
+            ("private", Sharing::Private),
+        ] {
+            assert_eq!(parse(&format!("target=/x,sharing={s}")).sharing, m);
+            assert_eq!(s.parse::<Sharing>().unwrap(), m);
+            assert_eq!(m.to_string(), s);
+        }
+        assert_eq!(
+            err("target=/x,sharing=exclusive"),
+            "mount spec: invalid sharing 'exclusive': expected shared, locked or private"
+        );
+        assert_eq!(
+            "nope".parse::<Sharing>().unwrap_err().to_string(),
+            "invalid sharing mode 'nope' (valid: shared, locked, private)"
+        );
+        assert_eq!(Sharing::default(), Sharing::Shared);
+    }
+
+    #[test]
+    fn unsupported_and_unknown() {
+        assert_eq!(
+            err("type=bind,target=/x"),
+            "mount spec: type=bind is not supported: cachefs only serves type=cache mounts"
+        );
+        assert!(err("type=tmpfs,target=/x").contains("type=tmpfs is not supported"));
+        assert!(err("target=/x,from=builder").starts_with("mount spec: 'from' is not supported: "));
+        assert!(
+            err("target=/x,source=/sub").starts_with("mount spec: 'source' is not supported: ")
+        );
+        assert!(err("target=/x,src=/sub").starts_with("mount spec: 'src' is not supported: "));
+        assert_eq!(
+            err("target=/x,foo=1"),
+            "mount spec: unknown key 'foo' (valid keys: type, id, target, dst, destination, sharing, uid, gid, mode, ro, readonly, rw, readwrite)"
+        );
+        assert!(err("target=/x,Size=1").contains("unknown key 'Size'"));
+        assert_eq!(err("target=/x,id=a,id=b"), "mount spec: 'id' given twice");
+        assert_eq!(
+            err("target=/x,sharing=locked,SHARING=shared"),
+            "mount spec: 'sharing' given twice"
+        );
+    }
+
+    #[test]
+    fn empty_fields_and_specs() {
+        assert_eq!(
+            err(""),
+            "mount spec is empty: expected e.g. type=cache,target=/var/cache/apt"
+        );
+        assert_eq!(err("   "), err(""));
+        assert_eq!(
+            err("type=cache,,target=/x"),
+            "mount spec: field 2 is empty (two commas in a row, or a trailing comma?)"
+        );
+        assert_eq!(
+            err("target=/x,"),
+            "mount spec: field 2 is empty (two commas in a row, or a trailing comma?)"
+        );
+        assert_eq!(
+            err(",target=/x"),
+            "mount spec: field 1 is empty (two commas in a row, or a trailing comma?)"
+        );
+        assert_eq!(
+            err("target=/x,=v"),
+            "mount spec: field '=v' must be key=value"
+        );
+    }
+
+    #[test]
+    fn ids() {
+        assert_eq!(parse("target=/x,id=../../etc").id.as_str(), "../../etc");
+        let long = "a".repeat(256);
+        assert_eq!(
+            err(&format!("target=/x,id={long}")),
+            "mount spec: invalid id: cache id must be 1 to 255 bytes, got 256"
+        );
+        assert_eq!(
+            err(&format!("target=/{long}")),
+            "mount spec: the target is the default id: cache id must be 1 to 255 bytes, got 257"
+        );
+        assert_eq!(
+            err("target=/x\0y"),
+            "mount spec: target must not contain a NUL byte"
+        );
+        assert!(
+            err("target=/x,id=a\0b")
+                .starts_with("mount spec: invalid id: cache id must not contain a NUL")
+        );
+    }
+
+    #[test]
+    fn quoting() {
+        assert_eq!(parse("target=/x,id=\"a,b\"").id.as_str(), "a,b");
+        assert_eq!(parse("target=/x,\"id=a,b\"").id.as_str(), "a,b");
+        assert_eq!(parse("\"target=/x,y\"").target, PathBuf::from("/x,y"));
+        assert_eq!(
+            parse("target=/x,id=\"say \"\"hi\"\"\"").id.as_str(),
+            "say \"hi\""
+        );
+        assert_eq!(parse("target=/x,id=\"=\"").id.as_str(), "=");
+        assert_eq!(
+            err("target=/x,id=\"a,b"),
+            "mount spec: unterminated '\"' in field 2 ('id=a,b')"
+        );
+        assert_eq!(
+            err("target=/x,id=a\"b\""),
+            "mount spec: stray '\"' (quote the whole field or the whole value) in field 2 ('id=a\"')"
+        );
+        assert_eq!(
+            err("target=/x,id=\"a\"b"),
+            "mount spec: text after a closing '\"' in field 2 ('id=a')"
+        );
+        assert!(err("target=/x,\"id\"=a").contains("text after a closing"));
+        // A quoted empty value is still empty.
+        assert_eq!(err("target=/x,id=\"\""), "mount spec: empty value for 'id'");
+    }
+
+    #[test]
+    fn errors_are_one_line_even_for_hostile_input() {
+        let e = err("target=/x,fo\no=1");
+        assert!(!e.contains('\n'), "{e}");
+        assert!(e.contains("fo\\no"), "{e}");
+        let e = err(&format!("target=/x,uid={}", "9".repeat(500)));
+        assert!(e.len() < 250, "{e}");
+    }
+
+    #[test]
+    fn display_round_trips() {
+        for s in [
+            "type=cache,target=/var/cache/apt",
+            "type=cache,id=\"a,b\",target=\" /sp ace \",sharing=private,uid=7,gid=8,mode=0,ro",
+            "target=/x,id=\"q\"\"uote\"",
+        ] {
+            let m = parse(s);
+            let text = m.to_string();
+            assert_eq!(parse(&text), m, "{s} -> {text}");
+        }
+        assert_eq!(
+            parse("target=/var/cache/apt,id=apt,sharing=locked").to_string(),
+            "type=cache,id=apt,target=/var/cache/apt,sharing=locked,uid=0,gid=0,mode=0755"
+        );
+    }
+
+    fn spec_strategy() -> impl Strategy<Value = MountSpec> {
+        (
+            "[^\0]{1,60}",
+            "[^\0]{1,60}",
+            prop::sample::select(Sharing::ALL.to_vec()),
+            0..u32::MAX,
+            0..u32::MAX,
+            0..=0o7777u32,
+            any::<bool>(),
+        )
+            .prop_map(
+                |(id, target, sharing, uid, gid, mode, read_only)| MountSpec {
+                    id: CacheId::new(&id).unwrap(),
+                    target: PathBuf::from(target),
+                    sharing,
+                    uid,
+                    gid,
+                    mode,
+                    read_only,
+                },
+            )
+    }
+
+    proptest! {
+        #[test]
+        fn never_panics(s in ".{0,200}") {
+            let _ = MountSpec::parse(&s);
+        }
+
+        #[test]
+        fn never_panics_on_spec_like_input(
+            fields in prop::collection::vec(
+                "(\"|type|id|target|dst|ro|rw|mode|uid|sharing|from|=|,|[a-z0-9/.\"]{0,6}){0,6}",
+                0..8,
+            )
+        ) {
+            let s = fields.join(",");
+            if let Err(e) = MountSpec::parse(&s) {
+                prop_assert!(!e.to_string().contains('\n'));
+            }
+        }
+
+        #[test]
+        fn round_trip(m in spec_strategy()) {
+            let text = m.to_string();
+            let back = MountSpec::parse(&text);
+            prop_assert_eq!(back.as_ref().ok(), Some(&m), "{} -> {:?}", text, back);
+        }
+    }
+}

@@ -1,0 +1,162 @@
+//! The metadata database: connection setup and forward-only schema migrations.
+//!
+//! The schema version lives in `PRAGMA user_version`. Each step `vN -> vN+1` runs in its
+//! own transaction together with the version bump, so a crash mid-migration leaves the
+//! database at a version it can resume from.
+
+use std::path::Path;
+use std::time::Duration;
+
+use rusqlite::{Connection, OpenFlags, Transaction, TransactionBehavior};
+
+use super::error::{StoreError, db_error};
+
+/// The newest schema this build reads and writes.
+pub const SCHEMA_VERSION: i64 = 1;
+
+/// How long a statement waits for another process's write lock before failing.
+pub(crate) const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Opens `db` and applies the per-connection settings. The caller holds the store's
+/// init lock, because switching a fresh database to WAL (and migrating it) races
+/// badly between processes: the loser gets "database is locked" without waiting.
+pub(crate) fn open(db: &Path, root: &Path) -> Result<Connection, StoreError> {
+    let err = |e| db_error(db, root, e);
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
+        | OpenFlags::SQLITE_OPEN_CREATE
+        | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let conn = Connection::open_with_flags(db, flags).map_err(err)?;
+    conn.busy_timeout(BUSY_TIMEOUT).map_err(err)?;
+    // Reading the header first turns a non-database file into SQLITE_NOTADB before
+    // anything below could try to write to it.
+    let version = user_version(&conn).map_err(err)?;
+    // Checked before the WAL switch below, so a newer build's database is not modified.
+    check_not_newer(version, root)?;
+    let mode: String = conn
+        .pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))
+        .map_err(err)?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        // Some filesystems cannot hold the WAL's shared memory; the rollback journal
+        // still works, only with less concurrency.
+        tracing::warn!(db = %db.display(), mode, "metadata database is not in WAL mode");
+    }
+    conn.pragma_update(None, "synchronous", "NORMAL")
+        .map_err(err)?;
+    conn.pragma_update(None, "foreign_keys", true)
+        .map_err(err)?;
+    Ok(conn)
+}
+
+/// Brings the schema up to [`SCHEMA_VERSION`], refusing databases from newer builds.
+pub(crate) fn migrate(conn: &mut Connection, db: &Path, root: &Path) -> Result<(), StoreError> {
+    let err = |e| db_error(db, root, e);
+    // The common case, an up-to-date database, needs no write lock.
+    let version = user_version(conn).map_err(err)?;
+    check_not_newer(version, root)?;
+    if version == SCHEMA_VERSION {
+        return Ok(());
+    }
+    loop {
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(err)?;
+        let version = user_version(&tx).map_err(err)?;
+        check_not_newer(version, root)?;
+        if version == SCHEMA_VERSION {
+            return Ok(());
+        }
+        step(&tx, version).map_err(err)?;
+        tx.pragma_update(None, "user_version", version + 1)
+            .map_err(err)?;
+        tx.commit().map_err(err)?;
+        tracing::debug!(db = %db.display(), to = version + 1, "migrated metadata schema");
+    }
+}
+
+fn user_version(conn: &Connection) -> rusqlite::Result<i64> {
+    conn.pragma_query_value(None, "user_version", |r| r.get(0))
+}
+
+fn check_not_newer(version: i64, root: &Path) -> Result<(), StoreError> {
+    if version > SCHEMA_VERSION {
+        return Err(StoreError::NewerSchema {
+            root: root.to_path_buf(),
+            found: version,
+            supported: SCHEMA_VERSION,
+        });
+    }
+    Ok(())
+}
+
+/// One migration step from `version` to `version + 1`.
+fn step(tx: &Transaction<'_>, version: i64) -> rusqlite::Result<()> {
+    match version {
+        0 => tx.execute_batch(V1),
+        // `migrate` never calls past the newest version.
+        _ => Ok(()),
+    }
+}
+
+/// Schema 1: caches and their instances. Times are unix seconds.
+const V1: &str = "
+CREATE TABLE caches (
+    id        TEXT    NOT NULL PRIMARY KEY,
+    key       TEXT    NOT NULL UNIQUE,
+    created   INTEGER NOT NULL,
+    last_used INTEGER NOT NULL
+);
+CREATE TABLE instances (
+    cache_id  TEXT    NOT NULL REFERENCES caches(id) ON DELETE CASCADE,
+    number    INTEGER NOT NULL CHECK (number >= 1),
+    created   INTEGER NOT NULL,
+    last_used INTEGER NOT NULL,
+    PRIMARY KEY (cache_id, number)
+);
+";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fresh_database_migrates_to_current_and_is_idempotent() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("cachefs.db");
+        let mut conn = open(&db, dir.path()).unwrap();
+        migrate(&mut conn, &db, dir.path()).unwrap();
+        migrate(&mut conn, &db, dir.path()).unwrap();
+        let v: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(v, SCHEMA_VERSION);
+        let mode: String = conn
+            .pragma_query_value(None, "journal_mode", |r| r.get(0))
+            .unwrap();
+        assert_eq!(mode, "wal");
+        let fk: i64 = conn
+            .pragma_query_value(None, "foreign_keys", |r| r.get(0))
+            .unwrap();
+        assert_eq!(fk, 1);
+    }
+
+    #[test]
+    fn newer_schema_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("cachefs.db");
+        let conn = Connection::open(&db).unwrap();
+        conn.pragma_update(None, "user_version", 9).unwrap();
+        drop(conn);
+        let e = open(&db, dir.path()).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                StoreError::NewerSchema {
+                    found: 9,
+                    supported: 1,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+    }
+}

@@ -1,0 +1,208 @@
+//! Store errors, and the mapping of OS and SQLite failures onto them.
+//!
+//! Every message is one line that names the thing and the fix, because these end up
+//! as the last line a build log shows.
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+use rusqlite::ErrorCode;
+
+/// What went wrong with the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(
+        "cannot choose a store directory: neither $XDG_DATA_HOME nor $HOME is set; pass --store DIR or set CACHEFS_STORE"
+    )]
+    NoDefaultRoot,
+    #[error("store path must not be empty: pass --store DIR")]
+    EmptyRoot,
+    #[error("store {path} is on a read-only filesystem: pass --store DIR on a writable one")]
+    ReadOnly { path: PathBuf },
+    #[error(
+        "permission denied on {path} (store {root}): run as a user who can write the store, or pass --store DIR"
+    )]
+    PermissionDenied { path: PathBuf, root: PathBuf },
+    #[error(
+        "no space left for store {root} (writing {path}): free some space (e.g. cachefs gc) or pass --store DIR on another filesystem"
+    )]
+    DiskFull { path: PathBuf, root: PathBuf },
+    #[error(
+        "metadata database {path} is corrupt: {detail}; it was left untouched and cache contents are kept: move it aside (a new one is created and caches are re-adopted on next use), or pass --store DIR"
+    )]
+    Corrupt { path: PathBuf, detail: String },
+    #[error(
+        "store {root} was written by a newer cachefs (schema {found}, this build supports {supported}): upgrade cachefs or pass --store DIR"
+    )]
+    NewerSchema {
+        root: PathBuf,
+        found: i64,
+        supported: i64,
+    },
+    #[error(
+        "metadata database {path} stayed busy (another cachefs process held it too long): retry"
+    )]
+    Busy { path: PathBuf },
+    #[error("{path} exists but is not a directory: move it aside or pass --store DIR")]
+    NotADirectory { path: PathBuf },
+    #[error("metadata database {path} names cache '{id}' with an invalid directory key '{key}'")]
+    BadKey {
+        path: PathBuf,
+        id: String,
+        key: String,
+    },
+    #[error("{action} {path}: {source}")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("metadata database {path}: {source}")]
+    Db {
+        path: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
+}
+
+/// Maps an OS error on `path` (inside the store `root`) to the error a user can act on.
+pub(crate) fn io_error(action: &'static str, path: &Path, root: &Path, e: io::Error) -> StoreError {
+    match e.raw_os_error() {
+        Some(libc::EROFS) => StoreError::ReadOnly {
+            path: root.to_path_buf(),
+        },
+        Some(libc::EACCES) | Some(libc::EPERM) => StoreError::PermissionDenied {
+            path: path.to_path_buf(),
+            root: root.to_path_buf(),
+        },
+        Some(libc::ENOSPC) | Some(libc::EDQUOT) => StoreError::DiskFull {
+            path: path.to_path_buf(),
+            root: root.to_path_buf(),
+        },
+        Some(libc::ENOTDIR) => StoreError::NotADirectory {
+            path: path.to_path_buf(),
+        },
+        _ => StoreError::Io {
+            action,
+            path: path.to_path_buf(),
+            source: e,
+        },
+    }
+}
+
+/// Maps a SQLite failure on the database `db` of store `root`.
+pub(crate) fn db_error(db: &Path, root: &Path, e: rusqlite::Error) -> StoreError {
+    let Some(code) = e.sqlite_error_code() else {
+        return StoreError::Db {
+            path: db.to_path_buf(),
+            source: e,
+        };
+    };
+    match code {
+        ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase => StoreError::Corrupt {
+            path: db.to_path_buf(),
+            detail: e.to_string(),
+        },
+        ErrorCode::DiskFull => StoreError::DiskFull {
+            path: db.to_path_buf(),
+            root: root.to_path_buf(),
+        },
+        // SQLite says "readonly" both for a read-only mount and for a file it may not
+        // write; only the filesystem can tell the two apart.
+        ErrorCode::ReadOnly if fs_is_read_only(root) => StoreError::ReadOnly {
+            path: root.to_path_buf(),
+        },
+        ErrorCode::ReadOnly | ErrorCode::PermissionDenied => StoreError::PermissionDenied {
+            path: db.to_path_buf(),
+            root: root.to_path_buf(),
+        },
+        ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked => StoreError::Busy {
+            path: db.to_path_buf(),
+        },
+        _ => StoreError::Db {
+            path: db.to_path_buf(),
+            source: e,
+        },
+    }
+}
+
+/// Whether `path` lives on a filesystem mounted read-only.
+pub(crate) fn fs_is_read_only(path: &Path) -> bool {
+    rustix::fs::statvfs(path)
+        .map(|s| s.f_flag.contains(rustix::fs::StatVfsMountFlags::RDONLY))
+        .unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sqlite(code: i32) -> rusqlite::Error {
+        rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(code), None)
+    }
+
+    #[test]
+    fn os_errors_map_to_actionable_messages() {
+        let root = Path::new("/x");
+        let p = Path::new("/x/caches");
+        let e = io_error("create", p, root, io::Error::from_raw_os_error(libc::EROFS));
+        assert_eq!(
+            e.to_string(),
+            "store /x is on a read-only filesystem: pass --store DIR on a writable one"
+        );
+        let e = io_error(
+            "create",
+            p,
+            root,
+            io::Error::from_raw_os_error(libc::EACCES),
+        );
+        assert!(matches!(e, StoreError::PermissionDenied { .. }), "{e}");
+        assert!(e.to_string().contains("/x/caches"));
+        let e = io_error(
+            "create",
+            p,
+            root,
+            io::Error::from_raw_os_error(libc::ENOSPC),
+        );
+        assert!(matches!(e, StoreError::DiskFull { .. }), "{e}");
+        assert!(e.to_string().starts_with("no space left for store /x"));
+        let e = io_error("create", p, root, io::Error::from_raw_os_error(libc::EIO));
+        assert!(matches!(e, StoreError::Io { .. }), "{e}");
+        assert!(e.to_string().starts_with("create /x/caches: "));
+    }
+
+    #[test]
+    fn sqlite_errors_map_to_actionable_messages() {
+        let root = Path::new("/nonexistent-store");
+        let db = Path::new("/nonexistent-store/cachefs.db");
+        let e = db_error(db, root, sqlite(rusqlite::ffi::SQLITE_NOTADB));
+        assert!(
+            e.to_string()
+                .starts_with("metadata database /nonexistent-store/cachefs.db is corrupt: "),
+            "{e}"
+        );
+        let e = db_error(db, root, sqlite(rusqlite::ffi::SQLITE_CORRUPT));
+        assert!(matches!(e, StoreError::Corrupt { .. }));
+        let e = db_error(db, root, sqlite(rusqlite::ffi::SQLITE_FULL));
+        assert!(matches!(e, StoreError::DiskFull { .. }));
+        let e = db_error(db, root, sqlite(rusqlite::ffi::SQLITE_READONLY));
+        assert!(matches!(e, StoreError::PermissionDenied { .. }));
+        let e = db_error(db, root, sqlite(rusqlite::ffi::SQLITE_BUSY));
+        assert!(matches!(e, StoreError::Busy { .. }));
+    }
+
+    #[test]
+    fn messages_are_one_line() {
+        let e = StoreError::NewerSchema {
+            root: "/s".into(),
+            found: 7,
+            supported: 1,
+        };
+        assert_eq!(
+            e.to_string(),
+            "store /s was written by a newer cachefs (schema 7, this build supports 1): upgrade cachefs or pass --store DIR"
+        );
+        assert!(!e.to_string().contains('\n'));
+    }
+}

@@ -1,0 +1,559 @@
+//! The store: one directory tree holding every cache, plus its metadata database.
+//!
+//! Layout:
+//!
+//! ```text
+//! STORE/cachefs.db (+ -wal, -shm)   metadata (SQLite, WAL mode)
+//! STORE/.lock                       flock'd while opening/migrating the database
+//! STORE/tmp/                        temp names, on the same filesystem as caches/
+//! STORE/caches/<key>/<number>/      one instance of a cache
+//! ```
+//!
+//! `<key>` is derived from the cache id (see [`CacheId::key`]), never the id itself,
+//! so no id can place anything outside `STORE/caches`.
+
+mod db;
+mod error;
+mod id;
+
+use std::ffi::OsString;
+use std::fs;
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use parking_lot::Mutex;
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+
+pub use db::SCHEMA_VERSION;
+pub use error::StoreError;
+pub use id::{CacheId, IdError, MAX_ID_BYTES};
+
+use error::{db_error, io_error};
+
+/// File name of the metadata database inside the store.
+pub const DB_FILE: &str = "cachefs.db";
+/// File name of the lock taken while the database is initialised or migrated.
+pub const LOCK_FILE: &str = ".lock";
+/// Directory holding every cache's instances.
+pub const CACHES_DIR: &str = "caches";
+/// Directory for temp names; on the store's filesystem so a rename is atomic.
+pub const TMP_DIR: &str = "tmp";
+
+/// Store location for root when nothing else is given.
+const SYSTEM_ROOT: &str = "/var/lib/cachefs";
+
+/// Prefix of temp instance directories, so a sweep only touches our own leftovers.
+const TMP_INSTANCE_PREFIX: &str = "inst-";
+
+/// Temp instance dirs older than this are leftovers of a crash (a live one exists
+/// for milliseconds).
+const TMP_STALE_SECS: u64 = 3600;
+
+/// An opened store. Cheap to share between threads (`&Store` is `Sync`); each
+/// process opens its own, and processes coordinate through SQLite and file locks.
+pub struct Store {
+    root: PathBuf,
+    db_path: PathBuf,
+    conn: Mutex<Connection>,
+}
+
+/// Owner and permission bits for the root directory of a new instance.
+#[derive(Debug, Clone, Copy)]
+pub struct InstanceInit {
+    pub uid: u32,
+    pub gid: u32,
+    pub mode: u32,
+}
+
+impl Default for InstanceInit {
+    /// BuildKit's defaults for cache mounts.
+    fn default() -> Self {
+        InstanceInit {
+            uid: 0,
+            gid: 0,
+            mode: 0o755,
+        }
+    }
+}
+
+/// One backing directory of a cache, as handed out by [`Store::acquire_instance`].
+#[derive(Debug, Clone)]
+pub struct Instance {
+    pub id: CacheId,
+    pub number: u32,
+    pub path: PathBuf,
+    /// Whether this call created the directory (it was empty and got `InstanceInit`).
+    pub created: bool,
+}
+
+/// A cache as listed by [`Store::list_caches`]. Times are unix seconds.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CacheInfo {
+    pub id: String,
+    pub created: i64,
+    pub last_used: i64,
+    pub instances: Vec<InstanceInfo>,
+}
+
+/// One instance of a [`CacheInfo`]. Times are unix seconds.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct InstanceInfo {
+    pub number: u32,
+    pub path: PathBuf,
+    pub created: i64,
+    pub last_used: i64,
+}
+
+impl Store {
+    /// `--store` > `$CACHEFS_STORE` > `/var/lib/cachefs` when euid is 0 >
+    /// `$XDG_DATA_HOME/cachefs` > `$HOME/.local/share/cachefs`. The result is absolute
+    /// (relative paths are taken from the current directory).
+    pub fn resolve_root(explicit: Option<&Path>) -> Result<PathBuf, StoreError> {
+        resolve_root_with(
+            explicit,
+            |k| std::env::var_os(k),
+            rustix::process::geteuid().is_root(),
+        )
+    }
+
+    /// Opens the store at `root`, creating it (directories, database) on first use.
+    /// Safe when several processes open a fresh store at once.
+    pub fn open(root: &Path) -> Result<Store, StoreError> {
+        if root.as_os_str().is_empty() {
+            return Err(StoreError::EmptyRoot);
+        }
+        let root = std::path::absolute(root).map_err(|e| io_error("resolve", root, root, e))?;
+        let root = root.as_path();
+        make_dir(root, root, true)?;
+        let caches = root.join(CACHES_DIR);
+        make_dir(&caches, root, false)?;
+        let tmp = root.join(TMP_DIR);
+        make_dir(&tmp, root, false)?;
+
+        let lock_path = root.join(LOCK_FILE);
+        let lock = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o644)
+            .open(&lock_path)
+            .map_err(|e| io_error("open lock file", &lock_path, root, e))?;
+        flock_exclusive(&lock).map_err(|e| io_error("lock", &lock_path, root, e))?;
+
+        let db_path = root.join(DB_FILE);
+        let mut conn = db::open(&db_path, root)?;
+        db::migrate(&mut conn, &db_path, root)?;
+        // Closing the file releases the flock; later opens skip straight to a no-op migrate.
+        drop(lock);
+
+        sweep_tmp(&tmp);
+        Ok(Store {
+            root: root.to_path_buf(),
+            db_path,
+            conn: Mutex::new(conn),
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Path of the metadata database.
+    pub fn db_path(&self) -> &Path {
+        &self.db_path
+    }
+
+    /// `STORE/tmp`: for temp names that are later renamed into the store.
+    pub fn tmp_dir(&self) -> PathBuf {
+        self.root.join(TMP_DIR)
+    }
+
+    /// Gets or creates the cache `id` and its instance 1, marking both used now.
+    ///
+    /// Runs in one IMMEDIATE transaction, so concurrent processes acquiring the same id
+    /// end up with one cache row and one directory. A new instance directory is made
+    /// under a temp name, given `init`'s owner and mode, then renamed into place, so it
+    /// never appears half-initialised.
+    pub fn acquire_instance(
+        &self,
+        id: &CacheId,
+        init: &InstanceInit,
+    ) -> Result<Instance, StoreError> {
+        let now = unix_now();
+        let number: u32 = 1;
+        let err = |e| db_error(&self.db_path, &self.root, e);
+        let mut conn = self.conn.lock();
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(err)?;
+        let existing: Option<String> = tx
+            .query_row("SELECT key FROM caches WHERE id = ?1", [id.as_str()], |r| {
+                r.get(0)
+            })
+            .optional()
+            .map_err(err)?;
+        let key = match existing {
+            Some(key) => {
+                self.check_key(id.as_str(), &key)?;
+                tx.execute(
+                    "UPDATE caches SET last_used = ?2 WHERE id = ?1",
+                    params![id.as_str(), now],
+                )
+                .map_err(err)?;
+                key
+            }
+            None => {
+                let key = id.key();
+                tx.execute(
+                    "INSERT INTO caches (id, key, created, last_used) VALUES (?1, ?2, ?3, ?3)",
+                    params![id.as_str(), key, now],
+                )
+                .map_err(err)?;
+                key
+            }
+        };
+        tx.execute(
+            "INSERT INTO instances (cache_id, number, created, last_used) VALUES (?1, ?2, ?3, ?3)
+             ON CONFLICT (cache_id, number) DO UPDATE SET last_used = excluded.last_used",
+            params![id.as_str(), number, now],
+        )
+        .map_err(err)?;
+        let path = self.instance_path(&key, number);
+        // Made while the write lock is held, so no other process races us to it. If the
+        // commit then fails, the directory is adopted by the next acquire.
+        let created = self.ensure_instance_dir(&path, init)?;
+        tx.commit().map_err(err)?;
+        Ok(Instance {
+            id: id.clone(),
+            number,
+            path,
+            created,
+        })
+    }
+
+    /// Records that the instance was used now (called when a mount ends). An instance
+    /// that is no longer in the database is logged and otherwise ignored: there is
+    /// nothing left to record on.
+    pub fn touch_instance(&self, inst: &Instance) -> Result<(), StoreError> {
+        let now = unix_now();
+        let err = |e| db_error(&self.db_path, &self.root, e);
+        let mut conn = self.conn.lock();
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(err)?;
+        let n = tx
+            .execute(
+                "UPDATE instances SET last_used = ?3 WHERE cache_id = ?1 AND number = ?2",
+                params![inst.id.as_str(), inst.number, now],
+            )
+            .map_err(err)?;
+        if n == 0 {
+            tracing::warn!(id = %inst.id, number = inst.number, "touched an instance that is no longer in the store");
+            return Ok(());
+        }
+        tx.execute(
+            "UPDATE caches SET last_used = ?2 WHERE id = ?1",
+            params![inst.id.as_str(), now],
+        )
+        .map_err(err)?;
+        tx.commit().map_err(err)
+    }
+
+    /// Every cache with its instances, ordered by id.
+    pub fn list_caches(&self) -> Result<Vec<CacheInfo>, StoreError> {
+        self.query_caches(None)
+    }
+
+    pub fn get_cache(&self, id: &CacheId) -> Result<Option<CacheInfo>, StoreError> {
+        Ok(self.query_caches(Some(id))?.into_iter().next())
+    }
+
+    fn query_caches(&self, only: Option<&CacheId>) -> Result<Vec<CacheInfo>, StoreError> {
+        let err = |e| db_error(&self.db_path, &self.root, e);
+        type Row = (
+            String,
+            String,
+            i64,
+            i64,
+            Option<u32>,
+            Option<i64>,
+            Option<i64>,
+        );
+        let rows: Vec<Row> = {
+            let conn = self.conn.lock();
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT c.id, c.key, c.created, c.last_used, i.number, i.created, i.last_used
+                     FROM caches c LEFT JOIN instances i ON i.cache_id = c.id
+                     WHERE ?1 IS NULL OR c.id = ?1
+                     ORDER BY c.id, i.number",
+                )
+                .map_err(err)?;
+            let mapped = stmt
+                .query_map([only.map(CacheId::as_str)], |r| {
+                    Ok((
+                        r.get(0)?,
+                        r.get(1)?,
+                        r.get(2)?,
+                        r.get(3)?,
+                        r.get(4)?,
+                        r.get(5)?,
+                        r.get(6)?,
+                    ))
+                })
+                .map_err(err)?;
+            mapped.collect::<Result<_, _>>().map_err(err)?
+        };
+        let mut out: Vec<CacheInfo> = Vec::new();
+        for (id, key, created, last_used, number, i_created, i_last_used) in rows {
+            if out.last().is_none_or(|c| c.id != id) {
+                self.check_key(&id, &key)?;
+                out.push(CacheInfo {
+                    id: id.clone(),
+                    created,
+                    last_used,
+                    instances: Vec::new(),
+                });
+            }
+            if let (Some(number), Some(ic), Some(il), Some(cache)) =
+                (number, i_created, i_last_used, out.last_mut())
+            {
+                cache.instances.push(InstanceInfo {
+                    number,
+                    path: self.instance_path(&key, number),
+                    created: ic,
+                    last_used: il,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    fn instance_path(&self, key: &str, number: u32) -> PathBuf {
+        self.root
+            .join(CACHES_DIR)
+            .join(key)
+            .join(number.to_string())
+    }
+
+    fn check_key(&self, id: &str, key: &str) -> Result<(), StoreError> {
+        if id::is_safe_key(key) {
+            Ok(())
+        } else {
+            Err(StoreError::BadKey {
+                path: self.db_path.clone(),
+                id: id.to_owned(),
+                key: key.to_owned(),
+            })
+        }
+    }
+
+    /// Makes sure the instance directory exists; returns whether this call made it.
+    fn ensure_instance_dir(&self, path: &Path, init: &InstanceInit) -> Result<bool, StoreError> {
+        let root = self.root.as_path();
+        if existing_dir(path, root)? {
+            return Ok(false);
+        }
+        let parent = path.parent().unwrap_or(root);
+        make_dir(parent, root, false)?;
+
+        let tmp = self.make_temp_dir()?;
+        if let Err(e) = apply_init(&tmp, init) {
+            let _ = fs::remove_dir(&tmp);
+            return Err(io_error(
+                "set owner and mode of new instance",
+                &tmp,
+                root,
+                e,
+            ));
+        }
+        if let Err(e) = fs::rename(&tmp, path) {
+            let _ = fs::remove_dir(&tmp);
+            let taken = matches!(e.raw_os_error(), Some(libc::EEXIST) | Some(libc::ENOTEMPTY));
+            // Someone's directory is already there (left by a crash, or the database was
+            // moved aside): adopt it rather than fail.
+            if taken && existing_dir(path, root)? {
+                return Ok(false);
+            }
+            return Err(io_error("move new instance into place", path, root, e));
+        }
+        // The rename must survive a crash as surely as the commit that follows.
+        fs::File::open(parent)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| io_error("sync", parent, root, e))?;
+        Ok(true)
+    }
+
+    fn make_temp_dir(&self) -> Result<PathBuf, StoreError> {
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let pid = std::process::id();
+        loop {
+            let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+            let nanos = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.subsec_nanos())
+                .unwrap_or(0);
+            let tmp = self
+                .tmp_dir()
+                .join(format!("{TMP_INSTANCE_PREFIX}{pid}-{nanos}-{n}"));
+            // 0700 until owner and mode are set, so nobody uses it half-made.
+            match fs::DirBuilder::new().mode(0o700).create(&tmp) {
+                Ok(()) => return Ok(tmp),
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(io_error("create temp directory", &tmp, &self.root, e)),
+            }
+        }
+    }
+}
+
+/// Gives a fresh directory its owner and mode, through an fd so a swapped-in symlink
+/// cannot redirect the chown/chmod.
+fn apply_init(dir: &Path, init: &InstanceInit) -> io::Result<()> {
+    use rustix::fs::{Mode, OFlags};
+    use rustix::process::{Gid, Uid, getegid, geteuid};
+
+    let fd = rustix::fs::open(
+        dir,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    let euid = geteuid();
+    // (uid_t)-1 means "leave unchanged" to chown, so treat it that way explicitly.
+    let uid = (init.uid != u32::MAX && init.uid != euid.as_raw()).then(|| Uid::from_raw(init.uid));
+    let gid =
+        (init.gid != u32::MAX && init.gid != getegid().as_raw()).then(|| Gid::from_raw(init.gid));
+    if uid.is_some() || gid.is_some() {
+        match rustix::fs::fchown(&fd, uid, gid) {
+            Ok(()) => {}
+            // Only root may give files away; an unprivileged store keeps its own owner,
+            // which is the only owner its files could have anyway.
+            Err(rustix::io::Errno::PERM) if !euid.is_root() => {
+                tracing::warn!(
+                    dir = %dir.display(),
+                    uid = init.uid,
+                    gid = init.gid,
+                    "not root: new instance keeps the caller's owner"
+                );
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    // After chown, which clears set-id bits.
+    rustix::fs::fchmod(&fd, Mode::from_raw_mode(init.mode & 0o7777))?;
+    Ok(())
+}
+
+/// Whether `path` is an existing real directory (a symlink there is an error).
+fn existing_dir(path: &Path, root: &Path) -> Result<bool, StoreError> {
+    match fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() => Ok(true),
+        Ok(_) => Err(StoreError::NotADirectory {
+            path: path.to_path_buf(),
+        }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(io_error("inspect", path, root, e)),
+    }
+}
+
+/// Creates `path` (and with `recursive`, its parents) unless it is already a directory.
+fn make_dir(path: &Path, root: &Path, recursive: bool) -> Result<(), StoreError> {
+    match fs::DirBuilder::new()
+        .recursive(recursive)
+        .mode(0o755)
+        .create(path)
+    {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(io_error("create directory", path, root, e)),
+    }
+    // The store root may be a symlink the user chose; everything inside must be real.
+    let is_dir = if path == root {
+        fs::metadata(path).map(|m| m.is_dir())
+    } else {
+        fs::symlink_metadata(path).map(|m| m.is_dir())
+    };
+    match is_dir {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(StoreError::NotADirectory {
+            path: path.to_path_buf(),
+        }),
+        Err(e) => Err(io_error("inspect", path, root, e)),
+    }
+}
+
+fn flock_exclusive(file: &fs::File) -> io::Result<()> {
+    loop {
+        match rustix::fs::flock(file, rustix::fs::FlockOperation::LockExclusive) {
+            Err(rustix::io::Errno::INTR) => continue,
+            r => return r.map_err(io::Error::from),
+        }
+    }
+}
+
+/// Removes empty temp instance dirs left by crashed processes. Best effort: a failure
+/// here costs only a little disk space.
+fn sweep_tmp(tmp: &Path) {
+    let Ok(entries) = fs::read_dir(tmp) else {
+        return;
+    };
+    let now = SystemTime::now();
+    for entry in entries.flatten() {
+        if !entry
+            .file_name()
+            .to_string_lossy()
+            .starts_with(TMP_INSTANCE_PREFIX)
+        {
+            continue;
+        }
+        let stale = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| now.duration_since(t).ok())
+            .is_some_and(|age| age.as_secs() > TMP_STALE_SECS);
+        if stale {
+            // remove_dir only removes empty dirs: never deletes anyone's data.
+            let _ = fs::remove_dir(entry.path());
+        }
+    }
+}
+
+fn resolve_root_with(
+    explicit: Option<&Path>,
+    env: impl Fn(&str) -> Option<OsString>,
+    is_root: bool,
+) -> Result<PathBuf, StoreError> {
+    let env_path = |k: &str| env(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+    let chosen = if let Some(p) = explicit {
+        if p.as_os_str().is_empty() {
+            return Err(StoreError::EmptyRoot);
+        }
+        p.to_path_buf()
+    } else if let Some(p) = env_path("CACHEFS_STORE") {
+        p
+    } else if is_root {
+        PathBuf::from(SYSTEM_ROOT)
+    } else if let Some(p) = env_path("XDG_DATA_HOME").filter(|p| p.is_absolute()) {
+        // The XDG spec says relative values are invalid and must be ignored.
+        p.join("cachefs")
+    } else if let Some(home) = env_path("HOME") {
+        home.join(".local/share/cachefs")
+    } else {
+        return Err(StoreError::NoDefaultRoot);
+    };
+    std::path::absolute(&chosen).map_err(|e| io_error("resolve", &chosen, &chosen, e))
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests;
