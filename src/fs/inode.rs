@@ -163,6 +163,27 @@ impl InodeTable {
         Ok(fd)
     }
 
+    /// Opens an inode's file with real access flags (for I/O, truncate). Never a symlink:
+    /// reopening one through /proc could follow it out of the instance.
+    pub(crate) fn open_file(
+        &self,
+        inode: &Arc<Inode>,
+        fd: &OwnedFd,
+        flags: i32,
+    ) -> io::Result<OwnedFd> {
+        let (symlink, handle) = {
+            let s = inode.state.lock();
+            (s.is_symlink, s.handle.clone())
+        };
+        if symlink {
+            return Err(io::Error::from_raw_os_error(libc::ELOOP));
+        }
+        match handle {
+            Some(h) => sys::open_by_handle(self.root_fd.as_raw_fd(), &h, flags | libc::O_NOCTTY),
+            None => sys::reopen(fd.as_fd(), flags),
+        }
+    }
+
     /// Without handles: open the inode by name from its parent and check it is still the same
     /// inode (a rename by someone else makes it stale rather than wrong).
     fn reresolve(&self, node: u64, parent: u64, name: &OsStr) -> io::Result<OwnedFd> {

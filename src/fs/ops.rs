@@ -224,11 +224,11 @@ impl CacheFs {
     }
 
     /// Opens the backing file with the caller's flags, by handle when possible.
-    fn open_backing_fd(&self, fd: &OwnedFd, flags: i32) -> Res<OwnedFd> {
+    fn open_backing_fd(&self, inode: &Arc<Inode>, fd: &OwnedFd, flags: i32) -> Res<OwnedFd> {
         // O_NOCTTY and O_CREAT/O_EXCL have no meaning on reopen; O_DIRECT would need aligned
         // buffers in the userspace path.
         let flags = flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY | libc::O_DIRECT);
-        sys::reopen(fd.as_fd(), flags)
+        self.table.open_file(inode, fd, flags)
     }
 
     /// Registers an open file, sharing the inode's passthrough backing id when it has one.
@@ -337,7 +337,7 @@ impl CacheFs {
                     sys::cvt(unsafe { libc::ftruncate(f.fd.as_raw_fd(), size as libc::off_t) })
                 }
                 None => {
-                    let w = sys::reopen(fd.as_fd(), libc::O_WRONLY)?;
+                    let w = self.table.open_file(&inode, &fd, libc::O_WRONLY)?;
                     sys::cvt(unsafe { libc::ftruncate(w.as_raw_fd(), size as libc::off_t) })
                 }
             };
@@ -631,7 +631,7 @@ impl fuser::Filesystem for CacheFs {
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let res = (|| {
             let (inode, fd) = self.inode_fd(ino)?;
-            let file = self.open_backing_fd(&fd, flags.0)?;
+            let file = self.open_backing_fd(&inode, &fd, flags.0)?;
             Ok::<_, io::Error>((inode, file))
         })();
         let (inode, file) = match res {
@@ -917,8 +917,11 @@ impl fuser::Filesystem for CacheFs {
     ) {
         let res = xattr_name(name).and_then(|cname| {
             let (inode, fd) = self.inode_fd(ino)?;
-            let symlink = inode.state.lock().is_symlink;
-            sys::setxattr(fd.as_fd(), symlink, &cname, value, flags)
+            if inode.state.lock().is_symlink {
+                // Symlinks carry no user xattrs, and the /proc route could follow the link.
+                return Err(io::Error::from_raw_os_error(libc::EPERM));
+            }
+            sys::setxattr(fd.as_fd(), &cname, value, flags)
         });
         match res {
             Ok(()) => reply.ok(),
@@ -929,9 +932,11 @@ impl fuser::Filesystem for CacheFs {
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
         let res = xattr_name(name).and_then(|cname| {
             let (inode, fd) = self.inode_fd(ino)?;
-            let symlink = inode.state.lock().is_symlink;
+            if inode.state.lock().is_symlink {
+                return Err(io::Error::from_raw_os_error(libc::ENODATA));
+            }
             let mut buf = vec![0u8; size as usize];
-            let n = sys::getxattr(fd.as_fd(), symlink, &cname, &mut buf)?;
+            let n = sys::getxattr(fd.as_fd(), &cname, &mut buf)?;
             buf.truncate(n);
             Ok((n, buf))
         });
@@ -944,9 +949,11 @@ impl fuser::Filesystem for CacheFs {
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
         let res = self.inode_fd(ino).and_then(|(inode, fd)| {
-            let symlink = inode.state.lock().is_symlink;
+            if inode.state.lock().is_symlink {
+                return Ok((0, Vec::new()));
+            }
             let mut buf = vec![0u8; size as usize];
-            let n = sys::listxattr(fd.as_fd(), symlink, &mut buf)?;
+            let n = sys::listxattr(fd.as_fd(), &mut buf)?;
             buf.truncate(n);
             Ok((n, buf))
         });
@@ -960,8 +967,10 @@ impl fuser::Filesystem for CacheFs {
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let res = xattr_name(name).and_then(|cname| {
             let (inode, fd) = self.inode_fd(ino)?;
-            let symlink = inode.state.lock().is_symlink;
-            sys::removexattr(fd.as_fd(), symlink, &cname)
+            if inode.state.lock().is_symlink {
+                return Err(io::Error::from_raw_os_error(libc::EPERM));
+            }
+            sys::removexattr(fd.as_fd(), &cname)
         });
         match res {
             Ok(()) => reply.ok(),

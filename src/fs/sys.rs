@@ -160,6 +160,10 @@ pub(crate) fn linkat_fd(fd: BorrowedFd<'_>, newdir: BorrowedFd<'_>, name: &CStr)
     if err.raw_os_error() != Some(libc::ENOENT) && err.raw_os_error() != Some(libc::EPERM) {
         return Err(err);
     }
+    if fstat(fd)?.st_mode & libc::S_IFMT == libc::S_IFLNK {
+        // Following the magic link of a symlink could follow the symlink itself.
+        return Err(err);
+    }
     let path = proc_fd_path(fd);
     cvt(unsafe {
         libc::linkat(
@@ -275,21 +279,11 @@ pub(crate) fn pwrite(fd: BorrowedFd<'_>, buf: &[u8], offset: u64) -> io::Result<
 }
 
 /// Xattr calls go through the /proc magic link: the f*xattr calls refuse O_PATH fds.
-/// For symlinks the l* variants act on the link itself.
-pub(crate) fn getxattr(
-    fd: BorrowedFd<'_>,
-    symlink: bool,
-    name: &CStr,
-    buf: &mut [u8],
-) -> io::Result<usize> {
+/// Callers never pass a symlink's fd (following the magic link could then follow the link).
+pub(crate) fn getxattr(fd: BorrowedFd<'_>, name: &CStr, buf: &mut [u8]) -> io::Result<usize> {
     let path = proc_fd_path(fd);
-    let f = if symlink {
-        libc::lgetxattr
-    } else {
-        libc::getxattr
-    };
     cvt_size(unsafe {
-        f(
+        libc::getxattr(
             path.as_ptr(),
             name.as_ptr(),
             buf.as_mut_ptr().cast(),
@@ -298,31 +292,20 @@ pub(crate) fn getxattr(
     })
 }
 
-pub(crate) fn listxattr(fd: BorrowedFd<'_>, symlink: bool, buf: &mut [u8]) -> io::Result<usize> {
+pub(crate) fn listxattr(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
     let path = proc_fd_path(fd);
-    let f = if symlink {
-        libc::llistxattr
-    } else {
-        libc::listxattr
-    };
-    cvt_size(unsafe { f(path.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) })
+    cvt_size(unsafe { libc::listxattr(path.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) })
 }
 
 pub(crate) fn setxattr(
     fd: BorrowedFd<'_>,
-    symlink: bool,
     name: &CStr,
     value: &[u8],
     flags: i32,
 ) -> io::Result<()> {
     let path = proc_fd_path(fd);
-    let f = if symlink {
-        libc::lsetxattr
-    } else {
-        libc::setxattr
-    };
     cvt(unsafe {
-        f(
+        libc::setxattr(
             path.as_ptr(),
             name.as_ptr(),
             value.as_ptr().cast(),
@@ -333,14 +316,9 @@ pub(crate) fn setxattr(
     .map(drop)
 }
 
-pub(crate) fn removexattr(fd: BorrowedFd<'_>, symlink: bool, name: &CStr) -> io::Result<()> {
+pub(crate) fn removexattr(fd: BorrowedFd<'_>, name: &CStr) -> io::Result<()> {
     let path = proc_fd_path(fd);
-    let f = if symlink {
-        libc::lremovexattr
-    } else {
-        libc::removexattr
-    };
-    cvt(unsafe { f(path.as_ptr(), name.as_ptr()) }).map(drop)
+    cvt(unsafe { libc::removexattr(path.as_ptr(), name.as_ptr()) }).map(drop)
 }
 
 /// A kernel file handle: a stable name for an inode that survives renames and needs no open fd.
