@@ -321,6 +321,17 @@ impl MountSpec {
     }
 }
 
+impl MountSpec {
+    /// Owner and mode for the cache's directory, if this mount creates it.
+    pub fn instance_init(&self) -> crate::store::InstanceInit {
+        crate::store::InstanceInit {
+            uid: self.uid,
+            gid: self.gid,
+            mode: self.mode,
+        }
+    }
+}
+
 impl FromStr for MountSpec {
     type Err = SpecError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
@@ -490,6 +501,8 @@ mod tests {
             (m.uid, m.gid, m.mode, m.read_only),
             (1000, 100, 0o700, true)
         );
+        let init = m.instance_init();
+        assert_eq!((init.uid, init.gid, init.mode), (1000, 100, 0o700));
     }
 
     #[test]

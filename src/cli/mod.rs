@@ -159,7 +159,6 @@ pub fn exit_code_for(err: &anyhow::Error) -> i32 {
                 return EXIT_USAGE;
             }
         }
-    }
         if let Some(store) = cause.downcast_ref::<crate::store::StoreError>() {
             // No usable store location was given: the caller must pass one.
             use crate::store::StoreError as E;
@@ -258,8 +257,14 @@ mod tests {
         assert_eq!(exit_code_of_status(ExitStatus::from_raw(0)), 0);
         assert_eq!(exit_code_of_status(ExitStatus::from_raw(7 << 8)), 7);
         assert_eq!(exit_code_of_status(ExitStatus::from_raw(255 << 8)), 255);
-        assert_eq!(exit_code_of_status(ExitStatus::from_raw(libc::SIGTERM)), 143);
-        assert_eq!(exit_code_of_status(ExitStatus::from_raw(libc::SIGKILL)), 137);
+        assert_eq!(
+            exit_code_of_status(ExitStatus::from_raw(libc::SIGTERM)),
+            143
+        );
+        assert_eq!(
+            exit_code_of_status(ExitStatus::from_raw(libc::SIGKILL)),
+            137
+        );
         // Killed with a core dump: the core flag (0x80) must not leak into the code.
         assert_eq!(
             exit_code_of_status(ExitStatus::from_raw(libc::SIGSEGV | 0x80)),
@@ -290,10 +295,7 @@ mod tests {
             std::io::Error::from_raw_os_error(libc::EIO),
         ));
         assert_eq!(exit_code_for(&err), EXIT_FAILURE);
-        assert_eq!(
-            exit_code_for(&anyhow::anyhow!("disk full")),
-            EXIT_FAILURE
-        );
+        assert_eq!(exit_code_for(&anyhow::anyhow!("disk full")), EXIT_FAILURE);
     }
 
     #[test]
@@ -325,8 +327,14 @@ mod tests {
         .expect("valid command line");
         assert_eq!(cli.global.store.as_deref(), Some("/s".as_ref()));
         let Command::Run(args) = cli.command;
-        assert_eq!(args.mounts, ["type=cache,target=/a", "type=cache,target=/b"]);
-        assert_eq!(args.command, [OsString::from("make"), OsString::from("-j4")]);
+        assert_eq!(
+            args.mounts,
+            ["type=cache,target=/a", "type=cache,target=/b"]
+        );
+        assert_eq!(
+            args.command,
+            [OsString::from("make"), OsString::from("-j4")]
+        );
         assert!(!args.no_passthrough);
     }
 
@@ -335,7 +343,15 @@ mod tests {
         // Everything after the first word of the command belongs to it, even without `--`,
         // including flags cachefs also has (-v, --mount).
         let cli = Cli::try_parse_from([
-            "cachefs", "run", "--mount", "target=/a", "sh", "-c", "-v", "--mount", "x",
+            "cachefs",
+            "run",
+            "--mount",
+            "target=/a",
+            "sh",
+            "-c",
+            "-v",
+            "--mount",
+            "x",
         ])
         .expect("valid command line");
         assert_eq!(cli.global.verbose, 0);
@@ -371,7 +387,15 @@ mod tests {
         for argv in [
             &["cachefs", "run", "--", "true"][..],
             &["cachefs", "run", "--mount", "target=/a"][..],
-            &["cachefs", "run", "--bogus", "--mount", "target=/a", "--", "true"][..],
+            &[
+                "cachefs",
+                "run",
+                "--bogus",
+                "--mount",
+                "target=/a",
+                "--",
+                "true",
+            ][..],
             &["cachefs"][..],
         ] {
             let err = Cli::try_parse_from(argv).expect_err("must be rejected");
@@ -386,10 +410,14 @@ mod tests {
         use clap::CommandFactory;
         let mut cmd = Cli::command();
         cmd.build();
-        assert!(cmd.get_after_help().is_some_and(|h| h.to_string().contains("Examples:")));
+        assert!(
+            cmd.get_after_help()
+                .is_some_and(|h| h.to_string().contains("Examples:"))
+        );
         for sub in cmd.get_subcommands() {
             assert!(
-                sub.get_after_help().is_some_and(|h| h.to_string().contains("Examples:")),
+                sub.get_after_help()
+                    .is_some_and(|h| h.to_string().contains("Examples:")),
                 "{} --help lacks examples",
                 sub.get_name()
             );

@@ -13,7 +13,7 @@ use std::process::Command;
 
 use anyhow::{Context, anyhow};
 
-use super::signals::{Started, Supervisor};
+use super::signals::{Inherited, Started, Supervisor};
 use super::{Global, SpawnError, exit_code_of_status, print_error, print_warning, usage};
 use crate::fs::{self, FsOptions, MountedFs};
 use crate::spec::MountSpec;
@@ -89,7 +89,9 @@ struct Live {
 
 pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
     let Some((program, program_args)) = args.command.split_first() else {
-        return Err(usage(anyhow!("no command given: cachefs run --mount SPEC -- CMD")));
+        return Err(usage(anyhow!(
+            "no command given: cachefs run --mount SPEC -- CMD"
+        )));
     };
     let cwd = std::env::current_dir()
         .map_err(|e| usage(anyhow!("cannot determine the current directory: {e}")))?;
@@ -106,8 +108,8 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
     // Parents before children, so a cache mounted inside another cache's target lands on top.
     plan.sort_by_key(|p| p.target.components().count());
 
-    // Read before the FUSE threads exist: they serve with umask 0 (see signals::spawn).
-    let umask = current_umask();
+    // Read before mounting changes them for the FUSE server (umask 0, raised fd limit).
+    let inherited = Inherited::capture();
 
     // 2. From here on a signal must not kill cachefs with its mounts up.
     let supervisor = Supervisor::start().context("cannot set up signal forwarding")?;
@@ -133,7 +135,7 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
     if let Some(dir) = child_cwd(&cwd, &plan) {
         cmd.current_dir(dir);
     }
-    let outcome = match supervisor.spawn(&mut cmd, umask) {
+    let outcome = match supervisor.spawn(&mut cmd, &inherited) {
         Started::Running(child) => {
             let pid = child.id();
             tracing::info!(pid, command = ?args.command, "command started");
@@ -143,7 +145,12 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
                     tracing::info!(pid, %status, "command ended");
                     exit_code_of_status(status)
                 })
-                .with_context(|| format!("waiting for {} (pid {pid}) failed", program.to_string_lossy()))
+                .with_context(|| {
+                    format!(
+                        "waiting for {} (pid {pid}) failed",
+                        program.to_string_lossy()
+                    )
+                })
         }
         Started::Interrupted(sig) => {
             print_error(format_args!(
@@ -280,17 +287,6 @@ fn child_cwd(cwd: &Path, plan: &[Planned]) -> Option<PathBuf> {
     }
 }
 
-/// The process umask. umask(2) can only be read by setting it, so this sets it back at once;
-/// called while cachefs is still single-threaded.
-fn current_umask() -> libc::mode_t {
-    // SAFETY: umask cannot fail and touches no memory.
-    unsafe {
-        let old = libc::umask(0o022);
-        libc::umask(old);
-        old
-    }
-}
-
 /// The mount's source name shown in /proc/mounts: `cachefs:<id>`, reduced to characters that
 /// are safe inside a mount option string (no commas, whitespace, control characters, quotes or
 /// backslashes) and bounded in length; ids are free-form, this is only a label.
@@ -326,15 +322,18 @@ mod tests {
     #[test]
     fn targets_become_absolute() {
         let cwd = Path::new("/work/proj");
-        assert_eq!(absolute(Path::new("target"), cwd), Path::new("/work/proj/target"));
-        assert_eq!(absolute(Path::new("./a/./b/"), cwd), Path::new("/work/proj/a/b"));
+        assert_eq!(
+            absolute(Path::new("target"), cwd),
+            Path::new("/work/proj/target")
+        );
+        assert_eq!(
+            absolute(Path::new("./a/./b/"), cwd),
+            Path::new("/work/proj/a/b")
+        );
         assert_eq!(absolute(Path::new("/x//y/"), cwd), Path::new("/x/y"));
-        assert_eq!(absolute(Path::new("../c"), cwd), Path::new("/work/proj/../c"));
-    }
-
-    #[test]
-    fn umask_is_read_without_changing_it() {
-        let before = current_umask();
-        assert_eq!(current_umask(), before);
+        assert_eq!(
+            absolute(Path::new("../c"), cwd),
+            Path::new("/work/proj/../c")
+        );
     }
 }

@@ -33,6 +33,34 @@ fn forwarded_set() -> SigSet {
     set
 }
 
+/// Process state that mounting changes for the FUSE server's sake and the command must get
+/// back as its caller set it. Capture it while cachefs is still single-threaded.
+#[derive(Clone, Copy)]
+pub struct Inherited {
+    umask: libc::mode_t,
+    nofile: Option<libc::rlimit>,
+}
+
+impl Inherited {
+    pub fn capture() -> Inherited {
+        // SAFETY: umask cannot fail and touches no memory. It can only be read by setting it,
+        // so it is set back at once; no other thread exists yet to see the interim value.
+        let umask = unsafe {
+            let old = libc::umask(0o022);
+            libc::umask(old);
+            old
+        };
+        let mut nofile = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: `nofile` is a valid out-pointer.
+        let nofile =
+            (unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut nofile) } == 0).then_some(nofile);
+        Inherited { umask, nofile }
+    }
+}
+
 /// What the signal thread and the main thread share.
 #[derive(Default)]
 struct State {
@@ -67,7 +95,9 @@ pub enum Started {
 fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
     // A panic in the other thread must not take signal forwarding down with it: the state is
     // plain data and stays consistent between statements.
-    state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    state
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl Supervisor {
@@ -87,18 +117,27 @@ impl Supervisor {
         Ok(Supervisor { state })
     }
 
-    /// Starts `cmd` with the caller's umask and an empty signal mask, unless a signal already
-    /// asked cachefs to stop.
-    pub fn spawn(&self, cmd: &mut Command, umask: libc::mode_t) -> Started {
-        // SAFETY: the closure runs in the forked child before exec and only calls umask(2)
-        // and sigprocmask(2), both async-signal-safe; the set is built before the fork.
+    /// Starts `cmd` with the process state captured in `inherited` and an empty signal mask,
+    /// unless a signal already asked cachefs to stop.
+    pub fn spawn(&self, cmd: &mut Command, inherited: &Inherited) -> Started {
+        let inherited = *inherited;
+        // SAFETY: the closure runs in the forked child before exec and only makes the
+        // umask(2), setrlimit(2) and sigprocmask(2) system calls, which take no locks and
+        // allocate nothing; the signal set is built before the fork.
         unsafe {
             let mut empty: libc::sigset_t = std::mem::zeroed();
             libc::sigemptyset(&mut empty);
             cmd.pre_exec(move || {
                 // The FUSE threads run with umask 0 (they apply each caller's umask
                 // themselves), so the child would otherwise inherit 0.
-                libc::umask(umask);
+                libc::umask(inherited.umask);
+                // Mounting raises the soft open-file limit for the server; the command
+                // gets the limit its caller gave cachefs.
+                if let Some(nofile) = inherited.nofile {
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &nofile) != 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                }
                 // The parent blocks the forwarded signals; the command must not start with
                 // them blocked or Ctrl-C would not reach it.
                 if libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut()) != 0 {
@@ -185,8 +224,7 @@ fn decide(state: &State, sig: Signal, si_code: i32) -> Action {
         None => Action::Pending,
         Some(_) if stop && state.terminating => Action::Kill,
         Some(_)
-            if si_code == libc::SI_KERNEL
-                && matches!(sig, Signal::SIGINT | Signal::SIGQUIT) =>
+            if si_code == libc::SI_KERNEL && matches!(sig, Signal::SIGINT | Signal::SIGQUIT) =>
         {
             Action::AlreadyDelivered
         }
@@ -247,8 +285,14 @@ mod tests {
 
     #[test]
     fn before_the_child_starts_signals_are_kept() {
-        assert_eq!(decide(&State::default(), Signal::SIGTERM, USER), Action::Pending);
-        assert_eq!(decide(&State::default(), Signal::SIGINT, KERNEL), Action::Pending);
+        assert_eq!(
+            decide(&State::default(), Signal::SIGTERM, USER),
+            Action::Pending
+        );
+        assert_eq!(
+            decide(&State::default(), Signal::SIGINT, KERNEL),
+            Action::Pending
+        );
     }
 
     #[test]
@@ -264,8 +308,14 @@ mod tests {
     #[test]
     fn terminal_signals_are_not_sent_twice() {
         let st = running();
-        assert_eq!(decide(&st, Signal::SIGINT, KERNEL), Action::AlreadyDelivered);
-        assert_eq!(decide(&st, Signal::SIGQUIT, KERNEL), Action::AlreadyDelivered);
+        assert_eq!(
+            decide(&st, Signal::SIGINT, KERNEL),
+            Action::AlreadyDelivered
+        );
+        assert_eq!(
+            decide(&st, Signal::SIGQUIT, KERNEL),
+            Action::AlreadyDelivered
+        );
         assert_eq!(decide(&st, Signal::SIGINT, USER), Action::Forward);
         // A hangup is forwarded whatever its origin.
         assert_eq!(decide(&st, Signal::SIGHUP, KERNEL), Action::Forward);

@@ -188,7 +188,7 @@ impl InodeTable {
     /// inode (a rename by someone else makes it stale rather than wrong).
     fn reresolve(&self, node: u64, parent: u64, name: &OsStr) -> io::Result<OwnedFd> {
         if node == ROOT {
-            return Ok(self.root_fd.try_clone()?);
+            return self.root_fd.try_clone();
         }
         let parent_inode = self.get(parent)?;
         let pfd = self.fd(&parent_inode)?;

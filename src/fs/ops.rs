@@ -301,9 +301,10 @@ impl CacheFs {
         cached.clone().ok_or_else(ebadf)
     }
 
+    /// The setattr request's own fields, as the kernel sends them.
+    #[allow(clippy::too_many_arguments)]
     fn do_setattr(
         &self,
-        req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -313,7 +314,6 @@ impl CacheFs {
         mtime: Option<TimeOrNow>,
         fh: Option<FileHandle>,
     ) -> Res<libc::stat> {
-        let _ = req;
         let (inode, fd) = self.inode_fd(ino)?;
         let open = fh.and_then(|fh| self.files.get(&fh.0).map(|f| f.value().clone()));
         let is_symlink = inode.state.lock().is_symlink;
@@ -460,7 +460,7 @@ impl fuser::Filesystem for CacheFs {
 
     fn setattr(
         &self,
-        req: &Request,
+        _req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -476,7 +476,7 @@ impl fuser::Filesystem for CacheFs {
         _flags: Option<BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        match self.do_setattr(req, ino, mode, uid, gid, size, atime, mtime, fh) {
+        match self.do_setattr(ino, mode, uid, gid, size, atime, mtime, fh) {
             Ok(st) => reply.attr(&self.attr_ttl, &self.attr(&st)),
             Err(e) => reply.error(errno(&e)),
         }

@@ -158,5 +158,11 @@ mod tests {
             ),
             "{e}"
         );
+        // Refused before the WAL switch: a newer build's database is not modified.
+        let conn = Connection::open(&db).unwrap();
+        let mode: String = conn
+            .pragma_query_value(None, "journal_mode", |r| r.get(0))
+            .unwrap();
+        assert_eq!(mode, "delete");
     }
 }
