@@ -106,6 +106,47 @@ fn assert_refused(op: &str, path: &Path, what: &str) {
     );
 }
 
+/// For flock: the previous holder's lock goes away with the kernel's asynchronous RELEASE, so
+/// allow it a moment.
+#[track_caller]
+fn assert_granted_soon(op: &str, path: &Path, what: &str) {
+    let mut rc = -1;
+    let ok = wait_until(Duration::from_secs(5), || {
+        rc = try_in_other_process(op, path);
+        rc == 0
+    });
+    assert!(ok, "{what}: {op} on {} must be granted, helper exit code {rc}", path.display());
+}
+
+/// Takes a lock in this process, retrying while it is refused with EAGAIN (a previous holder's
+/// release may still be on its way); any other error fails at once.
+#[track_caller]
+fn lock_soon(what: &str, mut take: impl FnMut() -> std::io::Result<()>) {
+    let mut err = None;
+    let ok = wait_until(Duration::from_secs(5), || match take() {
+        Ok(()) => true,
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EACCES)) => {
+            err = Some(e);
+            false
+        }
+        Err(e) => panic!("{what}: {e}"),
+    });
+    assert!(ok, "{what}: still refused after 5 s: {err:?}");
+}
+
+#[track_caller]
+fn flock_soon(f: &File, op: i32) {
+    lock_soon(&format!("flock({op}) via the mount"), || {
+        flock(f, op | libc::LOCK_NB)
+    });
+}
+
+/// See [`lock_released_when_holder_exits`] for the strict check of the same thing.
+#[track_caller]
+fn setlk_soon(f: &File, typ: i32) {
+    lock_soon("fcntl(F_SETLK) via the mount", || setlk(f, typ, 0, 0));
+}
+
 #[track_caller]
 fn assert_granted(op: &str, path: &Path, what: &str) {
     let rc = try_in_other_process(op, path);
@@ -154,7 +195,7 @@ fn posix_locks(pt: bool) {
     assert_granted("posix-w", &via_b, "nothing held");
 
     let held = OpenOptions::new().read(true).write(true).open(&via_a).unwrap();
-    setlk(&held, libc::F_WRLCK, 0, 0).unwrap();
+    setlk_soon(&held, libc::F_WRLCK);
     assert_refused("posix-w", &via_b, "write lock held via mount A, tried via mount B");
     assert_refused("posix-r", &via_b, "write lock held via A, read lock via B");
     assert_refused("posix-w", &via_a, "write lock held via A, tried by another process via A");
@@ -166,7 +207,7 @@ fn posix_locks(pt: bool) {
     assert_eq!(try_in_other_process("getlk", &via_b), 0, "F_GETLK after release");
 
     // Read locks are shared, and keep writers out.
-    setlk(&held, libc::F_RDLCK, 0, 0).unwrap();
+    setlk_soon(&held, libc::F_RDLCK);
     assert_granted("posix-r", &via_b, "read lock held via A, read lock via B");
     assert_refused("posix-w", &via_b, "read lock held via A, write lock via B");
     assert_eq!(try_in_other_process("getlk", &via_b), GETLK_RD, "F_GETLK sees a read lock");
@@ -180,11 +221,11 @@ fn posix_locks(pt: bool) {
 
     // Closing the file releases the process's locks.
     drop(held);
-    assert_granted("posix-w", &via_b, "after close");
+    assert_granted_soon("posix-w", &via_b, "after close");
 
     // A blocking F_SETLKW via B waits for A's lock.
     let held = OpenOptions::new().read(true).write(true).open(&via_a).unwrap();
-    setlk(&held, libc::F_WRLCK, 0, 0).unwrap();
+    setlk_soon(&held, libc::F_WRLCK);
     let waiter = helper_cmd("posix-wait", &via_b).spawn().unwrap();
     assert_waits_then_gets(
         waiter,
@@ -210,8 +251,9 @@ fn flock_locks(pt: bool) {
     };
     assert_eq!(flock_n(&via_b), 0, "control: free lock");
 
+    // A read-only open can take an exclusive flock (flock does not care about the mode).
     let held = File::open(&via_a).unwrap();
-    flock(&held, libc::LOCK_EX | libc::LOCK_NB).unwrap();
+    flock_soon(&held, libc::LOCK_EX);
     assert_refused("flock-ex", &via_b, "flock held via A, tried via B");
     assert_refused("flock-sh", &via_b, "exclusive flock held via A, shared via B");
     assert_refused("flock-ex", &via_a, "flock held via A, another open via A");
@@ -220,19 +262,19 @@ fn flock_locks(pt: bool) {
 
     flock(&held, libc::LOCK_UN).unwrap();
     assert_eq!(flock_n(&via_b), 0, "`flock -n` via B after A released it");
-    assert_granted("flock-ex", &via_b, "after LOCK_UN");
+    assert_granted_soon("flock-ex", &via_b, "after LOCK_UN");
 
     // Shared locks coexist and keep exclusive ones out.
-    flock(&held, libc::LOCK_SH | libc::LOCK_NB).unwrap();
+    flock_soon(&held, libc::LOCK_SH);
     assert_granted("flock-sh", &via_b, "shared + shared");
     assert_refused("flock-ex", &via_b, "shared held, exclusive tried");
-    // Closing releases.
+    // Closing releases (asynchronously, see below).
     drop(held);
-    assert_granted("flock-ex", &via_b, "after close");
+    assert_granted_soon("flock-ex", &via_b, "after close");
 
     // A blocking flock via B (util-linux, as scripts use it) waits for A.
     let held = File::open(&via_a).unwrap();
-    flock(&held, libc::LOCK_EX).unwrap();
+    flock_soon(&held, libc::LOCK_EX);
     let waiter = Command::new("flock")
         .arg(&via_b)
         .arg("true")
@@ -245,10 +287,62 @@ fn flock_locks(pt: bool) {
     );
     // And one held on the backing file directly keeps mount users out.
     let direct = File::open(&backing).unwrap();
-    flock(&direct, libc::LOCK_EX | libc::LOCK_NB).unwrap();
+    flock_soon(&direct, libc::LOCK_EX);
     assert_refused("flock-ex", &via_a, "flock held on the backing file, tried via A");
     drop(direct);
     assert_granted("flock-ex", &via_a, "after the direct holder closed");
 }
 
-both_modes!(posix_locks, flock_locks);
+/// A process that exits has released its POSIX locks by the time it is gone: the kernel sends
+/// FLUSH with the lock owner synchronously while closing its files; RELEASE comes later,
+/// asynchronously, so releasing only there leaves a window where a dead process still holds
+/// the lock (apt and dpkg retry at once after the holder exits).
+///
+/// flock locks are not checked here: the kernel itself drops them with the asynchronous
+/// RELEASE (FUSE_RELEASE_FLOCK_UNLOCK), so no FUSE server can make that synchronous.
+fn lock_released_when_holder_exits(pt: bool) {
+    let a = TestMount::mode(pt);
+    let b = a.second_mount(opts(pt));
+    fs::write(a.m("lock"), b"").unwrap();
+    let f = OpenOptions::new().read(true).write(true).open(a.m("lock")).unwrap();
+    for round in 0..30 {
+        assert_granted("posix-w", &b.m("lock"), "helper");
+        setlk(&f, libc::F_WRLCK, 0, 0).unwrap_or_else(|e| {
+            panic!("round {round}: the POSIX lock of an exited process is still held: {e}")
+        });
+        setlk(&f, libc::F_UNLCK, 0, 0).unwrap();
+    }
+    // The same for a lock this process drops by closing its file.
+    for round in 0..30 {
+        let g = OpenOptions::new().read(true).write(true).open(a.m("lock")).unwrap();
+        setlk(&g, libc::F_WRLCK, 0, 0).unwrap();
+        drop(g);
+        let rc = try_in_other_process("posix-w", &b.m("lock"));
+        assert_eq!(rc, 0, "round {round}: the lock is still held after its file was closed");
+    }
+}
+
+/// POSIX locks belong to the process, not to the open file: two opens of one file in one
+/// process do not conflict with each other, and closing either releases the process's locks
+/// (FUSE's contract: FLUSH carries the lock owner whose locks go away).
+fn posix_lock_owner_is_the_process(pt: bool) {
+    let a = TestMount::mode(pt);
+    fs::write(a.m("lock"), b"").unwrap();
+    let p = a.m("lock");
+    let fd1 = OpenOptions::new().read(true).write(true).open(&p).unwrap();
+    let fd2 = OpenOptions::new().read(true).write(true).open(&p).unwrap();
+    setlk(&fd1, libc::F_WRLCK, 0, 0).unwrap();
+    setlk(&fd2, libc::F_WRLCK, 0, 0)
+        .expect("a second lock by the same process through another fd must not conflict");
+    assert_refused("posix-w", &p, "held by this process");
+    drop(fd2);
+    assert_granted("posix-w", &p, "closing any fd of the file releases the process's locks");
+    drop(fd1);
+}
+
+both_modes!(
+    posix_locks,
+    flock_locks,
+    lock_released_when_holder_exits,
+    posix_lock_owner_is_the_process
+);

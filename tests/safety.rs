@@ -297,6 +297,7 @@ fn rename_race(pt: bool) {
     let stop = AtomicBool::new(false);
     let swaps = AtomicUsize::new(0);
     let victim_ops = AtomicUsize::new(0);
+    let victim_writes = AtomicUsize::new(0);
     let deadline = Instant::now() + Duration::from_secs(3);
     std::thread::scope(|s| {
         // Swapper: d <-> s (a directory and a link to the outside).
@@ -320,7 +321,7 @@ fn rename_race(pt: bool) {
             }
         });
         for v in 0..2 {
-            let (stop, victim_ops) = (&stop, &victim_ops);
+            let (stop, victim_ops, victim_writes) = (&stop, &victim_ops, &victim_writes);
             s.spawn(move || {
                 let mut k = 0usize;
                 while Instant::now() < deadline {
@@ -331,7 +332,9 @@ fn rename_race(pt: bool) {
                         assert_ne!(data, SECRET, "read the canary through the mount");
                     }
                     let _ = fs::read(d("f"));
-                    let _ = fs::write(d(&n), b"victim");
+                    if fs::write(d(&n), b"victim").is_ok() {
+                        victim_writes.fetch_add(1, Ordering::Relaxed);
+                    }
                     let _ = OpenOptions::new()
                         .read(true)
                         .write(true)
@@ -353,12 +356,16 @@ fn rename_race(pt: bool) {
                     let _ = fs::remove_dir(d(&format!("{n}.dir")));
                     let _ = fs::remove_dir(d("subdir"));
                     let x = format!("x{}", k % 8);
-                    let _ = OpenOptions::new()
+                    if OpenOptions::new()
                         .write(true)
                         .create(true)
                         .truncate(true)
                         .open(p(&x))
-                        .map(|mut f| f.write_all(b"victim"));
+                        .and_then(|mut f| f.write_all(b"victim"))
+                        .is_ok()
+                    {
+                        victim_writes.fetch_add(1, Ordering::Relaxed);
+                    }
                     let _ = fs::create_dir(p(&x));
                     let _ = mkfifo(&p(&x), 0o600);
                     let _ = symlink("y", p(&x));
@@ -371,14 +378,15 @@ fn rename_race(pt: bool) {
             });
         }
     });
-    eprintln!(
-        "{}: {} swaps, {} victim rounds",
-        mode_name(pt),
+    let (swaps, rounds, writes) = (
         swaps.load(Ordering::Relaxed),
-        victim_ops.load(Ordering::Relaxed)
+        victim_ops.load(Ordering::Relaxed),
+        victim_writes.load(Ordering::Relaxed),
     );
-    assert!(swaps.load(Ordering::Relaxed) > 100, "the race did not run");
-    assert!(victim_ops.load(Ordering::Relaxed) > 10, "the victims did not run");
+    eprintln!("{}: {swaps} swaps, {rounds} victim rounds, {writes} writes", mode_name(pt));
+    assert!(swaps > 100, "the race did not run");
+    assert!(rounds > 10, "the victims did not run");
+    assert!(writes > 0, "no victim write ever succeeded: the race tested nothing");
     l.assert_untouched(&before);
     // The instance still lists the same through the mount as in the backing directory.
     assert_eq!(dir_names(tm.mnt()), dir_names(tm.backing()));

@@ -8,6 +8,7 @@
 //! 4. run the command, forwarding signals; then unmount, touch, exit with its status.
 
 use std::ffi::OsString;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Component, Path, PathBuf};
 use std::process::Command;
 
@@ -52,7 +53,10 @@ Examples:
 
 /// `cachefs run` arguments.
 #[derive(Debug, clap::Args)]
-#[command(after_help = AFTER_HELP)]
+#[command(
+    after_help = AFTER_HELP,
+    override_usage = "cachefs run [OPTIONS] --mount <SPEC> [--mount <SPEC>...] -- <CMD> [ARGS]..."
+)]
 pub struct Args {
     /// A cache mount, e.g. type=cache,id=apt,target=/var/cache/apt (repeatable)
     #[arg(long = "mount", value_name = "SPEC", required = true)]
@@ -118,9 +122,15 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
     let root = Store::resolve_root(global.store.as_deref())?;
     // Store errors name the store and the fix themselves.
     let store = Store::open(&root)?;
-    let mut live: Vec<Live> = Vec::with_capacity(plan.len());
+    // Every instance first: a store failure then leaves nothing mounted, and no store work
+    // runs after the first mount has changed the umask.
+    let mut instances = Vec::with_capacity(plan.len());
     for planned in &plan {
-        match mount_one(&store, planned, !args.no_passthrough) {
+        instances.push(acquire(&store, &planned.spec)?);
+    }
+    let mut live: Vec<Live> = Vec::with_capacity(plan.len());
+    for (planned, instance) in plan.iter().zip(instances) {
+        match mount_one(planned, instance, !args.no_passthrough, &inherited) {
             Ok(l) => live.push(l),
             Err(err) => {
                 unmount_all(live);
@@ -178,8 +188,7 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
 fn parse_specs(raw: &[String], cwd: &Path) -> anyhow::Result<Vec<(MountSpec, PathBuf)>> {
     raw.iter()
         .map(|s| {
-            let spec =
-                MountSpec::parse(s).map_err(|e| usage(anyhow!("invalid --mount {s:?}: {e}")))?;
+            let spec = MountSpec::parse(s).map_err(|e| usage(anyhow!("--mount {s:?}: {e}")))?;
             let target = absolute(&spec.target, cwd);
             Ok((spec, target))
         })
@@ -215,20 +224,33 @@ fn reject_duplicates(plan: &[Planned]) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn mount_one(store: &Store, planned: &Planned, passthrough: bool) -> anyhow::Result<Live> {
-    let spec = &planned.spec;
-    let target = &planned.target;
+fn acquire(store: &Store, spec: &MountSpec) -> anyhow::Result<Instance> {
     let init = InstanceInit {
         uid: spec.uid,
         gid: spec.gid,
         mode: spec.mode,
     };
-    let instance = store
+    store
         .acquire_instance(&spec.id, &init)
-        .with_context(|| format!("cannot get cache {:?}", spec.id.as_str()))?;
+        .with_context(|| format!("cannot get cache {:?}", spec.id.as_str()))
+}
+
+fn mount_one(
+    planned: &Planned,
+    instance: Instance,
+    passthrough: bool,
+    inherited: &Inherited,
+) -> anyhow::Result<Live> {
+    let spec = &planned.spec;
+    let target = &planned.target;
     // A missing target is created, as Docker does; an existing one (checked above) is used
-    // as is, its contents hidden while the cache is mounted over it.
-    std::fs::create_dir_all(target)
+    // as is, its contents hidden while the cache is mounted over it. The mode is explicit
+    // because the process umask is 0 once a filesystem is being served; a target inside an
+    // earlier mount is created in that cache, and must get what `mkdir -p` would give.
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(inherited.dir_mode())
+        .create(target)
         .with_context(|| format!("cannot create the target directory {}", target.display()))?;
     let opts = FsOptions {
         passthrough,

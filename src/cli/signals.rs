@@ -59,6 +59,11 @@ impl Inherited {
             (unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut nofile) } == 0).then_some(nofile);
         Inherited { umask, nofile }
     }
+
+    /// The mode `mkdir` gives a new directory under the caller's umask.
+    pub fn dir_mode(&self) -> libc::mode_t {
+        0o777 & !self.umask
+    }
 }
 
 /// What the signal thread and the main thread share.
