@@ -263,7 +263,9 @@ impl InodeTable {
         let inode = match self.map.entry(node) {
             dashmap::Entry::Occupied(e) => {
                 let inode = e.get().clone();
-                drop(e);
+                // Take the reference while the shard is still locked: a concurrent forget
+                // (which removes under the same lock) then cannot drop the entry between our
+                // finding it and counting the lookup.
                 let mut s = inode.state.lock();
                 if handle.is_some() && s.handle != handle {
                     // The backing inode number was reused by a new file: take the new identity.
@@ -281,6 +283,7 @@ impl InodeTable {
                     s.nlookup += 1;
                 }
                 drop(s);
+                drop(e);
                 if opened {
                     self.note_fd_opened(&inode);
                 }
