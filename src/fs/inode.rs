@@ -57,6 +57,10 @@ pub(crate) struct InodeState {
     /// Passthrough backing id shared by every concurrent open of this inode (the kernel
     /// requires one backing file per inode), with the number of opens using it.
     pub(crate) backing: Option<(Arc<BackingId>, usize)>,
+    /// Open files of this inode in this mount.
+    pub(crate) opens: usize,
+    /// Some lock owner has a lock fd for this inode (see `CacheFs::lock_fd`).
+    pub(crate) has_lock_fds: bool,
 }
 
 pub(crate) struct InodeTable {
@@ -106,6 +110,8 @@ impl InodeTable {
                 name: OsString::new(),
                 is_symlink: false,
                 backing: None,
+                opens: 0,
+                has_lock_fds: false,
             }),
         });
         let map = DashMap::new();
@@ -300,6 +306,8 @@ impl InodeTable {
                         name: name.to_owned(),
                         is_symlink,
                         backing: None,
+                        opens: 0,
+                        has_lock_fds: false,
                     }),
                 });
                 v.insert(inode.clone());
@@ -320,7 +328,7 @@ impl InodeTable {
         self.map.remove_if(&node, |_, inode| {
             let mut s = inode.state.lock();
             s.nlookup = s.nlookup.saturating_sub(n);
-            s.nlookup == 0 && s.backing.is_none()
+            s.nlookup == 0 && s.opens == 0
         });
     }
 

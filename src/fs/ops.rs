@@ -55,6 +55,8 @@ pub(crate) struct CacheFs {
     passthrough: Arc<AtomicBool>,
     files: DashMap<u64, Arc<OpenFile>>,
     dirs: DashMap<u64, Arc<OpenDir>>,
+    /// Backing fds carrying the locks of one lock owner on one inode, keyed (node, owner).
+    locks: DashMap<(u64, u64), Arc<OwnedFd>>,
     next_fh: AtomicU64,
     /// Running as root: new objects are given to the caller, as a local filesystem would.
     as_root: bool,
@@ -144,6 +146,7 @@ impl CacheFs {
             passthrough,
             files: DashMap::new(),
             dirs: DashMap::new(),
+            locks: DashMap::new(),
             next_fh: AtomicU64::new(1),
             as_root: rustix::process::geteuid().is_root(),
         }
@@ -240,21 +243,24 @@ impl CacheFs {
     ) -> (u64, Option<Arc<fuser::BackingId>>) {
         let fh = self.new_fh();
         let mut backing = None;
-        if self.passthrough.load(Ordering::Relaxed) {
+        {
             let mut st = inode.state.lock();
-            match &mut st.backing {
-                Some((id, n)) => {
-                    *n += 1;
-                    backing = Some(id.clone());
-                }
-                None => match make_backing(&fd) {
-                    Ok(id) => {
-                        let id = Arc::new(id);
-                        st.backing = Some((id.clone(), 1));
-                        backing = Some(id);
+            st.opens += 1;
+            if self.passthrough.load(Ordering::Relaxed) {
+                match &mut st.backing {
+                    Some((id, n)) => {
+                        *n += 1;
+                        backing = Some(id.clone());
                     }
-                    Err(e) => debug!("passthrough unavailable for node {}: {e}", inode.node),
-                },
+                    None => match make_backing(&fd) {
+                        Ok(id) => {
+                            let id = Arc::new(id);
+                            st.backing = Some((id.clone(), 1));
+                            backing = Some(id);
+                        }
+                        Err(e) => debug!("passthrough unavailable for node {}: {e}", inode.node),
+                    },
+                }
             }
         }
         self.files.insert(
@@ -377,24 +383,54 @@ impl CacheFs {
         }
     }
 
+    /// The backing fd that carries `owner`'s locks on the file's inode. Each lock owner (a
+    /// process for fcntl locks, an open file for flock) gets its own open file description,
+    /// so OFD locks of different owners conflict exactly as the owners' locks should, across
+    /// mounts and processes, while one owner's locks through several fds merge.
+    fn lock_fd(&self, file: &OpenFile, owner: LockOwner) -> Res<Arc<OwnedFd>> {
+        let key = (file.inode.node, owner.0);
+        if let Some(fd) = self.locks.get(&key) {
+            return Ok(fd.clone());
+        }
+        // Write locks need a writable description; a file being executed or not writable
+        // by us still takes read locks.
+        let fd = self
+            .table
+            .open_file(&file.inode, &file.fd, libc::O_RDWR)
+            .or_else(|_| self.table.open_file(&file.inode, &file.fd, libc::O_RDONLY))?;
+        file.inode.state.lock().has_lock_fds = true;
+        Ok(self.locks.entry(key).or_insert(Arc::new(fd)).clone())
+    }
+
     fn release_file(&self, fh: FileHandle) {
         let Some((_, file)) = self.files.remove(&fh.0) else {
             return;
         };
-        if file.passthrough {
-            let mut st = file.inode.state.lock();
-            if let Some((_, n)) = &mut st.backing {
-                *n -= 1;
-                if *n == 0 {
-                    // The last open is gone: dropping the id closes the kernel's backing file.
-                    st.backing = None;
-                }
+        let node = file.inode.node;
+        let mut st = file.inode.state.lock();
+        st.opens = st.opens.saturating_sub(1);
+        if file.passthrough
+            && let Some((_, n)) = &mut st.backing
+        {
+            *n -= 1;
+            if *n == 0 {
+                // The last passthrough open is gone: dropping the id closes the kernel's
+                // backing file.
+                st.backing = None;
             }
-            let gone = st.nlookup == 0 && st.backing.is_none();
-            drop(st);
-            if gone {
-                self.table.forget(file.inode.node, 0);
-            }
+        }
+        let last = st.opens == 0;
+        let drop_locks = last && std::mem::take(&mut st.has_lock_fds);
+        let gone = last && st.nlookup == 0;
+        drop(st);
+        if drop_locks {
+            // With no open file left nobody can hold a lock on the inode. This also catches
+            // the FLUSH the kernel drops when a multithreaded process exits with a fatal
+            // signal pending (the close is then never announced with its lock owner).
+            self.locks.retain(|k, _| k.0 != node);
+        }
+        if gone {
+            self.table.forget(node, 0);
         }
     }
 }
@@ -639,11 +675,9 @@ impl fuser::Filesystem for CacheFs {
             Err(e) => return reply.error(errno(&e)),
         };
         let (fh, backing) = self.register_open(&inode, file, |f| reply.open_backing(f));
-        let mut fopen = FopenFlags::empty();
-        if flags.0 & libc::O_ACCMODE == libc::O_RDONLY {
-            // Nothing to flush for a read-only open: saves a round trip per close.
-            fopen |= FopenFlags::FOPEN_NOFLUSH;
-        }
+        // No FOPEN_NOFLUSH, even for read-only opens: FLUSH is how a close releases the
+        // caller's fcntl locks.
+        let fopen = FopenFlags::empty();
         match backing {
             Some(id) => reply.opened_passthrough(FileHandle(fh), fopen, &id),
             None => reply.opened(FileHandle(fh), fopen),
@@ -697,13 +731,14 @@ impl fuser::Filesystem for CacheFs {
     fn flush(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
-        _lock_owner: LockOwner,
+        lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        // Nothing is buffered here. Locks are released with the open file at release, not at
-        // every close of a duplicate (a forked child closing its copy must not drop them).
+        // Nothing is buffered here. A close by a process drops all its fcntl locks on the
+        // file (POSIX): the kernel sends its lock owner here, synchronously with close().
+        self.locks.remove(&(ino.0, lock_owner.0));
         match self.file(fh) {
             Ok(_) => reply.ok(),
             Err(e) => reply.error(errno(&e)),
@@ -713,13 +748,17 @@ impl fuser::Filesystem for CacheFs {
     fn release(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         _flags: OpenFlags,
-        _lock_owner: Option<LockOwner>,
+        lock_owner: Option<LockOwner>,
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        // The owner is set when the kernel drops a flock held by this open file.
+        if let Some(owner) = lock_owner {
+            self.locks.remove(&(ino.0, owner.0));
+        }
         self.release_file(fh);
         reply.ok();
     }
@@ -1037,17 +1076,21 @@ impl fuser::Filesystem for CacheFs {
         _req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
-        _lock_owner: LockOwner,
+        lock_owner: LockOwner,
         start: u64,
         end: u64,
         typ: i32,
         _pid: u32,
         reply: ReplyLock,
     ) {
-        match self
-            .file(fh)
-            .and_then(|f| sys::ofd_getlk(f.fd.as_fd(), typ, start, end))
-        {
+        let res = self.file(fh).and_then(|f| {
+            // Test from the owner's own description, so its own locks are not conflicts.
+            match self.locks.get(&(f.inode.node, lock_owner.0)) {
+                Some(fd) => sys::ofd_getlk(fd.as_fd(), typ, start, end),
+                None => sys::ofd_getlk(f.fd.as_fd(), typ, start, end),
+            }
+        });
+        match res {
             Ok((t, s, e, pid)) => reply.locked(s, e, t, pid),
             Err(e) => reply.error(errno(&e)),
         }
@@ -1058,7 +1101,7 @@ impl fuser::Filesystem for CacheFs {
         _req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
-        _lock_owner: LockOwner,
+        lock_owner: LockOwner,
         start: u64,
         end: u64,
         typ: i32,
@@ -1070,7 +1113,15 @@ impl fuser::Filesystem for CacheFs {
             Ok(f) => f,
             Err(e) => return reply.error(errno(&e)),
         };
-        match sys::ofd_lock(file.fd.as_fd(), typ, start, end, false) {
+        if typ == libc::F_UNLCK && !self.locks.contains_key(&(file.inode.node, lock_owner.0)) {
+            // This owner holds nothing here.
+            return reply.ok();
+        }
+        let fd = match self.lock_fd(&file, lock_owner) {
+            Ok(fd) => fd,
+            Err(e) => return reply.error(errno(&e)),
+        };
+        match sys::ofd_lock(fd.as_fd(), typ, start, end, false) {
             Ok(()) => reply.ok(),
             Err(e)
                 if sleep && matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EACCES)) =>
@@ -1079,7 +1130,7 @@ impl fuser::Filesystem for CacheFs {
                 let spawned = std::thread::Builder::new()
                     .name("cachefs-lockwait".into())
                     .spawn(
-                        move || match sys::ofd_lock(file.fd.as_fd(), typ, start, end, true) {
+                        move || match sys::ofd_lock(fd.as_fd(), typ, start, end, true) {
                             Ok(()) => reply.ok(),
                             Err(e) => reply.error(errno(&e)),
                         },
