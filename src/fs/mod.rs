@@ -127,9 +127,13 @@ impl MountedFs {
                 match e.raw_os_error() {
                     Some(libc::EINVAL) | Some(libc::ENOENT) => {} // already gone
                     Some(libc::EBUSY) => {
-                        warn!("{} is busy; detaching it", target.display());
+                        debug!("{} is busy; detaching it", target.display());
                         unsafe { libc::umount2(ctarget.as_ptr(), libc::MNT_DETACH) };
-                        self.abort_connection();
+                        if !self.abort_connection() {
+                            // The threads serve until the last file closes; never hang here.
+                            drop(session);
+                            return Ok(());
+                        }
                     }
                     _ => result = Err(FsError::Unmount(target.clone(), e)),
                 }
@@ -147,11 +151,28 @@ impl MountedFs {
         result
     }
 
-    fn abort_connection(&self) {
-        if let Some(n) = self.connection {
-            let path = format!("/sys/fs/fuse/connections/{n}/abort");
-            if let Err(e) = std::fs::write(&path, b"1") {
+    /// Aborts the FUSE connection so the serving threads end even while a process still holds
+    /// a file open in the detached mount (it then gets ENOTCONN). Returns false if that was not
+    /// possible; the caller must then not wait for the threads.
+    fn abort_connection(&self) -> bool {
+        let Some(n) = self.connection else {
+            return false;
+        };
+        let dir = Path::new("/sys/fs/fuse/connections");
+        if !dir.join(n.to_string()).exists() {
+            // fusectl is often not mounted; as root we can mount it (harmless, idempotent).
+            let _ = std::process::Command::new("mount")
+                .args(["-t", "fusectl", "fusectl"])
+                .arg(dir)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status();
+        }
+        match std::fs::write(dir.join(n.to_string()).join("abort"), b"1") {
+            Ok(()) => true,
+            Err(e) => {
                 debug!("cannot abort FUSE connection {n}: {e}");
+                false
             }
         }
     }
