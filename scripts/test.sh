@@ -23,6 +23,9 @@ if [ "${#missing[@]}" -gt 0 ]; then
     "${SUDO[@]}" apt-get install -y -q "${missing[@]}"
 fi
 [ -e /dev/fuse ] || die "/dev/fuse is missing: load the fuse module (modprobe fuse) or run the container with --device /dev/fuse"
+if ! command -v cargo >/dev/null && [ -x "$HOME/.cargo/bin/cargo" ]; then
+    export PATH="$HOME/.cargo/bin:$PATH" # installed by rustup (scripts/demo.sh) in another shell
+fi
 command -v cargo >/dev/null || die "cargo is missing: install Rust (https://rustup.rs), or run scripts/demo.sh once"
 
 step "toolchain: $(cargo --version), kernel $(uname -r), $(nproc) cores"
@@ -44,7 +47,8 @@ fi
 # Release mode: the integration tests push hundreds of thousands of requests and hundreds
 # of MiB through the filesystem, several times faster optimised; it shares its build with
 # scripts/demo.sh.
-step "cargo test --release $*"
-cargo test --release "$@"
+# --no-fail-fast: one run reports every failing test binary, not just the first.
+step "cargo test --release --no-fail-fast $*"
+cargo test --release --no-fail-fast "$@"
 
 step "all tests passed"

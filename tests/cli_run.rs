@@ -32,16 +32,45 @@ fn assert_ok(out: &std::process::Output) {
     );
 }
 
-/// Spawns a run in the background (stdout/stderr to files in the env dir).
-fn spawn_run(env: &CliEnv, specs: &[String], script: &str) -> Child {
+/// A run in the background. If the test fails before it ends, dropping it stops cachefs
+/// (SIGTERM, which also ends its command and unmounts; SIGKILL if that does not work).
+struct BgRun(Child);
+
+impl Drop for BgRun {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+            if !wait_until(T, || matches!(self.0.try_wait(), Ok(Some(_)))) {
+                let _ = self.0.kill();
+                let _ = self.0.wait();
+            }
+        }
+    }
+}
+
+impl std::ops::Deref for BgRun {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for BgRun {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+/// Spawns a run in the background (stderr to bg.stderr in the env dir).
+fn spawn_run(env: &CliEnv, specs: &[String], script: &str) -> BgRun {
     let mut c = env.run_cmd(&[], specs, &["sh", "-c", script]);
     c.stdout(Stdio::null())
         .stderr(fs::File::create(env.path("bg.stderr")).unwrap());
-    c.spawn().unwrap()
+    BgRun(c.spawn().unwrap())
 }
 
 /// Waits (bounded) for a child to exit.
-fn wait_child(child: &mut Child, what: &str) -> std::process::ExitStatus {
+fn wait_child(child: &mut BgRun, what: &str) -> std::process::ExitStatus {
     let mut status = None;
     let done = wait_until(T, || {
         status = child.try_wait().unwrap();
@@ -70,7 +99,12 @@ fn kill(pid: u32, sig: i32) {
 fn process_alive(pid: i32) -> bool {
     // A zombie is not alive for our purposes.
     match fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => !s.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'),
+        Ok(s) => !s
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z'),
         Err(_) => false,
     }
 }
@@ -90,7 +124,11 @@ fn exit_code_of_the_command() {
     assert_eq!(code(&env.run_sh(&s, "exit 255")), 255);
     let out = env.run(&s, &["/nonexistent/command"]);
     assert_eq!(code(&out), 127, "{}", stderr_of(&out));
-    assert!(stderr_of(&out).starts_with("cachefs:"), "{}", stderr_of(&out));
+    assert!(
+        stderr_of(&out).starts_with("cachefs:"),
+        "{}",
+        stderr_of(&out)
+    );
     fs::write(env.path("not-exec"), b"#!/bin/sh\n").unwrap();
     let out = env.run(&s, &[env.path("not-exec").to_str().unwrap()]);
     assert_eq!(code(&out), 126, "{}", stderr_of(&out));
@@ -134,8 +172,15 @@ fn sigterm_to_cachefs_kills_command_and_unmounts() {
         ),
     );
     wait_for_file(&ready);
-    assert!(is_mounted(&t), "the cache is mounted while the command runs");
-    let cmd_pid: i32 = fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
+    assert!(
+        is_mounted(&t),
+        "the cache is mounted while the command runs"
+    );
+    let cmd_pid: i32 = fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
     kill(child.id(), libc::SIGTERM);
     let status = wait_child(&mut child, "SIGTERM");
     assert_eq!(
@@ -144,10 +189,17 @@ fn sigterm_to_cachefs_kills_command_and_unmounts() {
         "status {status:?}; stderr: {}",
         fs::read_to_string(env.path("bg.stderr")).unwrap_or_default()
     );
-    assert!(!process_alive(cmd_pid), "the command still runs after cachefs exited");
+    assert!(
+        !process_alive(cmd_pid),
+        "the command still runs after cachefs exited"
+    );
     assert!(!is_mounted(&t), "mount left behind after SIGTERM");
     assert_no_mounts_under(env.dir.path());
-    assert_eq!(env.find_in_caches("written").len(), 1, "the command's write persisted");
+    assert_eq!(
+        env.find_in_caches("written").len(),
+        1,
+        "the command's write persisted"
+    );
 }
 
 /// The command traps the forwarded signal, records it, and exits with its own code, which
@@ -175,7 +227,11 @@ fn forwarded(sig: i32, name: &str, exit: i32) {
         "{name}: {status:?} {}",
         fs::read_to_string(env.path("bg.stderr")).unwrap_or_default()
     );
-    assert_eq!(fs::read_to_string(&got).unwrap().trim(), name, "the command got {name}");
+    assert_eq!(
+        fs::read_to_string(&got).unwrap().trim(),
+        name,
+        "the command got {name}"
+    );
     assert_no_mounts_under(env.dir.path());
 }
 
@@ -212,7 +268,10 @@ fn second_sigterm_kills_the_command() {
     wait_for_file(&ready);
     kill(child.id(), libc::SIGTERM);
     wait_for_file(&got);
-    assert!(child.try_wait().unwrap().is_none(), "the command ignored the first SIGTERM");
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the command ignored the first SIGTERM"
+    );
     kill(child.id(), libc::SIGTERM);
     let status = wait_child(&mut child, "second SIGTERM");
     assert_eq!(status.code(), Some(137), "{status:?}");
@@ -236,7 +295,11 @@ fn sigkill_to_cachefs_leaves_no_mount() {
         ),
     );
     wait_for_file(&ready);
-    let cmd_pid: i32 = fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
+    let cmd_pid: i32 = fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
     kill(child.id(), libc::SIGKILL);
     let status = child.wait().unwrap();
     assert_eq!(status.signal(), Some(libc::SIGKILL));
@@ -265,7 +328,10 @@ fn second_run_sees_first_runs_files() {
         ),
     );
     assert_ok(&out);
-    assert!(!t.join("f").exists(), "files went into the cache, not the target directory");
+    assert!(
+        !t.join("f").exists(),
+        "files went into the cache, not the target directory"
+    );
     assert!(!is_mounted(&t));
     let out = env.run_sh(
         &s,
@@ -280,7 +346,10 @@ fn second_run_sees_first_runs_files() {
     let inst = env.instance_dirs();
     assert_eq!(inst.len(), 1, "{inst:?}");
     assert_eq!(fs::read(inst[0].join("f")).unwrap(), b"hello\n");
-    assert!(env.store.join("cachefs.db").is_file(), "metadata database exists");
+    assert!(
+        env.store.join("cachefs.db").is_file(),
+        "metadata database exists"
+    );
 }
 
 #[test]
@@ -322,7 +391,10 @@ fn id_defaults_to_target_and_aliases() {
 fn different_ids_are_isolated() {
     let env = CliEnv::new();
     let t = env.path("t");
-    assert_ok(&env.run_sh(&[spec("a", &t, "")], &format!("echo A > '{}/f'", t.display())));
+    assert_ok(&env.run_sh(
+        &[spec("a", &t, "")],
+        &format!("echo A > '{}/f'", t.display()),
+    ));
     let out = env.run_sh(
         &[spec("b", &t, "")],
         &format!("ls -A '{t}'; echo B > '{t}/g'", t = t.display()),
@@ -362,7 +434,11 @@ fn two_mounts_in_one_run() {
     let inner = t1.join("inner");
     let out = env.run_sh(
         &[spec("inner", &inner, ""), spec("m1", &t1, "")],
-        &format!("echo in > '{}/x' && cat '{}/f'", inner.display(), t1.display()),
+        &format!(
+            "echo in > '{}/x' && cat '{}/f'",
+            inner.display(),
+            t1.display()
+        ),
     );
     assert_ok(&out);
     assert_eq!(stdout_of(&out), "1\n");
@@ -373,7 +449,10 @@ fn two_mounts_in_one_run() {
 fn read_only_mount_rejects_writes() {
     let env = CliEnv::new();
     let t = env.path("t");
-    assert_ok(&env.run_sh(&[spec("ro", &t, "")], &format!("echo data > '{}/f'", t.display())));
+    assert_ok(&env.run_sh(
+        &[spec("ro", &t, "")],
+        &format!("echo data > '{}/f'", t.display()),
+    ));
     for flag in ["ro", "readonly"] {
         let out = env.run_sh(
             &[spec("ro", &t, flag)],
@@ -391,7 +470,10 @@ fn read_only_mount_rejects_writes() {
             stderr_of(&out)
         );
     }
-    assert!(env.find_in_caches("new").is_empty(), "nothing written to the cache");
+    assert!(
+        env.find_in_caches("new").is_empty(),
+        "nothing written to the cache"
+    );
     assert_eq!(env.find_in_caches("f").len(), 1);
 }
 
@@ -409,7 +491,11 @@ fn non_empty_target_is_hidden_then_back() {
         ),
     );
     assert_ok(&out);
-    assert_eq!(stdout_of(&out), "", "the cache is empty, the original file hidden");
+    assert_eq!(
+        stdout_of(&out),
+        "",
+        "the cache is empty, the original file hidden"
+    );
     assert_eq!(dir_names(&t), ["orig"]);
     assert_eq!(fs::read(t.join("orig")).unwrap(), b"original");
     assert_eq!(env.find_in_caches("cached").len(), 1);
@@ -452,8 +538,11 @@ fn uid_gid_mode_set_the_cache_root() {
     let m = fs::metadata(&inst[0]).unwrap();
     assert_eq!((m.uid(), m.gid(), m.mode() & 0o7777), (1234, 2345, 0o750));
     // The build user the cache belongs to can write to it.
-    fs::set_permissions(env.dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755))
-        .unwrap();
+    fs::set_permissions(
+        env.dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
     let out = env.run(
         &[spec("owned", &t, "uid=1234,gid=2345,mode=0750")],
         &[
@@ -482,7 +571,11 @@ fn command_gets_stdio_env_and_cwd() {
     let mut c = env.run_cmd(
         &[],
         &[spec("io", &t, "")],
-        &["sh", "-c", "echo \"$CACHEFS_TEST_VAR\"; pwd; cat; echo to-stderr >&2"],
+        &[
+            "sh",
+            "-c",
+            "echo \"$CACHEFS_TEST_VAR\"; pwd; cat; echo to-stderr >&2",
+        ],
     );
     c.env("CACHEFS_TEST_VAR", "value-42")
         .current_dir(&cwd)
@@ -503,12 +596,22 @@ fn no_passthrough_flag() {
     let c = env.run_cmd(
         &["--no-passthrough"],
         &[spec("np", &t, "")],
-        &["sh", "-c", &format!("head -c 3000000 /dev/urandom > '{t}/r' && cat '{t}/r' | wc -c", t = t.display())],
+        &[
+            "sh",
+            "-c",
+            &format!(
+                "head -c 3000000 /dev/urandom > '{t}/r' && cat '{t}/r' | wc -c",
+                t = t.display()
+            ),
+        ],
     );
     let out = output_with_timeout(c, T);
     assert_ok(&out);
     assert_eq!(stdout_of(&out).trim(), "3000000");
-    assert_eq!(fs::metadata(&env.find_in_caches("r")[0]).unwrap().len(), 3_000_000);
+    assert_eq!(
+        fs::metadata(&env.find_in_caches("r")[0]).unwrap().len(),
+        3_000_000
+    );
 }
 
 /// Ids are names, not paths: whatever they contain, the cache lives inside the store.
@@ -535,9 +638,9 @@ fn ids_never_place_anything_outside_the_store() {
         let out = env.run_sh(&[s], &format!("echo {i} > '{}/marker{i}'", t.display()));
         assert_ok(&out);
     }
-    for i in 0..ids.len() {
+    for (i, id) in ids.iter().enumerate() {
         let found = env.find_in_caches(&format!("marker{i}"));
-        assert_eq!(found.len(), 1, "id {:?}: {found:?}", ids[i]);
+        assert_eq!(found.len(), 1, "id {id:?}: {found:?}");
         assert!(found[0].starts_with(env.store.join("caches")));
     }
     assert_eq!(env.instance_dirs().len(), ids.len(), "one cache per id");
@@ -572,7 +675,12 @@ fn concurrent_runs_share_and_lock() {
         ),
     );
     assert_ok(&out);
-    assert_eq!(stdout_of(&out), "from-holder\nflock=1\n", "{}", stderr_of(&out));
+    assert_eq!(
+        stdout_of(&out),
+        "from-holder\nflock=1\n",
+        "{}",
+        stderr_of(&out)
+    );
     kill(holder.id(), libc::SIGTERM);
     wait_child(&mut holder, "holder");
     let out = env.run_sh(
@@ -590,15 +698,26 @@ fn concurrent_runs_share_and_lock() {
 #[track_caller]
 fn assert_rejected(env: &CliEnv, out: &std::process::Output, what: &str, mention: &str) {
     let err = stderr_of(out);
-    assert_eq!(out.status.code(), Some(2), "{what}: exit code; stderr: {err}");
-    assert_eq!(err.lines().count(), 1, "{what}: one line on stderr, got: {err:?}");
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{what}: exit code; stderr: {err}"
+    );
+    assert_eq!(
+        err.lines().count(),
+        1,
+        "{what}: one line on stderr, got: {err:?}"
+    );
     assert!(err.starts_with("cachefs:"), "{what}: {err:?}");
     assert!(
         err.to_lowercase().contains(&mention.to_lowercase()),
         "{what}: the message should mention {mention:?}: {err:?}"
     );
     assert_eq!(env.cache_count(), 0, "{what}: a cache was created");
-    assert!(env.instance_dirs().is_empty(), "{what}: an instance was created");
+    assert!(
+        env.instance_dirs().is_empty(),
+        "{what}: an instance was created"
+    );
     assert_eq!(stdout_of(out), "", "{what}: the command must not run");
 }
 
@@ -608,16 +727,36 @@ fn bad_specs_exit_2() {
     let t = env.path("not-created");
     let tp = t.display();
     let cases: Vec<(String, &str, &str)> = vec![
-        (format!("type=cache,target={tp},foo=bar"), "unknown key", "foo"),
+        (
+            format!("type=cache,target={tp},foo=bar"),
+            "unknown key",
+            "foo",
+        ),
         ("type=cache,id=x".to_string(), "missing target", "target"),
         (format!("type=bind,target={tp}"), "type=bind", "type"),
         (format!("type=tmpfs,target={tp}"), "type=tmpfs", "type"),
         (format!("type=cache,target={tp},uid=abc"), "uid=abc", "uid"),
         (format!("type=cache,target={tp},gid=-1"), "gid=-1", "gid"),
-        (format!("type=cache,target={tp},mode=9999"), "mode=9999", "mode"),
-        (format!("type=cache,target={tp},mode=0x1ff"), "mode=0x1ff", "mode"),
-        (format!("type=cache,target={tp},sharing=bogus"), "sharing=bogus", "sharing"),
-        (format!("type=cache,id={},target={tp}", "x".repeat(256)), "256-byte id", "id"),
+        (
+            format!("type=cache,target={tp},mode=9999"),
+            "mode=9999",
+            "mode",
+        ),
+        (
+            format!("type=cache,target={tp},mode=0x1ff"),
+            "mode=0x1ff",
+            "mode",
+        ),
+        (
+            format!("type=cache,target={tp},sharing=bogus"),
+            "sharing=bogus",
+            "sharing",
+        ),
+        (
+            format!("type=cache,id={},target={tp}", "x".repeat(256)),
+            "256-byte id",
+            "id",
+        ),
         ("".to_string(), "empty spec", "target"),
     ];
     for (s, what, mention) in &cases {
@@ -678,7 +817,11 @@ fn target_already_mounted_exits_2() {
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert_eq!(err.lines().count(), 1, "{err:?}");
     assert!(err.starts_with("cachefs:"));
-    assert_eq!(env.cache_count(), count_before, "no new cache for the refused run");
+    assert_eq!(
+        env.cache_count(),
+        count_before,
+        "no new cache for the refused run"
+    );
     kill(holder.id(), libc::SIGTERM);
     wait_child(&mut holder, "holder");
     assert!(!is_mounted(&t2));

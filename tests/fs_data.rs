@@ -15,7 +15,15 @@ const MIB: u64 = 1 << 20;
 
 fn round_trip(pt: bool) {
     let mut tm = TestMount::mode(pt);
-    let sizes = [0usize, 1, 4095, 4096, 4097, 128 * 1024 + 3, MIB as usize + 7];
+    let sizes = [
+        0usize,
+        1,
+        4095,
+        4096,
+        4097,
+        128 * 1024 + 3,
+        MIB as usize + 7,
+    ];
     for &n in &sizes {
         let name = format!("f{n}");
         let data = content(&name, n);
@@ -32,7 +40,11 @@ fn round_trip(pt: bool) {
 
     // Overwrite in the middle with pwrite, read back with pread.
     let name = format!("f{}", 128 * 1024 + 3);
-    let f = OpenOptions::new().read(true).write(true).open(tm.m(&name)).unwrap();
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(tm.m(&name))
+        .unwrap();
     f.write_all_at(b"MIDDLE", 70_000).unwrap();
     let mut buf = [0u8; 6];
     f.read_exact_at(&mut buf, 70_000).unwrap();
@@ -65,7 +77,11 @@ fn sizes_and_truncate(pt: bool) {
         .unwrap();
     f.write_all(&content("s", 10_000)).unwrap();
     // The size is visible while the file is still open, by path and by fd.
-    assert_eq!(fs::metadata(&p).unwrap().len(), 10_000, "stat by path while open");
+    assert_eq!(
+        fs::metadata(&p).unwrap().len(),
+        10_000,
+        "stat by path while open"
+    );
     assert_eq!(f.metadata().unwrap().len(), 10_000, "fstat while open");
     assert_eq!(fs::metadata(tm.b("s")).unwrap().len(), 10_000, "backing");
 
@@ -81,11 +97,20 @@ fn sizes_and_truncate(pt: bool) {
     let data = fs::read(&p).unwrap();
     assert_eq!(data.len(), 50_000);
     assert_eq!(&data[..100], &content("s", 100)[..]);
-    assert!(data[100..].iter().all(|&b| b == 0), "grown tail must be zeros");
+    assert!(
+        data[100..].iter().all(|&b| b == 0),
+        "grown tail must be zeros"
+    );
     assert_same(&p, &tm.b("s"));
 
     // O_TRUNC empties it.
-    drop(OpenOptions::new().write(true).truncate(true).open(&p).unwrap());
+    drop(
+        OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(&p)
+            .unwrap(),
+    );
     assert_eq!(fs::metadata(&p).unwrap().len(), 0);
     assert_eq!(fs::metadata(tm.b("s")).unwrap().len(), 0);
 
@@ -119,12 +144,19 @@ fn large_file(pt: bool) {
     let written = write_stream(&tm.m("big"), "large-file", len);
     assert_eq!(fs::metadata(tm.m("big")).unwrap().len(), len);
     assert_eq!(hash_file(&tm.b("big")), (written, len), "backing content");
-    assert_eq!(hash_file(&tm.m("big")), (written, len), "read back via mount");
+    assert_eq!(
+        hash_file(&tm.m("big")),
+        (written, len),
+        "read back via mount"
+    );
     // Read again on a fresh mount, so nothing comes from the old mount's page cache.
     tm.remount();
     assert_eq!(hash_file(&tm.m("big")), (written, len), "after remount");
     // Random reads at unaligned offsets agree with the backing file.
-    let (fm, fb) = (File::open(tm.m("big")).unwrap(), File::open(tm.b("big")).unwrap());
+    let (fm, fb) = (
+        File::open(tm.m("big")).unwrap(),
+        File::open(tm.b("big")).unwrap(),
+    );
     for off in [0u64, 4095, 1 << 20, 100 * MIB + 17, len - 5000] {
         let (mut a, mut b) = (vec![0u8; 5000], vec![0u8; 5000]);
         fm.read_exact_at(&mut a, off).unwrap();
@@ -154,13 +186,33 @@ fn sparse(pt: bool) {
     let (m, b) = (stat(&p).unwrap(), stat(&tm.b("sparse")).unwrap());
     assert_eq!(m.st_size, far + 4096);
     assert_eq!(b.st_size, far + 4096);
-    assert!(b.st_blocks <= 64, "backing must stay sparse: {} blocks", b.st_blocks);
+    assert!(
+        b.st_blocks <= 64,
+        "backing must stay sparse: {} blocks",
+        b.st_blocks
+    );
     assert_eq!(m.st_blocks, b.st_blocks, "st_blocks via mount");
 
-    assert_eq!(lseek_data(&f, 0, libc::SEEK_DATA).unwrap(), far, "SEEK_DATA from 0");
-    assert_eq!(lseek_data(&f, 0, libc::SEEK_HOLE).unwrap(), 0, "SEEK_HOLE from 0");
-    assert_eq!(lseek_data(&f, far, libc::SEEK_HOLE).unwrap(), far + 4096, "SEEK_HOLE in data");
-    assert_errno(lseek_data(&f, far + 8192, libc::SEEK_DATA), libc::ENXIO, "SEEK_DATA past EOF");
+    assert_eq!(
+        lseek_data(&f, 0, libc::SEEK_DATA).unwrap(),
+        far,
+        "SEEK_DATA from 0"
+    );
+    assert_eq!(
+        lseek_data(&f, 0, libc::SEEK_HOLE).unwrap(),
+        0,
+        "SEEK_HOLE from 0"
+    );
+    assert_eq!(
+        lseek_data(&f, far, libc::SEEK_HOLE).unwrap(),
+        far + 4096,
+        "SEEK_HOLE in data"
+    );
+    assert_errno(
+        lseek_data(&f, far + 8192, libc::SEEK_DATA),
+        libc::ENXIO,
+        "SEEK_DATA past EOF",
+    );
 
     let mut buf = vec![1u8; 4096];
     f.read_exact_at(&mut buf, (far / 2) as u64).unwrap();
@@ -198,7 +250,11 @@ fn fallocate(pt: bool) {
     cvt(unsafe { libc::fallocate(fd, libc::FALLOC_FL_KEEP_SIZE, MIB as i64, MIB as i64) }).unwrap();
     let (m, b) = (stat(&p).unwrap(), stat(&tm.b("fa")).unwrap());
     assert_eq!((m.st_size, b.st_size), (MIB as i64, MIB as i64));
-    assert!(b.st_blocks >= 4096, "allocated past EOF: {} blocks", b.st_blocks);
+    assert!(
+        b.st_blocks >= 4096,
+        "allocated past EOF: {} blocks",
+        b.st_blocks
+    );
     assert_eq!(m.st_blocks, b.st_blocks);
 
     // Punch a hole in written data: those bytes read back as zeros, the rest survives.
@@ -217,9 +273,15 @@ fn fallocate(pt: bool) {
     expect[65536..65536 + 131072].fill(0);
     let mut got = vec![0u8; MIB as usize];
     f.read_exact_at(&mut got, 0).unwrap();
-    assert!(got == expect, "punched range must read as zeros via the mount");
+    assert!(
+        got == expect,
+        "punched range must read as zeros via the mount"
+    );
     drop(f);
-    assert!(fs::read(tm.b("fa")).unwrap() == expect, "backing after punch");
+    assert!(
+        fs::read(tm.b("fa")).unwrap() == expect,
+        "backing after punch"
+    );
     assert_same(&p, &tm.b("fa"));
 }
 
@@ -264,10 +326,22 @@ fn copy_file_range(pt: bool) {
 fn unlink_open_file(pt: bool) {
     let tm = TestMount::mode(pt);
     fs::write(tm.m("gone"), b"keep me").unwrap();
-    let mut f = OpenOptions::new().read(true).write(true).open(tm.m("gone")).unwrap();
+    let mut f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(tm.m("gone"))
+        .unwrap();
     fs::remove_file(tm.m("gone")).unwrap();
-    assert_errno(lstat(&tm.m("gone")), libc::ENOENT, "unlinked name via mount");
-    assert_errno(lstat(&tm.b("gone")), libc::ENOENT, "unlinked name in backing");
+    assert_errno(
+        lstat(&tm.m("gone")),
+        libc::ENOENT,
+        "unlinked name via mount",
+    );
+    assert_errno(
+        lstat(&tm.b("gone")),
+        libc::ENOENT,
+        "unlinked name in backing",
+    );
     let mut s = String::new();
     f.read_to_string(&mut s).unwrap();
     assert_eq!(s, "keep me", "open file stays readable after unlink");
@@ -279,7 +353,10 @@ fn unlink_open_file(pt: bool) {
     assert_eq!(st.st_nlink, 0, "nlink of an unlinked open file");
     assert_eq!(st.st_size, 17);
     drop(f);
-    assert!(dir_names(tm.backing()).is_empty(), "nothing left in backing");
+    assert!(
+        dir_names(tm.backing()).is_empty(),
+        "nothing left in backing"
+    );
 
     // Renaming over an open file: the old fd keeps the old content.
     fs::write(tm.m("a"), b"new content").unwrap();
@@ -298,7 +375,11 @@ fn mmap_shared(pt: bool) {
     let len = 64 * 1024;
     let data = content("mmap", len);
     fs::write(tm.m("map"), &data).unwrap();
-    let f = OpenOptions::new().read(true).write(true).open(tm.m("map")).unwrap();
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(tm.m("map"))
+        .unwrap();
     unsafe {
         let p = libc::mmap(
             std::ptr::null_mut(),
@@ -308,7 +389,12 @@ fn mmap_shared(pt: bool) {
             f.as_raw_fd(),
             0,
         );
-        assert_ne!(p, libc::MAP_FAILED, "mmap: {}", std::io::Error::last_os_error());
+        assert_ne!(
+            p,
+            libc::MAP_FAILED,
+            "mmap: {}",
+            std::io::Error::last_os_error()
+        );
         let s = std::slice::from_raw_parts_mut(p.cast::<u8>(), len);
         assert!(s == &data[..], "mapped content");
         s[10_000..10_005].copy_from_slice(b"MAPPD");
@@ -318,7 +404,10 @@ fn mmap_shared(pt: bool) {
     drop(f);
     let mut expect = data;
     expect[10_000..10_005].copy_from_slice(b"MAPPD");
-    assert!(fs::read(tm.b("map")).unwrap() == expect, "mmap write reached backing");
+    assert!(
+        fs::read(tm.b("map")).unwrap() == expect,
+        "mmap write reached backing"
+    );
     assert!(fs::read(tm.m("map")).unwrap() == expect);
 }
 
@@ -371,7 +460,12 @@ fn two_mounts_coherent(pt: bool) {
     assert_eq!(fs::read(b.m("f")).unwrap(), b"abcdefghij", "content via B");
     // Append through B while A has it open.
     let fa = File::open(a.m("f")).unwrap();
-    OpenOptions::new().append(true).open(b.m("f")).unwrap().write_all(b"XY").unwrap();
+    OpenOptions::new()
+        .append(true)
+        .open(b.m("f"))
+        .unwrap()
+        .write_all(b"XY")
+        .unwrap();
     assert_eq!(fa.metadata().unwrap().len(), 12, "fstat via A");
     let mut s = String::new();
     (&fa).read_to_string(&mut s).unwrap();

@@ -83,10 +83,16 @@ fn lock_helper() {
 
 fn helper_cmd(op: &str, path: &Path) -> Command {
     let mut c = Command::new(std::env::current_exe().unwrap());
-    c.args(["--exact", "lock_helper", "--nocapture", "--test-threads", "1"])
-        .env(HELPER_ENV, format!("{op}:{}", path.display()))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
+    c.args([
+        "--exact",
+        "lock_helper",
+        "--nocapture",
+        "--test-threads",
+        "1",
+    ])
+    .env(HELPER_ENV, format!("{op}:{}", path.display()))
+    .stdout(Stdio::null())
+    .stderr(Stdio::null());
     c
 }
 
@@ -115,7 +121,11 @@ fn assert_granted_soon(op: &str, path: &Path, what: &str) {
         rc = try_in_other_process(op, path);
         rc == 0
     });
-    assert!(ok, "{what}: {op} on {} must be granted, helper exit code {rc}", path.display());
+    assert!(
+        ok,
+        "{what}: {op} on {} must be granted, helper exit code {rc}",
+        path.display()
+    );
 }
 
 /// Takes a lock in this process, retrying while it is refused with EAGAIN (a previous holder's
@@ -150,7 +160,12 @@ fn setlk_soon(f: &File, typ: i32) {
 #[track_caller]
 fn assert_granted(op: &str, path: &Path, what: &str) {
     let rc = try_in_other_process(op, path);
-    assert_eq!(rc, 0, "{what}: {op} on {} must be granted (exit code = errno)", path.display());
+    assert_eq!(
+        rc,
+        0,
+        "{what}: {op} on {} must be granted (exit code = errno)",
+        path.display()
+    );
 }
 
 fn setlk(f: &File, typ: i32, start: i64, len: i64) -> std::io::Result<()> {
@@ -173,9 +188,14 @@ fn flock(f: &File, op: i32) -> std::io::Result<()> {
 fn assert_waits_then_gets(mut child: Child, release: impl FnOnce(), what: &str) {
     std::thread::sleep(Duration::from_millis(300));
     let early = child.try_wait().unwrap();
-    assert!(early.is_none(), "{what}: the waiter got through while the lock was held: {early:?}");
+    assert!(
+        early.is_none(),
+        "{what}: the waiter got through while the lock was held: {early:?}"
+    );
     release();
-    let done = wait_until(Duration::from_secs(30), || child.try_wait().unwrap().is_some());
+    let done = wait_until(Duration::from_secs(30), || {
+        child.try_wait().unwrap().is_some()
+    });
     if !done {
         let _ = child.kill();
         let _ = child.wait();
@@ -194,23 +214,51 @@ fn posix_locks(pt: bool) {
     // Control: with no lock held anywhere, the helper gets it.
     assert_granted("posix-w", &via_b, "nothing held");
 
-    let held = OpenOptions::new().read(true).write(true).open(&via_a).unwrap();
+    let held = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&via_a)
+        .unwrap();
     setlk_soon(&held, libc::F_WRLCK);
-    assert_refused("posix-w", &via_b, "write lock held via mount A, tried via mount B");
+    assert_refused(
+        "posix-w",
+        &via_b,
+        "write lock held via mount A, tried via mount B",
+    );
     assert_refused("posix-r", &via_b, "write lock held via A, read lock via B");
-    assert_refused("posix-w", &via_a, "write lock held via A, tried by another process via A");
-    assert_refused("posix-w", &backing, "write lock held via A, tried on the backing file");
-    assert_eq!(try_in_other_process("getlk", &via_b), GETLK_WR, "F_GETLK via B");
+    assert_refused(
+        "posix-w",
+        &via_a,
+        "write lock held via A, tried by another process via A",
+    );
+    assert_refused(
+        "posix-w",
+        &backing,
+        "write lock held via A, tried on the backing file",
+    );
+    assert_eq!(
+        try_in_other_process("getlk", &via_b),
+        GETLK_WR,
+        "F_GETLK via B"
+    );
 
     setlk(&held, libc::F_UNLCK, 0, 0).unwrap();
     assert_granted("posix-w", &via_b, "after release via A");
-    assert_eq!(try_in_other_process("getlk", &via_b), 0, "F_GETLK after release");
+    assert_eq!(
+        try_in_other_process("getlk", &via_b),
+        0,
+        "F_GETLK after release"
+    );
 
     // Read locks are shared, and keep writers out.
     setlk_soon(&held, libc::F_RDLCK);
     assert_granted("posix-r", &via_b, "read lock held via A, read lock via B");
     assert_refused("posix-w", &via_b, "read lock held via A, write lock via B");
-    assert_eq!(try_in_other_process("getlk", &via_b), GETLK_RD, "F_GETLK sees a read lock");
+    assert_eq!(
+        try_in_other_process("getlk", &via_b),
+        GETLK_RD,
+        "F_GETLK sees a read lock"
+    );
     setlk(&held, libc::F_UNLCK, 0, 0).unwrap();
 
     // Byte ranges.
@@ -224,7 +272,11 @@ fn posix_locks(pt: bool) {
     assert_granted_soon("posix-w", &via_b, "after close");
 
     // A blocking F_SETLKW via B waits for A's lock.
-    let held = OpenOptions::new().read(true).write(true).open(&via_a).unwrap();
+    let held = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&via_a)
+        .unwrap();
     setlk_soon(&held, libc::F_WRLCK);
     let waiter = helper_cmd("posix-wait", &via_b).spawn().unwrap();
     assert_waits_then_gets(
@@ -255,10 +307,18 @@ fn flock_locks(pt: bool) {
     let held = File::open(&via_a).unwrap();
     flock_soon(&held, libc::LOCK_EX);
     assert_refused("flock-ex", &via_b, "flock held via A, tried via B");
-    assert_refused("flock-sh", &via_b, "exclusive flock held via A, shared via B");
+    assert_refused(
+        "flock-sh",
+        &via_b,
+        "exclusive flock held via A, shared via B",
+    );
     assert_refused("flock-ex", &via_a, "flock held via A, another open via A");
     assert_eq!(flock_n(&via_b), 1, "`flock -n` via B while A holds it");
-    assert_eq!(flock_n(&backing), 1, "`flock -n` on the backing file while A holds it");
+    assert_eq!(
+        flock_n(&backing),
+        1,
+        "`flock -n` on the backing file while A holds it"
+    );
 
     flock(&held, libc::LOCK_UN).unwrap();
     assert_eq!(flock_n(&via_b), 0, "`flock -n` via B after A released it");
@@ -288,7 +348,11 @@ fn flock_locks(pt: bool) {
     // And one held on the backing file directly keeps mount users out.
     let direct = File::open(&backing).unwrap();
     flock_soon(&direct, libc::LOCK_EX);
-    assert_refused("flock-ex", &via_a, "flock held on the backing file, tried via A");
+    assert_refused(
+        "flock-ex",
+        &via_a,
+        "flock held on the backing file, tried via A",
+    );
     drop(direct);
     assert_granted("flock-ex", &via_a, "after the direct holder closed");
 }
@@ -304,7 +368,11 @@ fn lock_released_when_holder_exits(pt: bool) {
     let a = TestMount::mode(pt);
     let b = a.second_mount(opts(pt));
     fs::write(a.m("lock"), b"").unwrap();
-    let f = OpenOptions::new().read(true).write(true).open(a.m("lock")).unwrap();
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(a.m("lock"))
+        .unwrap();
     for round in 0..30 {
         assert_granted("posix-w", &b.m("lock"), "helper");
         setlk(&f, libc::F_WRLCK, 0, 0).unwrap_or_else(|e| {
@@ -314,11 +382,18 @@ fn lock_released_when_holder_exits(pt: bool) {
     }
     // The same for a lock this process drops by closing its file.
     for round in 0..30 {
-        let g = OpenOptions::new().read(true).write(true).open(a.m("lock")).unwrap();
+        let g = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(a.m("lock"))
+            .unwrap();
         setlk(&g, libc::F_WRLCK, 0, 0).unwrap();
         drop(g);
         let rc = try_in_other_process("posix-w", &b.m("lock"));
-        assert_eq!(rc, 0, "round {round}: the lock is still held after its file was closed");
+        assert_eq!(
+            rc, 0,
+            "round {round}: the lock is still held after its file was closed"
+        );
     }
 }
 
@@ -336,7 +411,11 @@ fn posix_lock_owner_is_the_process(pt: bool) {
         .expect("a second lock by the same process through another fd must not conflict");
     assert_refused("posix-w", &p, "held by this process");
     drop(fd2);
-    assert_granted("posix-w", &p, "closing any fd of the file releases the process's locks");
+    assert_granted(
+        "posix-w",
+        &p,
+        "closing any fd of the file releases the process's locks",
+    );
     drop(fd1);
 }
 

@@ -44,7 +44,10 @@ fn passthrough_flag_follows_options_and_kernel() {
         );
     }
     let us = TestMount::mode(false);
-    assert!(!us.passthrough_active(), "passthrough: false must force the userspace path");
+    assert!(
+        !us.passthrough_active(),
+        "passthrough: false must force the userspace path"
+    );
     // Both serve data.
     fs::write(pt.m("x"), b"pt").unwrap();
     fs::write(us.m("x"), b"us").unwrap();
@@ -69,7 +72,11 @@ fn mount_unmount_and_drop() {
     fs::write(mnt.join("new"), b"written").unwrap();
     m.unmount().unwrap();
     assert!(!is_mounted(&mnt), "unmount() leaves no mount");
-    assert_eq!(dir_names(&mnt), Vec::<String>::new(), "mount point is empty again");
+    assert_eq!(
+        dir_names(&mnt),
+        Vec::<String>::new(),
+        "mount point is empty again"
+    );
     assert_eq!(fs::read(backing.join("new")).unwrap(), b"written");
 
     // Dropping a MountedFs unmounts too.
@@ -126,7 +133,8 @@ fn modes() {
     assert_eq!(perm(&tm.m("created")), 0o604);
     // fchmod through an open fd.
     let f = File::open(tm.m("f")).unwrap();
-    f.set_permissions(fs::Permissions::from_mode(0o611)).unwrap();
+    f.set_permissions(fs::Permissions::from_mode(0o611))
+        .unwrap();
     assert_eq!(perm(&tm.b("f")), 0o611);
 }
 
@@ -166,9 +174,17 @@ fn chown_as_root() {
         .arg(format!("echo hi > '{}'", tm.m("theirs").display()))
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let b = lstat(&tm.b("theirs")).unwrap();
-    assert_eq!((b.st_uid, b.st_gid), (4321, 4321), "owner of a file made by uid 4321");
+    assert_eq!(
+        (b.st_uid, b.st_gid),
+        (4321, 4321),
+        "owner of a file made by uid 4321"
+    );
     assert_same(&tm.m("theirs"), &tm.b("theirs"));
 }
 
@@ -185,10 +201,21 @@ fn timestamps_set_by_utimens() {
     }
     utimens(&tm.m("l"), Some(at), Some(mt), libc::AT_SYMLINK_NOFOLLOW).unwrap();
     for name in ["f", "d", "l"] {
-        for (where_, st) in [("mount", lstat(&tm.m(name))), ("backing", lstat(&tm.b(name)))] {
+        for (where_, st) in [
+            ("mount", lstat(&tm.m(name))),
+            ("backing", lstat(&tm.b(name))),
+        ] {
             let st = st.unwrap();
-            assert_eq!((st.st_mtime, st.st_mtime_nsec), mt, "{name} mtime in {where_}");
-            assert_eq!((st.st_atime, st.st_atime_nsec), at, "{name} atime in {where_}");
+            assert_eq!(
+                (st.st_mtime, st.st_mtime_nsec),
+                mt,
+                "{name} mtime in {where_}"
+            );
+            assert_eq!(
+                (st.st_atime, st.st_atime_nsec),
+                at,
+                "{name} atime in {where_}"
+            );
         }
     }
     // Changing the target's times leaves the link's own times alone; UTIME_OMIT on atime
@@ -205,7 +232,11 @@ fn timestamps_set_by_utimens() {
     let c = cpath(&tm.m("f"));
     cvt(unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), std::ptr::null(), 0) }).unwrap();
     let m = lstat(&tm.m("f")).unwrap();
-    assert!(m.st_mtime >= now - 5, "UTIME_NOW mtime {} vs now {now}", m.st_mtime);
+    assert!(
+        m.st_mtime >= now - 5,
+        "UTIME_NOW mtime {} vs now {now}",
+        m.st_mtime
+    );
     assert_same(&tm.m("f"), &tm.b("f"));
 
     // touch -d, as build tools and tar use it.
@@ -213,12 +244,21 @@ fn timestamps_set_by_utimens() {
         "touch -d '2001-02-03 04:05:06.789' '{}'",
         tm.m("touched").display()
     ));
-    let expected = sh("date -d '2001-02-03 04:05:06' +%s").trim().parse::<i64>().unwrap();
-    for st in [lstat(&tm.m("touched")).unwrap(), lstat(&tm.b("touched")).unwrap()] {
+    let expected = sh("date -d '2001-02-03 04:05:06' +%s")
+        .trim()
+        .parse::<i64>()
+        .unwrap();
+    for st in [
+        lstat(&tm.m("touched")).unwrap(),
+        lstat(&tm.b("touched")).unwrap(),
+    ] {
         assert_eq!((st.st_mtime, st.st_mtime_nsec), (expected, 789_000_000));
     }
     // futimens on an open fd.
-    let f = OpenOptions::new().write(true).open(tm.m("touched")).unwrap();
+    let f = OpenOptions::new()
+        .write(true)
+        .open(tm.m("touched"))
+        .unwrap();
     f.set_modified(std::time::UNIX_EPOCH + std::time::Duration::new(777, 7))
         .unwrap();
     drop(f);
@@ -250,10 +290,22 @@ fn symlinks() {
         symlink(t, tm.m(name)).unwrap();
     }
     for (name, t) in links {
-        assert_eq!(fs::read_link(tm.m(name)).unwrap().to_str().unwrap(), t, "{name} via mount");
-        assert_eq!(fs::read_link(tm.b(name)).unwrap().to_str().unwrap(), t, "{name} in backing");
+        assert_eq!(
+            fs::read_link(tm.m(name)).unwrap().to_str().unwrap(),
+            t,
+            "{name} via mount"
+        );
+        assert_eq!(
+            fs::read_link(tm.b(name)).unwrap().to_str().unwrap(),
+            t,
+            "{name} in backing"
+        );
         let st = lstat(&tm.m(name)).unwrap();
-        assert_eq!(st.st_mode & libc::S_IFMT, libc::S_IFLNK, "{name} lstat type");
+        assert_eq!(
+            st.st_mode & libc::S_IFMT,
+            libc::S_IFLNK,
+            "{name} lstat type"
+        );
         assert_eq!(st.st_size as usize, t.len(), "{name} lstat size");
         assert_same(&tm.m(name), &tm.b(name));
     }
@@ -292,10 +344,22 @@ fn hard_links() {
     fs::hard_link(tm.m("a"), tm.m("b")).unwrap();
     fs::hard_link(tm.m("a"), tm.m("sub/c")).unwrap();
     for name in ["a", "b", "sub/c"] {
-        assert_eq!(lstat(&tm.m(name)).unwrap().st_nlink, 3, "{name} nlink via mount");
-        assert_eq!(lstat(&tm.b(name)).unwrap().st_nlink, 3, "{name} nlink in backing");
+        assert_eq!(
+            lstat(&tm.m(name)).unwrap().st_nlink,
+            3,
+            "{name} nlink via mount"
+        );
+        assert_eq!(
+            lstat(&tm.b(name)).unwrap().st_nlink,
+            3,
+            "{name} nlink in backing"
+        );
     }
-    assert_eq!(ino(&tm.m("a")), ino(&tm.m("b")), "same inode through the mount");
+    assert_eq!(
+        ino(&tm.m("a")),
+        ino(&tm.m("b")),
+        "same inode through the mount"
+    );
     assert_eq!(ino(&tm.m("a")), ino(&tm.m("sub/c")));
     assert_eq!(ino(&tm.b("a")), ino(&tm.b("b")), "same inode in backing");
     // Writes through one name are seen through the others.
@@ -317,11 +381,23 @@ fn hard_links() {
     assert_eq!(ino(&tm.m("d")), ino(&tm.m("b")));
     assert_eq!(lstat(&tm.m("d")).unwrap().st_nlink, 3);
     // Directories cannot be hard-linked; existing names are not replaced.
-    assert_errno(fs::hard_link(tm.m("sub"), tm.m("sub2")), libc::EPERM, "link a dir");
-    assert_errno(fs::hard_link(tm.m("b"), tm.m("d")), libc::EEXIST, "link onto existing");
+    assert_errno(
+        fs::hard_link(tm.m("sub"), tm.m("sub2")),
+        libc::EPERM,
+        "link a dir",
+    );
+    assert_errno(
+        fs::hard_link(tm.m("b"), tm.m("d")),
+        libc::EEXIST,
+        "link onto existing",
+    );
     let mut tm = tm;
     tm.remount();
-    assert_eq!(ino(&tm.m("b")), ino(&tm.m("sub/c")), "same inode after remount");
+    assert_eq!(
+        ino(&tm.m("b")),
+        ino(&tm.m("sub/c")),
+        "same inode after remount"
+    );
     assert_same_tree(tm.mnt(), tm.backing());
 }
 
@@ -358,7 +434,11 @@ fn renames() {
     // The moved directory keeps working: create in it under the new name.
     fs::write(m("z/y/g"), b"g").unwrap();
     assert_eq!(fs::read(b("z/y/g")).unwrap(), b"g");
-    assert_eq!(lstat(&m("x")).unwrap().st_nlink, 2, "x lost its subdirectory");
+    assert_eq!(
+        lstat(&m("x")).unwrap().st_nlink,
+        2,
+        "x lost its subdirectory"
+    );
     assert_eq!(lstat(&m("z")).unwrap().st_nlink, 3, "z gained one");
 
     // RENAME_NOREPLACE.
@@ -395,10 +475,18 @@ fn renames() {
     fs::create_dir(m("empty")).unwrap();
     fs::rename(m("x"), m("empty")).unwrap();
     assert!(b("empty").is_dir() && !b("x").exists());
-    assert_errno(fs::rename(m("empty"), m("q")), libc::ENOTEMPTY, "dir over non-empty dir");
+    assert_errno(
+        fs::rename(m("empty"), m("q")),
+        libc::ENOTEMPTY,
+        "dir over non-empty dir",
+    );
     assert_errno(fs::rename(m("z"), m("q")), libc::EISDIR, "file over dir");
     assert_errno(fs::rename(m("q"), m("z")), libc::ENOTDIR, "dir over file");
-    assert_errno(fs::rename(m("q"), m("q/y/inside")), libc::EINVAL, "dir into itself");
+    assert_errno(
+        fs::rename(m("q"), m("q/y/inside")),
+        libc::EINVAL,
+        "dir into itself",
+    );
 
     // A rename done in the backing directory shows through after a fresh lookup.
     let mut tm = tm;
@@ -418,11 +506,19 @@ fn directories() {
     assert_eq!(perm(&tm.b("d750")), 0o750);
     assert_errno(fs::create_dir(tm.m("d")), libc::EEXIST, "mkdir existing");
     fs::write(tm.m("d/f"), b"f").unwrap();
-    assert_errno(fs::remove_dir(tm.m("d")), libc::ENOTEMPTY, "rmdir non-empty");
+    assert_errno(
+        fs::remove_dir(tm.m("d")),
+        libc::ENOTEMPTY,
+        "rmdir non-empty",
+    );
     assert!(tm.b("d/f").exists(), "nothing removed by a failed rmdir");
     assert_errno(fs::remove_dir(tm.m("d/f")), libc::ENOTDIR, "rmdir a file");
     assert_errno(fs::remove_file(tm.m("d")), libc::EISDIR, "unlink a dir");
-    assert_errno(fs::create_dir(tm.m("nope/x")), libc::ENOENT, "mkdir in missing parent");
+    assert_errno(
+        fs::create_dir(tm.m("nope/x")),
+        libc::ENOENT,
+        "mkdir in missing parent",
+    );
     fs::remove_file(tm.m("d/f")).unwrap();
     fs::remove_dir(tm.m("d")).unwrap();
     assert!(!tm.b("d").exists());
@@ -435,11 +531,22 @@ fn directories() {
     assert_same(tm.mnt(), tm.backing());
     // Names: spaces, newline, unicode, 255 bytes; 256 bytes is too long.
     let n255 = "n".repeat(255);
-    for name in ["with space", "new\nline", "ünïcødé-名前", n255.as_str(), ".hidden", "-dash"] {
+    for name in [
+        "with space",
+        "new\nline",
+        "ünïcødé-名前",
+        n255.as_str(),
+        ".hidden",
+        "-dash",
+    ] {
         fs::write(tm.m(name), name.as_bytes()).unwrap();
         assert_eq!(fs::read(tm.b(name)).unwrap(), name.as_bytes(), "{name:?}");
     }
-    assert_errno(fs::write(tm.m(&"n".repeat(256)), b""), libc::ENAMETOOLONG, "256-byte name");
+    assert_errno(
+        fs::write(tm.m(&"n".repeat(256)), b""),
+        libc::ENAMETOOLONG,
+        "256-byte name",
+    );
     // mknod of a regular file.
     mknod(&tm.m("nodfile"), libc::S_IFREG | 0o600, 0).unwrap();
     let st = lstat(&tm.b("nodfile")).unwrap();
@@ -459,7 +566,11 @@ fn xattrs() {
         setxattr(&m, "user.binary", &binary, 0).unwrap();
         setxattr(&m, "user.empty", b"", 0).unwrap();
         assert_eq!(getxattr(&m, "user.plain").unwrap(), b"value");
-        assert_eq!(getxattr(&b, "user.plain").unwrap(), b"value", "{name}: in backing");
+        assert_eq!(
+            getxattr(&b, "user.plain").unwrap(),
+            b"value",
+            "{name}: in backing"
+        );
         assert_eq!(getxattr(&m, "user.binary").unwrap(), binary);
         assert_eq!(getxattr(&b, "user.binary").unwrap(), binary);
         assert_eq!(getxattr(&m, "user.empty").unwrap(), b"");
@@ -479,16 +590,30 @@ fn xattrs() {
         assert_eq!(getxattr(&b, "user.plain").unwrap(), b"replaced");
         assert_errno(getxattr(&m, "user.missing"), libc::ENODATA, "get missing");
         removexattr(&m, "user.plain").unwrap();
-        assert_errno(getxattr(&b, "user.plain"), libc::ENODATA, "removed in backing");
-        assert_errno(removexattr(&m, "user.plain"), libc::ENODATA, "remove missing");
+        assert_errno(
+            getxattr(&b, "user.plain"),
+            libc::ENODATA,
+            "removed in backing",
+        );
+        assert_errno(
+            removexattr(&m, "user.plain"),
+            libc::ENODATA,
+            "remove missing",
+        );
         assert_eq!(user_xattrs(&m), ["user.binary", "user.empty"]);
     }
     // Set in the backing directory, seen through the mount; and through the tools.
     setxattr(&tm.b("f"), "user.behind", b"b", 0).unwrap();
     assert_eq!(getxattr(&tm.m("f"), "user.behind").unwrap(), b"b");
-    sh(&format!("setfattr -n user.tool -v hello '{}'", tm.m("f").display()));
+    sh(&format!(
+        "setfattr -n user.tool -v hello '{}'",
+        tm.m("f").display()
+    ));
     let dump = sh(&format!("getfattr -d '{}'", tm.m("f").display()));
-    assert!(dump.contains("user.tool=\"hello\""), "getfattr output: {dump}");
+    assert!(
+        dump.contains("user.tool=\"hello\""),
+        "getfattr output: {dump}"
+    );
     assert_eq!(getxattr(&tm.b("f"), "user.tool").unwrap(), b"hello");
     // A getxattr with a too-small buffer reports ERANGE.
     let (c, n) = (cpath(&tm.m("f")), cstr("user.binary"));
@@ -522,7 +647,11 @@ fn fifo() {
     reader.read_to_string(&mut s).unwrap();
     assert_eq!(s, "through the fifo");
     // The same fifo is reachable through the backing path (it is the backing fifo).
-    assert_errno(mkfifo(&tm.m("pipe"), 0o600), libc::EEXIST, "mkfifo existing");
+    assert_errno(
+        mkfifo(&tm.m("pipe"), 0o600),
+        libc::EEXIST,
+        "mkfifo existing",
+    );
     fs::remove_file(tm.m("pipe")).unwrap();
     assert!(!tm.b("pipe").exists());
 }
@@ -564,7 +693,11 @@ fn read_only_mount_rejects_writes() {
     let m = |p: &str| tm.m(p);
     let erofs = libc::EROFS;
     assert_errno(File::create(m("new")), erofs, "create");
-    assert_errno(OpenOptions::new().write(true).open(m("f")), erofs, "open for write");
+    assert_errno(
+        OpenOptions::new().write(true).open(m("f")),
+        erofs,
+        "open for write",
+    );
     assert_errno(
         OpenOptions::new().read(true).write(true).open(m("f")),
         erofs,
@@ -585,14 +718,28 @@ fn read_only_mount_rejects_writes() {
     assert_errno(setxattr(&m("f"), "user.x", b"1", 0), erofs, "setxattr");
     assert_errno(utimens(&m("f"), None, Some((1, 0)), 0), erofs, "utimens");
     let c = cpath(&m("f"));
-    assert_errno(cvt(unsafe { libc::truncate(c.as_ptr(), 0) }), erofs, "truncate");
+    assert_errno(
+        cvt(unsafe { libc::truncate(c.as_ptr(), 0) }),
+        erofs,
+        "truncate",
+    );
     // Nothing changed in the backing directory.
     assert_eq!(dir_names(tm.backing()), ["d", "f"]);
     assert_eq!(fs::read(tm.b("f")).unwrap(), b"readable");
     let after = lstat(&tm.b("f")).unwrap();
     assert_eq!(
-        (after.st_mtime, after.st_mtime_nsec, after.st_mode, after.st_size),
-        (before.st_mtime, before.st_mtime_nsec, before.st_mode, before.st_size)
+        (
+            after.st_mtime,
+            after.st_mtime_nsec,
+            after.st_mode,
+            after.st_size
+        ),
+        (
+            before.st_mtime,
+            before.st_mtime_nsec,
+            before.st_mode,
+            before.st_size
+        )
     );
 }
 
@@ -628,7 +775,10 @@ fn readdir_10k_entries() {
     tm.remount();
     assert_eq!(dir_names(&tm.m("big")), expect, "listing after remount");
     sh(&format!("rm -rf '{}'", tm.m("big").display()));
-    assert!(!tm.b("big").exists(), "rm -rf through the mount removed everything");
+    assert!(
+        !tm.b("big").exists(),
+        "rm -rf through the mount removed everything"
+    );
 }
 
 /// A tree 200 directories deep: created through the mount, read through both sides, moved,
@@ -640,7 +790,10 @@ fn deep_tree() {
     let rel = rel.trim_end_matches('/');
     fs::create_dir_all(tm.m(rel)).unwrap();
     fs::write(tm.m(&format!("{rel}/bottom")), b"at the bottom").unwrap();
-    assert_eq!(fs::read(tm.b(&format!("{rel}/bottom"))).unwrap(), b"at the bottom");
+    assert_eq!(
+        fs::read(tm.b(&format!("{rel}/bottom"))).unwrap(),
+        b"at the bottom"
+    );
     let (files, dirs) = count_tree(tm.mnt());
     assert_eq!((files, dirs), (1, 200));
     // A deep tree made in the backing directory reads through the mount.
@@ -651,7 +804,10 @@ fn deep_tree() {
     // Rename the top directory; the bottom is reachable under the new name.
     fs::rename(tm.m("level000"), tm.m("moved")).unwrap();
     let moved = format!("moved/{}", rel.split_once('/').unwrap().1);
-    assert_eq!(fs::read(tm.m(&format!("{moved}/bottom"))).unwrap(), b"at the bottom");
+    assert_eq!(
+        fs::read(tm.m(&format!("{moved}/bottom"))).unwrap(),
+        b"at the bottom"
+    );
     let find = sh(&format!("find '{}' | wc -l", tm.mnt().display()));
     assert_eq!(find.trim(), (1 + 200 + 1 + 200 + 1).to_string());
     assert_same_tree(tm.mnt(), tm.backing());

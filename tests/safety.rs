@@ -51,7 +51,13 @@ impl Layout {
         }
         // Old, exact timestamps on everything, so any change shows.
         for p in ["secret", "sentinel", "subdir/inner", "subdir", ""] {
-            utimens(&outside.join(p), Some((1_000_000, 1)), Some((1_000_000, 1)), 0).unwrap();
+            utimens(
+                &outside.join(p),
+                Some((1_000_000, 1)),
+                Some((1_000_000, 1)),
+                0,
+            )
+            .unwrap();
         }
         let tm = TestMount::mount_at(dir, backing, mnt, opts);
         Layout { tm, root, outside }
@@ -136,12 +142,23 @@ fn requests_on_symlinks_never_follow_them() {
         if geteuid() == 0 {
             lchown(&m, 4242, 4343).unwrap();
             let b = lstat(&tm.b(name)).unwrap();
-            assert_eq!((b.st_uid, b.st_gid), (4242, 4343), "{name}: the link itself changed");
+            assert_eq!(
+                (b.st_uid, b.st_gid),
+                (4242, 4343),
+                "{name}: the link itself changed"
+            );
         }
         utimens(&m, Some((7, 7)), Some((7, 7)), libc::AT_SYMLINK_NOFOLLOW).unwrap();
-        assert_eq!(lstat(&tm.b(name)).unwrap().st_mtime, 7, "{name}: link's own mtime");
+        assert_eq!(
+            lstat(&tm.b(name)).unwrap().st_mtime,
+            7,
+            "{name}: link's own mtime"
+        );
         // user.* xattrs are not allowed on symlinks: refused, and not applied to the target.
-        assert!(lsetxattr(&m, "user.evil", b"x", 0).is_err(), "{name}: user xattr on a link");
+        assert!(
+            lsetxattr(&m, "user.evil", b"x", 0).is_err(),
+            "{name}: user xattr on a link"
+        );
         // trusted.* xattrs are allowed on symlinks for root (and reach the daemon, unlike
         // user.*, which the VFS refuses): if set, they land on the link.
         if geteuid() == 0 && lsetxattr(&m, "trusted.cachefs_test", b"on-link", 0).is_ok() {
@@ -154,7 +171,10 @@ fn requests_on_symlinks_never_follow_them() {
         // Reading xattrs of the link never shows the target's.
         for attr in ["user.secret", "trusted.secret"] {
             if let Ok(v) = lgetxattr(&m, attr) {
-                assert_ne!(v, SECRET, "{name}: lgetxattr {attr} leaked the target's xattr");
+                assert_ne!(
+                    v, SECRET,
+                    "{name}: lgetxattr {attr} leaked the target's xattr"
+                );
             }
         }
         let names = llistxattr(&m).unwrap_or_default();
@@ -163,15 +183,39 @@ fn requests_on_symlinks_never_follow_them() {
             "{name}: llistxattr listed the target's xattrs: {names:?}"
         );
         let st = lstat(&m).unwrap();
-        assert_eq!(st.st_mode & libc::S_IFMT, libc::S_IFLNK, "{name}: lstat is the link");
-        assert_ne!(st.st_size as usize, SECRET.len(), "{name}: lstat size is the target's");
+        assert_eq!(
+            st.st_mode & libc::S_IFMT,
+            libc::S_IFLNK,
+            "{name}: lstat is the link"
+        );
+        assert_ne!(
+            st.st_size as usize,
+            SECRET.len(),
+            "{name}: lstat size is the target's"
+        );
     }
     // Following relative links is the kernel's job, and resolves in the mount's namespace,
     // where ../outside does not exist.
-    assert_errno(fs::read(tm.m("rel")), libc::ENOENT, "read through ../outside/secret");
-    assert_errno(fs::read(tm.m("planted")), libc::ENOENT, "read through planted link");
-    assert_errno(File::create(tm.m("dirlink/new")), libc::ENOENT, "create through ../outside");
-    assert_errno(fs::create_dir(tm.m("dirlink/newdir")), libc::ENOENT, "mkdir through link");
+    assert_errno(
+        fs::read(tm.m("rel")),
+        libc::ENOENT,
+        "read through ../outside/secret",
+    );
+    assert_errno(
+        fs::read(tm.m("planted")),
+        libc::ENOENT,
+        "read through planted link",
+    );
+    assert_errno(
+        File::create(tm.m("dirlink/new")),
+        libc::ENOENT,
+        "create through ../outside",
+    );
+    assert_errno(
+        fs::create_dir(tm.m("dirlink/newdir")),
+        libc::ENOENT,
+        "mkdir through link",
+    );
     l.assert_untouched(&before);
 }
 
@@ -197,7 +241,11 @@ fn swapped_directory(pt: bool) {
         // The hostile build step, directly in the backing directory.
         fs::rename(tm.b("d"), tm.b("d.real")).unwrap();
         symlink("../outside", tm.b("d")).unwrap();
-        assert_eq!(fs::read(tm.b("d/secret")).unwrap(), SECRET, "the trap is set");
+        assert_eq!(
+            fs::read(tm.b("d/secret")).unwrap(),
+            SECRET,
+            "the trap is set"
+        );
 
         // Everything a build tool might do under d/ through the mount.
         let d = |n: &str| tm.m(&format!("d/{n}"));
@@ -211,6 +259,7 @@ fn swapped_directory(pt: bool) {
         let _ = OpenOptions::new()
             .write(true)
             .create(true)
+            .truncate(false)
             .mode(0o644)
             .open(d("created2"))
             .map(|mut f| f.write_all(b"x"));
@@ -220,7 +269,10 @@ fn swapped_directory(pt: bool) {
         let _ = fs::hard_link(d("inside"), d("hardlink"));
         let _ = fs::rename(d("inside"), d("renamed"));
         let _ = fs::write(d("sentinel"), b"overwritten");
-        let _ = OpenOptions::new().write(true).truncate(true).open(d("sentinel"));
+        let _ = OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(d("sentinel"));
         let _ = fs::set_permissions(d("sentinel"), fs::Permissions::from_mode(0o777));
         let _ = setxattr(&d("sentinel"), "user.evil", b"x", 0);
         let _ = removexattr(&d("secret"), "user.secret");
@@ -264,7 +316,11 @@ fn dotdot_stays_in_the_mount_namespace() {
     assert_eq!(dir_names(&tm.m("..")), ["mnt"], "mnt/.. is T/m");
     assert_eq!(dir_names(&tm.m("sub/../..")), ["mnt"]);
     assert_errno(lstat(&tm.m("../outside")), libc::ENOENT, "mnt/../outside");
-    assert_errno(lstat(&tm.m("sub/../../outside/secret")), libc::ENOENT, "sub/../..");
+    assert_errno(
+        lstat(&tm.m("sub/../../outside/secret")),
+        libc::ENOENT,
+        "sub/../..",
+    );
     // openat(mnt_fd, "..") as well.
     let root = File::open(tm.mnt()).unwrap();
     let c = cstr("../outside/secret");
@@ -277,7 +333,10 @@ fn dotdot_stays_in_the_mount_namespace() {
     };
     assert!(fd < 0, "openat(mnt, ../outside/secret) must fail");
     // The mount root's own inode number is not the backing's parent's.
-    assert_eq!(lstat(&tm.m("sub/..")).unwrap().st_ino, lstat(tm.mnt()).unwrap().st_ino);
+    assert_eq!(
+        lstat(&tm.m("sub/..")).unwrap().st_ino,
+        lstat(tm.mnt()).unwrap().st_ino
+    );
 }
 
 /// One thread of the "build step" swaps a directory with a symlink to the outside (atomic
@@ -302,7 +361,9 @@ fn rename_race(pt: bool) {
     std::thread::scope(|s| {
         // Swapper: d <-> s (a directory and a link to the outside).
         s.spawn(|| {
-            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline + Duration::from_secs(2) {
+            while !stop.load(Ordering::Relaxed)
+                && Instant::now() < deadline + Duration::from_secs(2)
+            {
                 renameat2(&tm.b("d"), &tm.b("s"), libc::RENAME_EXCHANGE).unwrap();
                 swaps.fetch_add(1, Ordering::Relaxed);
             }
@@ -310,7 +371,9 @@ fn rename_race(pt: bool) {
         // Planter: p/xK -> ../../outside/xK (resolves to T/b/outside/xK from p).
         s.spawn(|| {
             let mut k = 0usize;
-            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline + Duration::from_secs(2) {
+            while !stop.load(Ordering::Relaxed)
+                && Instant::now() < deadline + Duration::from_secs(2)
+            {
                 let name = tm.b(&format!("p/x{}", k % 8));
                 let _ = symlink(format!("../../outside/x{}", k % 8), &name);
                 std::thread::yield_now();
@@ -339,6 +402,7 @@ fn rename_race(pt: bool) {
                         .read(true)
                         .write(true)
                         .create(true)
+                        .truncate(false)
                         .open(d(&format!("{n}.rw")))
                         .map(|mut f| {
                             let _ = f.write_all(b"rw");
@@ -383,10 +447,16 @@ fn rename_race(pt: bool) {
         victim_ops.load(Ordering::Relaxed),
         victim_writes.load(Ordering::Relaxed),
     );
-    eprintln!("{}: {swaps} swaps, {rounds} victim rounds, {writes} writes", mode_name(pt));
+    eprintln!(
+        "{}: {swaps} swaps, {rounds} victim rounds, {writes} writes",
+        mode_name(pt)
+    );
     assert!(swaps > 100, "the race did not run");
     assert!(rounds > 10, "the victims did not run");
-    assert!(writes > 0, "no victim write ever succeeded: the race tested nothing");
+    assert!(
+        writes > 0,
+        "no victim write ever succeeded: the race tested nothing"
+    );
     l.assert_untouched(&before);
     // The instance still lists the same through the mount as in the backing directory.
     assert_eq!(dir_names(tm.mnt()), dir_names(tm.backing()));

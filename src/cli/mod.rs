@@ -14,6 +14,8 @@ use clap::{Args, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::filter::LevelFilter;
 
+mod busy;
+mod reaper;
 pub mod run;
 mod signals;
 
@@ -39,7 +41,7 @@ Examples:
   cachefs --store /srv/cachefs run --mount type=cache,target=/root/.cargo/registry -- cargo fetch
 
   # Log what cachefs does (or set RUST_LOG=cachefs=debug)
-  cachefs -vv run --mount type=cache,id=pip,target=/root/.cache/pip -- pip install -r requirements.txt
+  cachefs -vv run --mount type=cache,id=pip,target=/root/.cache/pip -- pip install .
 
 Exit codes:
   0..255  from `run`: the command's own status (128+N when it was killed by signal N)
@@ -198,11 +200,16 @@ fn init_logging(verbose: u8) {
         2 => LevelFilter::DEBUG,
         _ => LevelFilter::TRACE,
     };
+    let builder = EnvFilter::builder().with_default_directive(default.into());
     // RUST_LOG wins when set; invalid directives in it are skipped rather than fatal so that
     // a stray environment variable never stops a build step.
-    let filter = EnvFilter::builder()
-        .with_default_directive(default.into())
-        .from_env_lossy();
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(directives) if !directives.trim().is_empty() => builder.parse_lossy(directives),
+        // fuser logs an error for every reply the kernel no longer wants (the request was
+        // interrupted, e.g. its process was killed): normal, and noise in a build log.
+        _ if verbose == 0 => builder.parse_lossy("fuser::reply=off"),
+        _ => builder.parse_lossy(""),
+    };
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

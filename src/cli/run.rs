@@ -7,15 +7,19 @@
 //! 3. acquire the instances and mount, undoing the mounts done so far if one fails;
 //! 4. run the command, forwarding signals; then unmount, touch, exit with its status.
 
+use std::collections::HashSet;
 use std::ffi::OsString;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Component, Path, PathBuf};
 use std::process::Command;
+use std::sync::mpsc::RecvTimeoutError;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow};
 
 use super::signals::{Inherited, Started, Supervisor};
 use super::{Global, SpawnError, exit_code_of_status, print_error, print_warning, usage};
+use super::{busy, reaper};
 use crate::fs::{self, FsOptions, MountedFs};
 use crate::spec::MountSpec;
 use crate::store::{Instance, InstanceInit, Store};
@@ -30,12 +34,13 @@ SPEC is Dockerfile's cache-mount syntax, comma-separated key=value pairs:
                     instance for now)
   uid=N,gid=N       owner of the cache root when the cache is created (default 0)
   mode=OCTAL        mode of the cache root when the cache is created (default 0755)
-  ro / readonly     mount read-only
+  ro / readonly     mount read-only (also ro=true|false; rw / readwrite: the default)
 
-CMD runs with cachefs's stdio, environment and working directory. SIGINT, SIGTERM, SIGHUP and
-SIGQUIT are forwarded to it; a second SIGINT/SIGTERM kills it with SIGKILL. Everything is
-unmounted when it ends, and cachefs exits with its status (128+N if signal N killed it; 127 if
-it was not found, 126 if it could not be executed).
+CMD runs with cachefs's stdio, environment, working directory and umask. SIGINT, SIGTERM, SIGHUP
+and SIGQUIT are forwarded to it; a second SIGINT/SIGTERM kills it with SIGKILL. When it ends,
+processes it left running are stopped (SIGTERM, SIGKILL after 3s), everything is unmounted, and
+cachefs exits with its status (128+N if signal N killed it; 127 if it was not found, 126 if it
+could not be executed).
 
 Examples:
   # Download packages into a persistent apt cache, then find them there on the next run
@@ -49,7 +54,7 @@ Examples:
       --mount type=cache,id=target,target=./target,uid=1000,gid=1000 -- cargo build --release
 
   # Paste a line from a Dockerfile (RUN --mount=...)
-  cachefs run --mount=type=cache,target=/root/.cache/pip,sharing=locked -- pip install -r req.txt";
+  cachefs run --mount=type=cache,target=/root/.cache/pip,sharing=locked -- pip install .";
 
 /// `cachefs run` arguments.
 #[derive(Debug, clap::Args)]
@@ -89,7 +94,12 @@ struct Live {
     fs: MountedFs,
     instance: Instance,
     target: PathBuf,
+    /// The kernel's id of the mount, to name the processes that keep it busy.
+    mount_id: Option<u64>,
 }
+
+/// How long cachefs waits for its mounts to go away after the command ended.
+const UNMOUNT_GRACE: Duration = Duration::from_secs(5);
 
 pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
     let Some((program, program_args)) = args.command.split_first() else {
@@ -145,12 +155,26 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
     if let Some(dir) = child_cwd(&cwd, &plan) {
         cmd.current_dir(dir);
     }
+    // Processes the command leaves behind come back to cachefs, to be stopped before the
+    // unmount (see reaper). Children that exist now are helpers (fusermount3) to leave alone.
+    if let Err(err) = reaper::become_subreaper() {
+        tracing::warn!(%err, "cannot become a child subreaper; leftover processes are not stopped");
+    }
+    let helpers: HashSet<_> = reaper::children().into_iter().collect();
     let outcome = match supervisor.spawn(&mut cmd, &inherited) {
         Started::Running(child) => {
             let pid = child.id();
             tracing::info!(pid, command = ?args.command, "command started");
-            supervisor
-                .wait(child)
+            let status = supervisor.wait(child);
+            let left = reaper::stop_leftovers(&helpers);
+            if !left.is_empty() {
+                print_warning(format_args!(
+                    "stopped {} the command left running: {}",
+                    plural(left.len(), "process", "processes"),
+                    list_some(&left, 5)
+                ));
+            }
+            status
                 .map(|status| {
                     tracing::info!(pid, %status, "command ended");
                     exit_code_of_status(status)
@@ -210,11 +234,22 @@ fn absolute(path: &Path, cwd: &Path) -> PathBuf {
 }
 
 /// Two mounts on one target would hide each other: reject them.
+/// Existing targets are compared by their real path, so `/run/x` and `/var/run/x` (a symlink)
+/// are one target.
 fn reject_duplicates(plan: &[Planned]) -> anyhow::Result<()> {
+    let keys: Vec<PathBuf> = plan
+        .iter()
+        .map(|p| std::fs::canonicalize(&p.target).unwrap_or_else(|_| p.target.clone()))
+        .collect();
     for (i, a) in plan.iter().enumerate() {
-        if let Some(b) = plan[..i].iter().find(|b| b.target == a.target) {
+        if let Some(b) = (0..i).find(|&j| keys[j] == keys[i]).map(|j| &plan[j]) {
+            let same = if a.target == b.target {
+                String::new()
+            } else {
+                format!(" (the same directory as {})", b.target.display())
+            };
             return Err(usage(anyhow!(
-                "two mounts on one target {}: caches {:?} and {:?}; give each its own target",
+                "two mounts on one target {}{same}: caches {:?} and {:?}; give each its own target",
                 a.target.display(),
                 b.spec.id.as_str(),
                 a.spec.id.as_str()
@@ -272,19 +307,76 @@ fn mount_one(
         fs,
         instance,
         target: target.clone(),
+        mount_id: busy::mount_id(target),
     })
 }
 
 /// Unmounts in reverse mount order (children before parents). A failure is reported and the
 /// rest go on: the command's status is what the caller cares about. Returns the instances.
+///
+/// Unmounting waits for the filesystem's server to stop, and a process the command left
+/// running with files open in a cache keeps it serving. So the unmounts run on a thread and
+/// cachefs waits at most [`UNMOUNT_GRACE`]: then it names the processes and goes on to exit,
+/// and its exit closes the FUSE connection, which those processes see as I/O errors.
 fn unmount_all(live: Vec<Live>) -> Vec<Instance> {
     let mut instances = Vec::with_capacity(live.len());
+    let mut mounts = Vec::with_capacity(live.len());
+    // (target, mount id) in unmount order, for the messages.
+    let mut order = Vec::with_capacity(live.len());
     for l in live.into_iter().rev() {
-        match l.fs.unmount() {
-            Ok(()) => tracing::info!(target = %l.target.display(), "unmounted"),
-            Err(err) => print_warning(format_args!("{err}")),
-        }
         instances.push(l.instance);
+        order.push((l.target.clone(), l.mount_id));
+        mounts.push((l.fs, l.target));
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    let unmounter = move || {
+        for (fs, target) in mounts {
+            let result = fs.unmount();
+            // The receiver is gone only when cachefs stopped waiting: nothing left to tell.
+            let _ = tx.send((target, result));
+        }
+    };
+    if let Err(err) = std::thread::Builder::new()
+        .name("cachefs-unmount".into())
+        .spawn(unmounter)
+    {
+        // No thread: the closure (and with it every mount) was dropped, which unmounts them
+        // here; drop reports failures through the log.
+        print_warning(format_args!("unmounting without a time limit: {err}"));
+        return instances;
+    }
+    let deadline = Instant::now() + UNMOUNT_GRACE;
+    let mut done = 0;
+    while done < order.len() {
+        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok((target, Ok(()))) => {
+                tracing::info!(target = %target.display(), "unmounted");
+                done += 1;
+            }
+            Ok((_, Err(err))) => {
+                print_warning(format_args!("{err}"));
+                done += 1;
+            }
+            Err(RecvTimeoutError::Timeout) => {
+                for (target, mnt_id) in &order[done..] {
+                    let users = mnt_id.map(|id| busy::users_of(id, 5)).unwrap_or_default();
+                    let by = if users.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" by {}", users.join(", "))
+                    };
+                    print_warning(format_args!(
+                        "{} is still in use{by} {}s after the command ended; \
+                         exiting anyway, which disconnects it",
+                        target.display(),
+                        UNMOUNT_GRACE.as_secs()
+                    ));
+                }
+                break;
+            }
+            // The unmount thread panicked; what it held was dropped (and so unmounted).
+            Err(RecvTimeoutError::Disconnected) => break,
+        }
     }
     instances
 }
@@ -307,6 +399,20 @@ fn child_cwd(cwd: &Path, plan: &[Planned]) -> Option<PathBuf> {
         ));
         None
     }
+}
+
+/// "1 process", "2 processes".
+fn plural(n: usize, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
+}
+
+/// At most `max` items joined with ", ", then "and N more".
+fn list_some(items: &[String], max: usize) -> String {
+    let mut s = items[..items.len().min(max)].join(", ");
+    if items.len() > max {
+        s.push_str(&format!(" and {} more", items.len() - max));
+    }
+    s
 }
 
 /// The mount's source name shown in /proc/mounts: `cachefs:<id>`, reduced to characters that
@@ -339,6 +445,18 @@ mod tests {
         let long = fsname_for(&"é".repeat(255));
         assert_eq!(long.len(), 128);
         assert!(long.chars().all(|c| c.is_ascii_graphic()));
+    }
+
+    #[test]
+    fn lists_are_bounded() {
+        let items: Vec<String> = (1..=7).map(|i| format!("pid {i}")).collect();
+        assert_eq!(list_some(&items[..2], 5), "pid 1, pid 2");
+        assert_eq!(
+            list_some(&items, 5),
+            "pid 1, pid 2, pid 3, pid 4, pid 5 and 2 more"
+        );
+        assert_eq!(plural(1, "process", "processes"), "1 process");
+        assert_eq!(plural(3, "process", "processes"), "3 processes");
     }
 
     #[test]

@@ -40,7 +40,11 @@ pub fn opts(passthrough: bool) -> FsOptions {
 pub const MODES: [bool; 2] = [true, false];
 
 pub fn mode_name(passthrough: bool) -> &'static str {
-    if passthrough { "passthrough" } else { "userspace" }
+    if passthrough {
+        "passthrough"
+    } else {
+        "userspace"
+    }
 }
 
 /// Generates `mod NAME { #[test] fn passthrough(); #[test] fn userspace(); }` calling
@@ -249,7 +253,10 @@ fn unescape_mountinfo(field: &str) -> PathBuf {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\' && i + 4 <= b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+        if b[i] == b'\\'
+            && i + 4 <= b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
             let v = u16::from(b[i + 1] - b'0') * 64
                 + u16::from(b[i + 2] - b'0') * 8
                 + u16::from(b[i + 3] - b'0');
@@ -383,7 +390,15 @@ pub fn fstat(fd: i32) -> io::Result<libc::stat> {
 
 pub fn renameat2(from: &Path, to: &Path, flags: u32) -> io::Result<()> {
     let (f, t) = (cpath(from), cpath(to));
-    cvt(unsafe { libc::renameat2(libc::AT_FDCWD, f.as_ptr(), libc::AT_FDCWD, t.as_ptr(), flags) })?;
+    cvt(unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            f.as_ptr(),
+            libc::AT_FDCWD,
+            t.as_ptr(),
+            flags,
+        )
+    })?;
     Ok(())
 }
 
@@ -400,7 +415,12 @@ pub fn mknod(p: &Path, mode: u32, dev: u64) -> io::Result<()> {
 }
 
 /// utimensat(AT_FDCWD, p, [atime, mtime], flags); `None` is UTIME_OMIT.
-pub fn utimens(p: &Path, atime: Option<(i64, i64)>, mtime: Option<(i64, i64)>, flags: i32) -> io::Result<()> {
+pub fn utimens(
+    p: &Path,
+    atime: Option<(i64, i64)>,
+    mtime: Option<(i64, i64)>,
+    flags: i32,
+) -> io::Result<()> {
     let c = cpath(p);
     let ts = |t: Option<(i64, i64)>| match t {
         Some((s, ns)) => libc::timespec {
@@ -609,7 +629,11 @@ pub fn assert_same(mnt_path: &Path, backing_path: &Path) {
     let m = lstat(mnt_path).unwrap_or_else(|e| panic!("lstat {}: {e}", mnt_path.display()));
     let b = lstat(backing_path).unwrap_or_else(|e| panic!("lstat {}: {e}", backing_path.display()));
     let what = mnt_path.display();
-    assert_eq!(m.st_mode, b.st_mode, "{what}: mode {:o} vs backing {:o}", m.st_mode, b.st_mode);
+    assert_eq!(
+        m.st_mode, b.st_mode,
+        "{what}: mode {:o} vs backing {:o}",
+        m.st_mode, b.st_mode
+    );
     assert_eq!(m.st_uid, b.st_uid, "{what}: uid");
     assert_eq!(m.st_gid, b.st_gid, "{what}: gid");
     assert_eq!(m.st_size, b.st_size, "{what}: size");
