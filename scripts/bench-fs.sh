@@ -69,11 +69,12 @@ drop_caches() {
 
 # --- scratch space and cleanup -----------------------------------------------------------
 
-CACHEFS_PID=""
+declare -A PIDS    # configuration -> pid of its `cachefs run`
+declare -A DIRS    # configuration -> directory the workloads run in
 BINDFS_MNT=""
 cleanup() {
     set +e
-    if [ -n "$CACHEFS_PID" ]; then kill -TERM "$CACHEFS_PID" 2>/dev/null; wait "$CACHEFS_PID" 2>/dev/null; fi
+    for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null; wait "$pid" 2>/dev/null; done
     if [ -n "$BINDFS_MNT" ] && mountpoint -q "$BINDFS_MNT"; then
         fusermount3 -u "$BINDFS_MNT" 2>/dev/null || umount -l "$BINDFS_MNT"
     fi
@@ -114,54 +115,55 @@ rm -rf "$WORK/gen"
 # --- mounting each configuration ---------------------------------------------------------
 
 wait_mounted() {
-    local t=$1 i
-    for i in $(seq 1 200); do
+    local t=$1
+    for _ in $(seq 1 200); do
         if mountpoint -q "$t"; then return 0; fi
         sleep 0.05
     done
     die "$t did not get mounted"
 }
 
-# Sets DIR to where the workloads run.
+# Mounts a configuration; records where its workloads run in DIRS.
 setup() {
-    local config=$1
+    local config=$1 dir
     case "$config" in
         native)
-            DIR=$WORK/native
-            mkdir -p "$DIR"
+            dir=$WORK/native
+            mkdir -p "$dir"
             ;;
         passthrough|userspace)
-            DIR=$WORK/mnt-$config
-            mkdir -p "$DIR"
+            dir=$WORK/mnt-$config
+            mkdir -p "$dir"
             local extra=()
             if [ "$config" = userspace ]; then extra=(--no-passthrough); fi
             "$CACHEFS" --store "$WORK/store" run "${extra[@]}" \
-                --mount "type=cache,id=bench-$config,target=$DIR" -- sleep infinity &
-            CACHEFS_PID=$!
-            wait_mounted "$DIR"
+                --mount "type=cache,id=bench-$config,target=$dir" -- sleep infinity &
+            PIDS[$config]=$!
+            wait_mounted "$dir"
             ;;
         bindfs)
             mkdir -p "$WORK/bindfs-src" "$WORK/mnt-bindfs"
-            DIR=$WORK/mnt-bindfs
-            bindfs "$WORK/bindfs-src" "$DIR"
-            BINDFS_MNT=$DIR
-            wait_mounted "$DIR"
+            dir=$WORK/mnt-bindfs
+            bindfs "$WORK/bindfs-src" "$dir"
+            BINDFS_MNT=$dir
+            wait_mounted "$dir"
             ;;
         *) die "unknown configuration $config";;
     esac
+    DIRS[$config]=$dir
 }
 
 teardown() {
-    local config=$1
+    local config=$1 dir=${DIRS[$1]}
     case "$config" in
         passthrough|userspace)
-            kill -TERM "$CACHEFS_PID"
-            wait "$CACHEFS_PID" 2>/dev/null || true
-            CACHEFS_PID=""
-            ! mountpoint -q "$DIR" || die "cachefs left $DIR mounted"
+            kill -TERM "${PIDS[$config]}"
+            wait "${PIDS[$config]}" 2>/dev/null || true
+            unset "PIDS[$config]"
+            ! mountpoint -q "$dir" || die "cachefs left $dir mounted"
             ;;
         bindfs)
-            fusermount3 -u "$DIR" 2>/dev/null || umount "$DIR"
+            fusermount3 -u "$dir" 2>/dev/null || umount "$dir"
             BINDFS_MNT=""
             ;;
     esac
@@ -223,18 +225,26 @@ verify_tree() {
     [ "$bytes" -ge $(( TREE_BYTES * 9 / 10 )) ] || die "$1: tree has $bytes bytes, expected ~$TREE_BYTES"
 }
 
+# All configurations stay mounted for the whole run, and every round runs each of them in
+# turn, so slow phases of the (shared, virtual) disk spread over all of them alike.
 for config in $CONFIGS; do
     setup "$config"
-    log "$config: $ROUNDS rounds in $DIR"
+    DIR=${DIRS[$config]}
     # A first, untimed extract checks that the configuration works at all.
     mkdir -p "$DIR/tree"
     tar -C "$DIR/tree" -xf "$TARBALL"
     verify_tree "$config"
     rm -rf "$DIR/tree"
-    for r in $(seq 1 "$ROUNDS"); do
+    sync
+done
+for r in $(seq 1 "$ROUNDS"); do
+    for config in $CONFIGS; do
+        DIR=${DIRS[$config]}
         one_round "$config"
-        log "$config: round $r done"
     done
+    log "round $r of $ROUNDS done"
+done
+for config in $CONFIGS; do
     teardown "$config"
 done
 
@@ -298,6 +308,13 @@ for w in $WORKLOADS; do
         fi
     done
     echo "$row"
+done
+echo
+echo "all rounds, seconds:"
+for w in $WORKLOADS; do
+    for config in $CONFIGS; do
+        echo "  $w $config: ${RESULTS[$config,$w]}"
+    done
 done
 echo
 awk -v t="$RUN_TRUE" -v c="$RUN_CACHEFS" 'BEGIN {
