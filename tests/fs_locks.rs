@@ -1,7 +1,7 @@
 //! POSIX (fcntl) and flock locks are forwarded to the backing file: two mounts of one backing
 //! directory (two mounts of one shared cache) exclude each other the way apt's lock file
-//! expects, as do two processes using one mount, and processes locking the backing file
-//! directly.
+//! expects, as do two processes using one mount, and processes taking fcntl locks on the
+//! backing file directly (flock on the backing file itself is not seen: see `flock_locks`).
 //!
 //! The contending side always runs in another process (this test binary re-executed as a lock
 //! helper, see [`lock_helper`], or util-linux `flock`), because POSIX locks never conflict
@@ -290,7 +290,7 @@ fn flock_locks(pt: bool) {
     let a = TestMount::mode(pt);
     let b = a.second_mount(opts(pt));
     fs::write(a.m("lock"), b"").unwrap();
-    let (via_a, via_b, backing) = (a.m("lock"), b.m("lock"), a.b("lock"));
+    let (via_a, via_b) = (a.m("lock"), b.m("lock"));
     let flock_n = |p: &Path| {
         Command::new("flock")
             .arg("-n")
@@ -314,11 +314,10 @@ fn flock_locks(pt: bool) {
     );
     assert_refused("flock-ex", &via_a, "flock held via A, another open via A");
     assert_eq!(flock_n(&via_b), 1, "`flock -n` via B while A holds it");
-    assert_eq!(
-        flock_n(&backing),
-        1,
-        "`flock -n` on the backing file while A holds it"
-    );
+    // Not checked: flock(2) by a process on the backing file itself. cachefs forwards flock as
+    // OFD (fcntl-family) locks, which Linux keeps apart from flock locks (fuser does not tell
+    // the two requests apart); docs/ARCHITECTURE.md, "Locks". Backing directories belong to
+    // the store, so no user process locks them directly.
 
     flock(&held, libc::LOCK_UN).unwrap();
     assert_eq!(flock_n(&via_b), 0, "`flock -n` via B after A released it");
@@ -345,16 +344,6 @@ fn flock_locks(pt: bool) {
         || flock(&held, libc::LOCK_UN).unwrap(),
         "blocking flock via B",
     );
-    // And one held on the backing file directly keeps mount users out.
-    let direct = File::open(&backing).unwrap();
-    flock_soon(&direct, libc::LOCK_EX);
-    assert_refused(
-        "flock-ex",
-        &via_a,
-        "flock held on the backing file, tried via A",
-    );
-    drop(direct);
-    assert_granted("flock-ex", &via_a, "after the direct holder closed");
 }
 
 /// A process that exits has released its POSIX locks by the time it is gone: the kernel sends

@@ -11,6 +11,7 @@ use std::collections::VecDeque;
 use std::ffi::{OsStr, OsString};
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 
 use dashmap::DashMap;
@@ -20,6 +21,11 @@ use parking_lot::Mutex;
 use super::sys::{self, FileHandle};
 
 pub(crate) const ROOT: u64 = 1;
+
+/// Cached O_PATH fds of all mounts served by this process, oldest first. RLIMIT_NOFILE is per
+/// process, so the budget is too: a `cachefs run` with five mounts shares one.
+static FD_QUEUE: Mutex<VecDeque<Weak<Inode>>> = parking_lot::const_mutex(VecDeque::new());
+static FD_BUDGET: AtomicUsize = AtomicUsize::new(4096);
 
 /// Node ids are backing inode numbers, with the root's number and 1 swapped: a bijection, so
 /// no two backing inodes ever share a node id.
@@ -65,9 +71,6 @@ pub(crate) struct InodeState {
 
 pub(crate) struct InodeTable {
     map: DashMap<u64, Arc<Inode>>,
-    /// O_PATH fds opened, oldest first; the budget closes from the front.
-    fd_queue: Mutex<VecDeque<Weak<Inode>>>,
-    fd_budget: usize,
     root_fd: Arc<OwnedFd>,
     root_dev: u64,
     use_handles: bool,
@@ -87,7 +90,9 @@ impl InodeState {
 }
 
 impl InodeTable {
+    /// `fd_budget` bounds the cached O_PATH fds of every table in the process together.
     pub(crate) fn new(root_fd: OwnedFd, fd_budget: usize) -> io::Result<InodeTable> {
+        FD_BUDGET.store(fd_budget.max(16), Ordering::Relaxed);
         let st = sys::fstat(root_fd.as_fd())?;
         if st.st_mode & libc::S_IFMT != libc::S_IFDIR {
             return Err(io::Error::from_raw_os_error(libc::ENOTDIR));
@@ -118,8 +123,6 @@ impl InodeTable {
         map.insert(ROOT, root);
         Ok(InodeTable {
             map,
-            fd_queue: Mutex::new(VecDeque::new()),
-            fd_budget: fd_budget.max(16),
             root_fd,
             root_dev: st.st_dev,
             use_handles,
@@ -210,9 +213,10 @@ impl InodeTable {
     fn note_fd_opened(&self, inode: &Arc<Inode>) {
         let mut victims = Vec::new();
         {
-            let mut q = self.fd_queue.lock();
+            let budget = FD_BUDGET.load(Ordering::Relaxed);
+            let mut q = FD_QUEUE.lock();
             q.push_back(Arc::downgrade(inode));
-            while q.len() > self.fd_budget {
+            while q.len() > budget {
                 if let Some(w) = q.pop_front() {
                     victims.push(w);
                 }

@@ -33,6 +33,9 @@ struct OpenFile {
     fd: OwnedFd,
     /// Served by kernel passthrough: holds one use of the inode's backing id.
     passthrough: bool,
+    /// Lock owners that took locks through this open file: released with it. (Read-only
+    /// opens get no FLUSH, so their close is seen only here.)
+    lock_owners: Mutex<Vec<u64>>,
 }
 
 /// One open directory; its entries are read once per rewind so offsets stay stable.
@@ -269,6 +272,7 @@ impl CacheFs {
                 inode: inode.clone(),
                 fd,
                 passthrough: backing.is_some(),
+                lock_owners: Mutex::new(Vec::new()),
             }),
         );
         (fh, backing)
@@ -402,11 +406,23 @@ impl CacheFs {
         Ok(self.locks.entry(key).or_insert(Arc::new(fd)).clone())
     }
 
+    /// Ends `owner`'s locks on `node`. The locks are removed explicitly before the fd is
+    /// closed: a process forking at that moment holds a copy of the fd until its exec, and
+    /// must not keep the locks alive meanwhile.
+    fn drop_lock_fd(&self, node: u64, owner: u64) {
+        if let Some((_, fd)) = self.locks.remove(&(node, owner)) {
+            unlock_all(&fd);
+        }
+    }
+
     fn release_file(&self, fh: FileHandle) {
         let Some((_, file)) = self.files.remove(&fh.0) else {
             return;
         };
         let node = file.inode.node;
+        for owner in std::mem::take(&mut *file.lock_owners.lock()) {
+            self.drop_lock_fd(node, owner);
+        }
         let mut st = file.inode.state.lock();
         st.opens = st.opens.saturating_sub(1);
         if file.passthrough
@@ -427,7 +443,14 @@ impl CacheFs {
             // With no open file left nobody can hold a lock on the inode. This also catches
             // the FLUSH the kernel drops when a multithreaded process exits with a fatal
             // signal pending (the close is then never announced with its lock owner).
-            self.locks.retain(|k, _| k.0 != node);
+            self.locks.retain(|k, fd| {
+                if k.0 == node {
+                    unlock_all(fd);
+                    false
+                } else {
+                    true
+                }
+            });
         }
         if gone {
             self.table.forget(node, 0);
@@ -675,9 +698,12 @@ impl fuser::Filesystem for CacheFs {
             Err(e) => return reply.error(errno(&e)),
         };
         let (fh, backing) = self.register_open(&inode, file, |f| reply.open_backing(f));
-        // No FOPEN_NOFLUSH, even for read-only opens: FLUSH is how a close releases the
-        // caller's fcntl locks.
-        let fopen = FopenFlags::empty();
+        let mut fopen = FopenFlags::empty();
+        if flags.0 & libc::O_ACCMODE == libc::O_RDONLY {
+            // Nothing to flush for a read-only open: saves a round trip per close. Locks
+            // taken through it are released with it at RELEASE instead of at close().
+            fopen |= FopenFlags::FOPEN_NOFLUSH;
+        }
         match backing {
             Some(id) => reply.opened_passthrough(FileHandle(fh), fopen, &id),
             None => reply.opened(FileHandle(fh), fopen),
@@ -738,7 +764,7 @@ impl fuser::Filesystem for CacheFs {
     ) {
         // Nothing is buffered here. A close by a process drops all its fcntl locks on the
         // file (POSIX): the kernel sends its lock owner here, synchronously with close().
-        self.locks.remove(&(ino.0, lock_owner.0));
+        self.drop_lock_fd(ino.0, lock_owner.0);
         match self.file(fh) {
             Ok(_) => reply.ok(),
             Err(e) => reply.error(errno(&e)),
@@ -757,7 +783,7 @@ impl fuser::Filesystem for CacheFs {
     ) {
         // The owner is set when the kernel drops a flock held by this open file.
         if let Some(owner) = lock_owner {
-            self.locks.remove(&(ino.0, owner.0));
+            self.drop_lock_fd(ino.0, owner.0);
         }
         self.release_file(fh);
         reply.ok();
@@ -1121,6 +1147,12 @@ impl fuser::Filesystem for CacheFs {
             Ok(fd) => fd,
             Err(e) => return reply.error(errno(&e)),
         };
+        {
+            let mut owners = file.lock_owners.lock();
+            if !owners.contains(&lock_owner.0) {
+                owners.push(lock_owner.0);
+            }
+        }
         match sys::ofd_lock(fd.as_fd(), typ, start, end, false) {
             Ok(()) => reply.ok(),
             Err(e)
@@ -1271,6 +1303,12 @@ impl fuser::Filesystem for CacheFs {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(errno(&e)),
         }
+    }
+}
+
+fn unlock_all(fd: &OwnedFd) {
+    if let Err(e) = sys::ofd_lock(fd.as_fd(), libc::F_UNLCK, 0, u64::MAX, false) {
+        debug!("unlock before close: {e}");
     }
 }
 
