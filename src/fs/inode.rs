@@ -174,12 +174,9 @@ impl InodeTable {
 
     /// Opens an inode's file with real access flags (for I/O, truncate). Never a symlink:
     /// reopening one through /proc could follow it out of the instance.
-    pub(crate) fn open_file(
-        &self,
-        inode: &Arc<Inode>,
-        fd: &OwnedFd,
-        flags: i32,
-    ) -> io::Result<OwnedFd> {
+    /// By handle when there is one (no O_PATH fd needed: one syscall); else by reopening
+    /// the inode's fd through /proc.
+    pub(crate) fn open_file(&self, inode: &Arc<Inode>, flags: i32) -> io::Result<OwnedFd> {
         let (symlink, handle) = {
             let s = inode.state.lock();
             (s.is_symlink, s.handle.clone())
@@ -189,7 +186,7 @@ impl InodeTable {
         }
         match handle {
             Some(h) => sys::open_by_handle(self.root_fd.as_raw_fd(), &h, flags | libc::O_NOCTTY),
-            None => sys::reopen(fd.as_fd(), flags),
+            None => sys::reopen(self.fd(inode)?.as_fd(), flags),
         }
     }
 

@@ -230,11 +230,11 @@ impl CacheFs {
     }
 
     /// Opens the backing file with the caller's flags, by handle when possible.
-    fn open_backing_fd(&self, inode: &Arc<Inode>, fd: &OwnedFd, flags: i32) -> Res<OwnedFd> {
+    fn open_backing_fd(&self, inode: &Arc<Inode>, flags: i32) -> Res<OwnedFd> {
         // O_NOCTTY and O_CREAT/O_EXCL have no meaning on reopen; O_DIRECT would need aligned
         // buffers in the userspace path.
         let flags = flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY | libc::O_DIRECT);
-        self.table.open_file(inode, fd, flags)
+        self.table.open_file(inode, flags)
     }
 
     /// Registers an open file, sharing the inode's passthrough backing id when it has one.
@@ -347,7 +347,7 @@ impl CacheFs {
                     sys::cvt(unsafe { libc::ftruncate(f.fd.as_raw_fd(), size as libc::off_t) })
                 }
                 None => {
-                    let w = self.table.open_file(&inode, &fd, libc::O_WRONLY)?;
+                    let w = self.table.open_file(&inode, libc::O_WRONLY)?;
                     sys::cvt(unsafe { libc::ftruncate(w.as_raw_fd(), size as libc::off_t) })
                 }
             };
@@ -400,8 +400,8 @@ impl CacheFs {
         // by us still takes read locks.
         let fd = self
             .table
-            .open_file(&file.inode, &file.fd, libc::O_RDWR)
-            .or_else(|_| self.table.open_file(&file.inode, &file.fd, libc::O_RDONLY))?;
+            .open_file(&file.inode, libc::O_RDWR)
+            .or_else(|_| self.table.open_file(&file.inode, libc::O_RDONLY))?;
         file.inode.state.lock().has_lock_fds = true;
         Ok(self.locks.entry(key).or_insert(Arc::new(fd)).clone())
     }
@@ -689,8 +689,8 @@ impl fuser::Filesystem for CacheFs {
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let res = (|| {
-            let (inode, fd) = self.inode_fd(ino)?;
-            let file = self.open_backing_fd(&inode, &fd, flags.0)?;
+            let inode = self.table.get(ino.0)?;
+            let file = self.open_backing_fd(&inode, flags.0)?;
             Ok::<_, io::Error>((inode, file))
         })();
         let (inode, file) = match res {
