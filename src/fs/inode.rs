@@ -241,8 +241,52 @@ impl InodeTable {
     ) -> io::Result<Looked> {
         let cname = sys::component(name)?;
         let pfd = self.fd(parent)?;
+        if self.use_handles
+            && let Some(found) = self.lookup_known(&pfd, &cname, parent.node, count)?
+        {
+            return Ok(found);
+        }
         let fd = sys::open_path_at(pfd.as_fd(), &cname)?;
         self.adopt(parent.node, name, fd, count)
+    }
+
+    /// The fast path for a name whose inode the table already knows (re-lookups after an
+    /// entry timeout, readdirplus): stat and handle by name, no fd opened or closed. The
+    /// handle must equal the known inode's: that proves the name still designates that inode
+    /// (had the name been swapped between the two calls, the handle of the other file would
+    /// not match), so the attributes are its own. Anything else takes the full path.
+    fn lookup_known(
+        &self,
+        pfd: &OwnedFd,
+        cname: &std::ffi::CStr,
+        parent: u64,
+        count: bool,
+    ) -> io::Result<Option<Looked>> {
+        let st = sys::fstatat(pfd.as_fd(), cname)?;
+        if st.st_dev != self.root_dev {
+            return Ok(None);
+        }
+        let node = self.inos.to_node(st.st_ino);
+        let Some(entry) = self.map.get(&node) else {
+            return Ok(None);
+        };
+        let Ok(handle) = sys::name_to_handle_at(pfd.as_fd(), cname, 0) else {
+            return Ok(None);
+        };
+        // Counted under the shard lock, like `adopt`, so a concurrent forget cannot drop the
+        // entry in between.
+        let mut s = entry.state.lock();
+        if s.handle.as_ref() != Some(&handle) {
+            return Ok(None);
+        }
+        s.parent = parent;
+        if count {
+            s.nlookup += 1;
+        }
+        drop(s);
+        let inode = entry.value().clone();
+        drop(entry);
+        Ok(Some(Looked { inode, st }))
     }
 
     /// Registers a freshly opened O_PATH fd as a child `name` of `parent`.

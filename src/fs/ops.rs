@@ -278,7 +278,18 @@ impl CacheFs {
         (fh, backing)
     }
 
-    fn dir_entries(&self, dir: &OpenDir, offset: u64) -> Res<Arc<Vec<DirEnt>>> {
+    /// An open directory and its entries, read afresh when the listing starts (offset 0).
+    fn dir_entries(&self, fh: FileHandle, offset: u64) -> Res<(Arc<OpenDir>, Arc<Vec<DirEnt>>)> {
+        let dir = self
+            .dirs
+            .get(&fh.0)
+            .map(|d| d.value().clone())
+            .ok_or_else(ebadf)?;
+        let entries = self.read_entries(&dir, offset)?;
+        Ok((dir, entries))
+    }
+
+    fn read_entries(&self, dir: &OpenDir, offset: u64) -> Res<Arc<Vec<DirEnt>>> {
         let mut cached = dir.entries.lock();
         if offset == 0 || cached.is_none() {
             let fd = self.table.fd(&dir.inode)?;
@@ -839,11 +850,8 @@ impl fuser::Filesystem for CacheFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let Some(dir) = self.dirs.get(&fh.0).map(|d| d.value().clone()) else {
-            return reply.error(Errno::EBADF);
-        };
-        let entries = match self.dir_entries(&dir, offset) {
-            Ok(e) => e,
+        let (_, entries) = match self.dir_entries(fh, offset) {
+            Ok(v) => v,
             Err(e) => return reply.error(errno(&e)),
         };
         for (i, e) in entries.iter().enumerate().skip(offset as usize) {
@@ -862,11 +870,8 @@ impl fuser::Filesystem for CacheFs {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        let Some(dir) = self.dirs.get(&fh.0).map(|d| d.value().clone()) else {
-            return reply.error(Errno::EBADF);
-        };
-        let entries = match self.dir_entries(&dir, offset) {
-            Ok(e) => e,
+        let (dir, entries) = match self.dir_entries(fh, offset) {
+            Ok(v) => v,
             Err(e) => return reply.error(errno(&e)),
         };
         let dir_attr = match self

@@ -338,6 +338,15 @@ struct RawHandle {
 }
 
 pub(crate) fn name_to_handle(fd: BorrowedFd<'_>) -> io::Result<FileHandle> {
+    name_to_handle_at(fd, EMPTY, libc::AT_EMPTY_PATH)
+}
+
+/// The handle of `name` in `dir` (a symlink's own handle: the last component is not followed).
+pub(crate) fn name_to_handle_at(
+    dir: BorrowedFd<'_>,
+    name: &CStr,
+    flags: i32,
+) -> io::Result<FileHandle> {
     let mut raw = RawHandle {
         handle_bytes: MAX_HANDLE_SZ as u32,
         handle_type: 0,
@@ -346,11 +355,11 @@ pub(crate) fn name_to_handle(fd: BorrowedFd<'_>) -> io::Result<FileHandle> {
     let mut mount_id: libc::c_int = 0;
     cvt(unsafe {
         libc::name_to_handle_at(
-            fd.as_raw_fd(),
-            EMPTY.as_ptr(),
+            dir.as_raw_fd(),
+            name.as_ptr(),
             (&mut raw as *mut RawHandle).cast(),
             &mut mount_id,
-            libc::AT_EMPTY_PATH,
+            flags,
         )
     })?;
     let len = (raw.handle_bytes as usize).min(MAX_HANDLE_SZ);
