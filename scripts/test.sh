@@ -49,6 +49,15 @@ fi
 # scripts/demo.sh.
 # --no-fail-fast: one run reports every failing test binary, not just the first.
 step "cargo test --release --no-fail-fast $*"
-cargo test --release --no-fail-fast "$@"
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+status=0
+cargo test --release --no-fail-fast "$@" 2>&1 | tee "$log" || status=$?
 
-step "all tests passed"
+# One closing line for the whole run: cargo prints a result line per test binary, and the
+# last one (doc tests) counts none.
+summary=$(awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i) ~ /^passed;?$/) p += $(i-1); if ($(i) ~ /^failed;?$/) f += $(i-1) } }
+    END { printf "%d passed, %d failed", p, f }' "$log")
+echo
+echo "tests: $summary"
+exit "$status"
