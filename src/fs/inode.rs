@@ -91,7 +91,11 @@ impl InodeState {
 
 impl InodeTable {
     /// `fd_budget` bounds the cached O_PATH fds of every table in the process together.
-    pub(crate) fn new(root_fd: OwnedFd, fd_budget: usize) -> io::Result<InodeTable> {
+    pub(crate) fn new(
+        root_fd: OwnedFd,
+        fd_budget: usize,
+        want_handles: bool,
+    ) -> io::Result<InodeTable> {
         FD_BUDGET.store(fd_budget.max(16), Ordering::Relaxed);
         let st = sys::fstat(root_fd.as_fd())?;
         if st.st_mode & libc::S_IFMT != libc::S_IFDIR {
@@ -100,10 +104,11 @@ impl InodeTable {
         // Handles are used only if both directions work here (open_by_handle_at needs
         // CAP_DAC_READ_SEARCH, and some filesystems have no handles).
         let handle = sys::name_to_handle(root_fd.as_fd()).ok();
-        let use_handles = match &handle {
-            Some(h) => sys::open_by_handle(root_fd.as_raw_fd(), h, libc::O_PATH).is_ok(),
-            None => false,
-        };
+        let use_handles = want_handles
+            && match &handle {
+                Some(h) => sys::open_by_handle(root_fd.as_raw_fd(), h, libc::O_PATH).is_ok(),
+                None => false,
+            };
         let root_fd = Arc::new(root_fd);
         let root = Arc::new(Inode {
             node: ROOT,

@@ -59,6 +59,9 @@ pub struct FsOptions {
     pub threads: usize,
     /// Shown as the mount's source in /proc/mounts.
     pub fsname: String,
+    /// Reach cold inodes through kernel file handles when the process may (root). `false`
+    /// forces the by-name fallback that mounts without CAP_DAC_READ_SEARCH use.
+    pub file_handles: bool,
 }
 
 impl Default for FsOptions {
@@ -70,6 +73,7 @@ impl Default for FsOptions {
             attr_ttl: Duration::from_secs(1),
             threads: 4,
             fsname: "cachefs".to_string(),
+            file_handles: true,
         }
     }
 }
@@ -340,7 +344,7 @@ pub fn mount(source: &Path, target: &Path, opts: &FsOptions) -> Result<MountedFs
     // A quarter of the fd limit for cached O_PATH fds leaves room for open files and the
     // rest of the process.
     let budget = (nofile / 4).clamp(64, 16384) as usize;
-    let table = inode::InodeTable::new(root_fd, budget)
+    let table = inode::InodeTable::new(root_fd, budget, opts.file_handles)
         .map_err(|e| FsError::Source(source.to_path_buf(), e))?;
     debug!(
         "serving {} (file handles: {})",
