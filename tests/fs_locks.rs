@@ -205,6 +205,13 @@ fn assert_waits_then_gets(mut child: Child, release: impl FnOnce(), what: &str) 
     assert_eq!(status.code(), Some(0), "{what}: waiter exit");
 }
 
+/// Opens `p` read-write and takes a whole-file write lock on it (in this process).
+fn write_locked(p: &Path) -> File {
+    let f = OpenOptions::new().read(true).write(true).open(p).unwrap();
+    setlk_soon(&f, libc::F_WRLCK);
+    f
+}
+
 fn posix_locks(pt: bool) {
     let a = TestMount::mode(pt);
     let b = a.second_mount(opts(pt));
@@ -214,12 +221,7 @@ fn posix_locks(pt: bool) {
     // Control: with no lock held anywhere, the helper gets it.
     assert_granted("posix-w", &via_b, "nothing held");
 
-    let held = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&via_a)
-        .unwrap();
-    setlk_soon(&held, libc::F_WRLCK);
+    let held = write_locked(&via_a);
     assert_refused(
         "posix-w",
         &via_b,
@@ -272,12 +274,7 @@ fn posix_locks(pt: bool) {
     assert_granted_soon("posix-w", &via_b, "after close");
 
     // A blocking F_SETLKW via B waits for A's lock.
-    let held = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&via_a)
-        .unwrap();
-    setlk_soon(&held, libc::F_WRLCK);
+    let held = write_locked(&via_a);
     let waiter = helper_cmd("posix-wait", &via_b).spawn().unwrap();
     assert_waits_then_gets(
         waiter,
