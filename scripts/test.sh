@@ -3,7 +3,7 @@
 # real FUSE filesystems. This is what CI runs (.ci/run).
 #
 # Needs /dev/fuse and root (or fusermount3 for a user); installs fuse3 when fusermount3 is
-# missing. Usage: bash scripts/test.sh   (extra arguments go to `cargo test`)
+# missing. Usage: bash scripts/test.sh   (extra arguments go to `cargo nextest run`)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -47,16 +47,27 @@ fi
 # Release mode: the integration tests push hundreds of thousands of requests and hundreds
 # of MiB through the filesystem, several times faster optimised; it shares its build with
 # scripts/demo.sh.
-# --no-fail-fast: one run reports every failing test binary, not just the first.
-step "cargo test --release --no-fail-fast $*"
+# cargo-nextest runs each test in its own process and kills one that hangs
+# (.config/nextest.toml), so a stuck FUSE request fails the run instead of stalling it.
+# Without nextest, cargo test runs under an overall time limit instead.
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0
-cargo test --release --no-fail-fast "$@" 2>&1 | tee "$log" || status=$?
+if cargo nextest --version >/dev/null 2>&1; then
+    step "cargo nextest run --release --no-fail-fast $*"
+    cargo nextest run --release --no-fail-fast "$@" 2>&1 | tee "$log" || status=$?
+    step "cargo test --release --doc"
+    cargo test --release --doc 2>&1 | tee -a "$log" || status=$?
+else
+    step "cargo test --release --no-fail-fast $* (cargo-nextest is not installed: cargo install cargo-nextest)"
+    timeout --kill-after=30 1500 cargo test --release --no-fail-fast "$@" 2>&1 | tee "$log" || status=$?
+fi
 
-# One closing line for the whole run: cargo prints a result line per test binary, and the
-# last one (doc tests) counts none.
-summary=$(awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i) ~ /^passed;?$/) p += $(i-1); if ($(i) ~ /^failed;?$/) f += $(i-1) } }
+# One closing line for the whole run, counted from nextest's summary or cargo's per-binary
+# result lines.
+summary=$(awk '
+    /^ *Summary \[/ { for (i = 1; i <= NF; i++) { if ($(i) ~ /^passed,?$/) p += $(i-1); if ($(i) ~ /^failed,?$/) f += $(i-1); if ($(i) ~ /^timed$/) f += $(i-1) } }
+    /^test result:/ { for (i = 1; i <= NF; i++) { if ($(i) ~ /^passed;?$/) p += $(i-1); if ($(i) ~ /^failed;?$/) f += $(i-1) } }
     END { printf "%d passed, %d failed", p, f }' "$log")
 echo
 echo "tests: $summary"

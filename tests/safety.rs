@@ -418,11 +418,13 @@ fn rename_race_with(o: FsOptions) {
                     let n = format!("v{v}-{}", k % 16);
                     let d = |x: &str| tm.m(&format!("d/{x}"));
                     let p = |x: &str| tm.m(&format!("p/{x}"));
-                    if let Ok(data) = fs::read(d("secret")) {
+                    // Non-blocking opens throughout: the other victim plants fifos, and a
+                    // blocking open of a fifo nobody reads would hang this thread forever.
+                    if let Ok(data) = read_nonblocking(&d("secret")) {
                         assert_ne!(data, SECRET, "read the canary through the mount");
                     }
-                    let _ = fs::read(d("f"));
-                    if fs::write(d(&n), b"victim").is_ok() {
+                    let _ = read_nonblocking(&d("f"));
+                    if write_nonblocking(&d(&n), b"victim").is_ok() {
                         victim_writes.fetch_add(1, Ordering::Relaxed);
                     }
                     let _ = OpenOptions::new()
@@ -430,6 +432,7 @@ fn rename_race_with(o: FsOptions) {
                         .write(true)
                         .create(true)
                         .truncate(false)
+                        .custom_flags(libc::O_NONBLOCK)
                         .open(d(&format!("{n}.rw")))
                         .map(|mut f| {
                             let _ = f.write_all(b"rw");
@@ -447,14 +450,7 @@ fn rename_race_with(o: FsOptions) {
                     let _ = fs::remove_dir(d(&format!("{n}.dir")));
                     let _ = fs::remove_dir(d("subdir"));
                     let x = format!("x{}", k % 8);
-                    if OpenOptions::new()
-                        .write(true)
-                        .create(true)
-                        .truncate(true)
-                        .open(p(&x))
-                        .and_then(|mut f| f.write_all(b"victim"))
-                        .is_ok()
-                    {
+                    if write_nonblocking(&p(&x), b"victim").is_ok() {
                         victim_writes.fetch_add(1, Ordering::Relaxed);
                     }
                     let _ = fs::create_dir(p(&x));
@@ -490,3 +486,24 @@ fn rename_race_with(o: FsOptions) {
 }
 
 both_modes!(swapped_directory, rename_race);
+
+fn read_nonblocking(path: &Path) -> std::io::Result<Vec<u8>> {
+    let mut f = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    let mut data = Vec::new();
+    f.read_to_end(&mut data)?;
+    Ok(data)
+}
+
+/// A write-only open of a fifo without a reader fails with ENXIO instead of blocking.
+fn write_nonblocking(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?
+        .write_all(data)
+}
