@@ -5,5 +5,7 @@
 
 pub mod cli;
 pub mod fs;
+pub mod lease;
 pub mod spec;
 pub mod store;
+pub mod units;

@@ -12,7 +12,7 @@ use rusqlite::{Connection, OpenFlags, Transaction, TransactionBehavior};
 use super::error::{StoreError, db_error};
 
 /// The newest schema this build reads and writes.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 /// How long a statement waits for another process's write lock before failing.
 pub(crate) const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -92,6 +92,7 @@ fn check_not_newer(version: i64, root: &Path) -> Result<(), StoreError> {
 fn step(tx: &Transaction<'_>, version: i64) -> rusqlite::Result<()> {
     match version {
         0 => tx.execute_batch(V1),
+        1 => tx.execute_batch(V2),
         // `migrate` never calls past the newest version.
         _ => Ok(()),
     }
@@ -112,6 +113,27 @@ CREATE TABLE instances (
     last_used INTEGER NOT NULL,
     PRIMARY KEY (cache_id, number)
 );
+";
+
+/// Schema 2: leases, for display. The leases themselves are flocks on ticket files
+/// (see `lease`); a row is written when a request joins the queue (`waiting`), updated when it
+/// is granted (`held`) and deleted when it ends. `seq` is the arrival order. Times are unix
+/// milliseconds.
+const V2: &str = "
+CREATE TABLE leases (
+    seq       INTEGER PRIMARY KEY AUTOINCREMENT,
+    cache_id  TEXT    NOT NULL REFERENCES caches(id) ON DELETE CASCADE,
+    instance  INTEGER NOT NULL CHECK (instance >= 1),
+    sharing   TEXT    NOT NULL CHECK (sharing IN ('shared', 'locked', 'private')),
+    state     TEXT    NOT NULL CHECK (state IN ('waiting', 'held')),
+    pid       INTEGER NOT NULL,
+    host      TEXT    NOT NULL,
+    command   TEXT    NOT NULL,
+    target    TEXT,
+    since     INTEGER NOT NULL,
+    acquired  INTEGER
+);
+CREATE INDEX leases_by_cache ON leases (cache_id, instance, seq);
 ";
 
 #[cfg(test)]
@@ -139,6 +161,45 @@ mod tests {
         assert_eq!(fk, 1);
     }
 
+    /// A store written by the first release (schema 1, with a cache in it) opens with this
+    /// build: the cache survives and the new tables appear.
+    #[test]
+    fn schema_1_store_migrates_forward_keeping_caches() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("cachefs.db");
+        {
+            let conn = Connection::open(&db).unwrap();
+            conn.execute_batch(V1).unwrap();
+            conn.execute(
+                "INSERT INTO caches (id, key, created, last_used) VALUES ('apt', 'apt-0', 1, 2)",
+                [],
+            )
+            .unwrap();
+            conn.execute(
+                "INSERT INTO instances (cache_id, number, created, last_used) VALUES ('apt', 1, 1, 2)",
+                [],
+            )
+            .unwrap();
+            conn.pragma_update(None, "user_version", 1).unwrap();
+        }
+        let mut conn = open(&db, dir.path()).unwrap();
+        migrate(&mut conn, &db, dir.path()).unwrap();
+        let v: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(v, SCHEMA_VERSION);
+        let (id, last): (String, i64) = conn
+            .query_row("SELECT id, last_used FROM caches", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .unwrap();
+        assert_eq!((id.as_str(), last), ("apt", 2));
+        let leases: i64 = conn
+            .query_row("SELECT count(*) FROM leases", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(leases, 0);
+    }
+
     #[test]
     fn newer_schema_is_refused() {
         let dir = tempfile::tempdir().unwrap();
@@ -152,7 +213,7 @@ mod tests {
                 e,
                 StoreError::NewerSchema {
                     found: 9,
-                    supported: 1,
+                    supported: SCHEMA_VERSION,
                     ..
                 }
             ),

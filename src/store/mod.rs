@@ -7,6 +7,8 @@
 //! STORE/.lock                       flock'd while opening/migrating the database
 //! STORE/tmp/                        temp names, on the same filesystem as caches/
 //! STORE/caches/<key>/<number>/      one instance of a cache
+//! STORE/leases/<key>/lock            flock'd while a lease request joins the cache's queue
+//! STORE/leases/<key>/<number>/<seq>-<s|x>   a lease ticket, flock'd by its holder (see lease)
 //! ```
 //!
 //! `<key>` is derived from the cache id (see [`CacheId::key`]), never the id itself,
@@ -15,6 +17,7 @@
 mod db;
 mod error;
 mod id;
+mod leases;
 
 use std::ffi::OsString;
 use std::fs;
@@ -30,6 +33,7 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 pub use db::SCHEMA_VERSION;
 pub use error::StoreError;
 pub use id::{CacheId, IdError, MAX_ID_BYTES};
+pub use leases::{LeaseRow, LeaseState, NewLease};
 
 use error::{db_error, io_error};
 
@@ -41,6 +45,8 @@ pub const LOCK_FILE: &str = ".lock";
 pub const CACHES_DIR: &str = "caches";
 /// Directory for temp names; on the store's filesystem so a rename is atomic.
 pub const TMP_DIR: &str = "tmp";
+/// Directory holding the lease ticket files of every cache.
+pub const LEASES_DIR: &str = "leases";
 
 /// Store location for root when nothing else is given.
 const SYSTEM_ROOT: &str = "/var/lib/cachefs";
@@ -93,6 +99,8 @@ pub struct Instance {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct CacheInfo {
     pub id: String,
+    /// The directory name of the cache under `caches/` and `leases/`.
+    pub key: String,
     pub created: i64,
     pub last_used: i64,
     pub instances: Vec<InstanceInfo>,
@@ -130,6 +138,7 @@ impl Store {
         make_dir(root, root, true)?;
         let caches = root.join(CACHES_DIR);
         make_dir(&caches, root, false)?;
+        make_dir(&root.join(LEASES_DIR), root, false)?;
         let tmp = root.join(TMP_DIR);
         make_dir(&tmp, root, false)?;
 
@@ -173,49 +182,33 @@ impl Store {
     }
 
     /// Gets or creates the cache `id` and its instance 1, marking both used now.
-    ///
-    /// Runs in one IMMEDIATE transaction, so concurrent processes acquiring the same id
-    /// end up with one cache row and one directory. A new instance directory is made
-    /// under a temp name, given `init`'s owner and mode, then renamed into place, so it
-    /// never appears half-initialised.
     pub fn acquire_instance(
         &self,
         id: &CacheId,
         init: &InstanceInit,
     ) -> Result<Instance, StoreError> {
+        self.open_instance(id, 1, init)
+    }
+
+    /// Gets or creates the cache `id` and its instance `number`, marking both used now.
+    ///
+    /// Runs in one IMMEDIATE transaction, so concurrent processes acquiring the same id
+    /// end up with one cache row and one directory. A new instance directory is made
+    /// under a temp name, given `init`'s owner and mode, then renamed into place, so it
+    /// never appears half-initialised.
+    pub fn open_instance(
+        &self,
+        id: &CacheId,
+        number: u32,
+        init: &InstanceInit,
+    ) -> Result<Instance, StoreError> {
         let now = unix_now();
-        let number: u32 = 1;
         let err = |e| db_error(&self.db_path, &self.root, e);
         let mut conn = self.conn.lock();
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(err)?;
-        let existing: Option<String> = tx
-            .query_row("SELECT key FROM caches WHERE id = ?1", [id.as_str()], |r| {
-                r.get(0)
-            })
-            .optional()
-            .map_err(err)?;
-        let key = match existing {
-            Some(key) => {
-                self.check_key(id.as_str(), &key)?;
-                tx.execute(
-                    "UPDATE caches SET last_used = ?2 WHERE id = ?1",
-                    params![id.as_str(), now],
-                )
-                .map_err(err)?;
-                key
-            }
-            None => {
-                let key = id.key();
-                tx.execute(
-                    "INSERT INTO caches (id, key, created, last_used) VALUES (?1, ?2, ?3, ?3)",
-                    params![id.as_str(), key, now],
-                )
-                .map_err(err)?;
-                key
-            }
-        };
+        let key = self.ensure_cache_in(&tx, id, now)?;
         tx.execute(
             "INSERT INTO instances (cache_id, number, created, last_used) VALUES (?1, ?2, ?3, ?3)
              ON CONFLICT (cache_id, number) DO UPDATE SET last_used = excluded.last_used",
@@ -233,6 +226,58 @@ impl Store {
             path,
             created,
         })
+    }
+
+    /// Gets or creates the cache row of `id` (no instance) and returns its directory key.
+    pub fn ensure_cache(&self, id: &CacheId) -> Result<String, StoreError> {
+        let err = |e| db_error(&self.db_path, &self.root, e);
+        let mut conn = self.conn.lock();
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(err)?;
+        let key = self.ensure_cache_in(&tx, id, unix_now())?;
+        tx.commit().map_err(err)?;
+        Ok(key)
+    }
+
+    fn ensure_cache_in(
+        &self,
+        tx: &rusqlite::Transaction<'_>,
+        id: &CacheId,
+        now: i64,
+    ) -> Result<String, StoreError> {
+        let err = |e| db_error(&self.db_path, &self.root, e);
+        let existing: Option<String> = tx
+            .query_row("SELECT key FROM caches WHERE id = ?1", [id.as_str()], |r| {
+                r.get(0)
+            })
+            .optional()
+            .map_err(err)?;
+        match existing {
+            Some(key) => {
+                self.check_key(id.as_str(), &key)?;
+                tx.execute(
+                    "UPDATE caches SET last_used = ?2 WHERE id = ?1",
+                    params![id.as_str(), now],
+                )
+                .map_err(err)?;
+                Ok(key)
+            }
+            None => {
+                let key = id.key();
+                tx.execute(
+                    "INSERT INTO caches (id, key, created, last_used) VALUES (?1, ?2, ?3, ?3)",
+                    params![id.as_str(), key, now],
+                )
+                .map_err(err)?;
+                Ok(key)
+            }
+        }
+    }
+
+    /// `STORE/leases/<key>`: the lease queue of the cache with directory key `key`.
+    pub fn lease_dir(&self, key: &str) -> PathBuf {
+        self.root.join(LEASES_DIR).join(key)
     }
 
     /// Records that the instance was used now (called when a mount ends). An instance
@@ -314,6 +359,7 @@ impl Store {
                 self.check_key(&id, &key)?;
                 out.push(CacheInfo {
                     id: id.clone(),
+                    key: key.clone(),
                     created,
                     last_used,
                     instances: Vec::new(),
@@ -548,7 +594,7 @@ fn resolve_root_with(
     std::path::absolute(&chosen).map_err(|e| io_error("resolve", &chosen, &chosen, e))
 }
 
-fn unix_now() -> i64 {
+pub(crate) fn unix_now() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))

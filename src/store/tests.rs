@@ -422,14 +422,16 @@ fn newer_schema_is_a_clear_error() {
     drop(Store::open(&root).unwrap());
     {
         let conn = Connection::open(root.join(DB_FILE)).unwrap();
-        conn.pragma_update(None, "user_version", 2).unwrap();
+        conn.pragma_update(None, "user_version", SCHEMA_VERSION + 1)
+            .unwrap();
     }
     let e = Store::open(&root).err().expect("must fail");
     assert_eq!(
         e.to_string(),
         format!(
-            "store {} was written by a newer cachefs (schema 2, this build supports 1): upgrade cachefs or pass --store DIR",
-            root.display()
+            "store {} was written by a newer cachefs (schema {}, this build supports {SCHEMA_VERSION}): upgrade cachefs or pass --store DIR",
+            root.display(),
+            SCHEMA_VERSION + 1
         )
     );
 }
