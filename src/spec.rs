@@ -4,13 +4,19 @@
 //! Follows BuildKit's `RUN --mount` parser (keys case-insensitive, CSV fields, octal
 //! mode, `id` defaulting to the target) and is stricter where BuildKit is silently
 //! lenient: unknown or repeated keys are errors, not ignored or overridden.
+//!
+//! One key is cachefs's own: `lock-timeout=DUR` (e.g. `30s`, `5m`, `1h30m`; see
+//! [`crate::units::parse_duration`]) bounds how long a mount waits for a busy
+//! `sharing=locked` cache; without it the mount waits as long as it takes.
 
 use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
+use std::time::Duration;
 
 pub use crate::store::CacheId;
 use crate::store::IdError;
+use crate::units::{self, Shown, UnitError};
 
 /// How concurrent mounts of one cache id share it (BuildKit's `sharing=`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -70,6 +76,9 @@ pub struct MountSpec {
     /// Permission bits of a newly created cache directory (at most 0o7777).
     pub mode: u32,
     pub read_only: bool,
+    /// How long to wait for a cache another mount holds locked (`lock-timeout=`);
+    /// `None` waits forever, zero gives up at once. At most [`units::MAX_DURATION`].
+    pub lock_timeout: Option<Duration>,
 }
 
 /// Keys accepted in a spec, in the order error messages list them.
@@ -87,6 +96,7 @@ pub const VALID_KEYS: &[&str] = &[
     "readonly",
     "rw",
     "readwrite",
+    "lock-timeout",
 ];
 
 /// Why a mount spec was rejected. Each message is one line.
@@ -140,26 +150,6 @@ pub enum SpecError {
     InvalidSharing { value: String },
 }
 
-/// Shows user text inside a one-line message: control characters escaped, long text cut.
-struct Shown<'a>(&'a str);
-
-impl fmt::Display for Shown<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        const MAX_CHARS: usize = 80;
-        for (i, c) in self.0.chars().enumerate() {
-            if i == MAX_CHARS {
-                return f.write_str("...");
-            }
-            if c.is_control() {
-                write!(f, "{}", c.escape_default())?;
-            } else {
-                write!(f, "{c}")?;
-            }
-        }
-        Ok(())
-    }
-}
-
 /// The settings that several keys write to; a second write to one is a duplicate.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Slot {
@@ -171,6 +161,7 @@ enum Slot {
     Gid,
     Mode,
     ReadOnly,
+    LockTimeout,
 }
 
 fn slot_of(key: &str) -> Option<Slot> {
@@ -183,6 +174,7 @@ fn slot_of(key: &str) -> Option<Slot> {
         "gid" => Slot::Gid,
         "mode" => Slot::Mode,
         "ro" | "readonly" | "rw" | "readwrite" => Slot::ReadOnly,
+        "lock-timeout" => Slot::LockTimeout,
         _ => return None,
     })
 }
@@ -213,6 +205,7 @@ impl MountSpec {
         let mut gid = 0;
         let mut mode = DEFAULT_MODE;
         let mut read_only = false;
+        let mut lock_timeout = None;
         let mut seen: Vec<(Slot, String)> = Vec::new();
 
         for (i, field) in split_fields(s)?.into_iter().enumerate() {
@@ -293,6 +286,11 @@ impl MountSpec {
                         !b
                     };
                 }
+                Slot::LockTimeout => {
+                    let d =
+                        units::parse_duration(value).map_err(|e| invalid(duration_expected(&e)))?;
+                    lock_timeout = Some(d);
+                }
             }
         }
 
@@ -317,6 +315,7 @@ impl MountSpec {
             gid,
             mode,
             read_only,
+            lock_timeout,
         })
     }
 }
@@ -340,7 +339,8 @@ impl FromStr for MountSpec {
 }
 
 /// The canonical spec text; parses back to an equal `MountSpec`. Every field is
-/// written, `ro` only when set, and values that need it are double-quoted.
+/// written, `ro` and `lock-timeout` only when set, and values that need it are
+/// double-quoted. The timeout is written exactly ([`units::format_duration_exact`]).
 impl fmt::Display for MountSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "type=cache,id=")?;
@@ -354,6 +354,9 @@ impl fmt::Display for MountSpec {
         )?;
         if self.read_only {
             write!(f, ",ro")?;
+        }
+        if let Some(d) = self.lock_timeout {
+            write!(f, ",lock-timeout={}", units::format_duration_exact(d))?;
         }
         Ok(())
     }
@@ -372,6 +375,15 @@ fn write_value(f: &mut fmt::Formatter<'_>, v: &str) -> fmt::Result {
 }
 
 const ID_EXPECTED: &str = "a decimal number from 0 to 4294967294";
+
+/// What a rejected duration should have been, by why it was rejected.
+fn duration_expected(e: &UnitError) -> &'static str {
+    match e {
+        UnitError::Negative { .. } => "a duration that is not negative, such as 30s, 5m or 1h",
+        UnitError::TooLarge { .. } => "a duration of at most 36500d (about 100 years)",
+        _ => "a duration such as 30s, 5m or 1h (units: ms, s, m, h, d, w)",
+    }
+}
 
 /// Decimal uid/gid. `u32::MAX` is refused: to chown it means "leave unchanged".
 fn parse_id_number(s: &str) -> Option<u32> {
@@ -515,6 +527,7 @@ mod tests {
         );
         assert_eq!(m.sharing, Sharing::Shared);
         assert_eq!((m.uid, m.gid, m.mode, m.read_only), (0, 0, 0o755, false));
+        assert_eq!(m.lock_timeout, None, "waits forever by default");
         // type may be omitted.
         assert_eq!(parse("target=/x"), parse("type=cache,target=/x"));
         // Relative targets are kept as written.
@@ -603,6 +616,65 @@ mod tests {
     }
 
     #[test]
+    fn lock_timeouts() {
+        let t = |s: &str| parse(&format!("target=/x,sharing=locked,{s}")).lock_timeout;
+        let secs = Duration::from_secs;
+        assert_eq!(t("lock-timeout=30s"), Some(secs(30)));
+        assert_eq!(t("lock-timeout=30"), Some(secs(30)));
+        assert_eq!(t("lock-timeout=0"), Some(Duration::ZERO));
+        assert_eq!(t("lock-timeout=250ms"), Some(Duration::from_millis(250)));
+        assert_eq!(t("lock-timeout=1h30m"), Some(secs(5400)));
+        assert_eq!(t("lock-timeout=1.5h"), Some(secs(5400)));
+        assert_eq!(t("LOCK-TIMEOUT=2M"), Some(secs(120)));
+        assert_eq!(t("Lock-Timeout=1w"), Some(secs(7 * 86_400)));
+        assert_eq!(t("\"lock-timeout=5m\""), Some(secs(300)));
+        assert_eq!(t("lock-timeout=36500d"), Some(units::MAX_DURATION));
+
+        assert_eq!(
+            err("target=/x,lock-timeout=-5s"),
+            "mount spec: invalid lock-timeout '-5s': expected a duration that is not negative, such as 30s, 5m or 1h"
+        );
+        assert!(err("target=/x,lock-timeout=-0").contains("negative"));
+        assert_eq!(
+            err("target=/x,lock-timeout=5x"),
+            "mount spec: invalid lock-timeout '5x': expected a duration such as 30s, 5m or 1h (units: ms, s, m, h, d, w)"
+        );
+        for bad in [
+            "soon", "1h30", "30m1h", "5 s", "nan", "inf", "1e3", "forever",
+        ] {
+            assert!(
+                err(&format!("target=/x,lock-timeout={bad}")).starts_with(&format!(
+                    "mount spec: invalid lock-timeout '{bad}': expected a duration such as"
+                )),
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            err("target=/x,lock-timeout=101000d"),
+            "mount spec: invalid lock-timeout '101000d': expected a duration of at most 36500d (about 100 years)"
+        );
+        assert!(
+            err(&format!("target=/x,lock-timeout={}s", "9".repeat(40))).contains("at most 36500d")
+        );
+        assert_eq!(
+            err("target=/x,lock-timeout="),
+            "mount spec: empty value for 'lock-timeout'"
+        );
+        assert_eq!(
+            err("target=/x,lock-timeout"),
+            "mount spec: field 'lock-timeout' must be key=value"
+        );
+        assert_eq!(
+            err("target=/x,lock-timeout=1s,LOCK-TIMEOUT=2s"),
+            "mount spec: 'lock-timeout' given twice"
+        );
+        // The underscore spelling is not a key.
+        assert!(err("target=/x,lock_timeout=1s").contains("unknown key 'lock_timeout'"));
+        let e = err("target=/x,lock-timeout=1\n2s");
+        assert!(!e.contains('\n'), "{e}");
+    }
+
+    #[test]
     fn sharing_values() {
         for (s, m) in [
             ("shared", Sharing::Shared),
@@ -638,7 +710,7 @@ mod tests {
         assert!(err("target=/x,src=/sub").starts_with("mount spec: 'src' is not supported: "));
         assert_eq!(
             err("target=/x,foo=1"),
-            "mount spec: unknown key 'foo' (valid keys: type, id, target, dst, destination, sharing, uid, gid, mode, ro, readonly, rw, readwrite)"
+            "mount spec: unknown key 'foo' (valid keys: type, id, target, dst, destination, sharing, uid, gid, mode, ro, readonly, rw, readwrite, lock-timeout)"
         );
         assert!(err("target=/x,Size=1").contains("unknown key 'Size'"));
         assert_eq!(err("target=/x,id=a,id=b"), "mount spec: 'id' given twice");
@@ -737,6 +809,10 @@ mod tests {
             "type=cache,target=/var/cache/apt",
             "type=cache,id=\"a,b\",target=\" /sp ace \",sharing=private,uid=7,gid=8,mode=0,ro",
             "target=/x,id=\"q\"\"uote\"",
+            "target=/x,sharing=locked,lock-timeout=0",
+            "target=/x,lock-timeout=1.5h",
+            "target=/x,lock-timeout=1.000000001s,ro",
+            "target=/x,lock-timeout=36500d",
         ] {
             let m = parse(s);
             let text = m.to_string();
@@ -745,6 +821,10 @@ mod tests {
         assert_eq!(
             parse("target=/var/cache/apt,id=apt,sharing=locked").to_string(),
             "type=cache,id=apt,target=/var/cache/apt,sharing=locked,uid=0,gid=0,mode=0755"
+        );
+        assert_eq!(
+            parse("target=/c,id=c,sharing=locked,lock-timeout=5400,ro").to_string(),
+            "type=cache,id=c,target=/c,sharing=locked,uid=0,gid=0,mode=0755,ro,lock-timeout=1h30m"
         );
     }
 
@@ -757,9 +837,13 @@ mod tests {
             0..u32::MAX,
             0..=0o7777u32,
             any::<bool>(),
+            prop::option::of(
+                (0..=units::MAX_DURATION.as_secs(), 0..1_000_000_000u32)
+                    .prop_map(|(s, n)| Duration::new(s, n).min(units::MAX_DURATION)),
+            ),
         )
             .prop_map(
-                |(id, target, sharing, uid, gid, mode, read_only)| MountSpec {
+                |(id, target, sharing, uid, gid, mode, read_only, lock_timeout)| MountSpec {
                     id: CacheId::new(&id).unwrap(),
                     target: PathBuf::from(target),
                     sharing,
@@ -767,6 +851,7 @@ mod tests {
                     gid,
                     mode,
                     read_only,
+                    lock_timeout,
                 },
             )
     }
@@ -780,7 +865,7 @@ mod tests {
         #[test]
         fn never_panics_on_spec_like_input(
             fields in prop::collection::vec(
-                "(\"|type|id|target|dst|ro|rw|mode|uid|sharing|from|=|,|[a-z0-9/.\"]{0,6}){0,6}",
+                "(\"|type|id|target|dst|ro|rw|mode|uid|sharing|lock-timeout|from|=|,|-|[a-z0-9/.\"]{0,6}){0,6}",
                 0..8,
             )
         ) {

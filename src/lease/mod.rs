@@ -141,8 +141,13 @@ pub struct LeaseRequest {
     pub init: InstanceInit,
     /// The cap on instances a private request may grow the cache to.
     pub max_instances: u32,
+    /// The cachefs command asking: `run` or `mount`.
+    pub kind: &'static str,
     /// Shown to others: the command line this lease serves.
     pub command: String,
+    /// Give up waiting after this long (`--lock-timeout`, `lock-timeout=`); `None`: wait
+    /// until granted. The earlier of this and the [`WaitControl`] deadline applies.
+    pub timeout: Option<Duration>,
     /// Shown to others: where it is mounted.
     pub target: Option<PathBuf>,
 }
@@ -261,9 +266,8 @@ pub fn acquire<'s>(
     // Open the blockers now: one released from here on is seen as granted.
     let mut files: Vec<File> = Vec::with_capacity(blockers.len());
     for t in &blockers {
-        match ticket::open(&t.path).map_err(io_err("open lease ticket", &t.path))? {
-            Some(f) => files.push(f),
-            None => {}
+        if let Some(f) = ticket::open(&t.path).map_err(io_err("open lease ticket", &t.path))? {
+            files.push(f);
         }
     }
     let reported = std::sync::atomic::AtomicBool::new(false);
@@ -282,7 +286,11 @@ pub fn acquire<'s>(
         fill_queue(store, &req.id, instance.number, seq, &mut r);
         (ctl.report)(&r);
     };
-    let outcome = wait::wait_all(files, ctl.deadline, ctl.cancel, &report);
+    let deadline = match (ctl.deadline, req.timeout.and_then(|t| start.checked_add(t))) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
+    let outcome = wait::wait_all(files, deadline, ctl.cancel, &report);
     let waited = start.elapsed();
     if reported.load(std::sync::atomic::Ordering::Relaxed) {
         (ctl.report)(&make_report(waited, true));
@@ -319,7 +327,10 @@ pub fn acquire<'s>(
             ));
         }
         Err(e) => {
-            return Err(give_up(held, io_err("wait for lease", instance.path.as_path())(e)));
+            return Err(give_up(
+                held,
+                io_err("wait for lease", instance.path.as_path())(e),
+            ));
         }
     }
     // Blockers that were released by a crash leave their names: tidy them (best effort).
@@ -380,11 +391,15 @@ fn enqueue(
     make_dir(&qdir)?;
     let host = this_host();
     let command = req.command.clone();
-    let target = req.target.as_ref().map(|t| t.to_string_lossy().into_owned());
+    let target = req
+        .target
+        .as_ref()
+        .map(|t| t.to_string_lossy().into_owned());
     let seq = store.insert_lease(&NewLease {
         id: &req.id,
         instance: number,
         sharing: req.sharing,
+        kind: req.kind,
         pid: std::process::id(),
         host: &host,
         command: &command,
@@ -465,7 +480,12 @@ fn choose_private(
 ) -> Result<u32, LeaseError> {
     let mut instances: Vec<(u32, i64)> = store
         .get_cache(id)?
-        .map(|c| c.instances.iter().map(|i| (i.number, i.last_used)).collect())
+        .map(|c| {
+            c.instances
+                .iter()
+                .map(|i| (i.number, i.last_used))
+                .collect()
+        })
         .unwrap_or_default();
     // Most recently used first; of two used in the same second, the higher number (the
     // newer instance) first.
@@ -544,7 +564,11 @@ fn ticket_path(store: &Store, row: &LeaseRow) -> PathBuf {
 }
 
 fn make_dir(dir: &Path) -> Result<(), LeaseError> {
-    match fs::DirBuilder::new().recursive(true).mode(0o755).create(dir) {
+    match fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(dir)
+    {
         Ok(()) => Ok(()),
         Err(e) => Err(io_err("create directory", dir)(e)),
     }

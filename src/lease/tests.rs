@@ -18,7 +18,9 @@ fn req(id: &str, sharing: Sharing) -> LeaseRequest {
         sharing,
         init: InstanceInit::default(),
         max_instances: DEFAULT_MAX_INSTANCES,
+        kind: "run",
         command: format!("test {sharing}"),
+        timeout: None,
         target: None,
     }
 }
@@ -45,7 +47,10 @@ fn until_waiting(store: &Store, id: &str, n: usize) {
         if waiting >= n {
             return;
         }
-        assert!(t0.elapsed() < Duration::from_secs(10), "waiters never queued");
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "waiters never queued"
+        );
         std::thread::sleep(Duration::from_millis(2));
     }
 }
@@ -79,7 +84,7 @@ fn locked_waiters_are_served_in_arrival_order() {
                 lease.release().unwrap();
             });
             // Arrive one after another.
-            until_waiting(&store, "c", i + 1);
+            until_waiting(store, "c", i + 1);
         }
         holder.release().unwrap();
     });
@@ -94,9 +99,13 @@ fn locked_holders_never_overlap() {
         for _ in 0..6 {
             s.spawn(|| {
                 for _ in 0..10 {
-                    let l = acquire(&store, &req("c", Sharing::Locked), &WaitControl::quiet())
-                        .unwrap();
-                    assert_eq!(inside.fetch_add(1, Ordering::SeqCst), 0, "two holders at once");
+                    let l =
+                        acquire(&store, &req("c", Sharing::Locked), &WaitControl::quiet()).unwrap();
+                    assert_eq!(
+                        inside.fetch_add(1, Ordering::SeqCst),
+                        0,
+                        "two holders at once"
+                    );
                     std::thread::yield_now();
                     inside.fetch_sub(1, Ordering::SeqCst);
                     drop(l);
@@ -121,7 +130,10 @@ fn timeout_names_the_holder_and_leaves_no_trace() {
     let err = acquire(&store, &req("apt", Sharing::Locked), &ctl).unwrap_err();
     let msg = err.to_string();
     assert!(matches!(err, LeaseError::TimedOut { .. }), "{msg}");
-    assert!(msg.contains(&format!("pid {}", std::process::id())), "{msg}");
+    assert!(
+        msg.contains(&format!("pid {}", std::process::id())),
+        "{msg}"
+    );
     assert!(msg.contains("apt-get install -y jq"), "{msg}");
     assert!(msg.contains("\"apt\""), "{msg}");
     assert!(!msg.contains('\n'));
@@ -246,13 +258,16 @@ fn a_dead_holder_does_not_block_and_its_row_is_cleaned() {
     let (_d, store) = store();
     let id = CacheId::new("c").unwrap();
     let key = store.ensure_cache(&id).unwrap();
-    store.open_instance(&id, 1, &InstanceInit::default()).unwrap();
+    store
+        .open_instance(&id, 1, &InstanceInit::default())
+        .unwrap();
     // What a SIGKILLed holder leaves: a row and a ticket name nobody locks.
     let seq = store
         .insert_lease(&NewLease {
             id: &id,
             instance: 1,
             sharing: Sharing::Locked,
+            kind: "run",
             pid: 999_999,
             host: &this_host(),
             command: "killed",
@@ -266,14 +281,21 @@ fn a_dead_holder_does_not_block_and_its_row_is_cleaned() {
     File::create(qdir.join(ticket::name(seq, true))).unwrap();
     assert_eq!(store.lease_rows(None).unwrap().len(), 1);
     assert!(list(&store, None).unwrap().is_empty());
-    assert!(store.lease_rows(None).unwrap().is_empty(), "stale row deleted");
-    assert!(ticket::scan(&qdir).unwrap().is_empty(), "stale ticket removed");
+    assert!(
+        store.lease_rows(None).unwrap().is_empty(),
+        "stale row deleted"
+    );
+    assert!(
+        ticket::scan(&qdir).unwrap().is_empty(),
+        "stale ticket removed"
+    );
     // And the same through acquire, for a row and ticket made again.
     let seq = store
         .insert_lease(&NewLease {
             id: &id,
             instance: 1,
             sharing: Sharing::Locked,
+            kind: "run",
             pid: 999_999,
             host: "h",
             command: "killed",

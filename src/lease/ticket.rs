@@ -144,7 +144,9 @@ pub(crate) fn remove_stale(path: &Path) {
     match fs::remove_file(path) {
         Ok(()) => tracing::debug!(ticket = %path.display(), "removed a stale lease ticket"),
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => tracing::warn!(ticket = %path.display(), error = %e, "cannot remove a stale lease ticket"),
+        Err(e) => {
+            tracing::warn!(ticket = %path.display(), error = %e, "cannot remove a stale lease ticket")
+        }
     }
 }
 
@@ -219,7 +221,14 @@ mod tests {
         assert_eq!(name(42, true), "00000000000000000042-x");
         assert_eq!(parse_name(&name(42, true)), Some((42, true)));
         assert_eq!(parse_name(&name(7, false)), Some((7, false)));
-        for junk in ["", "42-x", "0000000000000000004x-x", "00000000000000000042-y", ".new-1-2", "lock"] {
+        for junk in [
+            "",
+            "42-x",
+            "0000000000000000004x-x",
+            "00000000000000000042-y",
+            ".new-1-2",
+            "lock",
+        ] {
             assert_eq!(parse_name(junk), None, "{junk}");
         }
     }

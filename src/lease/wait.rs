@@ -223,7 +223,11 @@ mod tests {
         assert_eq!(r, Err(Stop::TimedOut));
         assert!(t0.elapsed() >= Duration::from_millis(300));
         assert!(t0.elapsed() < Duration::from_secs(5));
-        assert_eq!(reports.load(Ordering::Relaxed), 1, "reported once at the start");
+        assert_eq!(
+            reports.load(Ordering::Relaxed),
+            1,
+            "reported once at the start"
+        );
     }
 
     #[test]
@@ -262,7 +266,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (mut h, f) = held(dir.path(), 1);
         h.release();
-        let r = wait_all(vec![f], Some(Instant::now()), None, &|_| panic!("no report")).unwrap();
+        let r = wait_all(vec![f], Some(Instant::now()), None, &|_| {
+            panic!("no report")
+        })
+        .unwrap();
         assert_eq!(r, Ok(()));
     }
 }

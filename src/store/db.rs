@@ -117,8 +117,8 @@ CREATE TABLE instances (
 
 /// Schema 2: leases, for display. The leases themselves are flocks on ticket files
 /// (see `lease`); a row is written when a request joins the queue (`waiting`), updated when it
-/// is granted (`held`) and deleted when it ends. `seq` is the arrival order. Times are unix
-/// milliseconds.
+/// is granted (`held`) and deleted when it ends. `seq` is the arrival order; `kind` is the
+/// cachefs command holding it (`run`, `mount`). Times are unix milliseconds.
 const V2: &str = "
 CREATE TABLE leases (
     seq       INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -126,6 +126,7 @@ CREATE TABLE leases (
     instance  INTEGER NOT NULL CHECK (instance >= 1),
     sharing   TEXT    NOT NULL CHECK (sharing IN ('shared', 'locked', 'private')),
     state     TEXT    NOT NULL CHECK (state IN ('waiting', 'held')),
+    kind      TEXT    NOT NULL,
     pid       INTEGER NOT NULL,
     host      TEXT    NOT NULL,
     command   TEXT    NOT NULL,

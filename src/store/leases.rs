@@ -34,6 +34,8 @@ pub struct NewLease<'a> {
     pub id: &'a CacheId,
     pub instance: u32,
     pub sharing: Sharing,
+    /// The cachefs command that asks: `run` or `mount`.
+    pub kind: &'a str,
     pub pid: u32,
     pub host: &'a str,
     pub command: &'a str,
@@ -52,6 +54,8 @@ pub struct LeaseRow {
     #[serde(serialize_with = "ser_sharing")]
     pub sharing: Sharing,
     pub state: LeaseState,
+    /// The cachefs command holding it: `run` or `mount`.
+    pub kind: String,
     pub pid: u32,
     pub host: String,
     pub command: String,
@@ -70,7 +74,7 @@ fn ser_sharing<S: serde::Serializer>(s: &Sharing, ser: S) -> Result<S::Ok, S::Er
 }
 
 const SELECT: &str = "SELECT l.seq, l.cache_id, l.instance, l.sharing, l.state, l.pid, l.host,
-        l.command, l.target, l.since, l.acquired, c.key
+        l.command, l.target, l.since, l.acquired, c.key, l.kind
     FROM leases l JOIN caches c ON c.id = l.cache_id";
 
 fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<LeaseRow> {
@@ -94,6 +98,7 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<LeaseRow> {
         since_ms: r.get(9)?,
         acquired_ms: r.get(10)?,
         key: r.get(11)?,
+        kind: r.get(12)?,
     })
 }
 
@@ -103,8 +108,8 @@ impl Store {
         let err = |e| db_error(&self.db_path, &self.root, e);
         let conn = self.conn.lock();
         conn.execute(
-            "INSERT INTO leases (cache_id, instance, sharing, state, pid, host, command, target, since)
-             VALUES (?1, ?2, ?3, 'waiting', ?4, ?5, ?6, ?7, ?8)",
+            "INSERT INTO leases (cache_id, instance, sharing, state, pid, host, command, target, since, kind)
+             VALUES (?1, ?2, ?3, 'waiting', ?4, ?5, ?6, ?7, ?8, ?9)",
             params![
                 lease.id.as_str(),
                 lease.instance,
@@ -113,7 +118,8 @@ impl Store {
                 lease.host,
                 lease.command,
                 lease.target,
-                lease.since_ms
+                lease.since_ms,
+                lease.kind
             ],
         )
         .map_err(err)?;
@@ -198,6 +204,7 @@ mod tests {
                         id,
                         instance: 1,
                         sharing: Sharing::Locked,
+                        kind: "run",
                         pid: 100 + i as u32,
                         host: "h",
                         command: "make -j2",
@@ -231,6 +238,7 @@ mod tests {
                 id: &apt,
                 instance: 2,
                 sharing: Sharing::Private,
+                kind: "mount",
                 pid: 1,
                 host: "h",
                 command: "c",
