@@ -15,6 +15,8 @@ use tracing_subscriber::EnvFilter;
 use tracing_subscriber::filter::LevelFilter;
 
 mod busy;
+pub mod inspect;
+pub mod ls;
 mod reaper;
 pub mod run;
 mod signals;
@@ -28,6 +30,8 @@ pub const EXIT_USAGE: i32 = 2;
 pub const EXIT_CANNOT_EXECUTE: i32 = 126;
 /// The command was not found (as a shell reports it).
 pub const EXIT_NOT_FOUND: i32 = 127;
+/// A lease wait gave up (`--lock-timeout`): try again later (sysexits' EX_TEMPFAIL).
+pub const EXIT_TEMPFAIL: i32 = 75;
 
 const ABOUT: &str = "Persistent cache mounts for build steps, served through FUSE";
 
@@ -47,6 +51,7 @@ Exit codes:
   0..255  from `run`: the command's own status (128+N when it was killed by signal N)
   1       cachefs failed (store, mount, I/O)
   2       bad usage or input: options, mount specs, targets, missing /dev/fuse
+  75      a locked cache stayed busy past --lock-timeout (try again later)
   126/127 `run`: the command could not be executed / was not found";
 
 /// The whole command line.
@@ -83,6 +88,11 @@ pub struct Global {
 pub enum Command {
     /// Run a command with cache directories mounted
     Run(run::Args),
+    /// List live mounts and waiting requests: id, instance, mode, target, pid, command
+    #[command(visible_alias = "ps")]
+    Ls(ls::Args),
+    /// Show one cache: its instances, their leases, the waiting queue
+    Inspect(inspect::Args),
 }
 
 /// Marks an error as the caller's to fix (bad input, unusable environment): exit code 2.
@@ -160,6 +170,9 @@ pub fn exit_code_for(err: &anyhow::Error) -> i32 {
             ) {
                 return EXIT_USAGE;
             }
+        }
+        if let Some(crate::lease::LeaseError::TimedOut { .. }) = cause.downcast_ref() {
+            return EXIT_TEMPFAIL;
         }
         if let Some(store) = cause.downcast_ref::<crate::store::StoreError>() {
             // No usable store location was given: the caller must pass one.
@@ -240,6 +253,8 @@ where
     init_logging(cli.global.verbose);
     let result = match cli.command {
         Command::Run(args) => run::run(&cli.global, args),
+        Command::Ls(args) => ls::run(&cli.global, args),
+        Command::Inspect(args) => inspect::run(&cli.global, args),
     };
     match result {
         Ok(code) => code,
