@@ -17,6 +17,7 @@ use tracing_subscriber::filter::LevelFilter;
 mod busy;
 pub mod inspect;
 pub mod ls;
+mod mounts;
 mod reaper;
 pub mod run;
 mod signals;

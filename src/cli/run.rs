@@ -4,25 +4,26 @@
 //! 1. validate everything (specs, targets, /dev/fuse) before the store is touched, so bad input
 //!    leaves nothing behind;
 //! 2. block the forwarded signals before the first thread (the FUSE servers) exists;
-//! 3. acquire the instances and mount, undoing the mounts done so far if one fails;
-//! 4. run the command, forwarding signals; then unmount, touch, exit with its status.
+//! 3. take the leases (waiting in line for locked caches), then mount, undoing the mounts
+//!    done so far if one fails;
+//! 4. run the command, forwarding signals; then unmount, release the leases, exit with its
+//!    status. The leases outlive the mounts, so the next holder never finds ours still up.
 
 use std::collections::HashSet;
 use std::ffi::OsString;
-use std::os::unix::fs::DirBuilderExt;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::mpsc::RecvTimeoutError;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, anyhow};
 
+use super::mounts::{self, LeaseDefaults, Planned};
+use super::reaper;
 use super::signals::{Inherited, Started, Supervisor};
 use super::{Global, SpawnError, exit_code_of_status, print_error, print_warning, usage};
-use super::{busy, reaper};
-use crate::fs::{self, FsOptions, MountedFs};
-use crate::spec::MountSpec;
-use crate::store::{Instance, InstanceInit, Store};
+use crate::fs;
+use crate::lease::{DEFAULT_MAX_INSTANCES, LeaseError};
+use crate::store::Store;
 
 const AFTER_HELP: &str = "\
 SPEC is Dockerfile's cache-mount syntax, comma-separated key=value pairs:
@@ -30,8 +31,11 @@ SPEC is Dockerfile's cache-mount syntax, comma-separated key=value pairs:
   id=ID             the cache's name (default: the target path)
   target=PATH       where the cache appears (aliases: dst, destination); created if missing,
                     a non-empty directory there is hidden while the command runs
-  sharing=MODE      shared | locked | private (accepted; every mount of an id uses one
-                    instance for now)
+  sharing=MODE      shared (default): every mount of the id uses one instance at once
+                    locked: one mount at a time, the others wait in arrival order
+                    private: a busy cache gets another instance (the most recently used
+                    free one, or a new one up to --max-instances)
+  lock-timeout=DUR  give up waiting for this cache after DUR (30s, 5m, 1h): exit 75
   uid=N,gid=N       owner of the cache root when the cache is created (default 0)
   mode=OCTAL        mode of the cache root when the cache is created (default 0755)
   ro / readonly     mount read-only (also ro=true|false; rw / readwrite: the default)
@@ -71,6 +75,14 @@ pub struct Args {
     #[arg(long)]
     pub no_passthrough: bool,
 
+    /// Give up waiting for a busy cache after DUR (e.g. 30s, 5m) and exit 75 [default: wait]
+    #[arg(long, value_name = "DUR", value_parser = parse_duration_arg)]
+    pub lock_timeout: Option<Duration>,
+
+    /// Most instances a sharing=private cache may grow to; past it, requests wait
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_INSTANCES, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub max_instances: u32,
+
     /// The command to run and its arguments (put them after `--`)
     #[arg(
         value_name = "CMD",
@@ -80,26 +92,6 @@ pub struct Args {
     )]
     pub command: Vec<OsString>,
 }
-
-/// One mount to make, after validation.
-#[derive(Debug)]
-struct Planned {
-    spec: MountSpec,
-    /// Absolute, as returned by `fs::check_target`.
-    target: PathBuf,
-}
-
-/// A mount that is up, with the instance it serves.
-struct Live {
-    fs: MountedFs,
-    instance: Instance,
-    target: PathBuf,
-    /// The kernel's id of the mount, to name the processes that keep it busy.
-    mount_id: Option<u64>,
-}
-
-/// How long cachefs waits for its mounts to go away after the command ended.
-const UNMOUNT_GRACE: Duration = Duration::from_secs(5);
 
 pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
     let Some((program, program_args)) = args.command.split_first() else {
@@ -111,16 +103,9 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
         .map_err(|e| usage(anyhow!("cannot determine the current directory: {e}")))?;
 
     // 1. Validation: nothing is created until all of this passes.
-    let specs = parse_specs(&args.mounts, &cwd)?;
+    let specs = mounts::parse_specs(&args.mounts, &cwd)?;
     fs::check_fuse_device().map_err(usage)?;
-    let mut plan = Vec::with_capacity(specs.len());
-    for (spec, target) in specs {
-        let target = fs::check_target(&target).map_err(usage)?;
-        plan.push(Planned { spec, target });
-    }
-    reject_duplicates(&plan)?;
-    // Parents before children, so a cache mounted inside another cache's target lands on top.
-    plan.sort_by_key(|p| p.target.components().count());
+    let plan = mounts::plan(specs)?;
 
     // Read before mounting changes them for the FUSE server (umask 0, raised fd limit).
     let inherited = Inherited::capture();
@@ -128,26 +113,34 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
     // 2. From here on a signal must not kill cachefs with its mounts up.
     let supervisor = Supervisor::start().context("cannot set up signal forwarding")?;
 
-    // 3. The store, the instances, the mounts.
+    // 3. The store, the leases, the mounts.
     let root = Store::resolve_root(global.store.as_deref())?;
     // Store errors name the store and the fix themselves.
     let store = Store::open(&root)?;
-    // Every instance first: a store failure then leaves nothing mounted, and no store work
-    // runs after the first mount has changed the umask.
-    let mut instances = Vec::with_capacity(plan.len());
-    for planned in &plan {
-        instances.push(acquire(&store, &planned.spec)?);
-    }
-    let mut live: Vec<Live> = Vec::with_capacity(plan.len());
-    for (planned, instance) in plan.iter().zip(instances) {
-        match mount_one(planned, instance, !args.no_passthrough, &inherited) {
-            Ok(l) => live.push(l),
-            Err(err) => {
-                unmount_all(live);
-                return Err(err);
-            }
+    mounts::precheck_targets(&store, &plan)?;
+    let defaults = LeaseDefaults {
+        lock_timeout: args.lock_timeout,
+        max_instances: args.max_instances,
+    };
+    let leases = match mounts::take_leases(
+        &store,
+        &plan,
+        defaults,
+        "run",
+        &mounts::shell_join(&args.command),
+        supervisor.cancel_flag(),
+    ) {
+        Ok(leases) => leases,
+        Err(LeaseError::Interrupted { id, signal }) => {
+            print_error(format_args!(
+                "interrupted by signal {signal} while waiting for cache {id:?}; {} was not started",
+                program.to_string_lossy()
+            ));
+            return Ok(mounts::interrupted_exit(signal));
         }
-    }
+        Err(err) => return Err(err.into()),
+    };
+    let live = mounts::mount_all(&plan, &leases, !args.no_passthrough, &inherited)?;
 
     // 4. The command.
     let mut cmd = Command::new(program);
@@ -196,189 +189,21 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
         Started::Failed(err) => Err(anyhow::Error::new(SpawnError::new(program, &err))),
     };
 
-    let instances = unmount_all(live);
-    for instance in &instances {
-        if let Err(err) = store.touch_instance(instance) {
+    mounts::unmount_all(live);
+    // After the unmounts: the next holder of a locked cache must find our mounts gone.
+    for lease in leases {
+        let id = lease.instance().id.clone();
+        if let Err(err) = lease.release() {
             print_warning(format_args!(
-                "cannot record the last use of cache {}: {err}",
-                instance.id
+                "cannot record the end of the lease on cache {id}: {err}"
             ));
         }
     }
     outcome
 }
 
-/// Parses every `--mount` and makes the targets absolute against `cwd`.
-fn parse_specs(raw: &[String], cwd: &Path) -> anyhow::Result<Vec<(MountSpec, PathBuf)>> {
-    raw.iter()
-        .map(|s| {
-            let spec = MountSpec::parse(s).map_err(|e| usage(anyhow!("--mount {s:?}: {e}")))?;
-            let target = absolute(&spec.target, cwd);
-            Ok((spec, target))
-        })
-        .collect()
-}
-
-/// `path` made absolute against `cwd`, with `.` components and repeated slashes dropped.
-/// `..` is kept: resolving it lexically could disagree with the kernel across symlinks.
-fn absolute(path: &Path, cwd: &Path) -> PathBuf {
-    let joined = if path.is_absolute() {
-        path.to_path_buf()
-    } else {
-        cwd.join(path)
-    };
-    joined
-        .components()
-        .filter(|c| !matches!(c, Component::CurDir))
-        .collect()
-}
-
-/// Two mounts on one target would hide each other: reject them.
-/// Existing targets are compared by their real path, so `/run/x` and `/var/run/x` (a symlink)
-/// are one target.
-fn reject_duplicates(plan: &[Planned]) -> anyhow::Result<()> {
-    let keys: Vec<PathBuf> = plan
-        .iter()
-        .map(|p| std::fs::canonicalize(&p.target).unwrap_or_else(|_| p.target.clone()))
-        .collect();
-    for (i, a) in plan.iter().enumerate() {
-        if let Some(b) = (0..i).find(|&j| keys[j] == keys[i]).map(|j| &plan[j]) {
-            let same = if a.target == b.target {
-                String::new()
-            } else {
-                format!(" (the same directory as {})", b.target.display())
-            };
-            return Err(usage(anyhow!(
-                "two mounts on one target {}{same}: caches {:?} and {:?}; give each its own target",
-                a.target.display(),
-                b.spec.id.as_str(),
-                a.spec.id.as_str()
-            )));
-        }
-    }
-    Ok(())
-}
-
-fn acquire(store: &Store, spec: &MountSpec) -> anyhow::Result<Instance> {
-    let init = InstanceInit {
-        uid: spec.uid,
-        gid: spec.gid,
-        mode: spec.mode,
-    };
-    store
-        .acquire_instance(&spec.id, &init)
-        .with_context(|| format!("cannot get cache {:?}", spec.id.as_str()))
-}
-
-fn mount_one(
-    planned: &Planned,
-    instance: Instance,
-    passthrough: bool,
-    inherited: &Inherited,
-) -> anyhow::Result<Live> {
-    let spec = &planned.spec;
-    let target = &planned.target;
-    // A missing target is created, as Docker does; an existing one (checked above) is used
-    // as is, its contents hidden while the cache is mounted over it. The mode is explicit
-    // because the process umask is 0 once a filesystem is being served; a target inside an
-    // earlier mount is created in that cache, and must get what `mkdir -p` would give.
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(inherited.dir_mode())
-        .create(target)
-        .with_context(|| format!("cannot create the target directory {}", target.display()))?;
-    let opts = FsOptions {
-        passthrough,
-        read_only: spec.read_only,
-        fsname: fsname_for(spec.id.as_str()),
-        ..FsOptions::default()
-    };
-    let fs = fs::mount(&instance.path, target, &opts)
-        .with_context(|| format!("cannot mount cache {:?}", spec.id.as_str()))?;
-    tracing::info!(
-        id = spec.id.as_str(),
-        instance = instance.number,
-        created = instance.created,
-        target = %target.display(),
-        read_only = spec.read_only,
-        "mounted"
-    );
-    Ok(Live {
-        fs,
-        instance,
-        target: target.clone(),
-        mount_id: busy::mount_id(target),
-    })
-}
-
-/// Unmounts in reverse mount order (children before parents). A failure is reported and the
-/// rest go on: the command's status is what the caller cares about. Returns the instances.
-///
-/// Unmounting waits for the filesystem's server to stop, and a process the command left
-/// running with files open in a cache keeps it serving. So the unmounts run on a thread and
-/// cachefs waits at most [`UNMOUNT_GRACE`]: then it names the processes and goes on to exit,
-/// and its exit closes the FUSE connection, which those processes see as I/O errors.
-fn unmount_all(live: Vec<Live>) -> Vec<Instance> {
-    let mut instances = Vec::with_capacity(live.len());
-    let mut mounts = Vec::with_capacity(live.len());
-    // (target, mount id) in unmount order, for the messages.
-    let mut order = Vec::with_capacity(live.len());
-    for l in live.into_iter().rev() {
-        instances.push(l.instance);
-        order.push((l.target.clone(), l.mount_id));
-        mounts.push((l.fs, l.target));
-    }
-    let (tx, rx) = std::sync::mpsc::channel();
-    let unmounter = move || {
-        for (fs, target) in mounts {
-            let result = fs.unmount();
-            // The receiver is gone only when cachefs stopped waiting: nothing left to tell.
-            let _ = tx.send((target, result));
-        }
-    };
-    if let Err(err) = std::thread::Builder::new()
-        .name("cachefs-unmount".into())
-        .spawn(unmounter)
-    {
-        // No thread: the closure (and with it every mount) was dropped, which unmounts them
-        // here; drop reports failures through the log.
-        print_warning(format_args!("unmounting without a time limit: {err}"));
-        return instances;
-    }
-    let deadline = Instant::now() + UNMOUNT_GRACE;
-    let mut done = 0;
-    while done < order.len() {
-        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-            Ok((target, Ok(()))) => {
-                tracing::info!(target = %target.display(), "unmounted");
-                done += 1;
-            }
-            Ok((_, Err(err))) => {
-                print_warning(format_args!("{err}"));
-                done += 1;
-            }
-            Err(RecvTimeoutError::Timeout) => {
-                for (target, mnt_id) in &order[done..] {
-                    let users = mnt_id.map(|id| busy::users_of(id, 5)).unwrap_or_default();
-                    let by = if users.is_empty() {
-                        String::new()
-                    } else {
-                        format!(" by {}", users.join(", "))
-                    };
-                    print_warning(format_args!(
-                        "{} is still in use{by} {}s after the command ended; \
-                         exiting anyway, which disconnects it",
-                        target.display(),
-                        UNMOUNT_GRACE.as_secs()
-                    ));
-                }
-                break;
-            }
-            // The unmount thread panicked; what it held was dropped (and so unmounted).
-            Err(RecvTimeoutError::Disconnected) => break,
-        }
-    }
-    instances
+fn parse_duration_arg(s: &str) -> Result<Duration, String> {
+    crate::units::parse_duration(s).map_err(|e| e.to_string())
 }
 
 /// If the caller's working directory is inside a mount target, the inherited directory is the
@@ -415,37 +240,9 @@ fn list_some(items: &[String], max: usize) -> String {
     s
 }
 
-/// The mount's source name shown in /proc/mounts: `cachefs:<id>`, reduced to characters that
-/// are safe inside a mount option string (no commas, whitespace, control characters, quotes or
-/// backslashes) and bounded in length; ids are free-form, this is only a label.
-fn fsname_for(id: &str) -> String {
-    const MAX: usize = 128;
-    let mut name = String::from("cachefs:");
-    for c in id.chars() {
-        if name.len() >= MAX {
-            break;
-        }
-        let safe = c.is_ascii_graphic() && !matches!(c, ',' | '\\' | '"' | '\'');
-        name.push(if safe { c } else { '_' });
-    }
-    name
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn fsname_is_safe_in_mount_options() {
-        assert_eq!(fsname_for("apt"), "cachefs:apt");
-        assert_eq!(fsname_for("/var/cache/apt"), "cachefs:/var/cache/apt");
-        assert_eq!(fsname_for("a,b c\td\n"), "cachefs:a_b_c_d_");
-        assert_eq!(fsname_for("x\\y\"z'"), "cachefs:x_y_z_");
-        assert_eq!(fsname_for("café"), "cachefs:caf_");
-        let long = fsname_for(&"é".repeat(255));
-        assert_eq!(long.len(), 128);
-        assert!(long.chars().all(|c| c.is_ascii_graphic()));
-    }
 
     #[test]
     fn lists_are_bounded() {
@@ -457,23 +254,5 @@ mod tests {
         );
         assert_eq!(plural(1, "process", "processes"), "1 process");
         assert_eq!(plural(3, "process", "processes"), "3 processes");
-    }
-
-    #[test]
-    fn targets_become_absolute() {
-        let cwd = Path::new("/work/proj");
-        assert_eq!(
-            absolute(Path::new("target"), cwd),
-            Path::new("/work/proj/target")
-        );
-        assert_eq!(
-            absolute(Path::new("./a/./b/"), cwd),
-            Path::new("/work/proj/a/b")
-        );
-        assert_eq!(absolute(Path::new("/x//y/"), cwd), Path::new("/x/y"));
-        assert_eq!(
-            absolute(Path::new("../c"), cwd),
-            Path::new("/work/proj/../c")
-        );
     }
 }

@@ -10,7 +10,9 @@
 use std::io;
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
 
 use nix::errno::Errno;
 use nix::sys::signal::{SigSet, SigmaskHow, Signal, kill, pthread_sigmask};
@@ -83,9 +85,21 @@ struct State {
     program: String,
 }
 
-/// Forwards SIGINT, SIGTERM, SIGHUP and SIGQUIT to the child once it runs.
+/// What the signal thread tells the main thread before a child runs.
+#[derive(Default)]
+struct Shared {
+    state: Mutex<State>,
+    /// The first signal that arrived while no child ran (0: none), for code that waits on
+    /// something else (a lease) and must stop.
+    cancel: AtomicI32,
+    /// Notified when `cancel` is set.
+    wake: Condvar,
+}
+
+/// Forwards SIGINT, SIGTERM, SIGHUP and SIGQUIT to the child once it runs; before that (or
+/// when there is no child at all, as for `cachefs mount`), records them for the main thread.
 pub struct Supervisor {
-    state: Arc<Mutex<State>>,
+    shared: Arc<Shared>,
 }
 
 /// How starting the command went.
@@ -114,12 +128,30 @@ impl Supervisor {
     pub fn start() -> io::Result<Supervisor> {
         pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&forwarded_set()), None)
             .map_err(io::Error::from)?;
-        let state = Arc::new(Mutex::new(State::default()));
-        let thread_state = Arc::clone(&state);
+        let shared = Arc::new(Shared::default());
+        let thread_shared = Arc::clone(&shared);
         std::thread::Builder::new()
             .name("cachefs-signals".into())
-            .spawn(move || forward_loop(&thread_state))?;
-        Ok(Supervisor { state })
+            .spawn(move || forward_loop(&thread_shared))?;
+        Ok(Supervisor { shared })
+    }
+
+    /// Becomes the number of the first signal that arrives while no child runs. A lease
+    /// wait watches it.
+    pub fn cancel_flag(&self) -> &AtomicI32 {
+        &self.shared.cancel
+    }
+
+    /// Waits up to `timeout` for a signal to arrive while no child runs; returns it (also
+    /// when it arrived earlier).
+    pub fn wait_signal(&self, timeout: Duration) -> Option<Signal> {
+        let state = lock(&self.shared.state);
+        let (state, _) = self
+            .shared
+            .wake
+            .wait_timeout_while(state, timeout, |s| s.pending.is_none())
+            .unwrap_or_else(|p| p.into_inner());
+        state.pending
     }
 
     /// Starts `cmd` with the process state captured in `inherited` and an empty signal mask,
@@ -153,7 +185,7 @@ impl Supervisor {
         }
         // Hold the lock across the spawn so a signal is either seen here as pending (and the
         // command never starts) or forwarded to the started child: never lost in between.
-        let mut state = lock(&self.state);
+        let mut state = lock(&self.shared.state);
         if let Some(sig) = state.pending {
             return Started::Interrupted(sig);
         }
@@ -181,12 +213,12 @@ impl Supervisor {
                 Err(err) => return Err(err.into()),
             }
         }
-        lock(&self.state).child = None;
+        lock(&self.shared.state).child = None;
         child.wait()
     }
 }
 
-fn forward_loop(state: &Mutex<State>) {
+fn forward_loop(shared: &Shared) {
     let set = forwarded_set();
     loop {
         // SAFETY: siginfo_t is plain data that sigwaitinfo fills in.
@@ -203,7 +235,7 @@ fn forward_loop(state: &Mutex<State>) {
         let Ok(sig) = Signal::try_from(info.si_signo) else {
             continue;
         };
-        handle(state, sig, info.si_code);
+        handle(shared, sig, info.si_code);
     }
 }
 
@@ -237,14 +269,16 @@ fn decide(state: &State, sig: Signal, si_code: i32) -> Action {
     }
 }
 
-fn handle(state: &Mutex<State>, sig: Signal, si_code: i32) {
-    let mut state = lock(state);
+fn handle(shared: &Shared, sig: Signal, si_code: i32) {
+    let mut state = lock(&shared.state);
     let action = decide(&state, sig, si_code);
     tracing::debug!(signal = %sig, si_code, ?action, "signal received");
     match action {
         Action::Pending => {
             if state.pending.is_none() {
                 state.pending = Some(sig);
+                shared.cancel.store(sig as i32, Ordering::Release);
+                shared.wake.notify_all();
             }
         }
         Action::Ignore | Action::AlreadyDelivered => {}

@@ -12,7 +12,7 @@ mod sys;
 use std::ffi::CString;
 use std::io;
 use std::os::fd::{FromRawFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -100,6 +100,14 @@ impl std::fmt::Debug for MountedFs {
 impl MountedFs {
     pub fn target(&self) -> &Path {
         &self.target
+    }
+
+    /// Whether the FUSE session still serves requests (false once the filesystem was
+    /// unmounted from outside, e.g. by `umount` or `cachefs umount`).
+    pub fn is_serving(&self) -> bool {
+        self.session
+            .as_ref()
+            .is_some_and(|s| !s.guard.is_finished())
     }
 
     /// Whether regular files are served through kernel passthrough.
@@ -209,9 +217,9 @@ pub fn check_fuse_device() -> Result<(), FsError> {
         .map_err(FsError::FuseDeviceUnusable)
 }
 
-/// Checks a mount target without changing anything: it must be a directory or not exist yet,
-/// and must not already be a mount point. Returns the absolute path.
-pub fn check_target(target: &Path) -> Result<PathBuf, FsError> {
+/// Checks a mount target's path without changing anything: it must be a directory (a dead
+/// FUSE mount counts as one) or not exist yet. Returns the absolute path.
+pub fn check_target_path(target: &Path) -> Result<PathBuf, FsError> {
     let abs = if target.is_absolute() {
         target.to_path_buf()
     } else {
@@ -232,13 +240,19 @@ pub fn check_target(target: &Path) -> Result<PathBuf, FsError> {
         },
         Ok(_) => return Err(FsError::TargetNotDirectory(abs)),
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(abs),
-        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
-            // A dead FUSE mount: report it as mounted, with the fix.
-            return Err(FsError::TargetMounted(abs));
-        }
+        // A dead FUSE mount: whether it may be cleared is for the caller to decide.
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => return Ok(abs),
         Err(e) => return Err(FsError::TargetInvalid(abs, e.to_string())),
     }
-    if is_mount_point(&abs).map_err(|e| FsError::TargetInvalid(abs.clone(), e.to_string()))? {
+    Ok(abs)
+}
+
+/// [`check_target_path`], and the target must not be a mount point (dead or alive).
+pub fn check_target(target: &Path) -> Result<PathBuf, FsError> {
+    let abs = check_target_path(target)?;
+    if is_dead_mount(&abs)
+        || is_mount_point(&abs).map_err(|e| FsError::TargetInvalid(abs.clone(), e.to_string()))?
+    {
         return Err(FsError::TargetMounted(abs));
     }
     Ok(abs)
@@ -258,6 +272,124 @@ fn normalize(p: &Path) -> PathBuf {
         }
     }
     out
+}
+
+/// The filesystem type cachefs mounts show in /proc/self/mountinfo.
+pub const FSTYPE: &str = "fuse.cachefs";
+
+/// One line of /proc/self/mountinfo.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountEntry {
+    pub mount_id: u64,
+    pub mount_point: PathBuf,
+    /// e.g. `fuse.cachefs`, `ext4`.
+    pub fstype: String,
+    /// The mount's source (for cachefs, `cachefs:<id>`).
+    pub source: String,
+}
+
+impl MountEntry {
+    pub fn is_cachefs(&self) -> bool {
+        self.fstype == FSTYPE
+    }
+}
+
+/// The topmost mount at exactly `path` (compared lexically after normalisation, so a dead
+/// FUSE mount, which cannot be resolved, is still found), if any.
+pub fn mount_at(path: &Path) -> io::Result<Option<MountEntry>> {
+    let wanted = std::fs::canonicalize(path).unwrap_or_else(|_| normalize(path));
+    let info = std::fs::read("/proc/self/mountinfo")?;
+    Ok(parse_mountinfo(&info)
+        .into_iter()
+        .filter(|e| e.mount_point == wanted)
+        .last())
+}
+
+fn parse_mountinfo(info: &[u8]) -> Vec<MountEntry> {
+    let mut out = Vec::new();
+    for line in info.split(|&b| b == b'\n') {
+        let fields: Vec<&[u8]> = line.split(|&b| b == b' ').collect();
+        // id parent major:minor root mount-point options [optional...] - fstype source opts
+        let Some(dash) = fields.iter().position(|f| *f == b"-") else {
+            continue;
+        };
+        if fields.len() < 5 || dash + 2 >= fields.len() {
+            continue;
+        }
+        let Some(mount_id) = std::str::from_utf8(fields[0])
+            .ok()
+            .and_then(|s| s.parse().ok())
+        else {
+            continue;
+        };
+        out.push(MountEntry {
+            mount_id,
+            mount_point: PathBuf::from(std::ffi::OsString::from_vec(unescape_mountinfo(fields[4]))),
+            fstype: String::from_utf8_lossy(&unescape_mountinfo(fields[dash + 1])).into_owned(),
+            source: String::from_utf8_lossy(&unescape_mountinfo(fields[dash + 2])).into_owned(),
+        });
+    }
+    out
+}
+
+/// Whether `path` is a mount whose FUSE server is gone ("Transport endpoint is not
+/// connected").
+pub fn is_dead_mount(path: &Path) -> bool {
+    matches!(
+        std::fs::symlink_metadata(path),
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN)
+    )
+}
+
+/// Removes a cachefs mount at `target` whose server died. Returns whether there was one.
+/// Live mounts and other filesystems are left alone.
+pub fn clear_dead_mount(target: &Path) -> Result<bool, FsError> {
+    let entry = mount_at(target)
+        .map_err(|e| FsError::TargetInvalid(target.to_path_buf(), e.to_string()))?;
+    match entry {
+        Some(e) if e.is_cachefs() && is_dead_mount(target) => {
+            detach(&e.mount_point).map_err(|err| FsError::Unmount(e.mount_point.clone(), err))?;
+            Ok(true)
+        }
+        _ => Ok(false),
+    }
+}
+
+/// Unmounts `target` from outside its server: `umount2` as root, `fusermount3 -u` otherwise.
+/// A busy mount fails with EBUSY unless `lazy`, which detaches it (processes using it keep
+/// what they have open; it disappears from the tree at once).
+pub fn unmount_path(target: &Path, lazy: bool) -> io::Result<()> {
+    if rustix::process::geteuid().is_root() {
+        let c = CString::new(target.as_os_str().as_bytes()).map_err(io::Error::other)?;
+        let flags = if lazy { libc::MNT_DETACH } else { 0 };
+        // SAFETY: a valid C string.
+        if unsafe { libc::umount2(c.as_ptr(), flags) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        return Ok(());
+    }
+    let mut cmd = std::process::Command::new("fusermount3");
+    cmd.arg("-u");
+    if lazy {
+        cmd.arg("-z");
+    }
+    let out = cmd
+        .arg("--")
+        .arg(target)
+        .stdin(std::process::Stdio::null())
+        .output()?;
+    if out.status.success() {
+        return Ok(());
+    }
+    let msg = String::from_utf8_lossy(&out.stderr);
+    if msg.contains("busy") {
+        return Err(io::Error::from_raw_os_error(libc::EBUSY));
+    }
+    Err(io::Error::other(msg.trim().replace('\n', "; ")))
+}
+
+fn detach(target: &Path) -> io::Result<()> {
+    unmount_path(target, true)
 }
 
 /// Whether `path` is a mount point, from /proc/self/mountinfo (stat-based checks miss bind

@@ -1,0 +1,535 @@
+//! What `run` and `mount` share: checking mount plans, taking leases (with the waiting
+//! message), mounting, and unmounting within a time limit.
+
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::io::{IsTerminal, Write};
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Component, Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::AtomicI32;
+use std::sync::mpsc::RecvTimeoutError;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, anyhow};
+
+use super::signals::Inherited;
+use super::{busy, print_warning, usage};
+use crate::fs::{self, FsOptions, MountedFs};
+use crate::lease::{self, Lease, LeaseError, LeaseRequest, WaitControl, WaitReport};
+use crate::spec::{MountSpec, Sharing};
+use crate::store::{Instance, InstanceInit, Store};
+
+/// How long cachefs waits for its mounts to go away after the command ended.
+pub(crate) const UNMOUNT_GRACE: Duration = Duration::from_secs(5);
+
+/// One mount to make, after validation.
+#[derive(Debug)]
+pub(crate) struct Planned {
+    pub spec: MountSpec,
+    /// Absolute, as returned by `fs::check_target_path`.
+    pub target: PathBuf,
+}
+
+/// Lease settings that apply to every mount of one command.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LeaseDefaults {
+    /// `--lock-timeout`; a mount's own `lock-timeout=` wins.
+    pub lock_timeout: Option<Duration>,
+    /// `--max-instances`.
+    pub max_instances: u32,
+}
+
+/// A mount that is up, with the instance it serves.
+pub(crate) struct Live {
+    pub fs: MountedFs,
+    pub instance: Instance,
+    pub target: PathBuf,
+    /// The kernel's id of the mount, to name the processes that keep it busy.
+    pub mount_id: Option<u64>,
+}
+
+/// Parses every `--mount` and makes the targets absolute against `cwd`.
+pub(crate) fn parse_specs(raw: &[String], cwd: &Path) -> anyhow::Result<Vec<(MountSpec, PathBuf)>> {
+    raw.iter()
+        .map(|s| {
+            let spec = MountSpec::parse(s).map_err(|e| usage(anyhow!("--mount {s:?}: {e}")))?;
+            let target = absolute(&spec.target, cwd);
+            Ok((spec, target))
+        })
+        .collect()
+}
+
+/// Checks targets and combinations; nothing is created. Returns the plan in mount order
+/// (parents before children, so a cache mounted inside another cache's target lands on top).
+pub(crate) fn plan(specs: Vec<(MountSpec, PathBuf)>) -> anyhow::Result<Vec<Planned>> {
+    let mut plan = Vec::with_capacity(specs.len());
+    for (spec, target) in specs {
+        let target = fs::check_target_path(&target).map_err(usage)?;
+        plan.push(Planned { spec, target });
+    }
+    reject_duplicates(&plan)?;
+    reject_self_deadlock(&plan)?;
+    plan.sort_by_key(|p| p.target.components().count());
+    Ok(plan)
+}
+
+/// `path` made absolute against `cwd`, with `.` components and repeated slashes dropped.
+/// `..` is kept: resolving it lexically could disagree with the kernel across symlinks.
+pub(crate) fn absolute(path: &Path, cwd: &Path) -> PathBuf {
+    let joined = if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        cwd.join(path)
+    };
+    joined
+        .components()
+        .filter(|c| !matches!(c, Component::CurDir))
+        .collect()
+}
+
+/// Two mounts on one target would hide each other: reject them.
+/// Existing targets are compared by their real path, so `/run/x` and `/var/run/x` (a symlink)
+/// are one target.
+fn reject_duplicates(plan: &[Planned]) -> anyhow::Result<()> {
+    let keys: Vec<PathBuf> = plan
+        .iter()
+        .map(|p| std::fs::canonicalize(&p.target).unwrap_or_else(|_| p.target.clone()))
+        .collect();
+    for (i, a) in plan.iter().enumerate() {
+        if let Some(b) = (0..i).find(|&j| keys[j] == keys[i]).map(|j| &plan[j]) {
+            let same = if a.target == b.target {
+                String::new()
+            } else {
+                format!(" (the same directory as {})", b.target.display())
+            };
+            return Err(usage(anyhow!(
+                "two mounts on one target {}{same}: caches {:?} and {:?}; give each its own target",
+                a.target.display(),
+                b.spec.id.as_str(),
+                a.spec.id.as_str()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// One command mounting the same cache twice, once locked, would wait for itself.
+fn reject_self_deadlock(plan: &[Planned]) -> anyhow::Result<()> {
+    let mut seen: HashMap<&str, Sharing> = HashMap::new();
+    for p in plan {
+        if let Some(&first) = seen.get(p.spec.id.as_str())
+            && (first == Sharing::Locked || p.spec.sharing == Sharing::Locked)
+        {
+            return Err(usage(anyhow!(
+                "cache {:?} is mounted twice and one mount is sharing=locked: the command would wait for itself; mount it once",
+                p.spec.id.as_str()
+            )));
+        }
+        seen.insert(p.spec.id.as_str(), p.spec.sharing);
+    }
+    Ok(())
+}
+
+/// Targets that are already mount points, before any lease is taken: a dead cachefs mount
+/// is cleared; a live one is refused at once unless it is this cache's own mount held under
+/// a lease this request will wait for (locked or private), which ends before ours begins.
+pub(crate) fn precheck_targets(store: &Store, plan: &[Planned]) -> anyhow::Result<()> {
+    for p in plan {
+        let Some(entry) = fs::mount_at(&p.target).ok().flatten() else {
+            continue;
+        };
+        if clear_if_dead(&p.target)? {
+            continue;
+        }
+        let waits_for_it = entry.is_cachefs()
+            && p.spec.sharing != Sharing::Shared
+            && lease::list(store, Some(&p.spec.id))
+                .map(|rows| {
+                    let t = p.target.to_string_lossy();
+                    rows.iter().any(|r| r.target.as_deref() == Some(&*t))
+                })
+                .unwrap_or(false);
+        if !waits_for_it {
+            return Err(usage(fs::FsError::TargetMounted(p.target.clone())));
+        }
+    }
+    Ok(())
+}
+
+/// Clears a dead cachefs mount at `target`, saying so. Returns whether there was one.
+fn clear_if_dead(target: &Path) -> anyhow::Result<bool> {
+    let cleared = fs::clear_dead_mount(target)
+        .with_context(|| format!("cannot clear the dead mount at {}", target.display()))?;
+    if cleared {
+        print_warning(format_args!(
+            "cleared a dead cachefs mount at {} (its process had died)",
+            target.display()
+        ));
+    }
+    Ok(cleared)
+}
+
+/// Takes the leases of every planned mount (in id order, see `lease::acquire_all`), saying
+/// on stderr who holds a cache while the wait lasts.
+pub(crate) fn take_leases<'s>(
+    store: &'s Store,
+    plan: &[Planned],
+    defaults: LeaseDefaults,
+    kind: &'static str,
+    command: &str,
+    cancel: &AtomicI32,
+) -> Result<Vec<Lease<'s>>, LeaseError> {
+    let reqs: Vec<LeaseRequest> = plan
+        .iter()
+        .map(|p| LeaseRequest {
+            id: p.spec.id.clone(),
+            sharing: p.spec.sharing,
+            init: InstanceInit {
+                uid: p.spec.uid,
+                gid: p.spec.gid,
+                mode: p.spec.mode,
+            },
+            max_instances: defaults.max_instances,
+            kind,
+            command: command.to_owned(),
+            timeout: p.spec.lock_timeout.or(defaults.lock_timeout),
+            target: Some(p.target.clone()),
+        })
+        .collect();
+    let printer = WaitPrinter::new();
+    let report = |r: &WaitReport| printer.report(r);
+    let ctl = WaitControl {
+        deadline: None,
+        cancel: Some(cancel),
+        report: &report,
+    };
+    lease::acquire_all(store, &reqs, &ctl)
+}
+
+/// Prints the "waiting for cache" line: rewritten in place every second on a terminal; in a
+/// log, a new line only when the holder changes (at most every 5 s) or once a minute.
+struct WaitPrinter {
+    tty: bool,
+    last: Mutex<Option<(Instant, Vec<i64>)>>,
+}
+
+const LOG_MIN_GAP: Duration = Duration::from_secs(5);
+const LOG_REMIND: Duration = Duration::from_secs(60);
+
+impl WaitPrinter {
+    fn new() -> WaitPrinter {
+        WaitPrinter {
+            tty: std::io::stderr().is_terminal(),
+            last: Mutex::new(None),
+        }
+    }
+
+    fn report(&self, r: &WaitReport) {
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        let mut err = std::io::stderr().lock();
+        if r.done {
+            if self.tty && last.is_some() {
+                let _ = write!(err, "\r\x1b[K");
+            }
+            *last = None;
+            return;
+        }
+        let holders: Vec<i64> = r.holders.iter().map(|h| h.seq).collect();
+        let now = Instant::now();
+        let line = wait_line(r);
+        if self.tty {
+            let _ = write!(err, "\r\x1b[Kcachefs: {line}");
+        } else {
+            let due = match &*last {
+                None => true,
+                Some((at, seen)) => {
+                    let gap = now.duration_since(*at);
+                    (seen != &holders && gap >= LOG_MIN_GAP) || gap >= LOG_REMIND
+                }
+            };
+            if !due {
+                return;
+            }
+            let _ = writeln!(err, "cachefs: {line}");
+        }
+        let _ = err.flush();
+        *last = Some((now, holders));
+    }
+}
+
+fn wait_line(r: &WaitReport) -> String {
+    let held = if r.holders.is_empty() {
+        "its holder is letting go".to_string()
+    } else {
+        format!(
+            "held by {}",
+            lease::describe_holders(&r.holders, lease::now_ms())
+        )
+    };
+    let ahead = match r.waiting_ahead {
+        0 => String::new(),
+        1 => "; 1 request waits ahead".to_string(),
+        n => format!("; {n} requests wait ahead"),
+    };
+    format!(
+        "waiting for cache {:?} (sharing={}, instance {}): {held}{ahead}; waited {}",
+        r.id,
+        r.sharing,
+        r.instance,
+        crate::units::format_duration(Duration::from_secs(r.waited.as_secs()))
+    )
+}
+
+/// Mounts each planned cache on the instance its lease grants, undoing the mounts done so
+/// far if one fails.
+pub(crate) fn mount_all(
+    plan: &[Planned],
+    leases: &[Lease<'_>],
+    passthrough: bool,
+    inherited: &Inherited,
+) -> anyhow::Result<Vec<Live>> {
+    let mut live: Vec<Live> = Vec::with_capacity(plan.len());
+    for (planned, lease) in plan.iter().zip(leases) {
+        match mount_one(planned, lease.instance().clone(), passthrough, inherited) {
+            Ok(l) => live.push(l),
+            Err(err) => {
+                unmount_all(live);
+                return Err(err);
+            }
+        }
+    }
+    Ok(live)
+}
+
+fn mount_one(
+    planned: &Planned,
+    instance: Instance,
+    passthrough: bool,
+    inherited: &Inherited,
+) -> anyhow::Result<Live> {
+    let spec = &planned.spec;
+    let target = &planned.target;
+    // The lease is ours now: a mount still here is dead (its holder was killed) or someone
+    // else's.
+    clear_if_dead(target)?;
+    fs::check_target(target).map_err(usage)?;
+    // A missing target is created, as Docker does; an existing one (checked above) is used
+    // as is, its contents hidden while the cache is mounted over it. The mode is explicit
+    // because the process umask is 0 once a filesystem is being served; a target inside an
+    // earlier mount is created in that cache, and must get what `mkdir -p` would give.
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(inherited.dir_mode())
+        .create(target)
+        .with_context(|| format!("cannot create the target directory {}", target.display()))?;
+    let opts = FsOptions {
+        passthrough,
+        read_only: spec.read_only,
+        fsname: fsname_for(spec.id.as_str()),
+        ..FsOptions::default()
+    };
+    let fs = fs::mount(&instance.path, target, &opts)
+        .with_context(|| format!("cannot mount cache {:?}", spec.id.as_str()))?;
+    tracing::info!(
+        id = spec.id.as_str(),
+        instance = instance.number,
+        created = instance.created,
+        target = %target.display(),
+        read_only = spec.read_only,
+        "mounted"
+    );
+    Ok(Live {
+        fs,
+        instance,
+        target: target.clone(),
+        mount_id: busy::mount_id(target),
+    })
+}
+
+/// Unmounts in reverse mount order (children before parents). A failure is reported and the
+/// rest go on. Returns the instances.
+///
+/// Unmounting waits for the filesystem's server to stop, and a process left running with
+/// files open in a cache keeps it serving. So the unmounts run on a thread and cachefs waits
+/// at most [`UNMOUNT_GRACE`]: then it names the processes and goes on to exit, and its exit
+/// closes the FUSE connection, which those processes see as I/O errors.
+pub(crate) fn unmount_all(live: Vec<Live>) -> Vec<Instance> {
+    let mut instances = Vec::with_capacity(live.len());
+    let mut mounts = Vec::with_capacity(live.len());
+    // (target, mount id) in unmount order, for the messages.
+    let mut order = Vec::with_capacity(live.len());
+    for l in live.into_iter().rev() {
+        instances.push(l.instance);
+        order.push((l.target.clone(), l.mount_id));
+        mounts.push((l.fs, l.target));
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    let unmounter = move || {
+        for (fs, target) in mounts {
+            let result = fs.unmount();
+            // The receiver is gone only when cachefs stopped waiting: nothing left to tell.
+            let _ = tx.send((target, result));
+        }
+    };
+    if let Err(err) = std::thread::Builder::new()
+        .name("cachefs-unmount".into())
+        .spawn(unmounter)
+    {
+        // No thread: the closure (and with it every mount) was dropped, which unmounts them
+        // here; drop reports failures through the log.
+        print_warning(format_args!("unmounting without a time limit: {err}"));
+        return instances;
+    }
+    let deadline = Instant::now() + UNMOUNT_GRACE;
+    let mut done = 0;
+    while done < order.len() {
+        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok((target, Ok(()))) => {
+                tracing::info!(target = %target.display(), "unmounted");
+                done += 1;
+            }
+            Ok((_, Err(err))) => {
+                print_warning(format_args!("{err}"));
+                done += 1;
+            }
+            Err(RecvTimeoutError::Timeout) => {
+                for (target, mnt_id) in &order[done..] {
+                    let users = mnt_id.map(|id| busy::users_of(id, 5)).unwrap_or_default();
+                    let by = if users.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" by {}", users.join(", "))
+                    };
+                    print_warning(format_args!(
+                        "{} is still in use{by} {}s after the command ended; \
+                         exiting anyway, which disconnects it",
+                        target.display(),
+                        UNMOUNT_GRACE.as_secs()
+                    ));
+                }
+                break;
+            }
+            // The unmount thread panicked; what it held was dropped (and so unmounted).
+            Err(RecvTimeoutError::Disconnected) => break,
+        }
+    }
+    instances
+}
+
+/// The mount's source name shown in /proc/mounts: `cachefs:<id>`, reduced to characters that
+/// are safe inside a mount option string (no commas, whitespace, control characters, quotes or
+/// backslashes) and bounded in length; ids are free-form, this is only a label.
+pub(crate) fn fsname_for(id: &str) -> String {
+    const MAX: usize = 128;
+    let mut name = String::from("cachefs:");
+    for c in id.chars() {
+        if name.len() >= MAX {
+            break;
+        }
+        let safe = c.is_ascii_graphic() && !matches!(c, ',' | '\\' | '"' | '\'');
+        name.push(if safe { c } else { '_' });
+    }
+    name
+}
+
+/// A command line as a shell would read it back: words of safe characters bare, others in
+/// single quotes. For display (lease records), not for execution.
+pub(crate) fn shell_join(words: &[OsString]) -> String {
+    words
+        .iter()
+        .map(|w| {
+            let w = w.to_string_lossy();
+            let safe = !w.is_empty()
+                && w.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%^".contains(c));
+            if safe {
+                w.into_owned()
+            } else {
+                format!("'{}'", w.replace('\'', r"'\''"))
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// What an interrupted lease wait exits with: 128+N, as if the signal had ended cachefs.
+pub(crate) fn interrupted_exit(signal: i32) -> i32 {
+    128 + signal
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fsname_is_safe_in_mount_options() {
+        assert_eq!(fsname_for("apt"), "cachefs:apt");
+        assert_eq!(fsname_for("/var/cache/apt"), "cachefs:/var/cache/apt");
+        assert_eq!(fsname_for("a,b c\td\n"), "cachefs:a_b_c_d_");
+        assert_eq!(fsname_for("x\\y\"z'"), "cachefs:x_y_z_");
+        assert_eq!(fsname_for("café"), "cachefs:caf_");
+        let long = fsname_for(&"é".repeat(255));
+        assert_eq!(long.len(), 128);
+        assert!(long.chars().all(|c| c.is_ascii_graphic()));
+    }
+
+    #[test]
+    fn targets_become_absolute() {
+        let cwd = Path::new("/work/proj");
+        assert_eq!(
+            absolute(Path::new("target"), cwd),
+            Path::new("/work/proj/target")
+        );
+        assert_eq!(
+            absolute(Path::new("./a/./b/"), cwd),
+            Path::new("/work/proj/a/b")
+        );
+        assert_eq!(absolute(Path::new("/x//y/"), cwd), Path::new("/x/y"));
+        assert_eq!(
+            absolute(Path::new("../c"), cwd),
+            Path::new("/work/proj/../c")
+        );
+    }
+
+    #[test]
+    fn command_lines_are_shown_quoted() {
+        let words: Vec<OsString> = ["apt-get", "install", "-y", "jq", "a b", "it's", ""]
+            .iter()
+            .map(OsString::from)
+            .collect();
+        assert_eq!(
+            shell_join(&words),
+            r"apt-get install -y jq 'a b' 'it'\''s' ''"
+        );
+    }
+
+    #[test]
+    fn one_mount_locked_twice_is_refused() {
+        let spec = |s: &str| MountSpec::parse(s).unwrap();
+        let p = |s: &str, t: &str| Planned {
+            spec: spec(s),
+            target: PathBuf::from(t),
+        };
+        assert!(
+            reject_self_deadlock(&[
+                p("id=a,target=/x,sharing=shared", "/x"),
+                p("id=a,target=/y,sharing=shared", "/y")
+            ])
+            .is_ok()
+        );
+        let err = reject_self_deadlock(&[
+            p("id=a,target=/x,sharing=shared", "/x"),
+            p("id=a,target=/y,sharing=locked", "/y"),
+        ])
+        .unwrap_err();
+        assert!(format!("{err:#}").contains("wait for itself"));
+        assert!(
+            reject_self_deadlock(&[
+                p("id=a,target=/x,sharing=locked", "/x"),
+                p("id=b,target=/y,sharing=locked", "/y")
+            ])
+            .is_ok()
+        );
+    }
+}
