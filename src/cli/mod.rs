@@ -349,7 +349,9 @@ mod tests {
         ])
         .expect("valid command line");
         assert_eq!(cli.global.store.as_deref(), Some("/s".as_ref()));
-        let Command::Run(args) = cli.command;
+        let Command::Run(args) = cli.command else {
+            panic!("not run: {:?}", cli.command);
+        };
         assert_eq!(
             args.mounts,
             ["type=cache,target=/a", "type=cache,target=/b"]
@@ -378,7 +380,9 @@ mod tests {
         ])
         .expect("valid command line");
         assert_eq!(cli.global.verbose, 0);
-        let Command::Run(args) = cli.command;
+        let Command::Run(args) = cli.command else {
+            panic!("not run: {:?}", cli.command);
+        };
         assert_eq!(args.mounts, ["target=/a"]);
         assert_eq!(args.command, ["sh", "-c", "-v", "--mount", "x"]);
     }
@@ -400,7 +404,9 @@ mod tests {
         .expect("valid command line");
         assert_eq!(cli.global.verbose, 2);
         assert_eq!(cli.global.store.as_deref(), Some("/s".as_ref()));
-        let Command::Run(args) = cli.command;
+        let Command::Run(args) = cli.command else {
+            panic!("not run: {:?}", cli.command);
+        };
         assert!(args.no_passthrough);
     }
 

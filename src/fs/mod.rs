@@ -301,8 +301,8 @@ pub fn mount_at(path: &Path) -> io::Result<Option<MountEntry>> {
     let info = std::fs::read("/proc/self/mountinfo")?;
     Ok(parse_mountinfo(&info)
         .into_iter()
-        .filter(|e| e.mount_point == wanted)
-        .last())
+        .rev()
+        .find(|e| e.mount_point == wanted))
 }
 
 fn parse_mountinfo(info: &[u8]) -> Vec<MountEntry> {
