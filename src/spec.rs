@@ -364,13 +364,19 @@ impl fmt::Display for MountSpec {
 
 /// Quotes a value when it holds a separator, a quote, or edge whitespace.
 fn write_value(f: &mut fmt::Formatter<'_>, v: &str) -> fmt::Result {
+    f.write_str(&quote_value(v))
+}
+
+/// A spec value as it must be written inside a spec: double-quoted when it holds a
+/// separator, a quote, or edge whitespace. For building specs from other input.
+pub fn quote_value(v: &str) -> std::borrow::Cow<'_, str> {
     let plain = !v.contains([',', '"'])
         && !v.starts_with(char::is_whitespace)
         && !v.ends_with(char::is_whitespace);
     if plain {
-        f.write_str(v)
+        std::borrow::Cow::Borrowed(v)
     } else {
-        write!(f, "\"{}\"", v.replace('"', "\"\""))
+        std::borrow::Cow::Owned(format!("\"{}\"", v.replace('"', "\"\"")))
     }
 }
 

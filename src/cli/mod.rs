@@ -17,10 +17,12 @@ use tracing_subscriber::filter::LevelFilter;
 mod busy;
 pub mod inspect;
 pub mod ls;
+pub mod mount;
 mod mounts;
 mod reaper;
 pub mod run;
 mod signals;
+pub mod umount;
 
 /// Exit code for a failure that is not the caller's fault (I/O error, store problem, ...).
 pub const EXIT_FAILURE: i32 = 1;
@@ -89,6 +91,10 @@ pub struct Global {
 pub enum Command {
     /// Run a command with cache directories mounted
     Run(run::Args),
+    /// Mount a cache in the background until `cachefs umount`
+    Mount(mount::Args),
+    /// Unmount a `cachefs mount`, or clear a dead cachefs mount
+    Umount(umount::Args),
     /// List live mounts and waiting requests: id, instance, mode, target, pid, command
     #[command(visible_alias = "ps")]
     Ls(ls::Args),
@@ -254,6 +260,8 @@ where
     init_logging(cli.global.verbose);
     let result = match cli.command {
         Command::Run(args) => run::run(&cli.global, args),
+        Command::Mount(args) => mount::run(&cli.global, args),
+        Command::Umount(args) => umount::run(&cli.global, args),
         Command::Ls(args) => ls::run(&cli.global, args),
         Command::Inspect(args) => inspect::run(&cli.global, args),
     };

@@ -86,6 +86,39 @@ pub struct MountedFs {
     /// The FUSE connection number (minor of st_dev), to abort a mount that cannot be
     /// unmounted cleanly.
     connection: Option<u32>,
+    ended: Arc<SessionEnd>,
+}
+
+/// Set when a session's filesystem is dropped, i.e. its serving threads are done.
+#[derive(Default)]
+struct SessionEnd {
+    ended: parking_lot::Mutex<bool>,
+    cv: parking_lot::Condvar,
+}
+
+/// Waits for a session to end (e.g. an unmount from outside).
+#[derive(Clone)]
+pub struct EndWatch(Arc<SessionEnd>);
+
+impl EndWatch {
+    /// Waits up to `timeout`; returns whether the session has ended.
+    pub fn wait(&self, timeout: Duration) -> bool {
+        let mut ended = self.0.ended.lock();
+        if !*ended {
+            self.0.cv.wait_for(&mut ended, timeout);
+        }
+        *ended
+    }
+}
+
+/// Held by the filesystem; dropping it marks the session ended.
+pub(crate) struct EndGuard(Arc<SessionEnd>);
+
+impl Drop for EndGuard {
+    fn drop(&mut self) {
+        *self.0.ended.lock() = true;
+        self.0.cv.notify_all();
+    }
 }
 
 impl std::fmt::Debug for MountedFs {
@@ -105,9 +138,12 @@ impl MountedFs {
     /// Whether the FUSE session still serves requests (false once the filesystem was
     /// unmounted from outside, e.g. by `umount` or `cachefs umount`).
     pub fn is_serving(&self) -> bool {
-        self.session
-            .as_ref()
-            .is_some_and(|s| !s.guard.is_finished())
+        self.session.is_some() && !*self.ended.ended.lock()
+    }
+
+    /// A handle another thread can wait on for the session to end.
+    pub fn end_watch(&self) -> EndWatch {
+        EndWatch(self.ended.clone())
     }
 
     /// Whether regular files are served through kernel passthrough.
@@ -259,7 +295,7 @@ pub fn check_target(target: &Path) -> Result<PathBuf, FsError> {
 }
 
 /// Lexically removes "." and ".." so the same directory is always spelled the same way.
-fn normalize(p: &Path) -> PathBuf {
+pub fn normalize(p: &Path) -> PathBuf {
     use std::path::Component;
     let mut out = PathBuf::new();
     for c in p.components() {
@@ -487,7 +523,8 @@ pub fn mount(source: &Path, target: &Path, opts: &FsOptions) -> Result<MountedFs
     // a second time.
     unsafe { libc::umask(0) };
     let passthrough = Arc::new(AtomicBool::new(false));
-    let fs = ops::CacheFs::new(table, opts, passthrough.clone());
+    let ended = Arc::new(SessionEnd::default());
+    let fs = ops::CacheFs::new(table, opts, passthrough.clone(), EndGuard(ended.clone()));
 
     let as_root = rustix::process::geteuid().is_root();
     let fsname: String = opts
@@ -538,5 +575,6 @@ pub fn mount(source: &Path, target: &Path, opts: &FsOptions) -> Result<MountedFs
         session: Some(session),
         passthrough,
         connection,
+        ended,
     })
 }

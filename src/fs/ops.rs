@@ -63,6 +63,8 @@ pub(crate) struct CacheFs {
     next_fh: AtomicU64,
     /// Running as root: new objects are given to the caller, as a local filesystem would.
     as_root: bool,
+    /// Tells the mount's owner when the session has ended (this value is dropped with it).
+    _end: super::EndGuard,
 }
 
 type Res<T> = io::Result<T>;
@@ -140,6 +142,7 @@ impl CacheFs {
         table: InodeTable,
         opts: &FsOptions,
         passthrough: Arc<AtomicBool>,
+        end: super::EndGuard,
     ) -> CacheFs {
         CacheFs {
             table,
@@ -152,6 +155,7 @@ impl CacheFs {
             locks: DashMap::new(),
             next_fh: AtomicU64::new(1),
             as_root: rustix::process::geteuid().is_root(),
+            _end: end,
         }
     }
 
