@@ -1,10 +1,430 @@
-//! `cachefs inspect` (being written).
+//! `cachefs inspect ID`: one cache, its instances, who holds them, and who waits.
 
-use super::Global;
+use std::path::PathBuf;
 
+use anyhow::anyhow;
+use serde::Serialize;
+
+use super::ls::{
+    Entry, LeaseJson, age_ms, one_line, open_existing_store, path_line, print_json, print_stdout,
+    render_table, rfc3339_utc, terminal_width, with_positions,
+};
+use super::{Global, usage};
+use crate::lease;
+use crate::store::{CACHES_DIR, CacheId, CacheInfo, InstanceInfo, LeaseState};
+use crate::units::{format_age, format_local_time};
+
+const AFTER_HELP: &str = "\
+Shows when the cache was created and last used, its directory in the store, each instance
+(the backing directory of a mount; private mounts of a busy cache get more than one) with the
+leases that hold it, and the requests waiting for it in arrival order. Records of processes
+that died are dropped on the way. When stdout is a terminal, commands are cut to its width.
+
+JSON (--json): an object with id, key, directory, created and last_used (unix seconds) and
+created_at / last_used_at (RFC 3339 UTC), instances (number, path, the same times, and
+leases: the held leases) and queue (the waiting requests in arrival order). Leases have the
+fields of `cachefs ls --json`.
+
+Exit status: 0; 1 when the store has no cache with that id; 2 for an invalid id.
+
+Examples:
+  # The apt cache: instances, holders, waiters
+  cachefs inspect apt
+
+  # A cache whose id defaulted to its target path
+  cachefs inspect /root/.cache/pip
+
+  # The pid holding the cache \"cargo\", if any
+  cachefs inspect --json cargo | jq '.instances[].leases[].pid'";
+
+/// `cachefs inspect` arguments.
 #[derive(Debug, clap::Args)]
-pub struct Args {}
+#[command(after_help = AFTER_HELP)]
+pub struct Args {
+    /// The cache id (as in --mount id=ID; the target path when the mount gave no id)
+    #[arg(value_name = "ID")]
+    pub id: String,
 
-pub fn run(_global: &Global, _args: Args) -> anyhow::Result<i32> {
+    /// Print a JSON object instead of text
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
+    let id = CacheId::new(&args.id).map_err(usage)?;
+    let (root, store) = open_existing_store(global)?;
+    let not_found = || {
+        anyhow!(
+            "no cache with id {:?} in store {} (see cachefs ls / cachefs du)",
+            id.as_str(),
+            path_line(&root)
+        )
+    };
+    let Some(store) = store else {
+        return Err(not_found());
+    };
+    let Some(cache) = store.get_cache(&id)? else {
+        return Err(not_found());
+    };
+    let entries = with_positions(lease::list(&store, Some(&id))?);
+    let dir = store.root().join(CACHES_DIR).join(&cache.key);
+    let view = View::new(&cache, dir, &entries);
+    if args.json {
+        print_json(&view.json())?;
+    } else {
+        let text = view.render(lease::now_ms(), &lease::this_host(), terminal_width());
+        print_stdout(&text)?;
+    }
     Ok(0)
+}
+
+/// A cache with its leases sorted out by instance.
+struct View<'a> {
+    cache: &'a CacheInfo,
+    /// `STORE/caches/<key>`
+    dir: PathBuf,
+    instances: Vec<InstanceView<'a>>,
+    /// Waiting requests, in arrival order.
+    queue: Vec<&'a Entry>,
+}
+
+struct InstanceView<'a> {
+    number: u32,
+    path: PathBuf,
+    /// `None` for an instance that is held but has no record (it was lost or not yet made).
+    info: Option<&'a InstanceInfo>,
+    /// Held leases, in arrival order.
+    holders: Vec<&'a Entry>,
+}
+
+impl<'a> View<'a> {
+    fn new(cache: &'a CacheInfo, dir: PathBuf, entries: &'a [Entry]) -> View<'a> {
+        let mut instances: Vec<InstanceView<'a>> = cache
+            .instances
+            .iter()
+            .map(|info| InstanceView {
+                number: info.number,
+                path: info.path.clone(),
+                info: Some(info),
+                holders: Vec::new(),
+            })
+            .collect();
+        let mut sorted: Vec<&Entry> = entries.iter().collect();
+        sorted.sort_by_key(|e| e.row.seq);
+        let mut queue = Vec::new();
+        for e in sorted {
+            if e.row.state == LeaseState::Waiting {
+                queue.push(e);
+                continue;
+            }
+            let number = e.row.instance;
+            match instances.iter_mut().find(|i| i.number == number) {
+                Some(i) => i.holders.push(e),
+                None => instances.push(InstanceView {
+                    number,
+                    path: dir.join(number.to_string()),
+                    info: None,
+                    holders: vec![e],
+                }),
+            }
+        }
+        instances.sort_by_key(|i| i.number);
+        View {
+            cache,
+            dir,
+            instances,
+            queue,
+        }
+    }
+
+    fn render(&self, now_ms: i64, host: &str, width: Option<usize>) -> String {
+        let now = now_ms.div_euclid(1000);
+        let when = |secs: i64| format!("{} ({})", format_local_time(secs), format_age(secs, now));
+        let c = self.cache;
+        let mut out = String::new();
+        let mut field = |label: &str, value: &str| {
+            out.push_str(format!("{label:<9}  {value}").trim_end());
+            out.push('\n');
+        };
+        field("cache", &one_line(&c.id));
+        field("created", &when(c.created));
+        field("last used", &when(c.last_used));
+        field("directory", &path_line(&self.dir));
+        field("instances", &self.instances.len().to_string());
+
+        let headers: Vec<Vec<String>> = self
+            .instances
+            .iter()
+            .map(|i| {
+                let holders = match i.holders.len() {
+                    0 => "free".to_owned(),
+                    1 => "1 holder".to_owned(),
+                    n => format!("{n} holders"),
+                };
+                let (used, created) = match i.info {
+                    Some(info) => (
+                        format!("last used {}", format_age(info.last_used, now)),
+                        format!("created {}", format_age(info.created, now)),
+                    ),
+                    None => ("not recorded".to_owned(), String::new()),
+                };
+                vec![
+                    format!("#{}", i.number),
+                    holders,
+                    used,
+                    created,
+                    path_line(&i.path),
+                ]
+            })
+            .collect();
+        let headers = render_table(&headers, "  ", None);
+        // One table for every holder line, so they align across instances.
+        let holder_rows: Vec<Vec<String>> = self
+            .instances
+            .iter()
+            .flat_map(|i| i.holders.iter().map(|e| lease_cells(e, now_ms, host, None)))
+            .collect();
+        let mut holder_lines = render_table(&holder_rows, "      ", width).into_iter();
+        for (i, header) in self.instances.iter().zip(headers) {
+            out.push_str(&header);
+            out.push('\n');
+            for line in holder_lines.by_ref().take(i.holders.len()) {
+                out.push_str(&line);
+                out.push('\n');
+            }
+        }
+
+        if self.queue.is_empty() {
+            out.push_str("queue      empty\n");
+        } else {
+            out.push_str(&format!("queue      {} waiting\n", self.queue.len()));
+            let rows: Vec<Vec<String>> = self
+                .queue
+                .iter()
+                .map(|e| {
+                    let mut cells = vec![format!("{}.", e.position.unwrap_or(0))];
+                    cells.extend(lease_cells(e, now_ms, host, Some(e.row.instance)));
+                    cells
+                })
+                .collect();
+            for line in render_table(&rows, "  ", width) {
+                out.push_str(&line);
+                out.push('\n');
+            }
+        }
+        out
+    }
+
+    fn json(&self) -> CacheJson<'_> {
+        let c = self.cache;
+        CacheJson {
+            id: &c.id,
+            key: &c.key,
+            directory: self.dir.to_string_lossy().into_owned(),
+            created: c.created,
+            created_at: rfc3339_utc(c.created),
+            last_used: c.last_used,
+            last_used_at: rfc3339_utc(c.last_used),
+            instances: self
+                .instances
+                .iter()
+                .map(|i| InstanceJson {
+                    number: i.number,
+                    path: i.path.to_string_lossy().into_owned(),
+                    created: i.info.map(|info| info.created),
+                    created_at: i.info.map(|info| rfc3339_utc(info.created)),
+                    last_used: i.info.map(|info| info.last_used),
+                    last_used_at: i.info.map(|info| rfc3339_utc(info.last_used)),
+                    leases: i.holders.iter().map(|e| LeaseJson::new(e)).collect(),
+                })
+                .collect(),
+            queue: self.queue.iter().map(|e| LeaseJson::new(e)).collect(),
+        }
+    }
+}
+
+/// `locked  pid 1234  since 12s ago  [instance #1]  target /t  COMMAND`
+fn lease_cells(e: &Entry, now_ms: i64, host: &str, instance: Option<u32>) -> Vec<String> {
+    let r = &e.row;
+    let pid = if r.host != host && !r.host.is_empty() {
+        format!("pid {} on {}", r.pid, one_line(&r.host))
+    } else {
+        format!("pid {}", r.pid)
+    };
+    let mut cells = vec![
+        r.sharing.as_str().to_owned(),
+        pid,
+        format!("since {}", age_ms(e.started_ms(), now_ms)),
+    ];
+    if let Some(n) = instance {
+        cells.push(format!("instance #{n}"));
+    }
+    cells.push(format!(
+        "target {}",
+        r.target.as_deref().map_or("-".into(), one_line)
+    ));
+    cells.push(one_line(&r.command).into_owned());
+    cells
+}
+
+/// `inspect --json`. Times are unix seconds, with RFC 3339 UTC twins (`*_at`).
+#[derive(Debug, Serialize)]
+struct CacheJson<'a> {
+    id: &'a str,
+    /// The cache's directory name under `caches/` and `leases/`.
+    key: &'a str,
+    directory: String,
+    created: i64,
+    created_at: String,
+    last_used: i64,
+    last_used_at: String,
+    instances: Vec<InstanceJson<'a>>,
+    /// Waiting requests, in arrival order.
+    queue: Vec<LeaseJson<'a>>,
+}
+
+/// The times are `null` for an instance that is held but not recorded.
+#[derive(Debug, Serialize)]
+struct InstanceJson<'a> {
+    number: u32,
+    path: String,
+    created: Option<i64>,
+    created_at: Option<String>,
+    last_used: Option<i64>,
+    last_used_at: Option<String>,
+    /// Held leases, in arrival order.
+    leases: Vec<LeaseJson<'a>>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::ls::tests::row;
+    use crate::spec::Sharing;
+
+    const NOW_MS: i64 = 1_795_645_903_000;
+    const NOW: i64 = NOW_MS / 1000;
+
+    fn cache() -> CacheInfo {
+        let dir = PathBuf::from("/s/caches/apt-0123456789abcdef");
+        CacheInfo {
+            id: "apt".to_owned(),
+            key: "apt-0123456789abcdef".to_owned(),
+            created: NOW - 3 * 3600,
+            last_used: NOW - 300,
+            instances: vec![
+                InstanceInfo {
+                    number: 1,
+                    path: dir.join("1"),
+                    created: NOW - 3 * 3600,
+                    last_used: NOW - 300,
+                },
+                InstanceInfo {
+                    number: 2,
+                    path: dir.join("2"),
+                    created: NOW - 2 * 3600,
+                    last_used: NOW - 3600,
+                },
+            ],
+        }
+    }
+
+    fn at(mut r: crate::store::LeaseRow, since_ago_s: i64) -> crate::store::LeaseRow {
+        r.since_ms = NOW_MS - since_ago_s * 1000;
+        if r.acquired_ms.is_some() {
+            r.acquired_ms = Some(r.since_ms);
+        }
+        r
+    }
+
+    fn entries() -> Vec<Entry> {
+        let mut held = at(row(7, "apt", 1, Sharing::Locked, true), 12);
+        held.command = "apt-get install -y jq".to_owned();
+        held.target = Some("/var/cache/apt".to_owned());
+        let mut waiting = at(row(9, "apt", 1, Sharing::Locked, false), 10);
+        waiting.command = "sleep\n30".to_owned();
+        let mut lost = at(row(8, "apt", 3, Sharing::Private, true), 65);
+        lost.host = "ci-7".to_owned();
+        lost.target = None;
+        with_positions(vec![held, lost, waiting])
+    }
+
+    #[test]
+    fn human_layout() {
+        let c = cache();
+        let e = entries();
+        let view = View::new(&c, PathBuf::from("/s/caches/apt-0123456789abcdef"), &e);
+        let text = view.render(NOW_MS, "here", None);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[0], "cache      apt");
+        assert!(lines[1].starts_with("created    2026-11-2"), "{}", lines[1]);
+        assert!(lines[1].ends_with(" (3h ago)"), "{}", lines[1]);
+        assert!(lines[2].starts_with("last used  "), "{}", lines[2]);
+        assert!(lines[2].ends_with(" (5m ago)"), "{}", lines[2]);
+        assert_eq!(
+            &lines[3..],
+            [
+                "directory  /s/caches/apt-0123456789abcdef",
+                "instances  3",
+                "  #1  1 holder  last used 5m ago  created 3h ago  /s/caches/apt-0123456789abcdef/1",
+                "      locked   pid 1007          since 12s ago  target /var/cache/apt  apt-get install -y jq",
+                "  #2  free      last used 1h ago  created 2h ago  /s/caches/apt-0123456789abcdef/2",
+                "  #3  1 holder  not recorded                      /s/caches/apt-0123456789abcdef/3",
+                "      private  pid 1008 on ci-7  since 1m ago   target -               make -j8",
+                "queue      1 waiting",
+                "  1.  locked  pid 1009  since 10s ago  instance #1  target /t/9  \"sleep\\n30\"",
+            ]
+        );
+        // Cut to the terminal's width.
+        let text = view.render(NOW_MS, "here", Some(90));
+        let cut: Vec<&str> = text.lines().filter(|l| l.ends_with('…')).collect();
+        assert_eq!(cut.len(), 1, "{text}");
+        assert!(
+            cut[0].ends_with("target /var/cache/apt  apt-get install -y…"),
+            "{text}"
+        );
+        assert_eq!(cut[0].chars().count(), 90, "{text}");
+    }
+
+    #[test]
+    fn human_empty_queue_and_no_instances() {
+        let mut c = cache();
+        c.instances.clear();
+        let view = View::new(&c, PathBuf::from("/s/c"), &[]);
+        let text = view.render(NOW_MS, "here", None);
+        assert!(text.ends_with("instances  0\nqueue      empty\n"), "{text}");
+    }
+
+    #[test]
+    fn json_shape() {
+        let c = cache();
+        let e = entries();
+        let view = View::new(&c, PathBuf::from("/s/caches/apt-0123456789abcdef"), &e);
+        let v = serde_json::to_value(view.json()).expect("serialisable");
+        assert_eq!(v["id"], "apt");
+        assert_eq!(v["key"], "apt-0123456789abcdef");
+        assert_eq!(v["directory"], "/s/caches/apt-0123456789abcdef");
+        assert_eq!(v["created"], NOW - 3 * 3600);
+        assert_eq!(v["created_at"], "2026-11-25T19:31:43Z");
+        assert_eq!(v["last_used"], NOW - 300);
+        assert_eq!(v["last_used_at"], "2026-11-25T22:26:43Z");
+        let instances = v["instances"].as_array().expect("array");
+        assert_eq!(instances.len(), 3);
+        assert_eq!(instances[0]["number"], 1);
+        assert_eq!(instances[0]["path"], "/s/caches/apt-0123456789abcdef/1");
+        assert_eq!(instances[0]["last_used"], NOW - 300);
+        assert_eq!(instances[0]["last_used_at"], "2026-11-25T22:26:43Z");
+        assert_eq!(instances[0]["leases"][0]["pid"], 1007);
+        assert_eq!(instances[0]["leases"][0]["state"], "held");
+        assert_eq!(instances[1]["leases"], serde_json::json!([]));
+        assert_eq!(instances[2]["number"], 3);
+        assert_eq!(instances[2]["created"], serde_json::Value::Null);
+        assert_eq!(instances[2]["leases"][0]["host"], "ci-7");
+        let queue = v["queue"].as_array().expect("array");
+        assert_eq!(queue.len(), 1);
+        assert_eq!(queue[0]["pid"], 1009);
+        assert_eq!(queue[0]["position"], 1);
+        assert_eq!(queue[0]["command"], "sleep\n30");
+        assert_eq!(queue[0]["acquired_ms"], serde_json::Value::Null);
+    }
 }

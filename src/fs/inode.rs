@@ -72,6 +72,8 @@ pub(crate) struct InodeState {
 pub(crate) struct InodeTable {
     map: DashMap<u64, Arc<Inode>>,
     root_fd: Arc<OwnedFd>,
+    /// A plain (not O_PATH) fd of the root: open_by_handle_at refuses O_PATH mount fds.
+    mount_fd: OwnedFd,
     root_dev: u64,
     use_handles: bool,
     pub(crate) inos: InoMap,
@@ -103,10 +105,15 @@ impl InodeTable {
         }
         // Handles are used only if both directions work here (open_by_handle_at needs
         // CAP_DAC_READ_SEARCH, and some filesystems have no handles).
-        let handle = sys::name_to_handle(root_fd.as_fd()).ok();
+        let mount_fd = sys::reopen_dir(root_fd.as_fd())?;
+        let handle = sys::name_to_handle(root_fd.as_fd())
+            .map_err(|e| tracing::debug!(error = %e, "no file handles: name_to_handle_at"))
+            .ok();
         let use_handles = want_handles
             && match &handle {
-                Some(h) => sys::open_by_handle(root_fd.as_raw_fd(), h, libc::O_PATH).is_ok(),
+                Some(h) => sys::open_by_handle(mount_fd.as_raw_fd(), h, libc::O_PATH)
+                    .map_err(|e| tracing::debug!(error = %e, "no file handles: open_by_handle_at"))
+                    .is_ok(),
                 None => false,
             };
         let root_fd = Arc::new(root_fd);
@@ -129,6 +136,7 @@ impl InodeTable {
         Ok(InodeTable {
             map,
             root_fd,
+            mount_fd,
             root_dev: st.st_dev,
             use_handles,
             inos: InoMap {
@@ -162,7 +170,7 @@ impl InodeTable {
             (st.handle.clone(), st.parent, st.name.clone())
         };
         let fd = match handle {
-            Some(h) => sys::open_by_handle(self.root_fd.as_raw_fd(), &h, libc::O_PATH)?,
+            Some(h) => sys::open_by_handle(self.mount_fd.as_raw_fd(), &h, libc::O_PATH)?,
             None => self.reresolve(inode.node, parent, &name)?,
         };
         let fd = Arc::new(fd);
@@ -190,7 +198,7 @@ impl InodeTable {
             return Err(io::Error::from_raw_os_error(libc::ELOOP));
         }
         match handle {
-            Some(h) => sys::open_by_handle(self.root_fd.as_raw_fd(), &h, flags | libc::O_NOCTTY),
+            Some(h) => sys::open_by_handle(self.mount_fd.as_raw_fd(), &h, flags | libc::O_NOCTTY),
             None => sys::reopen(self.fd(inode)?.as_fd(), flags),
         }
     }

@@ -369,6 +369,18 @@ pub(crate) fn name_to_handle_at(
     })
 }
 
+/// A readable directory fd for the directory `fd` refers to (which may be O_PATH).
+pub(crate) fn reopen_dir(fd: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    let fd = cvt(unsafe {
+        libc::openat(
+            fd.as_raw_fd(),
+            c".".as_ptr(),
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC | libc::O_NOFOLLOW,
+        )
+    })?;
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
 /// Opens an inode by handle. `mount_fd` is any fd on the same filesystem (the instance root).
 pub(crate) fn open_by_handle(
     mount_fd: RawFd,
