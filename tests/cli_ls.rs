@@ -425,3 +425,33 @@ fn idle_and_unknown_caches() {
     let v = ok_json(&env, &["inspect", "--json", odd]);
     assert_eq!(v["id"], odd);
 }
+
+/// A store on a read-only filesystem (e.g. a read-only bind mount for an inspection job)
+/// still lists; commands that must write to it fail with a one-line error.
+#[test]
+fn read_only_store_still_lists() {
+    if skip_unless_root("read_only_store_still_lists") {
+        return;
+    }
+    let env = CliEnv::new();
+    let out = env.run(&[spec("ro-cache", &env.path("t"), "")], &["true"]);
+    assert_eq!(code(&out), 0, "{}", stderr_of(&out));
+    let store = env.store.display().to_string();
+    sh(&format!(
+        "mount --bind '{store}' '{store}' && mount -o remount,ro,bind '{store}'"
+    ));
+    struct Unmount(String);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _guard = Unmount(store.clone());
+    assert_eq!(ok_stdout(&env, &["ls"]), "no live mounts or waiters\n");
+    let text = ok_stdout(&env, &["inspect", "ro-cache"]);
+    assert!(text.starts_with("cache      ro-cache\n"), "{text}");
+    let v = ok_json(&env, &["inspect", "--json", "ro-cache"]);
+    assert_eq!(v["instances"].as_array().map(Vec::len), Some(1), "{v}");
+    let out = env.run(&[spec("ro-cache", &env.path("t2"), "")], &["true"]);
+    assert_fails(&out, 1, "read-only filesystem");
+}

@@ -393,8 +393,15 @@ pub(crate) fn open_existing_store(global: &Global) -> anyhow::Result<(PathBuf, O
     {
         return Ok((root, None));
     }
-    // Store errors name the store and the fix themselves.
-    let store = Store::open(&root)?;
+    // Store errors name the store and the fix themselves. A store that cannot be written is
+    // still read: listing must work on a read-only mount of it.
+    let store = match Store::open(&root) {
+        Ok(store) => store,
+        Err(store::StoreError::ReadOnly { .. } | store::StoreError::PermissionDenied { .. }) => {
+            Store::open_read_only(&root)?
+        }
+        Err(e) => return Err(e.into()),
+    };
     Ok((root, Some(store)))
 }
 

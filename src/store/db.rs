@@ -47,6 +47,55 @@ pub(crate) fn open(db: &Path, root: &Path) -> Result<Connection, StoreError> {
     Ok(conn)
 }
 
+/// Opens `db` for reading only: no WAL switch, no migration, nothing written. For listing a
+/// store on a read-only filesystem. A database that still needs migrating is refused (its
+/// tables are not what this build reads).
+pub(crate) fn open_read_only(db: &Path, root: &Path) -> Result<Connection, StoreError> {
+    let err = |e| db_error(db, root, e);
+    let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let conn = Connection::open_with_flags(db, flags).map_err(err)?;
+    conn.busy_timeout(BUSY_TIMEOUT).map_err(err)?;
+    let version = match user_version(&conn) {
+        Ok(v) => v,
+        // A WAL database whose -shm cannot be created (read-only directory, no writer
+        // running): read the main file as it is, which is what a stopped store holds.
+        Err(_) => {
+            let uri = format!("file:{}?immutable=1", uri_path(db));
+            let conn = Connection::open_with_flags(&uri, flags | OpenFlags::SQLITE_OPEN_URI)
+                .map_err(err)?;
+            let version = user_version(&conn).map_err(err)?;
+            return finish_read_only(conn, version, root);
+        }
+    };
+    finish_read_only(conn, version, root)
+}
+
+fn finish_read_only(conn: Connection, version: i64, root: &Path) -> Result<Connection, StoreError> {
+    check_not_newer(version, root)?;
+    if version < SCHEMA_VERSION {
+        return Err(StoreError::NeedsMigration {
+            root: root.to_path_buf(),
+            found: version,
+            supported: SCHEMA_VERSION,
+        });
+    }
+    Ok(conn)
+}
+
+/// `path` percent-encoded for an SQLite URI.
+fn uri_path(path: &Path) -> String {
+    use std::os::unix::ffi::OsStrExt;
+    let mut out = String::new();
+    for &b in path.as_os_str().as_bytes() {
+        if b.is_ascii_alphanumeric() || b"/-_.~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 /// Brings the schema up to [`SCHEMA_VERSION`], refusing databases from newer builds.
 pub(crate) fn migrate(conn: &mut Connection, db: &Path, root: &Path) -> Result<(), StoreError> {
     let err = |e| db_error(db, root, e);

@@ -40,6 +40,14 @@ pub enum StoreError {
         supported: i64,
     },
     #[error(
+        "store {root} has an older schema ({found}; this build uses {supported}) and is read-only here: open it once where it is writable to upgrade it"
+    )]
+    NeedsMigration {
+        root: PathBuf,
+        found: i64,
+        supported: i64,
+    },
+    #[error(
         "metadata database {path} stayed busy (another cachefs process held it too long): retry"
     )]
     Busy { path: PathBuf },

@@ -167,6 +167,19 @@ impl Store {
         })
     }
 
+    /// Opens an existing store for reading only (listing on a read-only filesystem): nothing
+    /// is created, locked, migrated or swept. Writes through it fail.
+    pub fn open_read_only(root: &Path) -> Result<Store, StoreError> {
+        let root = std::path::absolute(root).map_err(|e| io_error("resolve", root, root, e))?;
+        let db_path = root.join(DB_FILE);
+        let conn = db::open_read_only(&db_path, &root)?;
+        Ok(Store {
+            root,
+            db_path,
+            conn: Mutex::new(conn),
+        })
+    }
+
     pub fn root(&self) -> &Path {
         &self.root
     }
