@@ -239,6 +239,8 @@ fn init_logging(verbose: u8) {
 
 /// Runs cachefs with the process's arguments; returns the exit code.
 pub fn main() -> i32 {
+    // SAFETY: called first thing in the binary's main, before any thread exists.
+    unsafe { crate::fs::remember_fusermount3() };
     main_with_args(std::env::args_os())
 }
 

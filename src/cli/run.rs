@@ -145,6 +145,9 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
     // 4. The command.
     let mut cmd = Command::new(program);
     cmd.args(program_args);
+    for var in fs::own_env_vars() {
+        cmd.env_remove(var);
+    }
     if let Some(dir) = child_cwd(&cwd, &plan) {
         cmd.current_dir(dir);
     }

@@ -485,9 +485,43 @@ fn raise_nofile_limit() -> u64 {
 }
 
 fn fusermount3_available() -> bool {
-    std::env::var_os("PATH")
-        .map(|paths| std::env::split_paths(&paths).any(|d| d.join("fusermount3").is_file()))
-        .unwrap_or(false)
+    find_fusermount3().is_some()
+}
+
+fn find_fusermount3() -> Option<PathBuf> {
+    let paths = std::env::var_os("PATH")?;
+    std::env::split_paths(&paths)
+        .map(|d| d.join("fusermount3"))
+        .find(|p| p.is_file())
+}
+
+/// Whether [`remember_fusermount3`] set FUSERMOUNT_PATH (so children should not inherit it).
+static SET_FUSERMOUNT_PATH: AtomicBool = AtomicBool::new(false);
+
+/// Tells fuser where fusermount3 is, so each mount does not first run `fusermount3 -h` to
+/// find out (a fork and exec per mount). Sets FUSERMOUNT_PATH, so call it while the process
+/// is still single-threaded.
+///
+/// # Safety
+/// No other thread may exist (it modifies the environment).
+pub unsafe fn remember_fusermount3() {
+    if std::env::var_os("FUSERMOUNT_PATH").is_some() {
+        return;
+    }
+    if let Some(p) = find_fusermount3().and_then(|p| p.to_str().map(str::to_owned)) {
+        // SAFETY: the caller guarantees no other thread exists.
+        unsafe { std::env::set_var("FUSERMOUNT_PATH", p) };
+        SET_FUSERMOUNT_PATH.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Environment variables cachefs set for itself, to be removed from commands it starts.
+pub fn own_env_vars() -> &'static [&'static str] {
+    if SET_FUSERMOUNT_PATH.load(Ordering::Relaxed) {
+        &["FUSERMOUNT_PATH"]
+    } else {
+        &[]
+    }
 }
 
 /// Mounts `source` (an instance directory) at `target` (an existing directory).
