@@ -2,8 +2,10 @@
 //! cache cannot be unmounted because something the command started (a daemon, a background
 //! job) still has files open in it.
 //!
-//! Only /proc is read, and only fdinfo files (their `mnt_id:` line): stat-ing the open files
-//! themselves could send requests to the very filesystem that is stuck.
+//! Only /proc is read: fdinfo files (their `mnt_id:` line) for open files, and the mount id
+//! of each process's working and root directory (statx with AT_STATX_DONT_SYNC, which does
+//! not ask the FUSE server). Stat-ing the open files themselves could send requests to the
+//! very filesystem that is stuck.
 
 use std::fs;
 use std::path::Path;
@@ -22,7 +24,8 @@ pub fn mount_id(path: &Path) -> Option<u64> {
     (stx.stx_mask & rustix::fs::StatxFlags::MNT_ID.bits() != 0).then_some(stx.stx_mnt_id)
 }
 
-/// Up to `limit` processes with a file open on mount `mnt_id`, as "pid PID (COMM)".
+/// Up to `limit` processes with a file open on mount `mnt_id`, or their working or root
+/// directory in it, as "pid PID (COMM)".
 pub fn users_of(mnt_id: u64, limit: usize) -> Vec<String> {
     let me = std::process::id();
     let Ok(procs) = fs::read_dir("/proc") else {
@@ -41,7 +44,9 @@ pub fn users_of(mnt_id: u64, limit: usize) -> Vec<String> {
         if pid == me {
             continue;
         }
-        if holds_mount(&entry.path().join("fdinfo"), mnt_id) {
+        let dir = entry.path();
+        let in_it = |link: &str| mount_id(&dir.join(link)) == Some(mnt_id);
+        if in_it("cwd") || in_it("root") || holds_mount(&dir.join("fdinfo"), mnt_id) {
             let comm = fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
             found.push(format!("pid {pid} ({})", comm.trim_end()));
             if found.len() >= limit {

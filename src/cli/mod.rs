@@ -237,6 +237,21 @@ fn init_logging(verbose: u8) {
         .try_init();
 }
 
+/// clap's error as one line: its first line without the `error: ` prefix, plus where to
+/// look.
+fn clap_error_line(err: &clap::Error) -> String {
+    let text = err.render().to_string();
+    let mut lines = text.lines();
+    let first = lines.next().unwrap_or("invalid arguments");
+    let mut msg = first.strip_prefix("error: ").unwrap_or(first).to_string();
+    // Lists (e.g. of missing arguments) follow on indented lines.
+    for more in lines.take_while(|l| l.starts_with("  ")) {
+        msg.push(' ');
+        msg.push_str(more.trim());
+    }
+    format!("{msg} (see cachefs --help)")
+}
+
 /// Runs cachefs with the process's arguments; returns the exit code.
 pub fn main() -> i32 {
     // SAFETY: called first thing in the binary's main, before any thread exists.
@@ -253,10 +268,18 @@ where
     let cli = match Cli::try_parse_from(args) {
         Ok(cli) => cli,
         Err(err) => {
-            // clap prints --help/--version on stdout (exit 0) and usage errors on stderr
-            // (exit 2); a closed stdout is not worth a second error.
-            let _ = err.print();
-            return err.exit_code();
+            use clap::error::ErrorKind as K;
+            if matches!(
+                err.kind(),
+                K::DisplayHelp | K::DisplayVersion | K::DisplayHelpOnMissingArgumentOrSubcommand
+            ) {
+                // Help and version on stdout; a closed stdout is not worth a second error.
+                let _ = err.print();
+                return err.exit_code();
+            }
+            // Usage errors are one line like every other cachefs error.
+            print_error(clap_error_line(&err));
+            return EXIT_USAGE;
         }
     };
     init_logging(cli.global.verbose);

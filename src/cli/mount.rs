@@ -93,7 +93,7 @@ pub struct Args {
     pub ro: bool,
 
     /// Give up waiting for a busy cache after DUR (e.g. 30s, 5m) and exit 75 [default: wait]
-    #[arg(long, value_name = "DUR", value_parser = parse_duration_arg)]
+    #[arg(long, value_name = "DUR", value_parser = parse_duration_arg, allow_hyphen_values = true)]
     pub lock_timeout: Option<Duration>,
 
     /// Most instances a sharing=private cache may grow to; past it, requests wait

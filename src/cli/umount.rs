@@ -81,7 +81,7 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
             "{} belongs to `cachefs run` (pid {}, running {}); it is unmounted when that command ends",
             target.display(),
             h.pid,
-            h.command
+            lease::one_line_command(&h.command, 80)
         )));
     }
     if let Err(e) = fs::unmount_path(&target, args.lazy) {
@@ -99,8 +99,19 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
         }
         return Err(anyhow!("cannot unmount {}: {e}", target.display()));
     }
-    if let Some(h) = holder {
-        wait_for_exit(h.pid, args.timeout, &target);
+    match holder {
+        // Detached while in use, the server serves the remaining users until the last lets
+        // go, and only then releases its lease: nothing to wait for here.
+        Some(h) if args.lazy && !wait_for_exit_quietly(h.pid, Duration::from_millis(200)) => {
+            print_warning(format_args!(
+                "{} is detached; its server (pid {}) keeps the lease until the last process using it lets go",
+                target.display(),
+                h.pid
+            ));
+        }
+        Some(_) if args.lazy => {}
+        Some(h) => wait_for_exit(h.pid, args.timeout, &target),
+        None => {}
     }
     Ok(0)
 }
@@ -132,6 +143,21 @@ fn is_running(pid: i32) -> bool {
             .is_some_and(|state| state != "Z" && state != "X"),
         Err(_) => false,
     }
+}
+
+/// Waits up to `timeout` for `pid` to exit; returns whether it did.
+fn wait_for_exit_quietly(pid: u32, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    let Ok(pid) = i32::try_from(pid) else {
+        return true;
+    };
+    while is_running(pid) {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    true
 }
 
 /// Waits (bounded) for the server to release its lease and exit.

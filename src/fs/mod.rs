@@ -325,8 +325,10 @@ pub struct MountEntry {
 }
 
 impl MountEntry {
+    /// A cachefs mount: `fuse.cachefs` when fusermount3 made it; a plain `fuse` mount (made
+    /// with mount(2) directly, which drops the subtype) is recognised by its source name.
     pub fn is_cachefs(&self) -> bool {
-        self.fstype == FSTYPE
+        self.fstype == FSTYPE || (self.fstype == "fuse" && self.source.starts_with("cachefs"))
     }
 }
 
@@ -369,12 +371,13 @@ fn parse_mountinfo(info: &[u8]) -> Vec<MountEntry> {
 }
 
 /// Whether `path` is a mount whose FUSE server is gone ("Transport endpoint is not
-/// connected").
+/// connected"). Asked with statfs, which the kernel never answers from its caches (a stat
+/// can be answered from cached attributes for a while after the server died).
 pub fn is_dead_mount(path: &Path) -> bool {
-    matches!(
-        std::fs::symlink_metadata(path),
-        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN)
-    )
+    match rustix::fs::statfs(path) {
+        Err(e) => e == rustix::io::Errno::NOTCONN,
+        Ok(_) => false,
+    }
 }
 
 /// Removes a cachefs mount at `target` whose server died. Returns whether there was one.

@@ -120,6 +120,7 @@ fn describe_holder(h: &LeaseRow, host: &str, now_ms: i64) -> String {
 }
 
 fn shorten(s: &str, max: usize) -> String {
+    let max = max.max(2);
     let one_line: String = s
         .chars()
         .map(|c| if c.is_control() { ' ' } else { c })
@@ -528,10 +529,15 @@ fn fill_queue(store: &Store, id: &CacheId, instance: u32, seq: i64, r: &mut Wait
 /// Every recorded lease that is still alive (of one cache, if given), in arrival order.
 /// Rows of dead processes are deleted on the way (best effort: a read-only store still
 /// lists, without them).
+///
+/// A row without a ticket file may belong to a request that is joining its queue right now
+/// (the row is written just before the ticket appears): it is left out of the listing, and
+/// deleted only if it still has no ticket under the cache's lock, which joining holds.
 pub fn list(store: &Store, only: Option<&CacheId>) -> Result<Vec<LeaseRow>, StoreError> {
     let rows = store.lease_rows(only)?;
     let mut alive = Vec::with_capacity(rows.len());
     let mut dead = Vec::new();
+    let mut unsure: BTreeMap<String, Vec<LeaseRow>> = BTreeMap::new();
     for row in rows {
         let path = ticket_path(store, &row);
         match ticket::probe(&path) {
@@ -540,7 +546,7 @@ pub fn list(store: &Store, only: Option<&CacheId>) -> Result<Vec<LeaseRow>, Stor
                 ticket::remove_stale(&path);
                 dead.push(row.seq);
             }
-            Ok(ticket::Liveness::Gone) => dead.push(row.seq),
+            Ok(ticket::Liveness::Gone) => unsure.entry(row.key.clone()).or_default().push(row),
             // Cannot tell (e.g. no permission): show it rather than hide a holder.
             Err(e) => {
                 tracing::debug!(ticket = %path.display(), error = %e, "cannot probe a lease ticket");
@@ -548,12 +554,32 @@ pub fn list(store: &Store, only: Option<&CacheId>) -> Result<Vec<LeaseRow>, Stor
             }
         }
     }
+    for (key, rows) in unsure {
+        // A read-only store cannot be locked (nor its rows deleted): just leave them out.
+        let Ok(_lock) = lock_cache(&store.lease_dir(&key)) else {
+            continue;
+        };
+        for row in rows {
+            match ticket::probe(&ticket_path(store, &row)) {
+                Ok(ticket::Liveness::Live) => alive.push(row),
+                Ok(ticket::Liveness::Stale | ticket::Liveness::Gone) => dead.push(row.seq),
+                Err(_) => {}
+            }
+        }
+    }
+    alive.sort_by_key(|r| r.seq);
     if !dead.is_empty()
         && let Err(e) = store.delete_leases(&dead)
     {
         tracing::debug!(error = %e, "cannot delete stale lease rows");
     }
     Ok(alive)
+}
+
+/// A command line for one-line messages: control characters (newlines of a multi-line
+/// script) become spaces, and it is cut to `max` characters.
+pub fn one_line_command(s: &str, max: usize) -> String {
+    shorten(s, max)
 }
 
 fn ticket_path(store: &Store, row: &LeaseRow) -> PathBuf {
