@@ -20,6 +20,9 @@ use crate::lease::{self, Lease, LeaseError, LeaseRequest, WaitControl, WaitRepor
 use crate::spec::{MountSpec, Sharing};
 use crate::store::{Instance, InstanceInit, Store};
 
+/// Entry and attribute timeout of mounts under an exclusive (locked, private) lease.
+pub(crate) const EXCLUSIVE_TTL: Duration = Duration::from_secs(60);
+
 /// How long cachefs waits for its mounts to go away after the command ended.
 pub(crate) const UNMOUNT_GRACE: Duration = Duration::from_secs(5);
 
@@ -323,12 +326,19 @@ fn mount_one(
         .mode(inherited.dir_mode())
         .create(target)
         .with_context(|| format!("cannot create the target directory {}", target.display()))?;
-    let opts = FsOptions {
+    let mut opts = FsOptions {
         passthrough,
         read_only: spec.read_only,
         fsname: fsname_for(spec.id.as_str()),
         ..FsOptions::default()
     };
+    if spec.sharing != Sharing::Shared {
+        // Nobody else mounts this instance while we hold a locked or private lease, so the
+        // kernel may keep names and attributes as long as it likes: every change goes through
+        // this mount, which the kernel sees.
+        opts.entry_ttl = EXCLUSIVE_TTL;
+        opts.attr_ttl = EXCLUSIVE_TTL;
+    }
     let fs = fs::mount(&instance.path, target, &opts)
         .with_context(|| format!("cannot mount cache {:?}", spec.id.as_str()))?;
     tracing::info!(
