@@ -237,6 +237,11 @@ fn init_logging(verbose: u8) {
         .try_init();
 }
 
+/// clap value parser for durations (`--lock-timeout`, `--timeout`): `units::parse_duration`.
+pub(crate) fn parse_duration_arg(s: &str) -> Result<std::time::Duration, String> {
+    crate::units::parse_duration(s).map_err(|e| e.to_string())
+}
+
 /// clap's error as one line: its first line without the `error: ` prefix, plus where to
 /// look.
 fn clap_error_line(err: &clap::Error) -> String {

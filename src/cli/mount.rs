@@ -24,7 +24,7 @@ use super::mounts::{self, LeaseDefaults};
 use super::signals::{Inherited, Started, Supervisor};
 use super::{Global, exit_code_of_status, print_error, print_warning, usage};
 use crate::fs;
-use crate::lease::{DEFAULT_MAX_INSTANCES, LeaseError};
+use crate::lease::DEFAULT_MAX_INSTANCES;
 use crate::spec::{MountSpec, quote_value};
 use crate::store::Store;
 
@@ -93,7 +93,7 @@ pub struct Args {
     pub ro: bool,
 
     /// Give up waiting for a busy cache after DUR (e.g. 30s, 5m) and exit 75 [default: wait]
-    #[arg(long, value_name = "DUR", value_parser = parse_duration_arg, allow_hyphen_values = true)]
+    #[arg(long, value_name = "DUR", value_parser = super::parse_duration_arg, allow_hyphen_values = true)]
     pub lock_timeout: Option<Duration>,
 
     /// Most instances a sharing=private cache may grow to; past it, requests wait
@@ -124,10 +124,6 @@ pub struct Args {
 /// The fd number the server gets the ready pipe on.
 const READY_FD: i32 = 3;
 const READY: &[u8] = b"ready\n";
-
-fn parse_duration_arg(s: &str) -> Result<Duration, String> {
-    crate::units::parse_duration(s).map_err(|e| e.to_string())
-}
 
 pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
     let cwd = std::env::current_dir()
@@ -296,22 +292,17 @@ fn serve(
         lock_timeout: args.lock_timeout,
         max_instances: args.max_instances,
     };
-    let leases = match mounts::take_leases(
+    let leases = match mounts::take_leases_or_exit(
         &store,
         &plan,
         defaults,
         "mount",
         shown,
         supervisor.cancel_flag(),
-    ) {
+        "not mounted",
+    )? {
         Ok(leases) => leases,
-        Err(LeaseError::Interrupted { id, signal }) => {
-            print_error(format_args!(
-                "interrupted by signal {signal} while waiting for cache {id:?}; not mounted"
-            ));
-            return Ok(mounts::interrupted_exit(signal));
-        }
-        Err(err) => return Err(err.into()),
+        Err(code) => return Ok(code),
     };
     let live = mounts::mount_all(&plan, &leases, !args.no_passthrough, &inherited)?;
     if let Some(fd) = ready {

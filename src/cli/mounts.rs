@@ -210,6 +210,29 @@ pub(crate) fn take_leases<'s>(
     lease::acquire_all(store, &reqs, &ctl)
 }
 
+/// [`take_leases`] for a command: an interrupted wait becomes the exit code 128+N, with a line
+/// saying what was not done (`Ok(Err(code))`); other failures are errors.
+pub(crate) fn take_leases_or_exit<'s>(
+    store: &'s Store,
+    plan: &[Planned],
+    defaults: LeaseDefaults,
+    kind: &'static str,
+    command: &str,
+    cancel: &AtomicI32,
+    not_done: &str,
+) -> anyhow::Result<Result<Vec<Lease<'s>>, i32>> {
+    match take_leases(store, plan, defaults, kind, command, cancel) {
+        Ok(leases) => Ok(Ok(leases)),
+        Err(LeaseError::Interrupted { id, signal }) => {
+            super::print_error(format_args!(
+                "interrupted by signal {signal} while waiting for cache {id:?}; {not_done}"
+            ));
+            Ok(Err(128 + signal))
+        }
+        Err(err) => Err(err.into()),
+    }
+}
+
 /// Prints the "waiting for cache" line: rewritten in place every second on a terminal; in a
 /// log, a new line only when the holder changes (at most every 5 s) or once a minute.
 struct WaitPrinter {
@@ -461,11 +484,6 @@ pub(crate) fn shell_join(words: &[OsString]) -> String {
         })
         .collect::<Vec<_>>()
         .join(" ")
-}
-
-/// What an interrupted lease wait exits with: 128+N, as if the signal had ended cachefs.
-pub(crate) fn interrupted_exit(signal: i32) -> i32 {
-    128 + signal
 }
 
 #[cfg(test)]

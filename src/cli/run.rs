@@ -22,7 +22,7 @@ use super::reaper;
 use super::signals::{Inherited, Started, Supervisor};
 use super::{Global, SpawnError, exit_code_of_status, print_error, print_warning, usage};
 use crate::fs;
-use crate::lease::{DEFAULT_MAX_INSTANCES, LeaseError};
+use crate::lease::DEFAULT_MAX_INSTANCES;
 use crate::store::Store;
 
 const AFTER_HELP: &str = "\
@@ -76,7 +76,7 @@ pub struct Args {
     pub no_passthrough: bool,
 
     /// Give up waiting for a busy cache after DUR (e.g. 30s, 5m) and exit 75 [default: wait]
-    #[arg(long, value_name = "DUR", value_parser = parse_duration_arg, allow_hyphen_values = true)]
+    #[arg(long, value_name = "DUR", value_parser = super::parse_duration_arg, allow_hyphen_values = true)]
     pub lock_timeout: Option<Duration>,
 
     /// Most instances a sharing=private cache may grow to; past it, requests wait
@@ -122,23 +122,18 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
         lock_timeout: args.lock_timeout,
         max_instances: args.max_instances,
     };
-    let leases = match mounts::take_leases(
+    let not_started = format!("{} was not started", program.to_string_lossy());
+    let leases = match mounts::take_leases_or_exit(
         &store,
         &plan,
         defaults,
         "run",
         &mounts::shell_join(&args.command),
         supervisor.cancel_flag(),
-    ) {
+        &not_started,
+    )? {
         Ok(leases) => leases,
-        Err(LeaseError::Interrupted { id, signal }) => {
-            print_error(format_args!(
-                "interrupted by signal {signal} while waiting for cache {id:?}; {} was not started",
-                program.to_string_lossy()
-            ));
-            return Ok(mounts::interrupted_exit(signal));
-        }
-        Err(err) => return Err(err.into()),
+        Err(code) => return Ok(code),
     };
     let live = mounts::mount_all(&plan, &leases, !args.no_passthrough, &inherited)?;
 
@@ -203,10 +198,6 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
         }
     }
     outcome
-}
-
-fn parse_duration_arg(s: &str) -> Result<Duration, String> {
-    crate::units::parse_duration(s).map_err(|e| e.to_string())
 }
 
 /// If the caller's working directory is inside a mount target, the inherited directory is the

@@ -38,12 +38,8 @@ pub struct Args {
     pub lazy: bool,
 
     /// How long to wait for the server to release its lease
-    #[arg(long, value_name = "DUR", default_value = "10s", value_parser = parse_duration_arg)]
+    #[arg(long, value_name = "DUR", default_value = "10s", value_parser = super::parse_duration_arg)]
     pub timeout: Duration,
-}
-
-fn parse_duration_arg(s: &str) -> Result<Duration, String> {
-    crate::units::parse_duration(s).map_err(|e| e.to_string())
 }
 
 pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
