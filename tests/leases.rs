@@ -1774,3 +1774,31 @@ fn dead_mount_made_without_fusermount3_is_cleared() {
     assert!(!is_mounted(&t));
     stat(&t).unwrap();
 }
+
+/// The command never inherits a lease: the ticket fds are close-on-exec, so a command (or
+/// anything it leaves behind) cannot keep a cache locked after cachefs is gone.
+#[test]
+fn the_command_holds_no_lease_fd() {
+    let env = CliEnv::new();
+    for sharing in ["locked", "shared", "private"] {
+        let t = env.path(&format!("fd-{sharing}"));
+        let out = run(
+            &env,
+            &[],
+            &[spec("F", &t, &format!("sharing={sharing}"))],
+            &[
+                "sh",
+                "-c",
+                "for f in /proc/$$/fd/*; do readlink \"$f\"; done; true",
+            ],
+        );
+        assert_code(&out, 0, "run");
+        let fds = stdout_of(&out);
+        assert!(!fds.is_empty(), "no fds listed");
+        let store = env.store.display().to_string();
+        assert!(
+            !fds.lines().any(|l| l.starts_with(&store)),
+            "{sharing}: the command holds store files open:\n{fds}"
+        );
+    }
+}
