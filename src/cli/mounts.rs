@@ -224,8 +224,11 @@ pub(crate) fn take_leases_or_exit<'s>(
     match take_leases(store, plan, defaults, kind, command, cancel) {
         Ok(leases) => Ok(Ok(leases)),
         Err(LeaseError::Interrupted { id, signal }) => {
+            let name = nix::sys::signal::Signal::try_from(signal)
+                .map(|s| s.as_str().to_owned())
+                .unwrap_or_else(|_| format!("signal {signal}"));
             super::print_error(format_args!(
-                "interrupted by signal {signal} while waiting for cache {id:?}; {not_done}"
+                "interrupted by {name} while waiting for cache {id:?}; {not_done}"
             ));
             Ok(Err(128 + signal))
         }
