@@ -3,6 +3,7 @@
 //! The library holds every concern; `src/main.rs` is a thin binary over [`cli`].
 //! See docs/ARCHITECTURE.md for the module map and the path of a request.
 
+pub mod accounting;
 pub mod cli;
 pub mod fs;
 pub mod lease;
