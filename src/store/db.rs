@@ -12,7 +12,7 @@ use rusqlite::{Connection, OpenFlags, Transaction, TransactionBehavior};
 use super::error::{StoreError, db_error};
 
 /// The newest schema this build reads and writes.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 /// How long a statement waits for another process's write lock before failing.
 pub(crate) const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -142,6 +142,7 @@ fn step(tx: &Transaction<'_>, version: i64) -> rusqlite::Result<()> {
     match version {
         0 => tx.execute_batch(V1),
         1 => tx.execute_batch(V2),
+        2 => tx.execute_batch(V3),
         // `migrate` never calls past the newest version.
         _ => Ok(()),
     }
@@ -184,6 +185,34 @@ CREATE TABLE leases (
     acquired  INTEGER
 );
 CREATE INDEX leases_by_cache ON leases (cache_id, instance, seq);
+";
+
+/// Schema 3: accounting. Per instance: the counters (`size_bytes`, `disk_bytes` = sizes
+/// rounded up to 4 KiB, `files`), whether they are exact (`counted`: 0 until a scan, and again
+/// while a mount that stopped uncleanly may have left them behind), eviction and hit/miss
+/// counters. Per cache: the budget (`max_size`, in disk bytes). Per file: its size as counted
+/// and cachefs's own last-use clock (unix ms), the order eviction and gc use.
+const V3: &str = "
+ALTER TABLE caches ADD COLUMN max_size INTEGER;
+ALTER TABLE instances ADD COLUMN size_bytes INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE instances ADD COLUMN disk_bytes INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE instances ADD COLUMN files INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE instances ADD COLUMN counted INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE instances ADD COLUMN dirty INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE instances ADD COLUMN evictions INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE instances ADD COLUMN evicted_bytes INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE instances ADD COLUMN hits INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE instances ADD COLUMN misses INTEGER NOT NULL DEFAULT 0;
+CREATE TABLE files (
+    cache_id  TEXT    NOT NULL,
+    instance  INTEGER NOT NULL,
+    ino       INTEGER NOT NULL,
+    size      INTEGER NOT NULL,
+    last_use  INTEGER NOT NULL,
+    PRIMARY KEY (cache_id, instance, ino),
+    FOREIGN KEY (cache_id, instance) REFERENCES instances (cache_id, number) ON DELETE CASCADE
+) WITHOUT ROWID;
+CREATE INDEX files_lru ON files (cache_id, instance, last_use);
 ";
 
 #[cfg(test)]

@@ -18,6 +18,7 @@ mod db;
 mod error;
 mod id;
 mod leases;
+mod usage;
 
 use std::ffi::OsString;
 use std::fs;
@@ -34,6 +35,7 @@ pub use db::SCHEMA_VERSION;
 pub use error::StoreError;
 pub use id::{CacheId, IdError, MAX_ID_BYTES};
 pub use leases::{LeaseRow, LeaseState, NewLease};
+pub use usage::{CounterDelta, FileUpdate, InstanceUsage};
 
 use error::{db_error, io_error};
 

@@ -1,0 +1,449 @@
+//! Accounting records: per-instance counters, per-file sizes and last-use times, budgets.
+//!
+//! Writers send *absolute* file states ("inode 12 is now 4096 bytes", "inode 9 is gone"),
+//! never deltas: the counters move by the difference to the recorded size inside one
+//! transaction, so two processes that both saw a file change cannot count it twice.
+
+use rusqlite::{OptionalExtension, params};
+use serde::Serialize;
+
+use super::error::db_error;
+use super::{CacheId, Store, StoreError};
+use crate::accounting::{Scan, Usage, disk_bytes};
+
+/// One file's new state, as a mount saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileUpdate {
+    /// Backing inode number.
+    pub ino: u64,
+    /// `Some(size)`: a regular file of that size; `None`: gone (last link removed) or no
+    /// longer a regular file.
+    pub size: Option<u64>,
+    /// Last use, unix ms (0: not used, only resized).
+    pub last_use_ms: i64,
+}
+
+/// Counters that are not file states.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CounterDelta {
+    pub hits: u64,
+    pub misses: u64,
+    pub evictions: u64,
+    pub evicted_bytes: u64,
+}
+
+/// An instance's accounting, as recorded.
+#[derive(Debug, Clone, Serialize)]
+pub struct InstanceUsage {
+    pub id: String,
+    pub number: u32,
+    pub usage: Usage,
+    /// The counters are exact (a scan or live accounting since).
+    pub counted: bool,
+    /// A mount was counting into it and has not finished cleanly.
+    pub dirty: bool,
+    pub created: i64,
+    pub last_used: i64,
+    pub evictions: u64,
+    pub evicted_bytes: u64,
+    pub hits: u64,
+    pub misses: u64,
+    /// The cache's budget in disk bytes.
+    pub max_size: Option<u64>,
+}
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn to_u64(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+impl Store {
+    /// Applies file states and counters to instance `number` of `id` in one transaction.
+    /// Returns the instance's counters after it.
+    pub fn apply_usage(
+        &self,
+        id: &CacheId,
+        number: u32,
+        updates: &[FileUpdate],
+        counters: CounterDelta,
+    ) -> Result<Usage, StoreError> {
+        let err = |e| db_error(&self.db_path, &self.root, e);
+        let mut conn = self.conn.lock();
+        let tx = conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(err)?;
+        let (mut size, mut disk, mut files): (i64, i64, i64) = (0, 0, 0);
+        {
+            let mut old = tx
+                .prepare_cached(
+                    "SELECT size FROM files WHERE cache_id = ?1 AND instance = ?2 AND ino = ?3",
+                )
+                .map_err(err)?;
+            let mut put = tx
+                .prepare_cached(
+                    "INSERT INTO files (cache_id, instance, ino, size, last_use)
+                     VALUES (?1, ?2, ?3, ?4, ?5)
+                     ON CONFLICT (cache_id, instance, ino) DO UPDATE SET
+                        size = excluded.size,
+                        last_use = max(last_use, excluded.last_use)",
+                )
+                .map_err(err)?;
+            let mut del = tx
+                .prepare_cached(
+                    "DELETE FROM files WHERE cache_id = ?1 AND instance = ?2 AND ino = ?3",
+                )
+                .map_err(err)?;
+            for u in updates {
+                let ino = to_i64(u.ino);
+                let before: Option<i64> = old
+                    .query_row(params![id.as_str(), number, ino], |r| r.get(0))
+                    .optional()
+                    .map_err(err)?;
+                if let Some(b) = before {
+                    let b = to_u64(b);
+                    size -= to_i64(b);
+                    disk -= to_i64(disk_bytes(b));
+                    files -= 1;
+                }
+                match u.size {
+                    Some(s) => {
+                        put.execute(params![id.as_str(), number, ino, to_i64(s), u.last_use_ms])
+                            .map_err(err)?;
+                        size += to_i64(s);
+                        disk += to_i64(disk_bytes(s));
+                        files += 1;
+                    }
+                    None => {
+                        del.execute(params![id.as_str(), number, ino])
+                            .map_err(err)?;
+                    }
+                }
+            }
+        }
+        tx.execute(
+            "UPDATE instances SET
+                size_bytes = max(0, size_bytes + ?3),
+                disk_bytes = max(0, disk_bytes + ?4),
+                files = max(0, files + ?5),
+                hits = hits + ?6, misses = misses + ?7,
+                evictions = evictions + ?8, evicted_bytes = evicted_bytes + ?9
+             WHERE cache_id = ?1 AND number = ?2",
+            params![
+                id.as_str(),
+                number,
+                size,
+                disk,
+                files,
+                to_i64(counters.hits),
+                to_i64(counters.misses),
+                to_i64(counters.evictions),
+                to_i64(counters.evicted_bytes)
+            ],
+        )
+        .map_err(err)?;
+        let usage = instance_usage_in(&tx, id, number).map_err(err)?;
+        tx.commit().map_err(err)?;
+        Ok(usage)
+    }
+
+    /// Replaces the instance's records with a full scan: file rows of inodes that are gone
+    /// are dropped, new ones get `now_ms` as last use, kept ones keep theirs; the counters
+    /// become the scan's and are marked exact.
+    pub fn replace_with_scan(
+        &self,
+        id: &CacheId,
+        number: u32,
+        scan: &Scan,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        let err = |e| db_error(&self.db_path, &self.root, e);
+        let mut conn = self.conn.lock();
+        let tx = conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(err)?;
+        tx.execute(
+            "CREATE TEMP TABLE IF NOT EXISTS scanned (ino INTEGER PRIMARY KEY, size INTEGER NOT NULL)",
+            [],
+        )
+        .map_err(err)?;
+        tx.execute("DELETE FROM temp.scanned", []).map_err(err)?;
+        {
+            let mut ins = tx
+                .prepare_cached("INSERT OR REPLACE INTO temp.scanned (ino, size) VALUES (?1, ?2)")
+                .map_err(err)?;
+            for f in &scan.files {
+                ins.execute(params![to_i64(f.ino), to_i64(f.size)])
+                    .map_err(err)?;
+            }
+        }
+        tx.execute(
+            "DELETE FROM files WHERE cache_id = ?1 AND instance = ?2
+               AND ino NOT IN (SELECT ino FROM temp.scanned)",
+            params![id.as_str(), number],
+        )
+        .map_err(err)?;
+        tx.execute(
+            "INSERT INTO files (cache_id, instance, ino, size, last_use)
+             SELECT ?1, ?2, ino, size, ?3 FROM temp.scanned WHERE true
+             ON CONFLICT (cache_id, instance, ino) DO UPDATE SET size = excluded.size",
+            params![id.as_str(), number, now_ms],
+        )
+        .map_err(err)?;
+        tx.execute("DELETE FROM temp.scanned", []).map_err(err)?;
+        tx.execute(
+            "UPDATE instances SET size_bytes = ?3, disk_bytes = ?4, files = ?5, counted = 1
+             WHERE cache_id = ?1 AND number = ?2",
+            params![
+                id.as_str(),
+                number,
+                to_i64(scan.usage.size_bytes),
+                to_i64(scan.usage.disk_bytes),
+                to_i64(scan.usage.files)
+            ],
+        )
+        .map_err(err)?;
+        tx.commit().map_err(err)
+    }
+
+    /// Marks an instance as being counted into by a mount (`true`) or left clean (`false`).
+    pub fn set_usage_dirty(
+        &self,
+        id: &CacheId,
+        number: u32,
+        dirty: bool,
+    ) -> Result<(), StoreError> {
+        let err = |e| db_error(&self.db_path, &self.root, e);
+        self.conn
+            .lock()
+            .execute(
+                "UPDATE instances SET dirty = ?3 WHERE cache_id = ?1 AND number = ?2",
+                params![id.as_str(), number, dirty],
+            )
+            .map_err(err)?;
+        Ok(())
+    }
+
+    /// Sets (or with `None` removes) the budget of cache `id`, in disk bytes.
+    pub fn set_max_size(&self, id: &CacheId, max: Option<u64>) -> Result<bool, StoreError> {
+        let err = |e| db_error(&self.db_path, &self.root, e);
+        let n = self
+            .conn
+            .lock()
+            .execute(
+                "UPDATE caches SET max_size = ?2 WHERE id = ?1",
+                params![id.as_str(), max.map(to_i64)],
+            )
+            .map_err(err)?;
+        Ok(n > 0)
+    }
+
+    /// Every instance's accounting (of one cache, if given), by id then number.
+    pub fn instance_usages(
+        &self,
+        only: Option<&CacheId>,
+    ) -> Result<Vec<InstanceUsage>, StoreError> {
+        let err = |e| db_error(&self.db_path, &self.root, e);
+        let conn = self.conn.lock();
+        let mut stmt = conn
+            .prepare_cached(&format!(
+                "{USAGE_SELECT} WHERE ?1 IS NULL OR i.cache_id = ?1 ORDER BY i.cache_id, i.number"
+            ))
+            .map_err(err)?;
+        let rows = stmt
+            .query_map([only.map(CacheId::as_str)], usage_row)
+            .map_err(err)?;
+        rows.collect::<Result<_, _>>().map_err(err)
+    }
+
+    /// The last-use times of files of an instance, least recently used first, up to
+    /// `limit`: eviction order.
+    pub fn lru_files(
+        &self,
+        id: &CacheId,
+        number: u32,
+        limit: usize,
+    ) -> Result<Vec<(u64, u64, i64)>, StoreError> {
+        let err = |e| db_error(&self.db_path, &self.root, e);
+        let conn = self.conn.lock();
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT ino, size, last_use FROM files WHERE cache_id = ?1 AND instance = ?2
+                 ORDER BY last_use, ino LIMIT ?3",
+            )
+            .map_err(err)?;
+        let rows = stmt
+            .query_map(params![id.as_str(), number, to_i64(limit as u64)], |r| {
+                Ok((to_u64(r.get(0)?), to_u64(r.get(1)?), r.get(2)?))
+            })
+            .map_err(err)?;
+        rows.collect::<Result<_, _>>().map_err(err)
+    }
+}
+
+const USAGE_SELECT: &str = "SELECT i.cache_id, i.number, i.size_bytes, i.disk_bytes, i.files,
+        i.counted, i.dirty, i.created, i.last_used, i.evictions, i.evicted_bytes, i.hits,
+        i.misses, c.max_size
+    FROM instances i JOIN caches c ON c.id = i.cache_id";
+
+fn usage_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<InstanceUsage> {
+    Ok(InstanceUsage {
+        id: r.get(0)?,
+        number: r.get(1)?,
+        usage: Usage {
+            size_bytes: to_u64(r.get(2)?),
+            disk_bytes: to_u64(r.get(3)?),
+            files: to_u64(r.get(4)?),
+        },
+        counted: r.get(5)?,
+        dirty: r.get(6)?,
+        created: r.get(7)?,
+        last_used: r.get(8)?,
+        evictions: to_u64(r.get(9)?),
+        evicted_bytes: to_u64(r.get(10)?),
+        hits: to_u64(r.get(11)?),
+        misses: to_u64(r.get(12)?),
+        max_size: r.get::<_, Option<i64>>(13)?.map(to_u64),
+    })
+}
+
+fn instance_usage_in(
+    tx: &rusqlite::Transaction<'_>,
+    id: &CacheId,
+    number: u32,
+) -> rusqlite::Result<Usage> {
+    tx.query_row(
+        "SELECT size_bytes, disk_bytes, files FROM instances WHERE cache_id = ?1 AND number = ?2",
+        params![id.as_str(), number],
+        |r| {
+            Ok(Usage {
+                size_bytes: to_u64(r.get(0)?),
+                disk_bytes: to_u64(r.get(1)?),
+                files: to_u64(r.get(2)?),
+            })
+        },
+    )
+    .optional()
+    .map(Option::unwrap_or_default)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::accounting::ScannedFile;
+    use crate::store::InstanceInit;
+
+    fn setup() -> (tempfile::TempDir, Store, CacheId) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let id = CacheId::new("c").unwrap();
+        store
+            .open_instance(&id, 1, &InstanceInit::default())
+            .unwrap();
+        (dir, store, id)
+    }
+
+    fn upd(ino: u64, size: Option<u64>, t: i64) -> FileUpdate {
+        FileUpdate {
+            ino,
+            size,
+            last_use_ms: t,
+        }
+    }
+
+    #[test]
+    fn absolute_states_never_double_count() {
+        let (_d, store, id) = setup();
+        let none = CounterDelta::default();
+        let u = store
+            .apply_usage(&id, 1, &[upd(1, Some(100), 1), upd(2, Some(5000), 2)], none)
+            .unwrap();
+        assert_eq!(
+            u,
+            Usage {
+                size_bytes: 5100,
+                disk_bytes: 4096 + 8192,
+                files: 2
+            }
+        );
+        // Two processes both report file 1 truncated to 0: counted once.
+        store
+            .apply_usage(&id, 1, &[upd(1, Some(0), 3)], none)
+            .unwrap();
+        let u = store
+            .apply_usage(&id, 1, &[upd(1, Some(0), 3)], none)
+            .unwrap();
+        assert_eq!(
+            u,
+            Usage {
+                size_bytes: 5000,
+                disk_bytes: 8192,
+                files: 2
+            }
+        );
+        // Gone twice: removed once; an unknown inode gone changes nothing.
+        store.apply_usage(&id, 1, &[upd(2, None, 4)], none).unwrap();
+        let u = store
+            .apply_usage(&id, 1, &[upd(2, None, 4), upd(77, None, 4)], none)
+            .unwrap();
+        assert_eq!(
+            u,
+            Usage {
+                size_bytes: 0,
+                disk_bytes: 0,
+                files: 1
+            }
+        );
+        // Last use only moves forward.
+        store
+            .apply_usage(&id, 1, &[upd(1, Some(0), 1)], none)
+            .unwrap();
+        assert_eq!(store.lru_files(&id, 1, 10).unwrap(), vec![(1, 0, 3)]);
+    }
+
+    #[test]
+    fn a_scan_replaces_records_and_keeps_last_use() {
+        let (_d, store, id) = setup();
+        let none = CounterDelta::default();
+        store
+            .apply_usage(&id, 1, &[upd(1, Some(10), 5), upd(2, Some(20), 6)], none)
+            .unwrap();
+        let mut scan = Scan::default();
+        for (ino, size) in [(1, 11), (3, 30)] {
+            scan.usage.add_file(size);
+            scan.files.push(ScannedFile { ino, size });
+        }
+        store.replace_with_scan(&id, 1, &scan, 99).unwrap();
+        assert_eq!(
+            store.lru_files(&id, 1, 10).unwrap(),
+            vec![(1, 11, 5), (3, 30, 99)]
+        );
+        let all = store.instance_usages(Some(&id)).unwrap();
+        assert_eq!(all[0].usage, scan.usage);
+        assert!(all[0].counted);
+        store
+            .apply_usage(
+                &id,
+                1,
+                &[],
+                CounterDelta {
+                    hits: 3,
+                    misses: 1,
+                    evictions: 2,
+                    evicted_bytes: 8192,
+                },
+            )
+            .unwrap();
+        store.set_usage_dirty(&id, 1, true).unwrap();
+        assert!(store.set_max_size(&id, Some(1 << 30)).unwrap());
+        let u = &store.instance_usages(None).unwrap()[0];
+        assert_eq!(
+            (u.hits, u.misses, u.evictions, u.evicted_bytes),
+            (3, 1, 2, 8192)
+        );
+        assert!(u.dirty);
+        assert_eq!(u.max_size, Some(1 << 30));
+    }
+}
