@@ -191,7 +191,9 @@ CREATE INDEX leases_by_cache ON leases (cache_id, instance, seq);
 /// rounded up to 4 KiB, `files`), whether they are exact (`counted`: 0 until a scan, and again
 /// while a mount that stopped uncleanly may have left them behind), eviction and hit/miss
 /// counters. Per cache: the budget (`max_size`, in disk bytes). Per file: its size as counted
-/// and cachefs's own last-use clock (unix ms), the order eviction and gc use.
+/// (NULL: gone, kept a while so a late report from another process cannot revive it), when
+/// that size was observed (`seen`, unix ns: the newest observation wins, whichever process
+/// flushes last) and cachefs's own last-use clock (unix ms), the order eviction and gc use.
 const V3: &str = "
 ALTER TABLE caches ADD COLUMN max_size INTEGER;
 ALTER TABLE instances ADD COLUMN size_bytes INTEGER NOT NULL DEFAULT 0;
@@ -207,7 +209,8 @@ CREATE TABLE files (
     cache_id  TEXT    NOT NULL,
     instance  INTEGER NOT NULL,
     ino       INTEGER NOT NULL,
-    size      INTEGER NOT NULL,
+    size      INTEGER,
+    seen      INTEGER NOT NULL,
     last_use  INTEGER NOT NULL,
     PRIMARY KEY (cache_id, instance, ino),
     FOREIGN KEY (cache_id, instance) REFERENCES instances (cache_id, number) ON DELETE CASCADE

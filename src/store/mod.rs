@@ -35,7 +35,7 @@ pub use db::SCHEMA_VERSION;
 pub use error::StoreError;
 pub use id::{CacheId, IdError, MAX_ID_BYTES};
 pub use leases::{LeaseRow, LeaseState, NewLease};
-pub use usage::{CounterDelta, FileUpdate, InstanceUsage};
+pub use usage::{CounterDelta, FileUpdate, InstanceUsage, SizeState};
 
 use error::{db_error, io_error};
 

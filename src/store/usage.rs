@@ -1,8 +1,10 @@
 //! Accounting records: per-instance counters, per-file sizes and last-use times, budgets.
 //!
 //! Writers send *absolute* file states ("inode 12 is now 4096 bytes", "inode 9 is gone"),
-//! never deltas: the counters move by the difference to the recorded size inside one
-//! transaction, so two processes that both saw a file change cannot count it twice.
+//! never deltas, stamped with when they were observed: the counters move by the difference to
+//! the recorded size inside one transaction, and an observation older than the recorded one
+//! is ignored. So two processes that both saw a file change cannot count it twice, and a late
+//! flush of an old observation cannot undo a newer one.
 
 use rusqlite::{OptionalExtension, params};
 use serde::Serialize;
@@ -11,14 +13,25 @@ use super::error::db_error;
 use super::{CacheId, Store, StoreError};
 use crate::accounting::{Scan, Usage, disk_bytes};
 
+/// What a mount observed of a file's size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SizeState {
+    /// Nothing (the file was only used).
+    Unknown,
+    /// A regular file of this many bytes.
+    Regular(u64),
+    /// Gone: its last link was removed (or it is no longer a regular file).
+    Gone,
+}
+
 /// One file's new state, as a mount saw it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FileUpdate {
     /// Backing inode number.
     pub ino: u64,
-    /// `Some(size)`: a regular file of that size; `None`: gone (last link removed) or no
-    /// longer a regular file.
-    pub size: Option<u64>,
+    pub size: SizeState,
+    /// When `size` was observed, unix ns.
+    pub seen_ns: i64,
     /// Last use, unix ms (0: not used, only resized).
     pub last_use_ms: i64,
 }
@@ -79,48 +92,68 @@ impl Store {
         {
             let mut old = tx
                 .prepare_cached(
-                    "SELECT size FROM files WHERE cache_id = ?1 AND instance = ?2 AND ino = ?3",
+                    "SELECT size, seen FROM files
+                     WHERE cache_id = ?1 AND instance = ?2 AND ino = ?3",
                 )
                 .map_err(err)?;
             let mut put = tx
                 .prepare_cached(
-                    "INSERT INTO files (cache_id, instance, ino, size, last_use)
-                     VALUES (?1, ?2, ?3, ?4, ?5)
+                    "INSERT INTO files (cache_id, instance, ino, size, seen, last_use)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)
                      ON CONFLICT (cache_id, instance, ino) DO UPDATE SET
                         size = excluded.size,
+                        seen = excluded.seen,
                         last_use = max(last_use, excluded.last_use)",
                 )
                 .map_err(err)?;
-            let mut del = tx
+            let mut used = tx
                 .prepare_cached(
-                    "DELETE FROM files WHERE cache_id = ?1 AND instance = ?2 AND ino = ?3",
+                    "UPDATE files SET last_use = max(last_use, ?4)
+                     WHERE cache_id = ?1 AND instance = ?2 AND ino = ?3",
                 )
                 .map_err(err)?;
             for u in updates {
                 let ino = to_i64(u.ino);
-                let before: Option<i64> = old
-                    .query_row(params![id.as_str(), number, ino], |r| r.get(0))
+                let before: Option<(Option<i64>, i64)> = old
+                    .query_row(params![id.as_str(), number, ino], |r| {
+                        Ok((r.get(0)?, r.get(1)?))
+                    })
                     .optional()
                     .map_err(err)?;
-                if let Some(b) = before {
+                let newer = before.is_none_or(|(_, seen)| u.seen_ns >= seen);
+                let new_size = match u.size {
+                    SizeState::Regular(s) if newer => Some(Some(s)),
+                    SizeState::Gone if newer => Some(None),
+                    _ => None,
+                };
+                let Some(new_size) = new_size else {
+                    // Only a use (or an observation older than the recorded one).
+                    if u.last_use_ms > 0 {
+                        used.execute(params![id.as_str(), number, ino, u.last_use_ms])
+                            .map_err(err)?;
+                    }
+                    continue;
+                };
+                if let Some((Some(b), _)) = before {
                     let b = to_u64(b);
                     size -= to_i64(b);
                     disk -= to_i64(disk_bytes(b));
                     files -= 1;
                 }
-                match u.size {
-                    Some(s) => {
-                        put.execute(params![id.as_str(), number, ino, to_i64(s), u.last_use_ms])
-                            .map_err(err)?;
-                        size += to_i64(s);
-                        disk += to_i64(disk_bytes(s));
-                        files += 1;
-                    }
-                    None => {
-                        del.execute(params![id.as_str(), number, ino])
-                            .map_err(err)?;
-                    }
+                if let Some(s) = new_size {
+                    size += to_i64(s);
+                    disk += to_i64(disk_bytes(s));
+                    files += 1;
                 }
+                put.execute(params![
+                    id.as_str(),
+                    number,
+                    ino,
+                    new_size.map(to_i64),
+                    u.seen_ns,
+                    u.last_use_ms
+                ])
+                .map_err(err)?;
             }
         }
         tx.execute(
@@ -186,10 +219,16 @@ impl Store {
         )
         .map_err(err)?;
         tx.execute(
-            "INSERT INTO files (cache_id, instance, ino, size, last_use)
-             SELECT ?1, ?2, ino, size, ?3 FROM temp.scanned WHERE true
-             ON CONFLICT (cache_id, instance, ino) DO UPDATE SET size = excluded.size",
-            params![id.as_str(), number, now_ms],
+            "INSERT INTO files (cache_id, instance, ino, size, seen, last_use)
+             SELECT ?1, ?2, ino, size, ?4, ?3 FROM temp.scanned WHERE true
+             ON CONFLICT (cache_id, instance, ino) DO UPDATE SET
+                size = excluded.size, seen = excluded.seen",
+            params![
+                id.as_str(),
+                number,
+                now_ms,
+                now_ms.saturating_mul(1_000_000)
+            ],
         )
         .map_err(err)?;
         tx.execute("DELETE FROM temp.scanned", []).map_err(err)?;
@@ -270,7 +309,8 @@ impl Store {
         let conn = self.conn.lock();
         let mut stmt = conn
             .prepare_cached(
-                "SELECT ino, size, last_use FROM files WHERE cache_id = ?1 AND instance = ?2
+                "SELECT ino, size, last_use FROM files
+                 WHERE cache_id = ?1 AND instance = ?2 AND size IS NOT NULL
                  ORDER BY last_use, ino LIMIT ?3",
             )
             .map_err(err)?;
@@ -348,7 +388,8 @@ mod tests {
     fn upd(ino: u64, size: Option<u64>, t: i64) -> FileUpdate {
         FileUpdate {
             ino,
-            size,
+            size: size.map_or(SizeState::Gone, SizeState::Regular),
+            seen_ns: t,
             last_use_ms: t,
         }
     }
