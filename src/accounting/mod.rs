@@ -11,6 +11,12 @@
 //! one name at a time, so a build step that swaps a directory for a symlink mid-scan cannot
 //! make it count (or later evict) anything outside the instance.
 
+mod live;
+mod session;
+
+pub use live::Accountant;
+pub use session::{Counted, FLUSH_EVERY, Flusher, PrepareError, flush, prepare};
+
 use std::collections::HashSet;
 use std::ffi::CString;
 use std::io;

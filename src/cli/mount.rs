@@ -304,7 +304,9 @@ fn serve(
         Ok(leases) => leases,
         Err(code) => return Ok(code),
     };
-    let live = mounts::mount_all(&plan, &leases, !args.no_passthrough, &inherited)?;
+    mounts::prepare_counting(&store, &leases)?;
+    let (live, flusher) =
+        mounts::mount_all(&store, &plan, &leases, !args.no_passthrough, &inherited)?;
     if let Some(fd) = ready {
         let mut pipe = File::from(fd);
         if let Err(e) = pipe.write_all(READY) {
@@ -313,6 +315,7 @@ fn serve(
                 "the caller of cachefs mount is gone ({e}); unmounting"
             ));
             mounts::unmount_all(live);
+            mounts::finish_counting(&store, flusher, &leases);
             return Ok(super::EXIT_FAILURE);
         }
         drop(pipe);
@@ -348,6 +351,7 @@ fn serve(
         tracing::info!(signal = %sig, "stopping");
     }
     mounts::unmount_all(live);
+    mounts::finish_counting(&store, flusher, &leases);
     for lease in leases {
         if let Err(err) = lease.release() {
             print_warning(format_args!("cannot record the end of a lease: {err}"));

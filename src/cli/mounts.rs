@@ -6,19 +6,20 @@ use std::ffi::OsString;
 use std::io::{IsTerminal, Write};
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Component, Path, PathBuf};
-use std::sync::Mutex;
 use std::sync::atomic::AtomicI32;
 use std::sync::mpsc::RecvTimeoutError;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow};
 
 use super::signals::Inherited;
 use super::{busy, print_warning, usage};
+use crate::accounting::{Accountant, Counted, Flusher};
 use crate::fs::{self, FsOptions, MountedFs};
 use crate::lease::{self, Lease, LeaseError, LeaseRequest, WaitControl, WaitReport};
 use crate::spec::{MountSpec, Sharing};
-use crate::store::{Instance, InstanceInit, Store};
+use crate::store::{CacheId, Instance, InstanceInit, Store};
 
 /// Entry and attribute timeout of mounts under an exclusive (locked, private) lease.
 pub(crate) const EXCLUSIVE_TTL: Duration = Duration::from_secs(60);
@@ -310,25 +311,80 @@ fn wait_line(r: &WaitReport) -> String {
     )
 }
 
+/// Whether a live lease other than `ours` holds instance `number` of `id`.
+fn held_by_others(store: &Store, id: &CacheId, number: u32, ours: &[i64]) -> bool {
+    lease::list(store, Some(id))
+        .map(|rows| {
+            rows.iter().any(|r| {
+                r.state == crate::store::LeaseState::Held
+                    && r.instance == number
+                    && !ours.contains(&r.seq)
+            })
+        })
+        // Cannot tell: assume someone else, so nothing is rescanned or marked clean wrongly.
+        .unwrap_or(true)
+}
+
+/// Gets every leased instance's counters right before it is mounted (a rescan after an
+/// unclean stop, when nobody else holds it) and marks it as being counted into.
+pub(crate) fn prepare_counting(store: &Store, leases: &[Lease<'_>]) -> anyhow::Result<()> {
+    let ours: Vec<i64> = leases.iter().map(Lease::seq).collect();
+    for lease in leases {
+        let inst = lease.instance();
+        let alone = !held_by_others(store, &inst.id, inst.number, &ours);
+        crate::accounting::prepare(store, &inst.id, inst.number, &inst.path, alone)
+            .with_context(|| format!("cannot count cache {:?}", inst.id.as_str()))?;
+    }
+    Ok(())
+}
+
+/// Stops counting after the mounts are gone: the last flush, and a clean mark on instances
+/// nobody else holds.
+pub(crate) fn finish_counting(store: &Store, flusher: Flusher, leases: &[Lease<'_>]) {
+    let ours: Vec<i64> = leases.iter().map(Lease::seq).collect();
+    if let Err(e) = flusher.finish(store, |id, n| held_by_others(store, id, n, &ours)) {
+        print_warning(format_args!(
+            "cannot record the sizes of the caches: {e} (the next exclusive mount recounts them)"
+        ));
+    }
+}
+
 /// Mounts each planned cache on the instance its lease grants, undoing the mounts done so
-/// far if one fails.
+/// far if one fails. The mounts count sizes and uses; the returned flusher writes them to
+/// the store until [`finish_counting`].
 pub(crate) fn mount_all(
+    store: &Store,
     plan: &[Planned],
     leases: &[Lease<'_>],
     passthrough: bool,
     inherited: &Inherited,
-) -> anyhow::Result<Vec<Live>> {
+) -> anyhow::Result<(Vec<Live>, Flusher)> {
     let mut live: Vec<Live> = Vec::with_capacity(plan.len());
+    let mut counted = Vec::with_capacity(plan.len());
     for (planned, lease) in plan.iter().zip(leases) {
-        match mount_one(planned, lease.instance().clone(), passthrough, inherited) {
-            Ok(l) => live.push(l),
+        let accountant = Arc::new(Accountant::new());
+        match mount_one(
+            planned,
+            lease.instance().clone(),
+            passthrough,
+            inherited,
+            accountant.clone(),
+        ) {
+            Ok(l) => {
+                counted.push(Counted {
+                    id: lease.instance().id.clone(),
+                    number: lease.instance().number,
+                    accountant,
+                });
+                live.push(l);
+            }
             Err(err) => {
                 unmount_all(live);
                 return Err(err);
             }
         }
     }
-    Ok(live)
+    Ok((live, Flusher::start(store.root(), counted)))
 }
 
 fn mount_one(
@@ -336,6 +392,7 @@ fn mount_one(
     instance: Instance,
     passthrough: bool,
     inherited: &Inherited,
+    accountant: Arc<Accountant>,
 ) -> anyhow::Result<Live> {
     let spec = &planned.spec;
     let target = &planned.target;
@@ -356,6 +413,7 @@ fn mount_one(
         passthrough,
         read_only: spec.read_only,
         fsname: fsname_for(spec.id.as_str()),
+        accounting: Some(accountant),
         ..FsOptions::default()
     };
     if spec.sharing != Sharing::Shared {

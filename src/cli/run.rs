@@ -135,7 +135,9 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
         Ok(leases) => leases,
         Err(code) => return Ok(code),
     };
-    let live = mounts::mount_all(&plan, &leases, !args.no_passthrough, &inherited)?;
+    mounts::prepare_counting(&store, &leases)?;
+    let (live, flusher) =
+        mounts::mount_all(&store, &plan, &leases, !args.no_passthrough, &inherited)?;
 
     // 4. The command.
     let mut cmd = Command::new(program);
@@ -188,6 +190,7 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
     };
 
     mounts::unmount_all(live);
+    mounts::finish_counting(&store, flusher, &leases);
     // After the unmounts: the next holder of a locked cache must find our mounts gone.
     for lease in leases {
         let id = lease.instance().id.clone();

@@ -62,6 +62,8 @@ pub struct FsOptions {
     /// Reach cold inodes through kernel file handles when the process may (root). `false`
     /// forces the by-name fallback that mounts without CAP_DAC_READ_SEARCH use.
     pub file_handles: bool,
+    /// Where the mount reports sizes and uses (None: it does not count).
+    pub accounting: Option<Arc<crate::accounting::Accountant>>,
 }
 
 impl Default for FsOptions {
@@ -74,6 +76,7 @@ impl Default for FsOptions {
             threads: 4,
             fsname: "cachefs".to_string(),
             file_handles: true,
+            accounting: None,
         }
     }
 }

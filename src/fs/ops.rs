@@ -33,6 +33,8 @@ struct OpenFile {
     fd: OwnedFd,
     /// Served by kernel passthrough: holds one use of the inode's backing id.
     passthrough: bool,
+    /// Opened for writing: its size is taken at release, for accounting.
+    writable: bool,
     /// Lock owners that took locks through this open file: released with it. (Read-only
     /// opens get no FLUSH, so their close is seen only here.)
     lock_owners: Mutex<Vec<u64>>,
@@ -65,6 +67,8 @@ pub(crate) struct CacheFs {
     as_root: bool,
     /// Tells the mount's owner when the session has ended (this value is dropped with it).
     _end: super::EndGuard,
+    /// Size accounting and the LRU clock, if the mount counts.
+    acct: Option<Arc<crate::accounting::Accountant>>,
 }
 
 type Res<T> = io::Result<T>;
@@ -156,6 +160,7 @@ impl CacheFs {
             next_fh: AtomicU64::new(1),
             as_root: rustix::process::geteuid().is_root(),
             _end: end,
+            acct: opts.accounting.clone(),
         }
     }
 
@@ -221,14 +226,47 @@ impl CacheFs {
     }
 
     /// Looks up a just-created child and replies with its entry.
+    /// Accounting: a regular file seen with its current size.
+    fn note_size(&self, st: &libc::stat, used: bool) {
+        if let Some(acct) = &self.acct
+            && st.st_mode & libc::S_IFMT == libc::S_IFREG
+        {
+            acct.sized(st.st_ino, u64::try_from(st.st_size).unwrap_or(0), used);
+        }
+    }
+
+    /// Accounting: a file used (LRU clock).
+    fn note_use(&self, node: u64) {
+        if let Some(acct) = &self.acct {
+            acct.used(self.table.inos.to_node(node));
+        }
+    }
+
+    /// Accounting: if `name` in `dir` is a regular file with one link, the inode that an
+    /// unlink or a rename over it is about to remove.
+    fn last_link_of(&self, dir: &OwnedFd, name: &std::ffi::CStr) -> Option<u64> {
+        self.acct.as_ref()?;
+        let st = sys::fstatat(dir.as_fd(), name).ok()?;
+        (st.st_mode & libc::S_IFMT == libc::S_IFREG && st.st_nlink == 1).then_some(st.st_ino)
+    }
+
+    fn note_gone(&self, ino: Option<u64>) {
+        if let (Some(acct), Some(ino)) = (&self.acct, ino) {
+            acct.gone(ino);
+        }
+    }
+
     fn reply_new_entry(&self, parent: &Arc<Inode>, name: &OsStr, reply: ReplyEntry) {
         match self.table.lookup(parent, name, true) {
-            Ok(l) => reply.entry_with_ttls(
-                &self.attr_ttl,
-                &self.entry_ttl,
-                &self.attr(&l.st),
-                Generation(0),
-            ),
+            Ok(l) => {
+                self.note_size(&l.st, false);
+                reply.entry_with_ttls(
+                    &self.attr_ttl,
+                    &self.entry_ttl,
+                    &self.attr(&l.st),
+                    Generation(0),
+                )
+            }
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -246,6 +284,7 @@ impl CacheFs {
         &self,
         inode: &Arc<Inode>,
         fd: OwnedFd,
+        writable: bool,
         make_backing: impl FnOnce(&OwnedFd) -> io::Result<fuser::BackingId>,
     ) -> (u64, Option<Arc<fuser::BackingId>>) {
         let fh = self.new_fh();
@@ -276,6 +315,7 @@ impl CacheFs {
                 inode: inode.clone(),
                 fd,
                 passthrough: backing.is_some(),
+                writable,
                 lock_owners: Mutex::new(Vec::new()),
             }),
         );
@@ -435,6 +475,14 @@ impl CacheFs {
             return;
         };
         let node = file.inode.node;
+        if self.acct.is_some() {
+            // Writes through passthrough never reach us: the size is taken here, from the
+            // fd the request already holds.
+            match file.writable.then(|| sys::fstat(file.fd.as_fd())) {
+                Some(Ok(st)) => self.note_size(&st, true),
+                _ => self.note_use(node),
+            }
+        }
         for owner in std::mem::take(&mut *file.lock_owners.lock()) {
             self.drop_lock_fd(node, owner);
         }
@@ -504,6 +552,16 @@ impl fuser::Filesystem for CacheFs {
             .table
             .get(parent.0)
             .and_then(|p| self.table.lookup(&p, name, true));
+        if let Some(acct) = &self.acct {
+            match &res {
+                Ok(l) if l.st.st_mode & libc::S_IFMT == libc::S_IFREG => {
+                    acct.hit();
+                    self.note_size(&l.st, true);
+                }
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => acct.miss(),
+                _ => {}
+            }
+        }
         match res {
             Ok(l) => reply.entry_with_ttls(
                 &self.attr_ttl,
@@ -551,7 +609,12 @@ impl fuser::Filesystem for CacheFs {
         reply: ReplyAttr,
     ) {
         match self.do_setattr(ino, mode, uid, gid, size, atime, mtime, fh) {
-            Ok(st) => reply.attr(&self.attr_ttl, &self.attr(&st)),
+            Ok(st) => {
+                if size.is_some() {
+                    self.note_size(&st, true);
+                }
+                reply.attr(&self.attr_ttl, &self.attr(&st))
+            }
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -606,10 +669,15 @@ impl fuser::Filesystem for CacheFs {
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let res = sys::component(name).and_then(|cname| {
             let (_, pfd) = self.inode_fd(parent)?;
-            sys::unlinkat(pfd.as_fd(), &cname, 0)
+            let last = self.last_link_of(&pfd, &cname);
+            sys::unlinkat(pfd.as_fd(), &cname, 0)?;
+            Ok(last)
         });
         match res {
-            Ok(()) => reply.ok(),
+            Ok(last) => {
+                self.note_gone(last);
+                reply.ok()
+            }
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -659,7 +727,17 @@ impl fuser::Filesystem for CacheFs {
             let cnew = sys::component(newname)?;
             let (_, pfd) = self.inode_fd(parent)?;
             let (_, npfd) = self.inode_fd(newparent)?;
+            // A rename over a file removes the target's last link (unless it is the same
+            // inode, a hard link of the source).
+            let replaced = if flags.contains(RenameFlags::RENAME_EXCHANGE) {
+                None
+            } else {
+                self.last_link_of(&npfd, &cnew).filter(|&ino| {
+                    sys::fstatat(pfd.as_fd(), &cold).map_or(true, |src| src.st_ino != ino)
+                })
+            };
             sys::renameat2(pfd.as_fd(), &cold, npfd.as_fd(), &cnew, flags.bits())?;
+            self.note_gone(replaced);
             if !self.table.uses_handles() {
                 // Without handles, cold inodes are found again by name: follow the move.
                 if let Ok(st) = sys::fstatat(npfd.as_fd(), &cnew) {
@@ -712,7 +790,9 @@ impl fuser::Filesystem for CacheFs {
             Ok(v) => v,
             Err(e) => return reply.error(errno(&e)),
         };
-        let (fh, backing) = self.register_open(&inode, file, |f| reply.open_backing(f));
+        let writable = flags.0 & libc::O_ACCMODE != libc::O_RDONLY;
+        self.note_use(inode.node);
+        let (fh, backing) = self.register_open(&inode, file, writable, |f| reply.open_backing(f));
         let mut fopen = FopenFlags::empty();
         if flags.0 & libc::O_ACCMODE == libc::O_RDONLY {
             // Nothing to flush for a read-only open: saves a round trip per close. Locks
@@ -1086,7 +1166,9 @@ impl fuser::Filesystem for CacheFs {
             Err(e) => return reply.error(errno(&e)),
         };
         let attr = self.attr(&looked.st);
-        let (fh, backing) = self.register_open(&looked.inode, file, |f| reply.open_backing(f));
+        self.note_size(&looked.st, true);
+        let (fh, backing) =
+            self.register_open(&looked.inode, file, true, |f| reply.open_backing(f));
         match backing {
             Some(id) => reply.created_passthrough(
                 &self.entry_ttl,

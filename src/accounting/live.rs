@@ -1,0 +1,169 @@
+//! Live accounting: what a mount sees, kept in memory on the request path and handed to a
+//! flusher in batches (no database work in a FUSE request).
+//!
+//! The filesystem reports, per backing inode, what it observed while doing the request's
+//! own work: a regular file's size from a stat it already has (lookup, create, setattr, the
+//! fstat at release after writes), a removed last link (unlink, rename over a file), and uses
+//! (lookup, open, read, write) for the LRU clock. Each report replaces the previous one for
+//! that inode, stamped with when it was observed, so the database can apply the newest
+//! observation across processes (see `store::usage`).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use dashmap::DashMap;
+
+use crate::store::{CounterDelta, FileUpdate, SizeState};
+
+/// What is pending for one inode.
+#[derive(Debug, Clone, Copy)]
+struct Pending {
+    size: SizeState,
+    seen_ns: i64,
+    last_use_ms: i64,
+}
+
+/// The in-memory side of one mount's accounting.
+#[derive(Debug, Default)]
+pub struct Accountant {
+    pending: DashMap<u64, Pending>,
+    hits: AtomicU64,
+    misses: AtomicU64,
+}
+
+fn now_ns() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+impl Accountant {
+    pub fn new() -> Accountant {
+        Accountant::default()
+    }
+
+    fn record(&self, ino: u64, size: SizeState, used: bool) {
+        let ns = now_ns();
+        let use_ms = if used { ns / 1_000_000 } else { 0 };
+        let mut e = self.pending.entry(ino).or_insert(Pending {
+            size: SizeState::Unknown,
+            seen_ns: ns,
+            last_use_ms: 0,
+        });
+        if size != SizeState::Unknown {
+            e.size = size;
+            e.seen_ns = ns;
+        }
+        e.last_use_ms = e.last_use_ms.max(use_ms);
+    }
+
+    /// A regular file of `size` bytes was seen (and, with `used`, used).
+    pub fn sized(&self, ino: u64, size: u64, used: bool) {
+        self.record(ino, SizeState::Regular(size), used);
+    }
+
+    /// The inode lost its last link.
+    pub fn gone(&self, ino: u64) {
+        self.record(ino, SizeState::Gone, false);
+    }
+
+    /// The file was used (opened, read, written).
+    pub fn used(&self, ino: u64) {
+        self.record(ino, SizeState::Unknown, true);
+    }
+
+    /// A lookup found a regular file.
+    pub fn hit(&self) {
+        self.hits.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A lookup found nothing.
+    pub fn miss(&self) {
+        self.misses.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Takes everything pending, for a flush.
+    pub fn drain(&self) -> (Vec<FileUpdate>, CounterDelta) {
+        let keys: Vec<u64> = self.pending.iter().map(|e| *e.key()).collect();
+        let mut updates = Vec::with_capacity(keys.len());
+        for ino in keys {
+            if let Some((ino, p)) = self.pending.remove(&ino) {
+                updates.push(FileUpdate {
+                    ino,
+                    size: p.size,
+                    seen_ns: p.seen_ns,
+                    last_use_ms: p.last_use_ms,
+                });
+            }
+        }
+        let counters = CounterDelta {
+            hits: self.hits.swap(0, Ordering::Relaxed),
+            misses: self.misses.swap(0, Ordering::Relaxed),
+            ..CounterDelta::default()
+        };
+        (updates, counters)
+    }
+
+    /// Puts back what a failed flush took, without overwriting newer reports.
+    pub fn restore(&self, updates: Vec<FileUpdate>, counters: CounterDelta) {
+        for u in updates {
+            let mut e = self.pending.entry(u.ino).or_insert(Pending {
+                size: SizeState::Unknown,
+                seen_ns: u.seen_ns,
+                last_use_ms: 0,
+            });
+            if (e.size == SizeState::Unknown || e.seen_ns < u.seen_ns)
+                && u.size != SizeState::Unknown
+            {
+                e.size = u.size;
+                e.seen_ns = u.seen_ns;
+            }
+            e.last_use_ms = e.last_use_ms.max(u.last_use_ms);
+        }
+        self.hits.fetch_add(counters.hits, Ordering::Relaxed);
+        self.misses.fetch_add(counters.misses, Ordering::Relaxed);
+    }
+
+    /// Whether anything waits for a flush.
+    pub fn is_empty(&self) -> bool {
+        self.pending.is_empty()
+            && self.hits.load(Ordering::Relaxed) == 0
+            && self.misses.load(Ordering::Relaxed) == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latest_report_per_inode_wins_and_uses_accumulate() {
+        let a = Accountant::new();
+        a.sized(1, 10, false);
+        a.used(1);
+        a.sized(1, 20, false);
+        a.gone(2);
+        a.used(3);
+        a.hit();
+        a.hit();
+        a.miss();
+        let (mut u, c) = a.drain();
+        u.sort_by_key(|u| u.ino);
+        assert_eq!(u.len(), 3);
+        assert_eq!(u[0].size, SizeState::Regular(20));
+        assert!(u[0].last_use_ms > 0, "used");
+        assert_eq!(u[1].size, SizeState::Gone);
+        assert_eq!(u[1].last_use_ms, 0);
+        assert_eq!(u[2].size, SizeState::Unknown);
+        assert_eq!((c.hits, c.misses), (2, 1));
+        assert!(a.is_empty());
+        // A failed flush goes back without hiding what came after it.
+        a.sized(1, 30, false);
+        a.restore(u, c);
+        let (u, c) = a.drain();
+        let one = u.iter().find(|u| u.ino == 1).unwrap();
+        assert_eq!(one.size, SizeState::Regular(30));
+        assert_eq!((c.hits, c.misses), (2, 1));
+    }
+}

@@ -1,0 +1,170 @@
+//! Accounting around a mount's life: reconcile before it, flush while it runs (a background
+//! thread with its own database connection, once a second), a last flush after it.
+//!
+//! An instance is marked `dirty` while a mount counts into it and clean after the last
+//! flush of an orderly end. A mount that finds it dirty (or never counted) with nobody else
+//! holding it knows the counters may be wrong (a crash, a SIGKILL) and rescans first.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use super::Accountant;
+use crate::store::{CacheId, Store, StoreError};
+
+/// How often pending reports are written to the store.
+pub const FLUSH_EVERY: Duration = Duration::from_secs(1);
+
+/// One counted mount.
+#[derive(Debug, Clone)]
+pub struct Counted {
+    pub id: CacheId,
+    pub number: u32,
+    pub accountant: Arc<Accountant>,
+}
+
+/// Makes the counters of an instance trustworthy before a mount counts into it, and marks
+/// it dirty. `alone`: no other live lease holds the instance (so nobody else is counting
+/// into it and a rescan sees a still tree). Returns whether a rescan was done.
+pub fn prepare(
+    store: &Store,
+    id: &CacheId,
+    number: u32,
+    path: &Path,
+    alone: bool,
+) -> Result<bool, PrepareError> {
+    let recorded = store
+        .instance_usages(Some(id))?
+        .into_iter()
+        .find(|u| u.number == number);
+    let needs_scan = recorded.is_none_or(|u| !u.counted || u.dirty);
+    let mut scanned = false;
+    if needs_scan && alone {
+        let started = Instant::now();
+        let scan = super::scan(path).map_err(|source| PrepareError::Scan {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        store.replace_with_scan(id, number, &scan, crate::lease::now_ms())?;
+        tracing::info!(
+            id = %id,
+            instance = number,
+            files = scan.usage.files,
+            ms = started.elapsed().as_millis() as u64,
+            "counted the instance by a rescan"
+        );
+        scanned = true;
+    }
+    store.set_usage_dirty(id, number, true)?;
+    Ok(scanned)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PrepareError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot count {}: {source}", path.display())]
+    Scan {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Writes what every mount reported since the last flush. Failures put the reports back for
+/// the next try.
+pub fn flush(store: &Store, mounts: &[Counted]) -> Result<(), StoreError> {
+    let mut result = Ok(());
+    for m in mounts {
+        if m.accountant.is_empty() {
+            continue;
+        }
+        let (updates, counters) = m.accountant.drain();
+        if let Err(e) = store.apply_usage(&m.id, m.number, &updates, counters) {
+            m.accountant.restore(updates, counters);
+            result = Err(e);
+        }
+    }
+    result
+}
+
+/// The background flusher of one process's counted mounts.
+pub struct Flusher {
+    mounts: Vec<Counted>,
+    stop: Arc<(Mutex<bool>, Condvar)>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Flusher {
+    /// Starts flushing `mounts` into the store at `root` every [`FLUSH_EVERY`], on a thread
+    /// with its own connection.
+    pub fn start(root: &Path, mounts: Vec<Counted>) -> Flusher {
+        let stop = Arc::new((Mutex::new(false), Condvar::new()));
+        let thread = if mounts.is_empty() {
+            None
+        } else {
+            let (root, mounts2, stop2) = (root.to_path_buf(), mounts.clone(), stop.clone());
+            std::thread::Builder::new()
+                .name("cachefs-accounting".into())
+                .spawn(move || flush_loop(&root, &mounts2, &stop2))
+                .map_err(|e| tracing::warn!(error = %e, "cannot start the accounting flusher; counting at the end only"))
+                .ok()
+        };
+        Flusher {
+            mounts,
+            stop,
+            thread,
+        }
+    }
+
+    /// Stops the thread and writes what is left (call after the mounts are gone). Each
+    /// instance that `still_held(id, number)` says nobody else holds is marked clean.
+    pub fn finish(
+        mut self,
+        store: &Store,
+        still_held: impl Fn(&CacheId, u32) -> bool,
+    ) -> Result<(), StoreError> {
+        {
+            let (lock, cv) = &*self.stop;
+            *lock.lock().unwrap_or_else(|p| p.into_inner()) = true;
+            cv.notify_all();
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        flush(store, &self.mounts)?;
+        for m in &self.mounts {
+            if !still_held(&m.id, m.number) {
+                store.set_usage_dirty(&m.id, m.number, false)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn flush_loop(root: &Path, mounts: &[Counted], stop: &(Mutex<bool>, Condvar)) {
+    let store = match Store::open(root) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "accounting flusher cannot open the store; counting at the end only");
+            return;
+        }
+    };
+    let (lock, cv) = stop;
+    let mut stopped = lock.lock().unwrap_or_else(|p| p.into_inner());
+    loop {
+        let (guard, _) = cv
+            .wait_timeout(stopped, FLUSH_EVERY)
+            .unwrap_or_else(|p| p.into_inner());
+        stopped = guard;
+        if *stopped {
+            return;
+        }
+        drop(stopped);
+        if let Err(e) = flush(&store, mounts) {
+            tracing::warn!(error = %e, "accounting flush failed; retrying");
+        }
+        stopped = lock.lock().unwrap_or_else(|p| p.into_inner());
+    }
+}
