@@ -13,7 +13,9 @@
 #   FILES     files in the small-file tree (default 20000, sizes 1-64 KiB)
 #   BIG_MIB   size of the sequential file in MiB (default 1024)
 #   WORK      scratch directory on the disk under test (default /var/tmp/cachefs-bench)
-#   CONFIGS   subset of: native passthrough userspace bindfs
+#   CONFIGS   subset of: native passthrough userspace bindfs nocount
+#             (nocount: passthrough with size accounting off, CACHEFS_NO_ACCOUNTING=1, to
+#             measure what accounting costs: CONFIGS="native passthrough nocount")
 #   CACHEFS   the cachefs binary (default: cargo build --release, target/release/cachefs)
 #   RUN_OVERHEAD_RUNS  hyperfine runs for the `cachefs run` overhead (default 30)
 #
@@ -131,12 +133,13 @@ setup() {
             dir=$WORK/native
             mkdir -p "$dir"
             ;;
-        passthrough|userspace)
+        passthrough|userspace|nocount)
             dir=$WORK/mnt-$config
             mkdir -p "$dir"
-            local extra=()
+            local extra=() env=()
             if [ "$config" = userspace ]; then extra=(--no-passthrough); fi
-            "$CACHEFS" --store "$WORK/store" run "${extra[@]}" \
+            if [ "$config" = nocount ]; then env=(CACHEFS_NO_ACCOUNTING=1); fi
+            env "${env[@]}" "$CACHEFS" --store "$WORK/store" run "${extra[@]}" \
                 --mount "type=cache,id=bench-$config,target=$dir" -- sleep infinity &
             PIDS[$config]=$!
             wait_mounted "$dir"
@@ -156,7 +159,7 @@ setup() {
 teardown() {
     local config=$1 dir=${DIRS[$1]}
     case "$config" in
-        passthrough|userspace)
+        passthrough|userspace|nocount)
             kill -TERM "${PIDS[$config]}"
             wait "${PIDS[$config]}" 2>/dev/null || true
             unset "PIDS[$config]"

@@ -361,8 +361,10 @@ pub(crate) fn mount_all(
 ) -> anyhow::Result<(Vec<Live>, Flusher)> {
     let mut live: Vec<Live> = Vec::with_capacity(plan.len());
     let mut counted = Vec::with_capacity(plan.len());
+    // For measuring what accounting costs (scripts/bench-fs.sh): the same build without it.
+    let counting = std::env::var_os("CACHEFS_NO_ACCOUNTING").is_none_or(|v| v.is_empty());
     for (planned, lease) in plan.iter().zip(leases) {
-        let accountant = Arc::new(Accountant::new());
+        let accountant = counting.then(|| Arc::new(Accountant::new()));
         match mount_one(
             planned,
             lease.instance().clone(),
@@ -371,11 +373,13 @@ pub(crate) fn mount_all(
             accountant.clone(),
         ) {
             Ok(l) => {
-                counted.push(Counted {
-                    id: lease.instance().id.clone(),
-                    number: lease.instance().number,
-                    accountant,
-                });
+                if let Some(accountant) = accountant {
+                    counted.push(Counted {
+                        id: lease.instance().id.clone(),
+                        number: lease.instance().number,
+                        accountant,
+                    });
+                }
                 live.push(l);
             }
             Err(err) => {
@@ -392,7 +396,7 @@ fn mount_one(
     instance: Instance,
     passthrough: bool,
     inherited: &Inherited,
-    accountant: Arc<Accountant>,
+    accountant: Option<Arc<Accountant>>,
 ) -> anyhow::Result<Live> {
     let spec = &planned.spec;
     let target = &planned.target;
@@ -413,7 +417,7 @@ fn mount_one(
         passthrough,
         read_only: spec.read_only,
         fsname: fsname_for(spec.id.as_str()),
-        accounting: Some(accountant),
+        accounting: accountant,
         ..FsOptions::default()
     };
     if spec.sharing != Sharing::Shared {
