@@ -5,9 +5,11 @@
 //! mode, `id` defaulting to the target) and is stricter where BuildKit is silently
 //! lenient: unknown or repeated keys are errors, not ignored or overridden.
 //!
-//! One key is cachefs's own: `lock-timeout=DUR` (e.g. `30s`, `5m`, `1h30m`; see
+//! Two keys are cachefs's own: `lock-timeout=DUR` (e.g. `30s`, `5m`, `1h30m`; see
 //! [`crate::units::parse_duration`]) bounds how long a mount waits for a busy
-//! `sharing=locked` cache; without it the mount waits as long as it takes.
+//! `sharing=locked` cache; without it the mount waits as long as it takes. `max-size=SIZE`
+//! (e.g. `2G`, `500M`; see [`crate::units::parse_size`]) sets the cache's budget, stored
+//! with the cache and enforced by every later mount of it.
 
 use std::fmt;
 use std::path::PathBuf;
@@ -79,6 +81,8 @@ pub struct MountSpec {
     /// How long to wait for a cache another mount holds locked (`lock-timeout=`);
     /// `None` waits forever, zero gives up at once. At most [`units::MAX_DURATION`].
     pub lock_timeout: Option<Duration>,
+    /// The cache's budget in bytes (4 KiB blocks), `max-size=`: stored with the cache.
+    pub max_size: Option<u64>,
 }
 
 /// Keys accepted in a spec, in the order error messages list them.
@@ -97,6 +101,7 @@ pub const VALID_KEYS: &[&str] = &[
     "rw",
     "readwrite",
     "lock-timeout",
+    "max-size",
 ];
 
 /// Why a mount spec was rejected. Each message is one line.
@@ -162,6 +167,7 @@ enum Slot {
     Mode,
     ReadOnly,
     LockTimeout,
+    MaxSize,
 }
 
 fn slot_of(key: &str) -> Option<Slot> {
@@ -175,6 +181,7 @@ fn slot_of(key: &str) -> Option<Slot> {
         "mode" => Slot::Mode,
         "ro" | "readonly" | "rw" | "readwrite" => Slot::ReadOnly,
         "lock-timeout" => Slot::LockTimeout,
+        "max-size" => Slot::MaxSize,
         _ => return None,
     })
 }
@@ -206,6 +213,7 @@ impl MountSpec {
         let mut mode = DEFAULT_MODE;
         let mut read_only = false;
         let mut lock_timeout = None;
+        let mut max_size = None;
         let mut seen: Vec<(Slot, String)> = Vec::new();
 
         for (i, field) in split_fields(s)?.into_iter().enumerate() {
@@ -291,6 +299,11 @@ impl MountSpec {
                         units::parse_duration(value).map_err(|e| invalid(duration_expected(&e)))?;
                     lock_timeout = Some(d);
                 }
+                Slot::MaxSize => {
+                    let n = units::parse_size(value)
+                        .map_err(|_| invalid("a size such as 500M, 2G or 1.5T (binary units)"))?;
+                    max_size = Some(n);
+                }
             }
         }
 
@@ -316,6 +329,7 @@ impl MountSpec {
             mode,
             read_only,
             lock_timeout,
+            max_size,
         })
     }
 }
@@ -357,6 +371,9 @@ impl fmt::Display for MountSpec {
         }
         if let Some(d) = self.lock_timeout {
             write!(f, ",lock-timeout={}", units::format_duration_exact(d))?;
+        }
+        if let Some(n) = self.max_size {
+            write!(f, ",max-size={n}")?;
         }
         Ok(())
     }
@@ -622,6 +639,26 @@ mod tests {
     }
 
     #[test]
+    fn max_sizes() {
+        let m = |s: &str| parse(&format!("target=/x,{s}")).max_size;
+        assert_eq!(parse("target=/x").max_size, None, "no budget by default");
+        assert_eq!(m("max-size=2G"), Some(2 << 30));
+        assert_eq!(m("MAX-SIZE=500M"), Some(500 << 20));
+        assert_eq!(m("max-size=1.5K"), Some(1536));
+        assert_eq!(m("max-size=4096"), Some(4096));
+        for bad in ["-1G", "lots", "1.5", "2X", "99999999999999999999999"] {
+            assert_eq!(
+                err(&format!("target=/x,max-size={bad}")),
+                format!(
+                    "mount spec: invalid max-size '{bad}': expected a size such as 500M, 2G or 1.5T (binary units)"
+                )
+            );
+        }
+        let spec = parse("target=/x,max-size=1M");
+        assert_eq!(parse(&spec.to_string()), spec);
+    }
+
+    #[test]
     fn lock_timeouts() {
         let t = |s: &str| parse(&format!("target=/x,sharing=locked,{s}")).lock_timeout;
         let secs = Duration::from_secs;
@@ -716,7 +753,7 @@ mod tests {
         assert!(err("target=/x,src=/sub").starts_with("mount spec: 'src' is not supported: "));
         assert_eq!(
             err("target=/x,foo=1"),
-            "mount spec: unknown key 'foo' (valid keys: type, id, target, dst, destination, sharing, uid, gid, mode, ro, readonly, rw, readwrite, lock-timeout)"
+            "mount spec: unknown key 'foo' (valid keys: type, id, target, dst, destination, sharing, uid, gid, mode, ro, readonly, rw, readwrite, lock-timeout, max-size)"
         );
         assert!(err("target=/x,Size=1").contains("unknown key 'Size'"));
         assert_eq!(err("target=/x,id=a,id=b"), "mount spec: 'id' given twice");
@@ -847,17 +884,21 @@ mod tests {
                 (0..=units::MAX_DURATION.as_secs(), 0..1_000_000_000u32)
                     .prop_map(|(s, n)| Duration::new(s, n).min(units::MAX_DURATION)),
             ),
+            prop::option::of(any::<u64>()),
         )
             .prop_map(
-                |(id, target, sharing, uid, gid, mode, read_only, lock_timeout)| MountSpec {
-                    id: CacheId::new(&id).unwrap(),
-                    target: PathBuf::from(target),
-                    sharing,
-                    uid,
-                    gid,
-                    mode,
-                    read_only,
-                    lock_timeout,
+                |(id, target, sharing, uid, gid, mode, read_only, lock_timeout, max_size)| {
+                    MountSpec {
+                        id: CacheId::new(&id).unwrap(),
+                        target: PathBuf::from(target),
+                        sharing,
+                        uid,
+                        gid,
+                        mode,
+                        read_only,
+                        lock_timeout,
+                        max_size,
+                    }
                 },
             )
     }

@@ -15,7 +15,10 @@ mod live;
 mod session;
 
 pub use live::Accountant;
-pub use session::{Counted, FLUSH_EVERY, Flusher, PrepareError, flush, prepare};
+pub use session::{
+    Counted, EvictError, FLUSH_EVERY, Flusher, PrepareError, TRIM_TO_PERCENT, enforce_budget,
+    flush, prepare,
+};
 
 use std::collections::HashSet;
 use std::ffi::CString;

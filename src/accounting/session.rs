@@ -22,6 +22,111 @@ pub struct Counted {
     pub id: CacheId,
     pub number: u32,
     pub accountant: Arc<Accountant>,
+    /// Evicts from the live mount when the cache is over its budget.
+    pub evictor: Option<crate::fs::Evictor>,
+}
+
+/// Eviction trims a cache over its budget to this share of it, so it does not run again
+/// at the next write (ccache does the same).
+pub const TRIM_TO_PERCENT: u64 = 90;
+
+/// How many least-recently-used files one eviction round considers.
+const EVICT_BATCH: usize = 512;
+
+/// If the instance is over its cache's budget, evicts its least recently used files (that
+/// this mount does not have open) until it is at [`TRIM_TO_PERCENT`] of it. Returns the
+/// number of files evicted.
+pub fn enforce_budget(store: &Store, m: &Counted) -> Result<usize, EvictError> {
+    let Some(evictor) = &m.evictor else {
+        return Ok(0);
+    };
+    let mut total = 0;
+    let mut tried: std::collections::HashSet<u64> = std::collections::HashSet::new();
+    for _round in 0..4 {
+        let Some(u) = store
+            .instance_usages(Some(&m.id))?
+            .into_iter()
+            .find(|u| u.number == m.number)
+        else {
+            return Ok(total);
+        };
+        let Some(max) = u.max_size else {
+            return Ok(total);
+        };
+        if u.usage.disk_bytes <= max {
+            return Ok(total);
+        }
+        let target = max / 100 * TRIM_TO_PERCENT;
+        let mut need = u.usage.disk_bytes.saturating_sub(target);
+        let mut victims = std::collections::HashSet::new();
+        for (ino, size, _) in store.lru_files(&m.id, m.number, tried.len() + EVICT_BATCH)? {
+            if need == 0 {
+                break;
+            }
+            if tried.insert(ino) {
+                victims.insert(ino);
+                need = need.saturating_sub(super::disk_bytes(size));
+            }
+        }
+        if victims.is_empty() {
+            tracing::warn!(id = %m.id, instance = m.number, "over budget, but every file is in use");
+            return Ok(total);
+        }
+        let outcome = evictor.evict(&victims).map_err(EvictError::Io)?;
+        let seen = now_ns();
+        // Evicted, and victims the walk did not find at all (removed behind our back): both
+        // are gone from the records.
+        let gone = outcome.evicted.iter().map(|e| e.ino).chain(
+            victims
+                .iter()
+                .copied()
+                .filter(|v| !outcome.found.contains(v)),
+        );
+        let updates: Vec<crate::store::FileUpdate> = gone
+            .map(|ino| crate::store::FileUpdate {
+                ino,
+                size: crate::store::SizeState::Gone,
+                seen_ns: seen,
+                last_use_ms: 0,
+            })
+            .collect();
+        let counters = crate::store::CounterDelta {
+            evictions: outcome.evicted.len() as u64,
+            evicted_bytes: outcome
+                .evicted
+                .iter()
+                .map(|e| super::disk_bytes(e.size))
+                .sum(),
+            ..Default::default()
+        };
+        store.apply_usage(&m.id, m.number, &updates, counters)?;
+        tracing::info!(
+            id = %m.id,
+            instance = m.number,
+            files = outcome.evicted.len(),
+            bytes = counters.evicted_bytes,
+            skipped_open = outcome.skipped_open,
+            dirs = outcome.dirs_removed,
+            "evicted least recently used files"
+        );
+        total += outcome.evicted.len();
+    }
+    Ok(total)
+}
+
+fn now_ns() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EvictError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("eviction failed: {0}")]
+    Io(std::io::Error),
 }
 
 /// Makes the counters of an instance trustworthy before a mount counts into it, and marks
@@ -164,6 +269,11 @@ fn flush_loop(root: &Path, mounts: &[Counted], stop: &(Mutex<bool>, Condvar)) {
         drop(stopped);
         if let Err(e) = flush(&store, mounts) {
             tracing::warn!(error = %e, "accounting flush failed; retrying");
+        }
+        for m in mounts {
+            if let Err(e) = enforce_budget(&store, m) {
+                tracing::warn!(id = %m.id, error = %e, "eviction failed");
+            }
         }
         stopped = lock.lock().unwrap_or_else(|p| p.into_inner());
     }

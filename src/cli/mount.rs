@@ -304,7 +304,7 @@ fn serve(
         Ok(leases) => leases,
         Err(code) => return Ok(code),
     };
-    mounts::prepare_counting(&store, &leases)?;
+    mounts::prepare_counting(&store, &plan, &leases)?;
     let (live, flusher) =
         mounts::mount_all(&store, &plan, &leases, !args.no_passthrough, &inherited)?;
     if let Some(fd) = ready {

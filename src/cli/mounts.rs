@@ -326,11 +326,21 @@ fn held_by_others(store: &Store, id: &CacheId, number: u32, ours: &[i64]) -> boo
 }
 
 /// Gets every leased instance's counters right before it is mounted (a rescan after an
-/// unclean stop, when nobody else holds it) and marks it as being counted into.
-pub(crate) fn prepare_counting(store: &Store, leases: &[Lease<'_>]) -> anyhow::Result<()> {
+/// unclean stop, when nobody else holds it) and marks it as being counted into. A
+/// `max-size=` in a spec becomes the cache's stored budget.
+pub(crate) fn prepare_counting(
+    store: &Store,
+    plan: &[Planned],
+    leases: &[Lease<'_>],
+) -> anyhow::Result<()> {
     let ours: Vec<i64> = leases.iter().map(Lease::seq).collect();
-    for lease in leases {
+    for (planned, lease) in plan.iter().zip(leases) {
         let inst = lease.instance();
+        if let Some(max) = planned.spec.max_size {
+            store.set_max_size(&inst.id, Some(max)).with_context(|| {
+                format!("cannot set the budget of cache {:?}", inst.id.as_str())
+            })?;
+        }
         let alone = !held_by_others(store, &inst.id, inst.number, &ours);
         crate::accounting::prepare(store, &inst.id, inst.number, &inst.path, alone)
             .with_context(|| format!("cannot count cache {:?}", inst.id.as_str()))?;
@@ -378,6 +388,7 @@ pub(crate) fn mount_all(
                         id: lease.instance().id.clone(),
                         number: lease.instance().number,
                         accountant,
+                        evictor: Some(l.fs.evictor()),
                     });
                 }
                 live.push(l);

@@ -135,7 +135,7 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
         Ok(leases) => leases,
         Err(code) => return Ok(code),
     };
-    mounts::prepare_counting(&store, &leases)?;
+    mounts::prepare_counting(&store, &plan, &leases)?;
     let (live, flusher) =
         mounts::mount_all(&store, &plan, &leases, !args.no_passthrough, &inherited)?;
 

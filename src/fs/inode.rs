@@ -160,6 +160,13 @@ impl InodeTable {
             .ok_or_else(|| io::Error::from_raw_os_error(libc::ESTALE))
     }
 
+    /// Whether this mount has the inode (by node id) open.
+    pub(crate) fn is_open(&self, node: u64) -> bool {
+        self.map
+            .get(&node)
+            .is_some_and(|e| e.value().state.lock().opens > 0)
+    }
+
     /// The O_PATH fd of an inode, reopening it if it was closed to stay within the budget.
     pub(crate) fn fd(&self, inode: &Arc<Inode>) -> io::Result<Arc<OwnedFd>> {
         let (handle, parent, name) = {

@@ -5,9 +5,12 @@
 //! - [`mount`]: mount an instance directory at a target; returns a live [`MountedFs`].
 //! - [`MountedFs::unmount`] (also on drop).
 
+mod evict;
 mod inode;
 mod ops;
 mod sys;
+
+pub use evict::{EvictOutcome, Evicted, Evictor};
 
 use std::ffi::CString;
 use std::io;
@@ -90,6 +93,7 @@ pub struct MountedFs {
     /// unmounted cleanly.
     connection: Option<u32>,
     ended: Arc<SessionEnd>,
+    evictor: Evictor,
 }
 
 /// Set when a session's filesystem is dropped, i.e. its serving threads are done.
@@ -142,6 +146,11 @@ impl MountedFs {
     /// unmounted from outside, e.g. by `umount` or `cachefs umount`).
     pub fn is_serving(&self) -> bool {
         self.session.is_some() && !*self.ended.ended.lock()
+    }
+
+    /// A handle another thread can evict files of this mount with.
+    pub fn evictor(&self) -> Evictor {
+        self.evictor.clone()
     }
 
     /// A handle another thread can wait on for the session to end.
@@ -552,8 +561,10 @@ pub fn mount(source: &Path, target: &Path, opts: &FsOptions) -> Result<MountedFs
     // A quarter of the fd limit for cached O_PATH fds leaves room for open files and the
     // rest of the process.
     let budget = (nofile / 4).clamp(64, 16384) as usize;
-    let table = inode::InodeTable::new(root_fd, budget, opts.file_handles)
-        .map_err(|e| FsError::Source(source.to_path_buf(), e))?;
+    let table = Arc::new(
+        inode::InodeTable::new(root_fd, budget, opts.file_handles)
+            .map_err(|e| FsError::Source(source.to_path_buf(), e))?,
+    );
     debug!(
         "serving {} (file handles: {})",
         source.display(),
@@ -564,7 +575,12 @@ pub fn mount(source: &Path, target: &Path, opts: &FsOptions) -> Result<MountedFs
     unsafe { libc::umask(0) };
     let passthrough = Arc::new(AtomicBool::new(false));
     let ended = Arc::new(SessionEnd::default());
-    let fs = ops::CacheFs::new(table, opts, passthrough.clone(), EndGuard(ended.clone()));
+    let fs = ops::CacheFs::new(
+        table.clone(),
+        opts,
+        passthrough.clone(),
+        EndGuard(ended.clone()),
+    );
 
     let as_root = rustix::process::geteuid().is_root();
     let fsname: String = opts
@@ -610,11 +626,16 @@ pub fn mount(source: &Path, target: &Path, opts: &FsOptions) -> Result<MountedFs
         let dev = m.dev();
         (((dev >> 12) & 0xfff00) | (dev & 0xff)) as u32
     });
+    let evictor = Evictor {
+        table,
+        notifier: Some(session.notifier()),
+    };
     Ok(MountedFs {
         target: target.to_path_buf(),
         session: Some(session),
         passthrough,
         connection,
         ended,
+        evictor,
     })
 }

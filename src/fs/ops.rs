@@ -53,7 +53,7 @@ struct DirEnt {
 }
 
 pub(crate) struct CacheFs {
-    table: InodeTable,
+    table: Arc<InodeTable>,
     entry_ttl: Duration,
     attr_ttl: Duration,
     want_passthrough: bool,
@@ -143,7 +143,7 @@ fn timespec(t: Option<TimeOrNow>) -> libc::timespec {
 
 impl CacheFs {
     pub(crate) fn new(
-        table: InodeTable,
+        table: Arc<InodeTable>,
         opts: &FsOptions,
         passthrough: Arc<AtomicBool>,
         end: super::EndGuard,
