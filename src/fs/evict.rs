@@ -128,9 +128,7 @@ impl Evictor {
                         }
                         self.remove_link(&dir_fd, dirs[index].ino, &name, 0)?;
                         dirs[index].touched = true;
-                        let left = links_left
-                            .entry(st.st_ino)
-                            .or_insert(u64::from(st.st_nlink));
+                        let left = links_left.entry(st.st_ino).or_insert(st.st_nlink);
                         *left = left.saturating_sub(1);
                         if *left == 0 {
                             out.evicted.push(Evicted {
@@ -199,16 +197,16 @@ impl Evictor {
                     continue;
                 };
                 let name = dirs[i].name.clone();
-                match self.remove_link(&parent_fd, dirs[parent].ino, &name, libc::AT_REMOVEDIR) {
-                    Ok(()) => {
-                        removed += 1;
-                        if parent != 0 && !dirs[parent].touched {
-                            dirs[parent].touched = true;
-                            next.push(parent);
-                        }
+                // Not empty (or busy): it stays.
+                if self
+                    .remove_link(&parent_fd, dirs[parent].ino, &name, libc::AT_REMOVEDIR)
+                    .is_ok()
+                {
+                    removed += 1;
+                    if parent != 0 && !dirs[parent].touched {
+                        dirs[parent].touched = true;
+                        next.push(parent);
                     }
-                    // Not empty (or busy): it stays.
-                    Err(_) => {}
                 }
             }
             order = next;
