@@ -13,6 +13,10 @@ use std::time::{Duration, Instant};
 use super::Accountant;
 use crate::store::{CacheId, Store, StoreError};
 
+/// How long a file seen gone stays recorded, so a late report of an older size from another
+/// process cannot count it again.
+const GONE_KEPT_NS: i64 = 10 * 60 * 1_000_000_000;
+
 /// How often pending reports are written to the store.
 pub const FLUSH_EVERY: Duration = Duration::from_secs(1);
 
@@ -239,7 +243,10 @@ impl Flusher {
             let _ = t.join();
         }
         flush(store, &self.mounts)?;
+        // Flushes of other processes are at most a few seconds late.
+        let stale = now_ns().saturating_sub(GONE_KEPT_NS);
         for m in &self.mounts {
+            store.prune_gone(&m.id, m.number, stale)?;
             if !still_held(&m.id, m.number) {
                 store.set_usage_dirty(&m.id, m.number, false)?;
             }

@@ -247,6 +247,25 @@ impl Store {
         tx.commit().map_err(err)
     }
 
+    /// Forgets files recorded as gone before `before_ns`: late reports older than that are
+    /// no longer expected.
+    pub fn prune_gone(
+        &self,
+        id: &CacheId,
+        number: u32,
+        before_ns: i64,
+    ) -> Result<usize, StoreError> {
+        let err = |e| db_error(&self.db_path, &self.root, e);
+        self.conn
+            .lock()
+            .execute(
+                "DELETE FROM files WHERE cache_id = ?1 AND instance = ?2
+                   AND size IS NULL AND seen < ?3",
+                params![id.as_str(), number, before_ns],
+            )
+            .map_err(err)
+    }
+
     /// Marks an instance as being counted into by a mount (`true`) or left clean (`false`).
     pub fn set_usage_dirty(
         &self,
