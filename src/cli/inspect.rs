@@ -5,14 +5,16 @@ use std::path::PathBuf;
 use anyhow::anyhow;
 use serde::Serialize;
 
+use super::du::is_exact;
 use super::ls::{
     Entry, LeaseJson, age_ms, one_line, open_existing_store, path_line, print_json, print_stdout,
     render_table, rfc3339_utc, terminal_width, with_positions,
 };
 use super::{Global, usage};
+use crate::accounting::Usage;
 use crate::lease;
-use crate::store::{CACHES_DIR, CacheId, CacheInfo, InstanceInfo, LeaseState};
-use crate::units::{format_age, format_local_time};
+use crate::store::{CACHES_DIR, CacheId, CacheInfo, InstanceInfo, InstanceUsage, LeaseState};
+use crate::units::{format_age, format_local_time, format_size};
 
 const AFTER_HELP: &str = "\
 Shows when the cache was created and last used, its directory in the store, each instance
@@ -20,10 +22,18 @@ Shows when the cache was created and last used, its directory in the store, each
 leases that hold it, and the requests waiting for it in arrival order. Records of processes
 that died are dropped on the way. When stdout is a terminal, commands are cut to its width.
 
+Each instance shows what it holds (files, apparent size, size on disk in 4 KiB blocks; \"not
+counted exactly\" until `cachefs du --verify` counts it), and, once there are any, its
+hits / misses (lookups that found / did not find a file) and evictions. A cache with a
+budget shows it with the share used.
+
 JSON (--json): an object with id, key, directory, created and last_used (unix seconds) and
 created_at / last_used_at (RFC 3339 UTC), instances (number, path, the same times, and
 leases: the held leases) and queue (the waiting requests in arrival order). Leases have the
-fields of `cachefs ls --json`.
+fields of `cachefs ls --json`. Usage: the cache's size_bytes, disk_bytes and files (sums over
+its instances), exact, and max_size (its budget in disk bytes, or null); each instance's
+usage (null when not recorded): size_bytes, disk_bytes, files, counted, dirty, exact,
+evictions, evicted_bytes, hits, misses.
 
 Exit status: 0; 1 when the store has no cache with that id; 2 for an invalid id.
 
@@ -68,7 +78,8 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
     };
     let entries = with_positions(lease::list(&store, Some(&id))?);
     let dir = store.root().join(CACHES_DIR).join(&cache.key);
-    let view = View::new(&cache, dir, &entries);
+    let usages = store.instance_usages(Some(&id))?;
+    let view = View::new(&cache, dir, &entries).with_usage(&usages);
     if args.json {
         print_json(&view.json())?;
     } else {
@@ -86,6 +97,10 @@ struct View<'a> {
     instances: Vec<InstanceView<'a>>,
     /// Waiting requests, in arrival order.
     queue: Vec<&'a Entry>,
+    /// Usage records were attached ([`View::with_usage`]): show them.
+    show_usage: bool,
+    /// The cache's budget, in disk bytes.
+    budget: Option<u64>,
 }
 
 struct InstanceView<'a> {
@@ -95,6 +110,15 @@ struct InstanceView<'a> {
     info: Option<&'a InstanceInfo>,
     /// Held leases, in arrival order.
     holders: Vec<&'a Entry>,
+    /// Its accounting record, if any.
+    usage: Option<&'a InstanceUsage>,
+}
+
+impl InstanceView<'_> {
+    fn exact(&self) -> bool {
+        self.usage
+            .is_none_or(|u| is_exact(u.counted, u.dirty, self.holders.len()))
+    }
 }
 
 impl<'a> View<'a> {
@@ -107,6 +131,7 @@ impl<'a> View<'a> {
                 path: info.path.clone(),
                 info: Some(info),
                 holders: Vec::new(),
+                usage: None,
             })
             .collect();
         let mut sorted: Vec<&Entry> = entries.iter().collect();
@@ -125,6 +150,7 @@ impl<'a> View<'a> {
                     path: dir.join(number.to_string()),
                     info: None,
                     holders: vec![e],
+                    usage: None,
                 }),
             }
         }
@@ -134,7 +160,67 @@ impl<'a> View<'a> {
             dir,
             instances,
             queue,
+            show_usage: false,
+            budget: None,
         }
+    }
+
+    /// Attaches the cache's accounting records (`Store::instance_usages`), to be shown.
+    fn with_usage(mut self, usages: &'a [InstanceUsage]) -> View<'a> {
+        self.show_usage = true;
+        for u in usages.iter().filter(|u| u.id == self.cache.id) {
+            self.budget = self.budget.or(u.max_size);
+            if let Some(i) = self.instances.iter_mut().find(|i| i.number == u.number) {
+                i.usage = Some(u);
+            }
+        }
+        self
+    }
+
+    /// The sums over the instances' records.
+    fn total(&self) -> Usage {
+        let mut total = Usage::default();
+        for u in self.instances.iter().filter_map(|i| i.usage) {
+            total.add(u.usage);
+        }
+        total
+    }
+
+    /// The cells an instance's line gets for its usage: what it holds, then hits / misses
+    /// and evictions when any instance has some (empty cells keep the columns aligned).
+    fn usage_cells(&self, i: &InstanceView<'_>) -> Vec<String> {
+        if !self.show_usage {
+            return Vec::new();
+        }
+        let any =
+            |f: fn(&InstanceUsage) -> bool| self.instances.iter().any(|i| i.usage.is_some_and(f));
+        let lookups = any(|u| u.hits > 0 || u.misses > 0);
+        let evictions = any(|u| u.evictions > 0);
+        let Some(u) = i.usage else {
+            return vec![String::new(); 1 + usize::from(lookups) + usize::from(evictions)];
+        };
+        let files = if u.usage.files == 1 { "file" } else { "files" };
+        let mut held = format!(
+            "{} {files}, {} ({} on disk)",
+            u.usage.files,
+            format_size(u.usage.size_bytes),
+            format_size(u.usage.disk_bytes)
+        );
+        if !i.exact() {
+            held.push_str(", not counted exactly");
+        }
+        let mut cells = vec![held];
+        if lookups {
+            cells.push(format!("hits {}, misses {}", u.hits, u.misses));
+        }
+        if evictions {
+            cells.push(format!(
+                "evicted {} ({})",
+                u.evictions,
+                format_size(u.evicted_bytes)
+            ));
+        }
+        cells
     }
 
     fn render(&self, now_ms: i64, host: &str, width: Option<usize>) -> String {
@@ -150,6 +236,18 @@ impl<'a> View<'a> {
         field("created", &when(c.created));
         field("last used", &when(c.last_used));
         field("directory", &path_line(&self.dir));
+        if let Some(budget) = self.budget {
+            let used = self.total().disk_bytes;
+            let percent = u128::from(used) * 100 / u128::from(budget.max(1));
+            field(
+                "budget",
+                &format!(
+                    "{} ({} used on disk, {percent}%)",
+                    format_size(budget),
+                    format_size(used)
+                ),
+            );
+        }
         field("instances", &self.instances.len().to_string());
 
         let headers: Vec<Vec<String>> = self
@@ -168,13 +266,10 @@ impl<'a> View<'a> {
                     ),
                     None => ("not recorded".to_owned(), String::new()),
                 };
-                vec![
-                    format!("#{}", i.number),
-                    holders,
-                    used,
-                    created,
-                    path_line(&i.path),
-                ]
+                let mut cells = vec![format!("#{}", i.number), holders, used, created];
+                cells.extend(self.usage_cells(i));
+                cells.push(path_line(&i.path));
+                cells
             })
             .collect();
         let headers = render_table(&headers, "  ", None);
@@ -217,6 +312,7 @@ impl<'a> View<'a> {
 
     fn json(&self) -> CacheJson<'_> {
         let c = self.cache;
+        let total = self.total();
         CacheJson {
             id: &c.id,
             key: &c.key,
@@ -225,6 +321,11 @@ impl<'a> View<'a> {
             created_at: rfc3339_utc(c.created),
             last_used: c.last_used,
             last_used_at: rfc3339_utc(c.last_used),
+            size_bytes: total.size_bytes,
+            disk_bytes: total.disk_bytes,
+            files: total.files,
+            exact: self.instances.iter().all(InstanceView::exact),
+            max_size: self.budget,
             instances: self
                 .instances
                 .iter()
@@ -236,6 +337,18 @@ impl<'a> View<'a> {
                     last_used: i.info.map(|info| info.last_used),
                     last_used_at: i.info.map(|info| rfc3339_utc(info.last_used)),
                     leases: i.holders.iter().map(|e| LeaseJson::new(e)).collect(),
+                    usage: i.usage.map(|u| UsageJson {
+                        size_bytes: u.usage.size_bytes,
+                        disk_bytes: u.usage.disk_bytes,
+                        files: u.usage.files,
+                        counted: u.counted,
+                        dirty: u.dirty,
+                        exact: i.exact(),
+                        evictions: u.evictions,
+                        evicted_bytes: u.evicted_bytes,
+                        hits: u.hits,
+                        misses: u.misses,
+                    }),
                 })
                 .collect(),
             queue: self.queue.iter().map(|e| LeaseJson::new(e)).collect(),
@@ -278,6 +391,14 @@ struct CacheJson<'a> {
     created_at: String,
     last_used: i64,
     last_used_at: String,
+    /// Sums over the instances' records.
+    size_bytes: u64,
+    disk_bytes: u64,
+    files: u64,
+    /// Every instance is counted exactly.
+    exact: bool,
+    /// The budget, in disk bytes.
+    max_size: Option<u64>,
     instances: Vec<InstanceJson<'a>>,
     /// Waiting requests, in arrival order.
     queue: Vec<LeaseJson<'a>>,
@@ -294,6 +415,28 @@ struct InstanceJson<'a> {
     last_used_at: Option<String>,
     /// Held leases, in arrival order.
     leases: Vec<LeaseJson<'a>>,
+    /// `null` when the instance has no accounting record.
+    usage: Option<UsageJson>,
+}
+
+/// An instance's accounting, as `inspect --json` prints it.
+#[derive(Debug, Serialize)]
+struct UsageJson {
+    size_bytes: u64,
+    disk_bytes: u64,
+    files: u64,
+    /// Counted by a scan or by live accounting since.
+    counted: bool,
+    /// A mount is counting into it, or one stopped uncleanly.
+    dirty: bool,
+    /// The figures can be taken as exact (counted, and not left dirty by an unclean stop).
+    exact: bool,
+    evictions: u64,
+    evicted_bytes: u64,
+    /// Lookups that found a file.
+    hits: u64,
+    /// Lookups that did not.
+    misses: u64,
 }
 
 #[cfg(test)]
@@ -426,5 +569,101 @@ mod tests {
         assert_eq!(queue[0]["position"], 1);
         assert_eq!(queue[0]["command"], "sleep\n30");
         assert_eq!(queue[0]["acquired_ms"], serde_json::Value::Null);
+    }
+
+    fn usage_of(number: u32, size: u64, counted: bool, dirty: bool) -> InstanceUsage {
+        let mut usage = Usage::default();
+        usage.add_file(size);
+        InstanceUsage {
+            id: "apt".to_owned(),
+            number,
+            usage,
+            counted,
+            dirty,
+            created: NOW - 3600,
+            last_used: NOW - 300,
+            evictions: 0,
+            evicted_bytes: 0,
+            hits: 0,
+            misses: 0,
+            max_size: Some(1 << 20),
+        }
+    }
+
+    #[test]
+    fn usage_in_human_layout() {
+        let c = cache();
+        let e = entries();
+        let mut first = usage_of(1, 10_001, true, true);
+        first.hits = 12;
+        first.misses = 3;
+        let mut second = usage_of(2, 5000, true, true);
+        second.evictions = 2;
+        second.evicted_bytes = 8192;
+        let usages = [first, second];
+        let view = View::new(&c, PathBuf::from("/s/c"), &e).with_usage(&usages);
+        let text = view.render(NOW_MS, "here", None);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            &lines[3..10],
+            [
+                "directory  /s/c",
+                "budget     1.0 MiB (20.0 KiB used on disk, 1%)",
+                "instances  3",
+                concat!(
+                    "  #1  1 holder  last used 5m ago  created 3h ago  ",
+                    "1 file, 9.8 KiB (12.0 KiB on disk)                      ",
+                    "hits 12, misses 3  evicted 0 (0 B)      /s/caches/apt-0123456789abcdef/1"
+                ),
+                "      locked   pid 1007          since 12s ago  target /var/cache/apt  apt-get install -y jq",
+                // Dirty and nobody holds it: a mount stopped uncleanly.
+                concat!(
+                    "  #2  free      last used 1h ago  created 2h ago  ",
+                    "1 file, 4.9 KiB (8.0 KiB on disk), not counted exactly  ",
+                    "hits 0, misses 0   evicted 2 (8.0 KiB)  /s/caches/apt-0123456789abcdef/2"
+                ),
+                // Held but not recorded: empty cells keep the path in its column.
+                concat!(
+                    "  #3  1 holder  not recorded                      ",
+                    "                                                        ",
+                    "                                        /s/c/3"
+                ),
+            ],
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn usage_in_json() {
+        let c = cache();
+        let e = entries();
+        let usages = [
+            usage_of(1, 10_001, true, false),
+            usage_of(2, 1, false, false),
+        ];
+        let view = View::new(&c, PathBuf::from("/s/c"), &e).with_usage(&usages);
+        let v = serde_json::to_value(view.json()).expect("serialisable");
+        assert_eq!(v["size_bytes"], 10_002);
+        assert_eq!(v["disk_bytes"], 16_384);
+        assert_eq!(v["files"], 2);
+        assert_eq!(v["exact"], false);
+        assert_eq!(v["max_size"], 1 << 20);
+        let u = &v["instances"][0]["usage"];
+        assert_eq!(u["size_bytes"], 10_001);
+        assert_eq!(u["disk_bytes"], 12_288);
+        assert_eq!(u["files"], 1);
+        assert_eq!(u["counted"], true);
+        assert_eq!(u["dirty"], false);
+        assert_eq!(u["exact"], true);
+        for k in ["evictions", "evicted_bytes", "hits", "misses"] {
+            assert_eq!(u[k], 0, "{k}");
+        }
+        assert_eq!(v["instances"][1]["usage"]["exact"], false);
+        assert_eq!(v["instances"][2]["usage"], serde_json::Value::Null);
+        // Without records (as before accounting), no budget and no usage.
+        let view = View::new(&c, PathBuf::from("/s/c"), &e);
+        let v = serde_json::to_value(view.json()).expect("serialisable");
+        assert_eq!(v["max_size"], serde_json::Value::Null);
+        assert_eq!(v["instances"][0]["usage"], serde_json::Value::Null);
     }
 }

@@ -15,12 +15,14 @@ use tracing_subscriber::EnvFilter;
 use tracing_subscriber::filter::LevelFilter;
 
 mod busy;
+pub mod du;
 pub mod inspect;
 pub mod ls;
 pub mod mount;
 mod mounts;
 mod reaper;
 pub mod run;
+pub mod set;
 mod signals;
 pub mod umount;
 
@@ -100,6 +102,10 @@ pub enum Command {
     Ls(ls::Args),
     /// Show one cache: its instances, their leases, the waiting queue
     Inspect(inspect::Args),
+    /// Sizes of caches: size, disk, files, instances, last used, in use
+    Du(du::Args),
+    /// Change a cache's settings: its budget (--max-size)
+    Set(set::Args),
 }
 
 /// Marks an error as the caller's to fix (bad input, unusable environment): exit code 2.
@@ -294,6 +300,8 @@ where
         Command::Umount(args) => umount::run(&cli.global, args),
         Command::Ls(args) => ls::run(&cli.global, args),
         Command::Inspect(args) => inspect::run(&cli.global, args),
+        Command::Du(args) => du::run(&cli.global, args),
+        Command::Set(args) => set::run(&cli.global, args),
     };
     match result {
         Ok(code) => code,
