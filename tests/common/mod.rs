@@ -772,6 +772,14 @@ impl CliEnv {
         output_with_timeout(self.run_cmd(&[], specs, argv), Duration::from_secs(120))
     }
 
+    /// `cachefs --store S ARGS...`, collected with a timeout.
+    #[allow(dead_code)]
+    pub fn cachefs(&self, args: &[&str]) -> Output {
+        let mut c = self.cmd();
+        c.args(args);
+        output_with_timeout(c, Duration::from_secs(120))
+    }
+
     /// `sh -c SCRIPT` in a run with the given mounts.
     pub fn run_sh(&self, specs: &[String], script: &str) -> Output {
         self.run(specs, &["sh", "-c", script])
