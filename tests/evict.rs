@@ -180,3 +180,39 @@ fn budget_from_set_applies_to_the_next_mount() {
     let n: usize = stdout_of(&out).trim().parse().expect("a count");
     assert!(n >= 60, "{n} files left without a budget");
 }
+
+/// A mount killed with SIGKILL in the middle of writing leaves counters that may be wrong and
+/// say so (`exact: false`); the next exclusive mount recounts the instance by a rescan.
+#[test]
+fn sigkill_mid_write_is_reconciled_by_the_next_mount() {
+    let env = CliEnv::new();
+    let t = env.path("t");
+    let locked = spec("K", &t, "sharing=locked");
+    let out = env.run_sh(
+        &[locked.clone()],
+        &format!(
+            "head -c 10000 /dev/urandom > '{t}/a' && sleep 1.5 && \
+             head -c 30000 /dev/urandom > '{t}/b' && exec 3> '{t}/c' && \
+             head -c 5000 /dev/urandom >&3 && kill -9 $PPID",
+            t = t.display()
+        ),
+    );
+    {
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(out.status.signal(), Some(9), "{}", stderr_of(&out));
+    }
+    let rows = du(&env);
+    assert_eq!(rows[0]["exact"], Value::Bool(false), "{rows:?}");
+    // The next exclusive mount rescans: a, b and c are all there.
+    let out = run_script(&env, &locked, "true");
+    let rows = du(&env);
+    assert_eq!(rows[0]["exact"], Value::Bool(true), "{rows:?}");
+    assert_eq!(rows[0]["files"].as_u64(), Some(3), "{rows:?}");
+    assert_eq!(rows[0]["size_bytes"].as_u64(), Some(45000), "{rows:?}");
+    assert_eq!(
+        rows[0]["disk_bytes"].as_u64(),
+        Some(12288 + 32768 + 8192),
+        "{rows:?}"
+    );
+    drop(out);
+}
