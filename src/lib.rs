@@ -5,6 +5,7 @@
 
 pub mod accounting;
 pub mod cli;
+pub mod evict;
 pub mod fs;
 pub mod lease;
 pub mod spec;

@@ -198,6 +198,7 @@ pub(crate) fn take_leases<'s>(
             kind,
             command: command.to_owned(),
             timeout: p.spec.lock_timeout.or(defaults.lock_timeout),
+            instance: None,
             target: Some(p.target.clone()),
         })
         .collect();

@@ -149,6 +149,9 @@ pub struct LeaseRequest {
     /// Give up waiting after this long (`--lock-timeout`, `lock-timeout=`); `None`: wait
     /// until granted. The earlier of this and the [`WaitControl`] deadline applies.
     pub timeout: Option<Duration>,
+    /// A particular instance instead of the one the sharing mode picks (gc takes the
+    /// instance it is about to delete, exclusively: `sharing` other than shared).
+    pub instance: Option<u32>,
     /// Shown to others: where it is mounted.
     pub target: Option<PathBuf>,
 }
@@ -340,6 +343,16 @@ pub fn acquire<'s>(
             ticket::remove_stale(&t.path);
         }
     }
+    // A holder we waited for may have been gc, which removes the instance it holds: make
+    // sure it is there (again, empty).
+    let instance = if blockers.is_empty() {
+        instance
+    } else {
+        match store.open_instance(&req.id, instance.number, &req.init) {
+            Ok(i) => i,
+            Err(e) => return Err(give_up(held, e.into())),
+        }
+    };
     let lease = Lease {
         store,
         instance,
@@ -383,9 +396,12 @@ fn enqueue(
     let _cache_lock = lock_cache(&dir)?;
 
     let live = live_tickets(store, &req.id, &dir)?;
-    let number = match req.sharing {
-        Sharing::Shared | Sharing::Locked => MAIN_INSTANCE,
-        Sharing::Private => choose_private(store, &req.id, &live, req.max_instances.max(1))?,
+    let number = match (req.instance, req.sharing) {
+        (Some(n), _) => n.max(1),
+        (None, Sharing::Shared | Sharing::Locked) => MAIN_INSTANCE,
+        (None, Sharing::Private) => {
+            choose_private(store, &req.id, &live, req.max_instances.max(1))?
+        }
     };
     let instance = store.open_instance(&req.id, number, &req.init)?;
     let qdir = dir.join(number.to_string());

@@ -21,6 +21,7 @@ fn req(id: &str, sharing: Sharing) -> LeaseRequest {
         kind: "run",
         command: format!("test {sharing}"),
         timeout: None,
+        instance: None,
         target: None,
     }
 }

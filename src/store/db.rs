@@ -190,7 +190,8 @@ CREATE INDEX leases_by_cache ON leases (cache_id, instance, seq);
 /// Schema 3: accounting. Per instance: the counters (`size_bytes`, `disk_bytes` = sizes
 /// rounded up to 4 KiB, `files`), whether they are exact (`counted`: 0 until a scan, and again
 /// while a mount that stopped uncleanly may have left them behind), eviction and hit/miss
-/// counters. Per cache: the budget (`max_size`, in disk bytes). Per file: its size as counted
+/// counters, and `deleting` (gc marked it for removal: a gc killed half-way is completed by
+/// the next). Per cache: the budget (`max_size`, in disk bytes). Per file: its size as counted
 /// (NULL: gone, kept a while so a late report from another process cannot revive it), when
 /// that size was observed (`seen`, unix ns: the newest observation wins, whichever process
 /// flushes last) and cachefs's own last-use clock (unix ms), the order eviction and gc use.
@@ -205,6 +206,7 @@ ALTER TABLE instances ADD COLUMN evictions INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE instances ADD COLUMN evicted_bytes INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE instances ADD COLUMN hits INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE instances ADD COLUMN misses INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE instances ADD COLUMN deleting INTEGER NOT NULL DEFAULT 0;
 CREATE TABLE files (
     cache_id  TEXT    NOT NULL,
     instance  INTEGER NOT NULL,

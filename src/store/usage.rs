@@ -266,6 +266,81 @@ impl Store {
             .map_err(err)
     }
 
+    /// Sets an instance's last use (unix seconds): for imports of old caches, and tests.
+    pub fn set_last_used(&self, id: &CacheId, number: u32, when: i64) -> Result<(), StoreError> {
+        let err = |e| db_error(&self.db_path, &self.root, e);
+        self.conn
+            .lock()
+            .execute(
+                "UPDATE instances SET last_used = ?3 WHERE cache_id = ?1 AND number = ?2",
+                params![id.as_str(), number, when],
+            )
+            .map_err(err)?;
+        Ok(())
+    }
+
+    /// Marks an instance for removal by gc (before its directory is touched).
+    pub fn mark_deleting(&self, id: &CacheId, number: u32) -> Result<(), StoreError> {
+        let err = |e| db_error(&self.db_path, &self.root, e);
+        self.conn
+            .lock()
+            .execute(
+                "UPDATE instances SET deleting = 1 WHERE cache_id = ?1 AND number = ?2",
+                params![id.as_str(), number],
+            )
+            .map_err(err)?;
+        Ok(())
+    }
+
+    /// Instances marked for removal whose removal has not finished: (id, number).
+    pub fn deleting_instances(&self) -> Result<Vec<(String, u32)>, StoreError> {
+        let err = |e| db_error(&self.db_path, &self.root, e);
+        let conn = self.conn.lock();
+        let mut stmt = conn
+            .prepare_cached("SELECT cache_id, number FROM instances WHERE deleting = 1")
+            .map_err(err)?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .map_err(err)?;
+        rows.collect::<Result<_, _>>().map_err(err)
+    }
+
+    /// Forgets an instance (its file records go with it), and the cache too when it was the
+    /// last instance. Returns whether the cache was forgotten.
+    pub fn forget_instance(&self, id: &CacheId, number: u32) -> Result<bool, StoreError> {
+        let err = |e| db_error(&self.db_path, &self.root, e);
+        let mut conn = self.conn.lock();
+        let tx = conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(err)?;
+        tx.execute(
+            "DELETE FROM instances WHERE cache_id = ?1 AND number = ?2",
+            params![id.as_str(), number],
+        )
+        .map_err(err)?;
+        let left: i64 = tx
+            .query_row(
+                "SELECT count(*) FROM instances WHERE cache_id = ?1",
+                [id.as_str()],
+                |r| r.get(0),
+            )
+            .map_err(err)?;
+        let held: i64 = tx
+            .query_row(
+                "SELECT count(*) FROM leases WHERE cache_id = ?1",
+                [id.as_str()],
+                |r| r.get(0),
+            )
+            .map_err(err)?;
+        let forget_cache = left == 0 && held == 0;
+        if forget_cache {
+            tx.execute("DELETE FROM caches WHERE id = ?1", [id.as_str()])
+                .map_err(err)?;
+        }
+        tx.commit().map_err(err)?;
+        Ok(forget_cache)
+    }
+
     /// Marks an instance as being counted into by a mount (`true`) or left clean (`false`).
     pub fn set_usage_dirty(
         &self,

@@ -1,0 +1,358 @@
+//! `cachefs gc`: store-wide collection of idle caches (issue 4).
+//!
+//! Victims are whole instances nobody holds, least recently used first, chosen by the
+//! policies (`--all`, `--max-age`, `--max-size` with `--keep-size`, `--filter`). Each victim
+//! is removed crash-safely:
+//!
+//! 1. take its lease, exclusively and without waiting (a busy instance is skipped; while gc
+//!    holds it, no mount can start on it);
+//! 2. mark it `deleting` in the database;
+//! 3. rename its directory into `STORE/tmp/gc-…` (atomic);
+//! 4. release the lease and forget the instance (and the cache, with its last instance);
+//! 5. remove the renamed tree.
+//!
+//! A gc killed anywhere leaves either an intact instance, or one marked `deleting` (whose
+//! directory may already be in `tmp/`), or a tree in `tmp/` nothing refers to; the next gc
+//! finishes all of those first. One gc runs at a time (`STORE/gc.lock`).
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::lease::{self, LeaseRequest, WaitControl};
+use crate::spec::Sharing;
+use crate::store::{CacheId, InstanceInit, InstanceUsage, LeaseState, Store, StoreError};
+
+/// Prefix of trees gc moved aside in `STORE/tmp`.
+const TRASH_PREFIX: &str = "gc-";
+
+/// What to collect.
+#[derive(Debug, Clone, Default)]
+pub struct Policy {
+    /// Every idle instance.
+    pub all: bool,
+    /// Idle instances not used for this long.
+    pub max_age: Option<Duration>,
+    /// Collect idle instances, least recently used first, until the store uses at most this
+    /// many disk bytes.
+    pub max_size: Option<u64>,
+    /// Never take the store below this many disk bytes.
+    pub keep_size: Option<u64>,
+    /// Only caches whose id matches one of these shell globs (none: all caches).
+    pub filters: Vec<String>,
+}
+
+/// Why an instance was chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Reason {
+    All,
+    MaxAge,
+    MaxSize,
+}
+
+/// One instance gc removed (or, in a dry run, would remove).
+#[derive(Debug, Clone, Serialize)]
+pub struct Victim {
+    pub id: String,
+    pub instance: u32,
+    pub disk_bytes: u64,
+    pub size_bytes: u64,
+    pub files: u64,
+    /// Unix seconds.
+    pub last_used: i64,
+    pub reason: Reason,
+    /// The whole cache went with its last instance.
+    pub cache_removed: bool,
+}
+
+/// What a gc did.
+#[derive(Debug, Default, Serialize)]
+pub struct Report {
+    pub dry_run: bool,
+    pub removed: Vec<Victim>,
+    /// Chosen but in use when gc came to them.
+    pub skipped_busy: Vec<String>,
+    /// Removals left half-done by an earlier gc, finished first.
+    pub completed_earlier: usize,
+    pub freed_bytes: u64,
+    pub store_disk_bytes_before: u64,
+    pub store_disk_bytes_after: u64,
+    pub interrupted: bool,
+    pub seconds: f64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum GcError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{action} {}: {source}", path.display())]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("invalid --filter pattern {0:?}: {1}")]
+    Filter(String, &'static str),
+}
+
+/// Shell-glob match of `name` against `pattern` (`*`, `?`, `[...]`), as fnmatch(3) does.
+pub fn glob_match(pattern: &str, name: &str) -> Result<bool, GcError> {
+    let p = std::ffi::CString::new(pattern)
+        .map_err(|_| GcError::Filter(pattern.into(), "contains a NUL byte"))?;
+    let n = std::ffi::CString::new(name).unwrap_or_default();
+    // SAFETY: two valid C strings.
+    let r = unsafe { libc::fnmatch(p.as_ptr(), n.as_ptr(), 0) };
+    match r {
+        0 => Ok(true),
+        libc::FNM_NOMATCH => Ok(false),
+        _ => Err(GcError::Filter(pattern.into(), "not a valid pattern")),
+    }
+}
+
+/// The one-gc-at-a-time lock.
+pub struct GcLock(#[allow(dead_code)] fs::File);
+
+/// Takes `STORE/gc.lock`: `Ok(None)` if another gc holds it and `wait` is false.
+pub fn lock(store: &Store, wait: bool) -> Result<Option<GcLock>, GcError> {
+    let path = store.root().join("gc.lock");
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|source| GcError::Io {
+            action: "open",
+            path: path.clone(),
+            source,
+        })?;
+    let op = if wait {
+        rustix::fs::FlockOperation::LockExclusive
+    } else {
+        rustix::fs::FlockOperation::NonBlockingLockExclusive
+    };
+    loop {
+        match rustix::fs::flock(&file, op) {
+            Ok(()) => return Ok(Some(GcLock(file))),
+            Err(rustix::io::Errno::WOULDBLOCK) => return Ok(None),
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => {
+                return Err(GcError::Io {
+                    action: "lock",
+                    path,
+                    source: e.into(),
+                });
+            }
+        }
+    }
+}
+
+/// Runs a gc with `policy` (the caller holds the [`lock`]). Stops between victims once
+/// `stop` is set.
+pub fn collect(
+    store: &Store,
+    policy: &Policy,
+    dry_run: bool,
+    stop: &AtomicBool,
+) -> Result<Report, GcError> {
+    let started = Instant::now();
+    let mut report = Report {
+        dry_run,
+        ..Report::default()
+    };
+    for f in &policy.filters {
+        glob_match(f, "")?;
+    }
+    if !dry_run {
+        report.completed_earlier = finish_earlier(store)?;
+    }
+    let usages = store.instance_usages(None)?;
+    let total: u64 = usages.iter().map(|u| u.usage.disk_bytes).sum();
+    report.store_disk_bytes_before = total;
+    let held: Vec<(String, u32)> = lease::list(store, None)?
+        .into_iter()
+        .map(|r| (r.id, r.instance))
+        .collect();
+    let now = crate::store::unix_now();
+    let mut candidates: Vec<&InstanceUsage> = Vec::new();
+    for u in &usages {
+        if held.contains(&(u.id.clone(), u.number)) {
+            continue;
+        }
+        let mut matched = policy.filters.is_empty();
+        for f in &policy.filters {
+            matched |= glob_match(f, &u.id)?;
+        }
+        if matched {
+            candidates.push(u);
+        }
+    }
+    // Least recently used first.
+    candidates.sort_by_key(|u| (u.last_used, u.id.clone(), u.number));
+    let mut projected = total;
+    let keep = policy.keep_size.unwrap_or(0);
+    for u in candidates {
+        if stop.load(Ordering::Relaxed) {
+            report.interrupted = true;
+            break;
+        }
+        let old = policy
+            .max_age
+            .is_some_and(|age| now.saturating_sub(u.last_used) >= age.as_secs() as i64);
+        let over = policy.max_size.is_some_and(|max| projected > max);
+        let reason = if policy.all {
+            Reason::All
+        } else if old {
+            Reason::MaxAge
+        } else if over {
+            Reason::MaxSize
+        } else {
+            continue;
+        };
+        if projected.saturating_sub(u.usage.disk_bytes) < keep {
+            continue;
+        }
+        let mut victim = Victim {
+            id: u.id.clone(),
+            instance: u.number,
+            disk_bytes: u.usage.disk_bytes,
+            size_bytes: u.usage.size_bytes,
+            files: u.usage.files,
+            last_used: u.last_used,
+            reason,
+            cache_removed: false,
+        };
+        if !dry_run {
+            match remove_instance(store, &u.id, u.number)? {
+                Some(cache_removed) => victim.cache_removed = cache_removed,
+                None => {
+                    report.skipped_busy.push(format!("{} #{}", u.id, u.number));
+                    continue;
+                }
+            }
+        }
+        projected = projected.saturating_sub(u.usage.disk_bytes);
+        report.freed_bytes += u.usage.disk_bytes;
+        report.removed.push(victim);
+    }
+    report.store_disk_bytes_after = projected;
+    report.seconds = started.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+/// Removes instance `number` of `id` if nobody holds it: `Ok(None)` if busy, else whether
+/// the whole cache went with it.
+pub fn remove_instance(store: &Store, id: &str, number: u32) -> Result<Option<bool>, GcError> {
+    let Ok(cid) = CacheId::new(id) else {
+        return Ok(None);
+    };
+    let req = LeaseRequest {
+        id: cid.clone(),
+        sharing: Sharing::Locked,
+        init: InstanceInit::default(),
+        max_instances: 1,
+        kind: "gc",
+        command: "cachefs gc".into(),
+        timeout: Some(Duration::ZERO),
+        instance: Some(number),
+        target: None,
+    };
+    let lease = match lease::acquire(store, &req, &WaitControl::quiet()) {
+        Ok(l) => l,
+        Err(lease::LeaseError::TimedOut { .. }) => return Ok(None),
+        Err(lease::LeaseError::Store(e)) => return Err(e.into()),
+        Err(e) => {
+            return Err(GcError::Io {
+                action: "lease",
+                path: store.root().to_path_buf(),
+                source: io::Error::other(e.to_string()),
+            });
+        }
+    };
+    // Someone may have queued behind us: then leave the instance to them.
+    let queued = lease::list(store, Some(&cid))?
+        .iter()
+        .any(|r| r.instance == number && r.seq > lease.seq() && r.state == LeaseState::Waiting);
+    if queued {
+        return Ok(None);
+    }
+    let path = lease.instance().path.clone();
+    store.mark_deleting(&cid, number)?;
+    let trash = move_aside(store, &path)?;
+    drop(lease);
+    let cache_removed = store.forget_instance(&cid, number)?;
+    remove_tree(trash.as_deref());
+    Ok(Some(cache_removed))
+}
+
+/// Finishes removals an interrupted gc left: instances marked `deleting`, and trees in
+/// `tmp/` waiting to be removed. Returns how many instances it finished.
+pub fn finish_earlier(store: &Store) -> Result<usize, GcError> {
+    let mut n = 0;
+    for (id, number) in store.deleting_instances()? {
+        let Ok(cid) = CacheId::new(&id) else {
+            continue;
+        };
+        let path = store
+            .get_cache(&cid)?
+            .and_then(|c| c.instances.into_iter().find(|i| i.number == number))
+            .map(|i| i.path);
+        if let Some(path) = path
+            && path.exists()
+        {
+            let trash = move_aside(store, &path)?;
+            remove_tree(trash.as_deref());
+        }
+        store.forget_instance(&cid, number)?;
+        n += 1;
+    }
+    if let Ok(entries) = fs::read_dir(store.tmp_dir()) {
+        for e in entries.flatten() {
+            if e.file_name().to_string_lossy().starts_with(TRASH_PREFIX) {
+                remove_tree(Some(&e.path()));
+            }
+        }
+    }
+    Ok(n)
+}
+
+/// Renames an instance directory into `STORE/tmp` (same filesystem: atomic). `None` if it
+/// was already gone.
+fn move_aside(store: &Store, path: &Path) -> Result<Option<PathBuf>, GcError> {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let trash = store
+        .tmp_dir()
+        .join(format!("{TRASH_PREFIX}{}-{nanos}", std::process::id()));
+    match fs::rename(path, &trash) {
+        Ok(()) => Ok(Some(trash)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(GcError::Io {
+            action: "move aside",
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+/// Removes a tree gc moved aside (never following symlinks). Failures are logged: the next
+/// gc tries again.
+fn remove_tree(path: Option<&Path>) {
+    if let Some(p) = path
+        && let Err(e) = fs::remove_dir_all(p)
+        && e.kind() != io::ErrorKind::NotFound
+    {
+        tracing::warn!(path = %p.display(), error = %e, "cannot remove a collected tree; the next gc retries");
+    }
+}
+
+#[cfg(test)]
+mod tests;

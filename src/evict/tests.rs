@@ -1,0 +1,189 @@
+use super::*;
+use crate::accounting;
+
+/// A store with caches `ids`, each one instance holding `kib` KiB in one file, last used
+/// `ago` seconds ago (in the order given).
+fn store_with(caches: &[(&str, u64, i64)]) -> (tempfile::TempDir, Store) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("store")).unwrap();
+    let now = crate::store::unix_now();
+    for &(id, kib, ago) in caches {
+        let cid = CacheId::new(id).unwrap();
+        let inst = store
+            .open_instance(&cid, 1, &InstanceInit::default())
+            .unwrap();
+        fs::create_dir_all(inst.path.join("sub")).unwrap();
+        fs::write(inst.path.join("sub/f"), vec![1u8; (kib * 1024) as usize]).unwrap();
+        let scan = accounting::scan(&inst.path).unwrap();
+        store.replace_with_scan(&cid, 1, &scan, 0).unwrap();
+        store.set_last_used(&cid, 1, now - ago).unwrap();
+    }
+    (dir, store)
+}
+
+fn ids(r: &Report) -> Vec<&str> {
+    r.removed.iter().map(|v| v.id.as_str()).collect()
+}
+
+fn no_stop() -> AtomicBool {
+    AtomicBool::new(false)
+}
+
+fn cache_count(store: &Store) -> usize {
+    store.list_caches().unwrap().len()
+}
+
+#[test]
+fn dry_run_lists_in_lru_order_and_removes_nothing() {
+    let (_d, store) = store_with(&[("new", 8, 10), ("old", 8, 1000), ("mid", 8, 100)]);
+    let policy = Policy {
+        all: true,
+        ..Policy::default()
+    };
+    let r = collect(&store, &policy, true, &no_stop()).unwrap();
+    assert_eq!(ids(&r), ["old", "mid", "new"]);
+    assert_eq!(r.freed_bytes, 3 * 8192);
+    assert_eq!(cache_count(&store), 3);
+    for c in store.list_caches().unwrap() {
+        assert!(c.instances[0].path.join("sub/f").is_file());
+    }
+}
+
+#[test]
+fn all_removes_idle_caches_and_keeps_held_ones() {
+    let (_d, store) = store_with(&[("a", 4, 10), ("b", 4, 20)]);
+    let held = lease::acquire(
+        &store,
+        &LeaseRequest {
+            id: CacheId::new("a").unwrap(),
+            sharing: Sharing::Shared,
+            init: InstanceInit::default(),
+            max_instances: 8,
+            kind: "run",
+            command: "test".into(),
+            timeout: None,
+            instance: None,
+            target: None,
+        },
+        &WaitControl::quiet(),
+    )
+    .unwrap();
+    let path_b = store
+        .get_cache(&CacheId::new("b").unwrap())
+        .unwrap()
+        .unwrap()
+        .instances[0]
+        .path
+        .clone();
+    let policy = Policy {
+        all: true,
+        ..Policy::default()
+    };
+    let r = collect(&store, &policy, false, &no_stop()).unwrap();
+    assert_eq!(ids(&r), ["b"]);
+    assert!(r.removed[0].cache_removed);
+    assert!(!path_b.exists());
+    let left: Vec<String> = store
+        .list_caches()
+        .unwrap()
+        .into_iter()
+        .map(|c| c.id)
+        .collect();
+    assert_eq!(left, ["a"]);
+    // Nothing left behind in tmp/.
+    assert_eq!(fs::read_dir(store.tmp_dir()).unwrap().count(), 0);
+    drop(held);
+}
+
+#[test]
+fn max_size_takes_least_recently_used_until_under_and_keep_size_stops_it() {
+    let caches = [
+        ("c1", 40, 400),
+        ("c2", 40, 300),
+        ("c3", 40, 200),
+        ("c4", 40, 100),
+    ];
+    let (_d, store) = store_with(&caches);
+    // 160 KiB; budget 100 KiB: c1 and c2 go.
+    let policy = Policy {
+        max_size: Some(100 * 1024),
+        ..Policy::default()
+    };
+    let r = collect(&store, &policy, true, &no_stop()).unwrap();
+    assert_eq!(ids(&r), ["c1", "c2"]);
+    assert!(r.removed.iter().all(|v| v.reason == Reason::MaxSize));
+    // Never below 120 KiB: only c1.
+    let policy = Policy {
+        max_size: Some(100 * 1024),
+        keep_size: Some(120 * 1024),
+        ..Policy::default()
+    };
+    let r = collect(&store, &policy, false, &no_stop()).unwrap();
+    assert_eq!(ids(&r), ["c1"]);
+    assert_eq!(r.store_disk_bytes_after, 120 * 1024);
+    assert_eq!(cache_count(&store), 3);
+}
+
+#[test]
+fn max_age_and_filters() {
+    let (_d, store) = store_with(&[
+        ("apt-old", 4, 30 * 86400),
+        ("pip-old", 4, 30 * 86400),
+        ("apt-new", 4, 60),
+    ]);
+    let policy = Policy {
+        max_age: Some(Duration::from_secs(14 * 86400)),
+        filters: vec!["apt-*".into()],
+        ..Policy::default()
+    };
+    let r = collect(&store, &policy, false, &no_stop()).unwrap();
+    assert_eq!(ids(&r), ["apt-old"]);
+    assert_eq!(r.removed[0].reason, Reason::MaxAge);
+    assert_eq!(cache_count(&store), 2);
+    assert!(matches!(glob_match("[", "x"), Ok(false) | Err(_)));
+    assert!(glob_match("a?c", "abc").unwrap());
+}
+
+#[test]
+fn a_gc_killed_half_way_is_completed_by_the_next() {
+    let (_d, store) = store_with(&[("x", 4, 10), ("y", 4, 10)]);
+    let x = CacheId::new("x").unwrap();
+    let path = store.get_cache(&x).unwrap().unwrap().instances[0]
+        .path
+        .clone();
+    // Killed after marking and moving x aside, before forgetting it.
+    store.mark_deleting(&x, 1).unwrap();
+    let trash = move_aside(&store, &path).unwrap().unwrap();
+    assert!(trash.is_dir());
+    // And a tree moved aside by a gc killed later still.
+    fs::create_dir_all(store.tmp_dir().join("gc-1-2/deep")).unwrap();
+    let r = collect(&store, &Policy::default(), false, &no_stop()).unwrap();
+    assert_eq!(r.completed_earlier, 1);
+    assert!(r.removed.is_empty(), "an empty policy removes nothing");
+    assert!(store.get_cache(&x).unwrap().is_none());
+    assert!(!trash.exists());
+    assert_eq!(fs::read_dir(store.tmp_dir()).unwrap().count(), 0);
+    assert_eq!(cache_count(&store), 1);
+}
+
+#[test]
+fn one_gc_at_a_time_and_stop_is_honoured() {
+    let (_d, store) = store_with(&[("a", 4, 10), ("b", 4, 20)]);
+    let first = lock(&store, false).unwrap();
+    assert!(first.is_some());
+    assert!(
+        lock(&store, false).unwrap().is_none(),
+        "a second gc is refused"
+    );
+    drop(first);
+    assert!(lock(&store, false).unwrap().is_some());
+    let stop = AtomicBool::new(true);
+    let policy = Policy {
+        all: true,
+        ..Policy::default()
+    };
+    let r = collect(&store, &policy, false, &stop).unwrap();
+    assert!(r.interrupted);
+    assert!(r.removed.is_empty());
+    assert_eq!(cache_count(&store), 2);
+}
