@@ -189,7 +189,7 @@ fn sigkill_mid_write_is_reconciled_by_the_next_mount() {
     let t = env.path("t");
     let locked = spec("K", &t, "sharing=locked");
     let out = env.run_sh(
-        &[locked.clone()],
+        std::slice::from_ref(&locked),
         &format!(
             "head -c 10000 /dev/urandom > '{t}/a' && sleep 1.5 && \
              head -c 30000 /dev/urandom > '{t}/b' && exec 3> '{t}/c' && \

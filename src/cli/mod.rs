@@ -16,6 +16,7 @@ use tracing_subscriber::filter::LevelFilter;
 
 mod busy;
 pub mod du;
+pub mod gc;
 pub mod inspect;
 pub mod ls;
 pub mod mount;
@@ -106,6 +107,8 @@ pub enum Command {
     Du(du::Args),
     /// Change a cache's settings: its budget (--max-size)
     Set(set::Args),
+    /// Remove idle caches by age, store size or id (for cron)
+    Gc(gc::Args),
 }
 
 /// Marks an error as the caller's to fix (bad input, unusable environment): exit code 2.
@@ -302,6 +305,7 @@ where
         Command::Inspect(args) => inspect::run(&cli.global, args),
         Command::Du(args) => du::run(&cli.global, args),
         Command::Set(args) => set::run(&cli.global, args),
+        Command::Gc(args) => gc::run(&cli.global, args),
     };
     match result {
         Ok(code) => code,

@@ -18,7 +18,7 @@
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -30,7 +30,14 @@ use crate::store::{CacheId, InstanceInit, InstanceUsage, LeaseState, Store, Stor
 /// Prefix of trees gc moved aside in `STORE/tmp`.
 const TRASH_PREFIX: &str = "gc-";
 
-/// What to collect.
+/// What to collect. Also the shape of the config file (`gc.toml`), e.g.
+///
+/// ```toml
+/// max-size = "20G"
+/// max-age = "14d"
+/// keep-size = "5G"
+/// filter = ["apt-*", "pip-*"]
+/// ```
 #[derive(Debug, Clone, Default)]
 pub struct Policy {
     /// Every idle instance.
@@ -44,6 +51,55 @@ pub struct Policy {
     pub keep_size: Option<u64>,
     /// Only caches whose id matches one of these shell globs (none: all caches).
     pub filters: Vec<String>,
+}
+
+impl Policy {
+    /// Whether it chooses anything at all.
+    pub fn is_empty(&self) -> bool {
+        !self.all && self.max_age.is_none() && self.max_size.is_none()
+    }
+
+    /// Reads a `gc.toml`. Unknown keys and bad values are errors naming the key.
+    pub fn from_toml(text: &str) -> Result<Policy, String> {
+        #[derive(serde::Deserialize)]
+        #[serde(deny_unknown_fields, rename_all = "kebab-case")]
+        struct File {
+            all: Option<bool>,
+            max_age: Option<String>,
+            max_size: Option<String>,
+            keep_size: Option<String>,
+            filter: Option<Filters>,
+        }
+        #[derive(serde::Deserialize)]
+        #[serde(untagged)]
+        enum Filters {
+            One(String),
+            Many(Vec<String>),
+        }
+        let f: File = toml::from_str(text).map_err(|e| e.message().to_string())?;
+        let size = |key: &str, v: Option<String>| {
+            v.map(|v| crate::units::parse_size(&v).map_err(|e| format!("{key}: {e}")))
+                .transpose()
+        };
+        let filters = match f.filter {
+            None => Vec::new(),
+            Some(Filters::One(s)) => vec![s],
+            Some(Filters::Many(v)) => v,
+        };
+        for p in &filters {
+            glob_match(p, "").map_err(|e| format!("filter: {e}"))?;
+        }
+        Ok(Policy {
+            all: f.all.unwrap_or(false),
+            max_age: f
+                .max_age
+                .map(|v| crate::units::parse_duration(&v).map_err(|e| format!("max-age: {e}")))
+                .transpose()?,
+            max_size: size("max-size", f.max_size)?,
+            keep_size: size("keep-size", f.keep_size)?,
+            filters,
+        })
+    }
 }
 
 /// Why an instance was chosen.
@@ -154,12 +210,12 @@ pub fn lock(store: &Store, wait: bool) -> Result<Option<GcLock>, GcError> {
 }
 
 /// Runs a gc with `policy` (the caller holds the [`lock`]). Stops between victims once
-/// `stop` is set.
+/// `stop` is non-zero (a signal number).
 pub fn collect(
     store: &Store,
     policy: &Policy,
     dry_run: bool,
-    stop: &AtomicBool,
+    stop: &AtomicI32,
 ) -> Result<Report, GcError> {
     let started = Instant::now();
     let mut report = Report {
@@ -198,7 +254,7 @@ pub fn collect(
     let mut projected = total;
     let keep = policy.keep_size.unwrap_or(0);
     for u in candidates {
-        if stop.load(Ordering::Relaxed) {
+        if stop.load(Ordering::Relaxed) != 0 {
             report.interrupted = true;
             break;
         }

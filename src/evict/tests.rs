@@ -25,8 +25,8 @@ fn ids(r: &Report) -> Vec<&str> {
     r.removed.iter().map(|v| v.id.as_str()).collect()
 }
 
-fn no_stop() -> AtomicBool {
-    AtomicBool::new(false)
+fn no_stop() -> AtomicI32 {
+    AtomicI32::new(0)
 }
 
 fn cache_count(store: &Store) -> usize {
@@ -177,7 +177,7 @@ fn one_gc_at_a_time_and_stop_is_honoured() {
     );
     drop(first);
     assert!(lock(&store, false).unwrap().is_some());
-    let stop = AtomicBool::new(true);
+    let stop = AtomicI32::new(libc::SIGTERM);
     let policy = Policy {
         all: true,
         ..Policy::default()
@@ -186,4 +186,30 @@ fn one_gc_at_a_time_and_stop_is_honoured() {
     assert!(r.interrupted);
     assert!(r.removed.is_empty());
     assert_eq!(cache_count(&store), 2);
+}
+
+#[test]
+fn config_files() {
+    let p = Policy::from_toml(
+        "max-size = \"20G\"\nmax-age = \"14d\"\nkeep-size = \"5G\"\nfilter = [\"apt-*\", \"pip-*\"]\n",
+    )
+    .unwrap();
+    assert_eq!(p.max_size, Some(20 << 30));
+    assert_eq!(p.max_age, Some(Duration::from_secs(14 * 86400)));
+    assert_eq!(p.keep_size, Some(5 << 30));
+    assert_eq!(p.filters, ["apt-*", "pip-*"]);
+    assert!(!p.is_empty());
+    let p = Policy::from_toml("all = true\nfilter = \"x*\"").unwrap();
+    assert!(p.all);
+    assert_eq!(p.filters, ["x*"]);
+    assert!(Policy::from_toml("").unwrap().is_empty());
+    let e = Policy::from_toml("max-size = \"lots\"").unwrap_err();
+    assert!(e.starts_with("max-size: "), "{e}");
+    let e = Policy::from_toml("maxsize = \"1G\"").unwrap_err();
+    assert!(e.contains("maxsize"), "{e}");
+    assert!(
+        Policy::from_toml("max-age = \"-1d\"")
+            .unwrap_err()
+            .contains("negative")
+    );
 }
