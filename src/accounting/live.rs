@@ -31,7 +31,9 @@ pub struct Accountant {
     misses: AtomicU64,
 }
 
-fn now_ns() -> i64 {
+/// The clock reports are stamped with (unix ns). Take it *before* the stat a report comes
+/// from, so a removal another mount makes right after that stat is stamped later.
+pub fn now_ns() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
@@ -44,14 +46,23 @@ impl Accountant {
     }
 
     fn record(&self, ino: u64, size: SizeState, used: bool) {
-        let ns = now_ns();
+        self.record_at(ino, size, used, now_ns())
+    }
+
+    /// [`Accountant::sized`], observed at `ns` (taken before the stat): an older observation
+    /// does not replace a newer one.
+    pub fn sized_at(&self, ino: u64, size: u64, used: bool, ns: i64) {
+        self.record_at(ino, SizeState::Regular(size), used, ns)
+    }
+
+    fn record_at(&self, ino: u64, size: SizeState, used: bool, ns: i64) {
         let use_ms = if used { ns / 1_000_000 } else { 0 };
         let mut e = self.pending.entry(ino).or_insert(Pending {
             size: SizeState::Unknown,
             seen_ns: ns,
             last_use_ms: 0,
         });
-        if size != SizeState::Unknown {
+        if size != SizeState::Unknown && (e.size == SizeState::Unknown || ns >= e.seen_ns) {
             e.size = size;
             e.seen_ns = ns;
         }

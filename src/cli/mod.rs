@@ -22,6 +22,7 @@ pub mod ls;
 pub mod mount;
 mod mounts;
 mod reaper;
+pub mod rm;
 pub mod run;
 pub mod set;
 mod signals;
@@ -109,6 +110,10 @@ pub enum Command {
     Set(set::Args),
     /// Remove idle caches by age, store size or id (for cron)
     Gc(gc::Args),
+    /// Remove caches (all their instances); --force waits for ones in use
+    Rm(rm::RmArgs),
+    /// Remove every idle cache, after a confirmation (gc --all)
+    Prune(rm::PruneArgs),
 }
 
 /// Marks an error as the caller's to fix (bad input, unusable environment): exit code 2.
@@ -306,6 +311,8 @@ where
         Command::Du(args) => du::run(&cli.global, args),
         Command::Set(args) => set::run(&cli.global, args),
         Command::Gc(args) => gc::run(&cli.global, args),
+        Command::Rm(args) => rm::rm(&cli.global, args),
+        Command::Prune(args) => rm::prune(&cli.global, args),
     };
     match result {
         Ok(code) => code,

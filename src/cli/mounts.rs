@@ -433,6 +433,7 @@ fn mount_one(
         ..FsOptions::default()
     };
     if spec.sharing != Sharing::Shared {
+        opts.exclusive = true;
         // Nobody else mounts this instance while we hold a locked or private lease, so the
         // kernel may keep names and attributes as long as it likes: every change goes through
         // this mount, which the kernel sees.

@@ -305,6 +305,16 @@ pub fn collect(
 /// Removes instance `number` of `id` if nobody holds it: `Ok(None)` if busy, else whether
 /// the whole cache went with it.
 pub fn remove_instance(store: &Store, id: &str, number: u32) -> Result<Option<bool>, GcError> {
+    remove_instance_waiting(store, id, number, None)
+}
+
+/// [`remove_instance`], waiting up to `wait` (None: not at all) for its holders to finish.
+pub fn remove_instance_waiting(
+    store: &Store,
+    id: &str,
+    number: u32,
+    wait: Option<&WaitControl<'_>>,
+) -> Result<Option<bool>, GcError> {
     let Ok(cid) = CacheId::new(id) else {
         return Ok(None);
     };
@@ -315,11 +325,16 @@ pub fn remove_instance(store: &Store, id: &str, number: u32) -> Result<Option<bo
         max_instances: 1,
         kind: "gc",
         command: "cachefs gc".into(),
-        timeout: Some(Duration::ZERO),
+        timeout: if wait.is_some() {
+            None
+        } else {
+            Some(Duration::ZERO)
+        },
         instance: Some(number),
         target: None,
     };
-    let lease = match lease::acquire(store, &req, &WaitControl::quiet()) {
+    let quiet = WaitControl::quiet();
+    let lease = match lease::acquire(store, &req, wait.unwrap_or(&quiet)) {
         Ok(l) => l,
         Err(lease::LeaseError::TimedOut { .. }) => return Ok(None),
         Err(lease::LeaseError::Store(e)) => return Err(e.into()),

@@ -67,6 +67,9 @@ pub struct FsOptions {
     pub file_handles: bool,
     /// Where the mount reports sizes and uses (None: it does not count).
     pub accounting: Option<Arc<crate::accounting::Accountant>>,
+    /// No other mount serves the instance meanwhile (an exclusive lease): accounting needs
+    /// no cross-mount lock.
+    pub exclusive: bool,
 }
 
 impl Default for FsOptions {
@@ -80,6 +83,7 @@ impl Default for FsOptions {
             fsname: "cachefs".to_string(),
             file_handles: true,
             accounting: None,
+            exclusive: false,
         }
     }
 }

@@ -69,6 +69,8 @@ pub(crate) struct CacheFs {
     _end: super::EndGuard,
     /// Size accounting and the LRU clock, if the mount counts.
     acct: Option<Arc<crate::accounting::Accountant>>,
+    /// No other mount serves this instance (an exclusive lease).
+    exclusive: bool,
 }
 
 type Res<T> = io::Result<T>;
@@ -161,6 +163,7 @@ impl CacheFs {
             as_root: rustix::process::geteuid().is_root(),
             _end: end,
             acct: opts.accounting.clone(),
+            exclusive: opts.exclusive,
         }
     }
 
@@ -225,13 +228,17 @@ impl CacheFs {
         .map(drop)
     }
 
-    /// Looks up a just-created child and replies with its entry.
-    /// Accounting: a regular file seen with its current size.
-    fn note_size(&self, st: &libc::stat, used: bool) {
+    /// Accounting: a regular file seen with its current size (gone, if it has no link left:
+    /// an unlinked file still open).
+    fn note_size(&self, st: &libc::stat, used: bool, t0: i64) {
         if let Some(acct) = &self.acct
             && st.st_mode & libc::S_IFMT == libc::S_IFREG
         {
-            acct.sized(st.st_ino, u64::try_from(st.st_size).unwrap_or(0), used);
+            if st.st_nlink == 0 {
+                acct.gone(st.st_ino);
+                return;
+            }
+            acct.sized_at(st.st_ino, u64::try_from(st.st_size).unwrap_or(0), used, t0);
         }
     }
 
@@ -250,6 +257,27 @@ impl CacheFs {
         (st.st_mode & libc::S_IFMT == libc::S_IFREG && st.st_nlink == 1).then_some(st.st_ino)
     }
 
+    /// Accounting across mounts of a shared instance: held around "which inode does this
+    /// name remove" and the change itself (unlink, rename, link, create), so two mounts
+    /// cannot both decide that the other removes the last link. An exclusive flock on a fresh
+    /// fd of the instance root: separate open file descriptions exclude each other across
+    /// threads and processes alike. Not needed (and not taken) when no other mount can serve
+    /// the instance (locked, private leases).
+    fn acct_lock(&self) -> Option<OwnedFd> {
+        if self.acct.is_none() || self.exclusive {
+            return None;
+        }
+        let fd = sys::reopen_dir(self.table.root_fd().as_fd()).ok()?;
+        loop {
+            // SAFETY: flock on an fd we own.
+            let r = unsafe { libc::flock(fd.as_raw_fd(), libc::LOCK_EX) };
+            if r == 0 || io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+                break;
+            }
+        }
+        Some(fd)
+    }
+
     fn note_gone(&self, ino: Option<u64>) {
         if let (Some(acct), Some(ino)) = (&self.acct, ino) {
             acct.gone(ino);
@@ -257,9 +285,10 @@ impl CacheFs {
     }
 
     fn reply_new_entry(&self, parent: &Arc<Inode>, name: &OsStr, reply: ReplyEntry) {
+        let t0 = crate::accounting::now_ns();
         match self.table.lookup(parent, name, true) {
             Ok(l) => {
-                self.note_size(&l.st, false);
+                self.note_size(&l.st, false, t0);
                 reply.entry_with_ttls(
                     &self.attr_ttl,
                     &self.entry_ttl,
@@ -430,7 +459,9 @@ impl CacheFs {
         let res = (|| {
             let cname = sys::component(name)?;
             let (pinode, pfd) = self.inode_fd(parent)?;
+            let lock = self.acct_lock();
             make(&pfd, &cname)?;
+            drop(lock);
             if let Err(e) = self.give_to_caller(req, &pfd, &cname) {
                 debug!("chown of new node failed: {e}");
             }
@@ -478,8 +509,9 @@ impl CacheFs {
         if self.acct.is_some() {
             // Writes through passthrough never reach us: the size is taken here, from the
             // fd the request already holds.
+            let t0 = crate::accounting::now_ns();
             match file.writable.then(|| sys::fstat(file.fd.as_fd())) {
-                Some(Ok(st)) => self.note_size(&st, true),
+                Some(Ok(st)) => self.note_size(&st, true, t0),
                 _ => self.note_use(node),
             }
         }
@@ -522,6 +554,16 @@ impl CacheFs {
 }
 
 impl fuser::Filesystem for CacheFs {
+    fn destroy(&mut self) {
+        // RELEASE is sent asynchronously and dropped when the connection ends: files still
+        // registered here were closed, or will never be. Release them, so their last size
+        // reaches accounting before the mount's final flush.
+        let fhs: Vec<u64> = self.files.iter().map(|e| *e.key()).collect();
+        for fh in fhs {
+            self.release_file(FileHandle(fh));
+        }
+    }
+
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
         let wanted = InitFlags::FUSE_DO_READDIRPLUS
             | InitFlags::FUSE_READDIRPLUS_AUTO
@@ -548,6 +590,7 @@ impl fuser::Filesystem for CacheFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let t0 = crate::accounting::now_ns();
         let res = self
             .table
             .get(parent.0)
@@ -556,7 +599,7 @@ impl fuser::Filesystem for CacheFs {
             match &res {
                 Ok(l) if l.st.st_mode & libc::S_IFMT == libc::S_IFREG => {
                     acct.hit();
-                    self.note_size(&l.st, true);
+                    self.note_size(&l.st, true, t0);
                 }
                 Err(e) if e.raw_os_error() == Some(libc::ENOENT) => acct.miss(),
                 _ => {}
@@ -608,10 +651,11 @@ impl fuser::Filesystem for CacheFs {
         _flags: Option<BsdFileFlags>,
         reply: ReplyAttr,
     ) {
+        let t0 = crate::accounting::now_ns();
         match self.do_setattr(ino, mode, uid, gid, size, atime, mtime, fh) {
             Ok(st) => {
                 if size.is_some() {
-                    self.note_size(&st, true);
+                    self.note_size(&st, true, t0);
                 }
                 reply.attr(&self.attr_ttl, &self.attr(&st))
             }
@@ -669,6 +713,7 @@ impl fuser::Filesystem for CacheFs {
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let res = sys::component(name).and_then(|cname| {
             let (_, pfd) = self.inode_fd(parent)?;
+            let _lock = self.acct_lock();
             let last = self.last_link_of(&pfd, &cname);
             sys::unlinkat(pfd.as_fd(), &cname, 0)?;
             Ok(last)
@@ -727,6 +772,7 @@ impl fuser::Filesystem for CacheFs {
             let cnew = sys::component(newname)?;
             let (_, pfd) = self.inode_fd(parent)?;
             let (_, npfd) = self.inode_fd(newparent)?;
+            let _lock = self.acct_lock();
             // A rename over a file removes the target's last link (unless it is the same
             // inode, a hard link of the source).
             let replaced = if flags.contains(RenameFlags::RENAME_EXCHANGE) {
@@ -771,6 +817,7 @@ impl fuser::Filesystem for CacheFs {
             let cname = sys::component(newname)?;
             let (_, fd) = self.inode_fd(ino)?;
             let (pinode, pfd) = self.inode_fd(newparent)?;
+            let _lock = self.acct_lock();
             sys::linkat_fd(fd.as_fd(), pfd.as_fd(), &cname)?;
             Ok::<_, io::Error>(pinode)
         })();
@@ -790,7 +837,8 @@ impl fuser::Filesystem for CacheFs {
             Ok(v) => v,
             Err(e) => return reply.error(errno(&e)),
         };
-        let writable = flags.0 & libc::O_ACCMODE != libc::O_RDONLY;
+        // O_TRUNC truncates even a read-only open: its size must be taken at release too.
+        let writable = flags.0 & libc::O_ACCMODE != libc::O_RDONLY || flags.0 & libc::O_TRUNC != 0;
         self.note_use(inode.node);
         let (fh, backing) = self.register_open(&inode, file, writable, |f| reply.open_backing(f));
         let mut fopen = FopenFlags::empty();
@@ -1147,9 +1195,11 @@ impl fuser::Filesystem for CacheFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
+        let t0 = crate::accounting::now_ns();
         let res = (|| {
             let cname = sys::component(name)?;
             let (pinode, pfd) = self.inode_fd(parent)?;
+            let _lock = self.acct_lock();
             let oflags = (flags | libc::O_CREAT) & !(libc::O_NOCTTY | libc::O_DIRECT);
             let file = sys::openat(pfd.as_fd(), &cname, oflags, mode & 0o7777)?;
             if let Err(e) = self.give_to_caller(req, &pfd, &cname) {
@@ -1166,7 +1216,7 @@ impl fuser::Filesystem for CacheFs {
             Err(e) => return reply.error(errno(&e)),
         };
         let attr = self.attr(&looked.st);
-        self.note_size(&looked.st, true);
+        self.note_size(&looked.st, true, t0);
         let (fh, backing) =
             self.register_open(&looked.inode, file, true, |f| reply.open_backing(f));
         match backing {
