@@ -5,6 +5,9 @@
 # the baseline in the same run is `cachefs ls` (opens the same store, reads the lease table)
 # and the same `du` on a store of one cache.
 #
+# Then `cachefs gc --max-size` set to 90% of the store, which removes the least recently used
+# 10% of it (100 caches, 100,000 files by default): its time and peak memory (/usr/bin/time).
+#
 # Usage (as root): scripts/bench-du.sh          CACHES=200 FILES_PER=500 scripts/bench-du.sh
 #
 # Building the store takes a few minutes: each cache is created by `cachefs run -- true`,
@@ -54,6 +57,12 @@ hyperfine -N --warmup 3 --runs "$RUNS" --export-json "$W/h.json" \
     -n du-json "$CACHEFS --store $S du --json" \
     -n ls "$CACHEFS --store $S ls" \
     -n du-one-cache "$CACHEFS --store $W/small/store du" >&2
+total=$("$CACHEFS" --store "$S" du --json | python3 -c "import json,sys; print(sum(r['disk_bytes'] for r in json.load(sys.stdin)))")
+target=$((total / 10 * 9))
+/usr/bin/time -f "%e %M" -o "$W/gc.time" "$CACHEFS" --store "$S" gc --max-size "$target" > "$W/gc.out"
+read -r gc_s gc_kib < "$W/gc.time"
+gc_line=$(tail -1 "$W/gc.out")
+
 python3 - "$W/h.json" "$CACHES" "$FILES_PER" "$verify_ms" <<'PY'
 import json, sys
 r = {x["command"]: x["median"] * 1000 for x in json.load(open(sys.argv[1]))["results"]}
@@ -66,3 +75,5 @@ for k in ["du", "du-json", "ls", "du-one-cache"]:
 print(f"du / ls: {r['du'] / r['ls']:.2f}x; du (big store) / du (one cache): {r['du'] / r['du-one-cache']:.2f}x")
 print(f"du --verify (full rescan of every file): {verify} ms")
 PY
+echo "gc --max-size (90% of the store): ${gc_s} s, peak RSS $((gc_kib / 1024)) MiB"
+echo "  $gc_line"

@@ -200,3 +200,47 @@ fn bad_input_exits_2_with_one_line() {
     ok(&env.cachefs(&["gc"]));
     assert!(ids(&env).is_empty());
 }
+
+/// `cachefs rm` removes a cache whole; one in use is refused unless --force, which waits for
+/// it. `cachefs prune -y` removes every idle cache; without -y and a terminal it refuses.
+#[test]
+fn rm_and_prune() {
+    let env = CliEnv::new();
+    make_caches(&env, 3, 1000);
+    ok(&env.cachefs(&["rm", "c0"]));
+    assert_eq!(ids(&env), ["c1", "c2"]);
+    let out = env.cachefs(&["rm", "nope"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(stderr_of(&out).lines().count(), 1, "{}", stderr_of(&out));
+    let out = env.cachefs(&["rm", ""]);
+    assert_eq!(out.status.code(), Some(2));
+
+    // c1 in use: refused; --force waits until the holder is done.
+    let t = env.path("t1");
+    let ready = env.path("ready");
+    let mut holder = env
+        .run_cmd(
+            &[],
+            &[spec("c1", &t, "")],
+            &["sh", "-c", &format!("touch '{}'; sleep 1", ready.display())],
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("holder");
+    assert!(wait_until(Duration::from_secs(10), || ready.exists()));
+    let out = env.cachefs(&["rm", "c1"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr_of(&out).contains("in use"), "{}", stderr_of(&out));
+    ok(&env.cachefs(&["rm", "--force", "c1"]));
+    assert!(holder.wait().expect("holder").success());
+    assert_eq!(ids(&env), ["c2"]);
+
+    // prune: stdin is not a terminal here, so -y is required.
+    let out = env.cachefs(&["prune"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr_of(&out));
+    assert_eq!(ids(&env), ["c2"]);
+    ok(&env.cachefs(&["prune", "-y"]));
+    assert!(ids(&env).is_empty());
+    assert_no_mounts_under(env.dir.path());
+}

@@ -69,8 +69,21 @@ pub(crate) struct CacheFs {
     _end: super::EndGuard,
     /// Size accounting and the LRU clock, if the mount counts.
     acct: Option<Arc<crate::accounting::Accountant>>,
-    /// No other mount serves this instance (an exclusive lease).
-    exclusive: bool,
+    /// The cross-mount accounting lock of a shared mount (see `acct_lock`).
+    cross_mount: Option<(parking_lot::Mutex<()>, OwnedFd)>,
+}
+
+/// Holds the cross-mount accounting lock; unlocks the flock, then the mutex.
+struct AcctLockGuard<'a> {
+    fd: &'a OwnedFd,
+    _guard: parking_lot::MutexGuard<'a, ()>,
+}
+
+impl Drop for AcctLockGuard<'_> {
+    fn drop(&mut self) {
+        // SAFETY: flock on an fd we own.
+        unsafe { libc::flock(self.fd.as_raw_fd(), libc::LOCK_UN) };
+    }
 }
 
 type Res<T> = io::Result<T>;
@@ -150,6 +163,14 @@ impl CacheFs {
         passthrough: Arc<AtomicBool>,
         end: super::EndGuard,
     ) -> CacheFs {
+        let cross_mount = (opts.accounting.is_some() && !opts.exclusive)
+            .then(|| {
+                sys::reopen_dir(table.root_fd().as_fd())
+                    .map_err(|e| debug!("no cross-mount accounting lock: {e}"))
+                    .ok()
+            })
+            .flatten()
+            .map(|fd| (parking_lot::Mutex::new(()), fd));
         CacheFs {
             table,
             entry_ttl: opts.entry_ttl,
@@ -162,8 +183,8 @@ impl CacheFs {
             next_fh: AtomicU64::new(1),
             as_root: rustix::process::geteuid().is_root(),
             _end: end,
+            cross_mount,
             acct: opts.accounting.clone(),
-            exclusive: opts.exclusive,
         }
     }
 
@@ -259,15 +280,14 @@ impl CacheFs {
 
     /// Accounting across mounts of a shared instance: held around "which inode does this
     /// name remove" and the change itself (unlink, rename, link, create), so two mounts
-    /// cannot both decide that the other removes the last link. An exclusive flock on a fresh
-    /// fd of the instance root: separate open file descriptions exclude each other across
-    /// threads and processes alike. Not needed (and not taken) when no other mount can serve
-    /// the instance (locked, private leases).
-    fn acct_lock(&self) -> Option<OwnedFd> {
-        if self.acct.is_none() || self.exclusive {
-            return None;
-        }
-        let fd = sys::reopen_dir(self.table.root_fd().as_fd()).ok()?;
+    /// cannot both decide that the other removes the last link. A mutex between this mount's
+    /// threads, then an exclusive flock on the mount's own fd of the instance root against
+    /// other processes (flock locks belong to open file descriptions, which is why the
+    /// threads need the mutex). Not taken when no other mount can serve the instance (locked,
+    /// private leases).
+    fn acct_lock(&self) -> Option<AcctLockGuard<'_>> {
+        let (mutex, fd) = self.cross_mount.as_ref()?;
+        let guard = mutex.lock();
         loop {
             // SAFETY: flock on an fd we own.
             let r = unsafe { libc::flock(fd.as_raw_fd(), libc::LOCK_EX) };
@@ -275,7 +295,7 @@ impl CacheFs {
                 break;
             }
         }
-        Some(fd)
+        Some(AcctLockGuard { fd, _guard: guard })
     }
 
     fn note_gone(&self, ino: Option<u64>) {
