@@ -13,7 +13,9 @@ use crate::units::{format_age, format_size};
 const AFTER_HELP: &str = "\
 Whole instances nobody holds go, least recently used first: with --all every idle one, with
 --max-age those unused for that long, with --max-size as many as needed to bring the store
-under that size (never below --keep-size). Nothing under a live lease is touched. Removal is
+under that size (never below --keep-size). If that is not enough (--keep-size forbids removing
+an instance whole), the least recently used files of idle instances follow. Nothing under a
+live lease is touched. Removal is
 crash-safe: a gc killed half-way leaves a consistent store, and the next gc finishes its work.
 
 Without policy options, gc reads them from /etc/cachefs/gc.toml or STORE/gc.toml (the first
@@ -188,11 +190,22 @@ fn print_report(r: &Report) {
             }
         );
     }
+    for f in &r.evicted_files {
+        println!(
+            "{} {} ({}) of {} #{}: max-size, least recently used first",
+            if r.dry_run { "would evict" } else { "evicted" },
+            files_word(f.files),
+            format_size(f.disk_bytes),
+            super::ls::one_line(&f.id),
+            f.instance
+        );
+    }
     for b in &r.skipped_busy {
         println!("skipped {b}: in use");
     }
     let caches = r.removed.iter().filter(|v| v.cache_removed).count();
-    let files: u64 = r.removed.iter().map(|v| v.files).sum();
+    let files: u64 = r.removed.iter().map(|v| v.files).sum::<u64>()
+        + r.evicted_files.iter().map(|f| f.files).sum::<u64>();
     println!(
         "gc{}: {} {} ({} instances, {} whole caches, {}) in {:.1}s; store {} -> {}{}{}",
         if r.dry_run { " --dry-run" } else { "" },

@@ -126,11 +126,23 @@ pub struct Victim {
     pub cache_removed: bool,
 }
 
+/// Files gc evicted from one idle instance (the file-level stage of `--max-size`).
+#[derive(Debug, Clone, Serialize)]
+pub struct FileVictims {
+    pub id: String,
+    pub instance: u32,
+    pub files: u64,
+    pub disk_bytes: u64,
+}
+
 /// What a gc did.
 #[derive(Debug, Default, Serialize)]
 pub struct Report {
     pub dry_run: bool,
     pub removed: Vec<Victim>,
+    /// When removing whole idle instances did not bring the store under `--max-size`: the
+    /// least recently used files of idle instances that went next.
+    pub evicted_files: Vec<FileVictims>,
     /// Chosen but in use when gc came to them.
     pub skipped_busy: Vec<String>,
     /// Removals left half-done by an earlier gc, finished first.
@@ -297,9 +309,203 @@ pub fn collect(
         report.freed_bytes += u.usage.disk_bytes;
         report.removed.push(victim);
     }
+    if let Some(max) = policy.max_size
+        && projected > max
+        && !report.interrupted
+    {
+        let removed: Vec<(String, u32)> = report
+            .removed
+            .iter()
+            .map(|v| (v.id.clone(), v.instance))
+            .collect();
+        let eligible = |id: &str, n: u32| -> Result<bool, GcError> {
+            if held.iter().any(|(h, hn)| h == id && *hn == n)
+                || removed.iter().any(|(r, rn)| r == id && *rn == n)
+            {
+                return Ok(false);
+            }
+            let mut matched = policy.filters.is_empty();
+            for f in &policy.filters {
+                matched |= glob_match(f, id)?;
+            }
+            Ok(matched)
+        };
+        let target = max.max(keep);
+        projected = evict_files(
+            store,
+            &mut report,
+            projected,
+            target,
+            dry_run,
+            stop,
+            &eligible,
+        )?;
+    }
     report.store_disk_bytes_after = projected;
     report.seconds = started.elapsed().as_secs_f64();
     Ok(report)
+}
+
+/// How many file records one round of the file-level stage reads.
+const FILE_BATCH: usize = 4096;
+
+/// The file-level stage: least recently used files across eligible idle instances until the
+/// store is at `target`. Each instance is worked on under its lease (no wait: busy ones are
+/// left alone). Returns the store's projected size after.
+fn evict_files(
+    store: &Store,
+    report: &mut Report,
+    mut projected: u64,
+    target: u64,
+    dry_run: bool,
+    stop: &AtomicI32,
+    eligible: &dyn Fn(&str, u32) -> Result<bool, GcError>,
+) -> Result<u64, GcError> {
+    use std::collections::{BTreeMap, HashSet};
+    let mut offset = 0;
+    let mut busy: HashSet<(String, u32)> = HashSet::new();
+    while projected > target && stop.load(Ordering::Relaxed) == 0 {
+        let batch = store.lru_files_all(offset, FILE_BATCH)?;
+        if batch.is_empty() {
+            break;
+        }
+        offset += batch.len();
+        // Pick from this batch, oldest first, until the target would be met.
+        let mut picked: BTreeMap<(String, u32), Vec<(u64, u64)>> = BTreeMap::new();
+        let mut need = projected - target;
+        for (id, n, ino, size, _) in batch {
+            if need == 0 {
+                break;
+            }
+            if busy.contains(&(id.clone(), n)) || !eligible(&id, n)? {
+                continue;
+            }
+            need = need.saturating_sub(crate::accounting::disk_bytes(size));
+            picked.entry((id, n)).or_default().push((ino, size));
+        }
+        for ((id, n), files) in picked {
+            if dry_run {
+                let disk: u64 = files
+                    .iter()
+                    .map(|f| crate::accounting::disk_bytes(f.1))
+                    .sum();
+                projected = projected.saturating_sub(disk);
+                report.freed_bytes += disk;
+                report.evicted_files.push(FileVictims {
+                    id,
+                    instance: n,
+                    files: files.len() as u64,
+                    disk_bytes: disk,
+                });
+                continue;
+            }
+            match evict_from_instance(store, &id, n, &files)? {
+                Some(v) => {
+                    projected = projected.saturating_sub(v.disk_bytes);
+                    report.freed_bytes += v.disk_bytes;
+                    // Evicted records are gone: the next batch starts earlier.
+                    offset = offset.saturating_sub(files.len());
+                    report.evicted_files.push(v);
+                }
+                None => {
+                    busy.insert((id.clone(), n));
+                    report.skipped_busy.push(format!("{id} #{n}"));
+                }
+            }
+        }
+    }
+    Ok(projected)
+}
+
+/// Evicts `files` (ino, size) from an idle instance under its lease. `Ok(None)`: busy.
+fn evict_from_instance(
+    store: &Store,
+    id: &str,
+    number: u32,
+    files: &[(u64, u64)],
+) -> Result<Option<FileVictims>, GcError> {
+    let Ok(cid) = CacheId::new(id) else {
+        return Ok(None);
+    };
+    let req = LeaseRequest {
+        id: cid.clone(),
+        sharing: Sharing::Locked,
+        init: InstanceInit::default(),
+        max_instances: 1,
+        kind: "gc",
+        command: "cachefs gc".into(),
+        timeout: Some(Duration::ZERO),
+        instance: Some(number),
+        target: None,
+    };
+    let lease = match lease::acquire(store, &req, &WaitControl::quiet()) {
+        Ok(l) => l,
+        Err(lease::LeaseError::TimedOut { .. }) => return Ok(None),
+        Err(lease::LeaseError::Store(e)) => return Err(e.into()),
+        Err(e) => {
+            return Err(GcError::Io {
+                action: "lease",
+                path: store.root().to_path_buf(),
+                source: io::Error::other(e.to_string()),
+            });
+        }
+    };
+    let path = lease.instance().path.clone();
+    let victims: std::collections::HashSet<u64> = files.iter().map(|f| f.0).collect();
+    let evictor = crate::fs::Evictor::for_directory(&path).map_err(|source| GcError::Io {
+        action: "open",
+        path: path.clone(),
+        source,
+    })?;
+    let outcome = evictor.evict(&victims).map_err(|source| GcError::Io {
+        action: "evict from",
+        path: path.clone(),
+        source,
+    })?;
+    let seen = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+        .unwrap_or(0);
+    // Evicted, and records of files no longer there: both gone.
+    let gone: Vec<crate::store::FileUpdate> = outcome
+        .evicted
+        .iter()
+        .map(|e| e.ino)
+        .chain(
+            victims
+                .iter()
+                .copied()
+                .filter(|v| !outcome.found.contains(v)),
+        )
+        .map(|ino| crate::store::FileUpdate {
+            ino,
+            size: crate::store::SizeState::Gone,
+            seen_ns: seen,
+            last_use_ms: 0,
+        })
+        .collect();
+    let disk: u64 = outcome
+        .evicted
+        .iter()
+        .map(|e| crate::accounting::disk_bytes(e.size))
+        .sum();
+    store.apply_usage(
+        &cid,
+        number,
+        &gone,
+        crate::store::CounterDelta {
+            evictions: outcome.evicted.len() as u64,
+            evicted_bytes: disk,
+            ..Default::default()
+        },
+    )?;
+    drop(lease);
+    Ok(Some(FileVictims {
+        id: id.to_owned(),
+        instance: number,
+        files: outcome.evicted.len() as u64,
+        disk_bytes: disk,
+    }))
 }
 
 /// Removes instance `number` of `id` if nobody holds it: `Ok(None)` if busy, else whether

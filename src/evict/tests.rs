@@ -213,3 +213,97 @@ fn config_files() {
             .contains("negative")
     );
 }
+
+/// When whole idle instances cannot go (here: --keep-size forbids removing the idle cache
+/// whole, the other is held), the least recently used files of idle instances go instead,
+/// down to the budget.
+#[test]
+fn files_of_idle_caches_go_when_whole_instances_cannot() {
+    let (_d, store) = store_with(&[("held", 100, 10)]);
+    let idle = CacheId::new("idle").unwrap();
+    let inst = store
+        .open_instance(&idle, 1, &InstanceInit::default())
+        .unwrap();
+    for i in 0..10 {
+        fs::write(inst.path.join(format!("f{i}")), vec![0u8; 10 * 1024]).unwrap();
+    }
+    let scan = accounting::scan(&inst.path).unwrap();
+    store.replace_with_scan(&idle, 1, &scan, 0).unwrap();
+    // f0 is the least recently used, f9 the most.
+    let now_ms = crate::lease::now_ms();
+    let files: Vec<crate::store::FileUpdate> = scan
+        .files
+        .iter()
+        .map(|f| f.ino)
+        .collect::<Vec<_>>()
+        .iter()
+        .map(|&ino| {
+            let name = (0..10)
+                .find(|i| {
+                    std::os::unix::fs::MetadataExt::ino(
+                        &fs::metadata(inst.path.join(format!("f{i}"))).unwrap(),
+                    ) == ino
+                })
+                .unwrap();
+            crate::store::FileUpdate {
+                ino,
+                size: crate::store::SizeState::Unknown,
+                seen_ns: 0,
+                last_use_ms: now_ms - 100_000 + name as i64 * 1000,
+            }
+        })
+        .collect();
+    store
+        .apply_usage(&idle, 1, &files, crate::store::CounterDelta::default())
+        .unwrap();
+    let _held = lease::acquire(
+        &store,
+        &LeaseRequest {
+            id: CacheId::new("held").unwrap(),
+            sharing: Sharing::Shared,
+            init: InstanceInit::default(),
+            max_instances: 8,
+            kind: "run",
+            command: "test".into(),
+            timeout: None,
+            instance: None,
+            target: None,
+        },
+        &WaitControl::quiet(),
+    )
+    .unwrap();
+    // 10 KiB files take 12 KiB on disk: 100 + 120 KiB in all; budget 160 KiB; keep 150
+    // KiB: removing `idle` whole would leave 100.
+    let policy = Policy {
+        max_size: Some(160 * 1024),
+        keep_size: Some(150 * 1024),
+        ..Policy::default()
+    };
+    let dry = collect(&store, &policy, true, &no_stop()).unwrap();
+    assert!(dry.removed.is_empty());
+    assert_eq!(dry.evicted_files.len(), 1);
+    assert_eq!(dry.evicted_files[0].files, 5);
+    assert!(inst.path.join("f0").exists(), "a dry run removes nothing");
+    let r = collect(&store, &policy, false, &no_stop()).unwrap();
+    assert!(r.removed.is_empty());
+    assert_eq!(r.evicted_files[0].files, 5, "{r:?}");
+    assert_eq!(r.store_disk_bytes_after, 160 * 1024);
+    let left: Vec<String> = {
+        let mut v: Vec<String> = fs::read_dir(&inst.path)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(left, ["f5", "f6", "f7", "f8", "f9"], "the oldest went");
+    let u = &store.instance_usages(Some(&idle)).unwrap()[0];
+    assert_eq!(u.usage.disk_bytes, 5 * 12 * 1024);
+    assert_eq!(u.evictions, 5);
+    assert!(
+        store
+            .get_cache(&CacheId::new("held").unwrap())
+            .unwrap()
+            .is_some()
+    );
+}

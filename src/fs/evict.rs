@@ -40,10 +40,14 @@ pub struct EvictOutcome {
     pub dirs_removed: usize,
 }
 
-/// A handle to evict from a live mount, usable from another thread.
+/// A handle to evict from a live mount (usable from another thread), or from an instance
+/// directory nobody mounts (gc, under the instance's lease).
 #[derive(Clone)]
 pub struct Evictor {
-    pub(super) table: Arc<InodeTable>,
+    /// The instance root (an O_PATH fd is enough: it is reopened to read).
+    pub(super) root: Arc<OwnedFd>,
+    /// The live mount's inode table: to skip open files and name nodes to the kernel.
+    pub(super) table: Option<Arc<InodeTable>>,
     pub(super) notifier: Option<fuser::Notifier>,
 }
 
@@ -62,6 +66,20 @@ struct SeenDir {
 }
 
 impl Evictor {
+    /// An evictor for an instance directory that no mount serves.
+    pub fn for_directory(path: &std::path::Path) -> io::Result<Evictor> {
+        let fd = rustix::fs::open(
+            path,
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        Ok(Evictor {
+            root: Arc::new(fd),
+            table: None,
+            notifier: None,
+        })
+    }
+
     /// Removes every link of each inode in `victims` (backing inode numbers) that this mount
     /// does not have open.
     pub fn evict(&self, victims: &HashSet<u64>) -> io::Result<EvictOutcome> {
@@ -69,7 +87,7 @@ impl Evictor {
         if victims.is_empty() {
             return Ok(out);
         }
-        let root = Rc::new(super::sys::reopen_dir(self.table.root_fd().as_fd())?);
+        let root = Rc::new(super::sys::reopen_dir(self.root.as_fd())?);
         let root_st = rustix::fs::fstat(&*root)?;
         let mut dirs = vec![SeenDir {
             parent: None,
@@ -155,7 +173,9 @@ impl Evictor {
     }
 
     fn is_open(&self, ino: u64) -> bool {
-        self.table.is_open(self.table.inos.to_node(ino))
+        self.table
+            .as_ref()
+            .is_some_and(|t| t.is_open(t.inos.to_node(ino)))
     }
 
     /// Unlinks `name` in `dir` and tells the kernel to forget the name.
@@ -165,8 +185,8 @@ impl Evictor {
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(()),
             Err(e) => return Err(e),
         }
-        if let Some(n) = &self.notifier {
-            let parent = fuser::INodeNo(self.table.inos.to_node(dir_ino));
+        if let (Some(n), Some(t)) = (&self.notifier, &self.table) {
+            let parent = fuser::INodeNo(t.inos.to_node(dir_ino));
             // ENOENT: the kernel did not know the name; nothing to forget.
             let _ = n.inval_entry(parent, OsStr::from_bytes(name.to_bytes()));
         }
@@ -223,7 +243,7 @@ impl Evictor {
             chain.push(i);
             i = p;
         }
-        let mut fd = super::sys::reopen_dir(self.table.root_fd().as_fd())?;
+        let mut fd = super::sys::reopen_dir(self.root.as_fd())?;
         for &i in chain.iter().rev() {
             fd = rustix::fs::openat(
                 &fd,

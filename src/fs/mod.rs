@@ -631,7 +631,8 @@ pub fn mount(source: &Path, target: &Path, opts: &FsOptions) -> Result<MountedFs
         (((dev >> 12) & 0xfff00) | (dev & 0xff)) as u32
     });
     let evictor = Evictor {
-        table,
+        root: table.root_fd().clone(),
+        table: Some(table),
         notifier: Some(session.notifier()),
     };
     Ok(MountedFs {

@@ -45,6 +45,9 @@ pub struct CounterDelta {
     pub evicted_bytes: u64,
 }
 
+/// A file in eviction order: (cache id, instance, ino, size, last use in unix ms).
+pub type LruFile = (String, u32, u64, u64, i64);
+
 /// An instance's accounting, as recorded.
 #[derive(Debug, Clone, Serialize)]
 pub struct InstanceUsage {
@@ -387,6 +390,32 @@ impl Store {
             .map_err(err)?;
         let rows = stmt
             .query_map([only.map(CacheId::as_str)], usage_row)
+            .map_err(err)?;
+        rows.collect::<Result<_, _>>().map_err(err)
+    }
+
+    /// Files of every instance, least recently used first, from `offset`, up to `limit`.
+    /// For gc's file-level stage.
+    pub fn lru_files_all(&self, offset: usize, limit: usize) -> Result<Vec<LruFile>, StoreError> {
+        let err = |e| db_error(&self.db_path, &self.root, e);
+        let conn = self.conn.lock();
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT cache_id, instance, ino, size, last_use FROM files
+                 WHERE size IS NOT NULL
+                 ORDER BY last_use, cache_id, instance, ino LIMIT ?1 OFFSET ?2",
+            )
+            .map_err(err)?;
+        let rows = stmt
+            .query_map(params![to_i64(limit as u64), to_i64(offset as u64)], |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    to_u64(r.get(2)?),
+                    to_u64(r.get(3)?),
+                    r.get(4)?,
+                ))
+            })
             .map_err(err)?;
         rows.collect::<Result<_, _>>().map_err(err)
     }
