@@ -298,6 +298,18 @@ impl CacheFs {
         Some(AcctLockGuard { fd, _guard: guard })
     }
 
+    /// Accounting: the current size of an open file, from its fd (after a write or an
+    /// fallocate through it).
+    fn note_size_of(&self, f: &OpenFile) {
+        if self.acct.is_none() {
+            return;
+        }
+        let t0 = crate::accounting::now_ns();
+        if let Ok(st) = sys::fstat(f.fd.as_fd()) {
+            self.note_size(&st, true, t0);
+        }
+    }
+
     fn note_gone(&self, ino: Option<u64>) {
         if let (Some(acct), Some(ino)) = (&self.acct, ino) {
             acct.gone(ino);
@@ -908,10 +920,14 @@ impl fuser::Filesystem for CacheFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        match self
-            .file(fh)
-            .and_then(|f| sys::pwrite(f.fd.as_fd(), data, offset))
-        {
+        let res = self.file(fh).and_then(|f| {
+            let n = sys::pwrite(f.fd.as_fd(), data, offset)?;
+            // Userspace writes are seen here: a write past the end changes the size now,
+            // not only at release (passthrough writes are only seen at release).
+            self.note_size_of(&f);
+            Ok(n)
+        });
+        match res {
             Ok(n) => reply.written(n as u32),
             Err(e) => reply.error(errno(&e)),
         }
@@ -1354,8 +1370,9 @@ impl fuser::Filesystem for CacheFs {
                     offset as libc::off_t,
                     length as libc::off_t,
                 )
-            })
-            .map(drop)
+            })?;
+            self.note_size_of(&f);
+            Ok(())
         });
         match res {
             Ok(()) => reply.ok(),
