@@ -158,7 +158,27 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
     if let Some(path) = &config {
         tracing::info!(config = %path.display(), "gc policy from the config file");
     }
-    let report = evict::collect(&store, &policy, args.dry_run, supervisor.cancel_flag())?;
+    // On a terminal, one line rewritten as instances go (long gcs of big stores).
+    let tty = !args.json && std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let progress = |r: &Report| {
+        if tty {
+            eprint!(
+                "\r\x1b[Kgc: removed {} instances, freed {}",
+                r.removed.len(),
+                format_size(r.freed_bytes)
+            );
+        }
+    };
+    let report = evict::collect_with_progress(
+        &store,
+        &policy,
+        args.dry_run,
+        supervisor.cancel_flag(),
+        &progress,
+    )?;
+    if tty && !report.removed.is_empty() && !args.dry_run {
+        eprint!("\r\x1b[K");
+    }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

@@ -229,6 +229,17 @@ pub fn collect(
     dry_run: bool,
     stop: &AtomicI32,
 ) -> Result<Report, GcError> {
+    collect_with_progress(store, policy, dry_run, stop, &|_| {})
+}
+
+/// [`collect`], calling `progress` with the report so far after each instance removed.
+pub fn collect_with_progress(
+    store: &Store,
+    policy: &Policy,
+    dry_run: bool,
+    stop: &AtomicI32,
+    progress: &dyn Fn(&Report),
+) -> Result<Report, GcError> {
     let started = Instant::now();
     let mut report = Report {
         dry_run,
@@ -308,6 +319,9 @@ pub fn collect(
         projected = projected.saturating_sub(u.usage.disk_bytes);
         report.freed_bytes += u.usage.disk_bytes;
         report.removed.push(victim);
+        if !dry_run {
+            progress(&report);
+        }
     }
     if let Some(max) = policy.max_size
         && projected > max

@@ -888,7 +888,7 @@ impl fuser::Filesystem for CacheFs {
     fn read(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         size: u32,
@@ -902,6 +902,10 @@ impl fuser::Filesystem for CacheFs {
             buf.truncate(n);
             Ok(buf)
         });
+        // The LRU clock (reads through passthrough are covered by the open and release).
+        if offset == 0 {
+            self.note_use(ino.0);
+        }
         match res {
             Ok(buf) => reply.data(&buf),
             Err(e) => reply.error(errno(&e)),
