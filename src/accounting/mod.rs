@@ -17,7 +17,7 @@ mod session;
 pub use live::{Accountant, now_ns};
 pub use session::{
     Counted, EvictError, FLUSH_EVERY, Flusher, PrepareError, TRIM_TO_PERCENT, enforce_budget,
-    flush, prepare,
+    flush, prepare, record_eviction,
 };
 
 use std::collections::HashSet;

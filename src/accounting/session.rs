@@ -77,33 +77,7 @@ pub fn enforce_budget(store: &Store, m: &Counted) -> Result<usize, EvictError> {
             return Ok(total);
         }
         let outcome = evictor.evict(&victims).map_err(EvictError::Io)?;
-        let seen = now_ns();
-        // Evicted, and victims the walk did not find at all (removed behind our back): both
-        // are gone from the records.
-        let gone = outcome.evicted.iter().map(|e| e.ino).chain(
-            victims
-                .iter()
-                .copied()
-                .filter(|v| !outcome.found.contains(v)),
-        );
-        let updates: Vec<crate::store::FileUpdate> = gone
-            .map(|ino| crate::store::FileUpdate {
-                ino,
-                size: crate::store::SizeState::Gone,
-                seen_ns: seen,
-                last_use_ms: 0,
-            })
-            .collect();
-        let counters = crate::store::CounterDelta {
-            evictions: outcome.evicted.len() as u64,
-            evicted_bytes: outcome
-                .evicted
-                .iter()
-                .map(|e| super::disk_bytes(e.size))
-                .sum(),
-            ..Default::default()
-        };
-        store.apply_usage(&m.id, m.number, &updates, counters)?;
+        let counters = record_eviction(store, &m.id, m.number, &victims, &outcome)?;
         tracing::info!(
             id = %m.id,
             instance = m.number,
@@ -118,11 +92,41 @@ pub fn enforce_budget(store: &Store, m: &Counted) -> Result<usize, EvictError> {
     Ok(total)
 }
 
-fn now_ns() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
+/// Records an eviction pass over `victims`: what it evicted, and victims it did not find at
+/// all (removed behind cachefs's back), are gone; evictions are counted. Returns the counters.
+pub fn record_eviction(
+    store: &Store,
+    id: &CacheId,
+    number: u32,
+    victims: &std::collections::HashSet<u64>,
+    outcome: &crate::fs::EvictOutcome,
+) -> Result<crate::store::CounterDelta, StoreError> {
+    let seen = super::now_ns();
+    let gone = outcome.evicted.iter().map(|e| e.ino).chain(
+        victims
+            .iter()
+            .copied()
+            .filter(|v| !outcome.found.contains(v)),
+    );
+    let updates: Vec<crate::store::FileUpdate> = gone
+        .map(|ino| crate::store::FileUpdate {
+            ino,
+            size: crate::store::SizeState::Gone,
+            seen_ns: seen,
+            last_use_ms: 0,
+        })
+        .collect();
+    let counters = crate::store::CounterDelta {
+        evictions: outcome.evicted.len() as u64,
+        evicted_bytes: outcome
+            .evicted
+            .iter()
+            .map(|e| super::disk_bytes(e.size))
+            .sum(),
+        ..Default::default()
+    };
+    store.apply_usage(id, number, &updates, counters)?;
+    Ok(counters)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -244,7 +248,7 @@ impl Flusher {
         }
         flush(store, &self.mounts)?;
         // Flushes of other processes are at most a few seconds late.
-        let stale = now_ns().saturating_sub(GONE_KEPT_NS);
+        let stale = super::now_ns().saturating_sub(GONE_KEPT_NS);
         for m in &self.mounts {
             store.prune_gone(&m.id, m.number, stale)?;
             if !still_held(&m.id, m.number) {

@@ -78,7 +78,8 @@ fn parse_size_arg(s: &str) -> Result<u64, String> {
     crate::units::parse_size(s).map_err(|e| e.to_string())
 }
 
-fn parse_filter(s: &str) -> Result<String, String> {
+/// clap value parser for `--filter id=GLOB` (gc, prune).
+pub(crate) fn parse_filter(s: &str) -> Result<String, String> {
     let glob = s
         .strip_prefix("id=")
         .ok_or_else(|| format!("expected id=GLOB, e.g. id='apt-*', got {s:?}"))?;

@@ -98,16 +98,8 @@ pub struct PruneArgs {
     pub yes: bool,
 
     /// Only caches whose id matches GLOB, written id=GLOB (repeatable)
-    #[arg(long = "filter", value_name = "id=GLOB", value_parser = parse_filter)]
+    #[arg(long = "filter", value_name = "id=GLOB", value_parser = super::gc::parse_filter)]
     pub filters: Vec<String>,
-}
-
-fn parse_filter(s: &str) -> Result<String, String> {
-    let glob = s
-        .strip_prefix("id=")
-        .ok_or_else(|| format!("expected id=GLOB, e.g. id='apt-*', got {s:?}"))?;
-    evict::glob_match(glob, "").map_err(|e| e.to_string())?;
-    Ok(glob.to_owned())
 }
 
 pub fn prune(global: &Global, args: PruneArgs) -> anyhow::Result<i32> {

@@ -441,28 +441,8 @@ fn evict_from_instance(
     let Ok(cid) = CacheId::new(id) else {
         return Ok(None);
     };
-    let req = LeaseRequest {
-        id: cid.clone(),
-        sharing: Sharing::Locked,
-        init: InstanceInit::default(),
-        max_instances: 1,
-        kind: "gc",
-        command: "cachefs gc".into(),
-        timeout: Some(Duration::ZERO),
-        instance: Some(number),
-        target: None,
-    };
-    let lease = match lease::acquire(store, &req, &WaitControl::quiet()) {
-        Ok(l) => l,
-        Err(lease::LeaseError::TimedOut { .. }) => return Ok(None),
-        Err(lease::LeaseError::Store(e)) => return Err(e.into()),
-        Err(e) => {
-            return Err(GcError::Io {
-                action: "lease",
-                path: store.root().to_path_buf(),
-                source: io::Error::other(e.to_string()),
-            });
-        }
+    let Some(lease) = take_instance(store, &cid, number, None)? else {
+        return Ok(None);
     };
     let path = lease.instance().path.clone();
     let victims: std::collections::HashSet<u64> = files.iter().map(|f| f.0).collect();
@@ -476,49 +456,13 @@ fn evict_from_instance(
         path: path.clone(),
         source,
     })?;
-    let seen = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
-        .unwrap_or(0);
-    // Evicted, and records of files no longer there: both gone.
-    let gone: Vec<crate::store::FileUpdate> = outcome
-        .evicted
-        .iter()
-        .map(|e| e.ino)
-        .chain(
-            victims
-                .iter()
-                .copied()
-                .filter(|v| !outcome.found.contains(v)),
-        )
-        .map(|ino| crate::store::FileUpdate {
-            ino,
-            size: crate::store::SizeState::Gone,
-            seen_ns: seen,
-            last_use_ms: 0,
-        })
-        .collect();
-    let disk: u64 = outcome
-        .evicted
-        .iter()
-        .map(|e| crate::accounting::disk_bytes(e.size))
-        .sum();
-    store.apply_usage(
-        &cid,
-        number,
-        &gone,
-        crate::store::CounterDelta {
-            evictions: outcome.evicted.len() as u64,
-            evicted_bytes: disk,
-            ..Default::default()
-        },
-    )?;
+    let counters = crate::accounting::record_eviction(store, &cid, number, &victims, &outcome)?;
     drop(lease);
     Ok(Some(FileVictims {
         id: id.to_owned(),
         instance: number,
-        files: outcome.evicted.len() as u64,
-        disk_bytes: disk,
+        files: counters.evictions,
+        disk_bytes: counters.evicted_bytes,
     }))
 }
 
@@ -538,6 +482,33 @@ pub fn remove_instance_waiting(
     let Ok(cid) = CacheId::new(id) else {
         return Ok(None);
     };
+    let Some(lease) = take_instance(store, &cid, number, wait)? else {
+        return Ok(None);
+    };
+    // Someone may have queued behind us: then leave the instance to them.
+    let queued = lease::list(store, Some(&cid))?
+        .iter()
+        .any(|r| r.instance == number && r.seq > lease.seq() && r.state == LeaseState::Waiting);
+    if queued {
+        return Ok(None);
+    }
+    let path = lease.instance().path.clone();
+    store.mark_deleting(&cid, number)?;
+    let trash = move_aside(store, &path)?;
+    drop(lease);
+    let cache_removed = store.forget_instance(&cid, number)?;
+    remove_tree(trash.as_deref());
+    Ok(Some(cache_removed))
+}
+
+/// Takes instance `number` of `cid` exclusively (as gc does before touching it): without
+/// waiting (`Ok(None)` if busy), or waiting under `wait`.
+fn take_instance<'s>(
+    store: &'s Store,
+    cid: &CacheId,
+    number: u32,
+    wait: Option<&WaitControl<'_>>,
+) -> Result<Option<lease::Lease<'s>>, GcError> {
     let req = LeaseRequest {
         id: cid.clone(),
         sharing: Sharing::Locked,
@@ -554,32 +525,16 @@ pub fn remove_instance_waiting(
         target: None,
     };
     let quiet = WaitControl::quiet();
-    let lease = match lease::acquire(store, &req, wait.unwrap_or(&quiet)) {
-        Ok(l) => l,
-        Err(lease::LeaseError::TimedOut { .. }) => return Ok(None),
-        Err(lease::LeaseError::Store(e)) => return Err(e.into()),
-        Err(e) => {
-            return Err(GcError::Io {
-                action: "lease",
-                path: store.root().to_path_buf(),
-                source: io::Error::other(e.to_string()),
-            });
-        }
-    };
-    // Someone may have queued behind us: then leave the instance to them.
-    let queued = lease::list(store, Some(&cid))?
-        .iter()
-        .any(|r| r.instance == number && r.seq > lease.seq() && r.state == LeaseState::Waiting);
-    if queued {
-        return Ok(None);
+    match lease::acquire(store, &req, wait.unwrap_or(&quiet)) {
+        Ok(l) => Ok(Some(l)),
+        Err(lease::LeaseError::TimedOut { .. }) => Ok(None),
+        Err(lease::LeaseError::Store(e)) => Err(e.into()),
+        Err(e) => Err(GcError::Io {
+            action: "lease",
+            path: store.root().to_path_buf(),
+            source: io::Error::other(e.to_string()),
+        }),
     }
-    let path = lease.instance().path.clone();
-    store.mark_deleting(&cid, number)?;
-    let trash = move_aside(store, &path)?;
-    drop(lease);
-    let cache_removed = store.forget_instance(&cid, number)?;
-    remove_tree(trash.as_deref());
-    Ok(Some(cache_removed))
 }
 
 /// Finishes removals an interrupted gc left: instances marked `deleting`, and trees in
