@@ -4,9 +4,8 @@
 
 mod common;
 
-use std::fs;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Output, Stdio};
+use std::path::Path;
+use std::process::Output;
 use std::time::Duration;
 
 use common::*;
@@ -75,97 +74,6 @@ fn assert_fails(out: &Output, expect: i32, mention: &str) -> String {
         "{err:?} does not mention {mention:?}"
     );
     err
-}
-
-/// `cachefs run --mount type=cache,id=ID,target=TARGET,sharing=locked -- sleep 30` in the
-/// background. Dropping it (also when a test fails) stops cachefs, then any process it left.
-struct BgRun {
-    child: Child,
-    stderr: PathBuf,
-}
-
-impl BgRun {
-    fn spawn(env: &CliEnv, id: &str, target: &Path, name: &str) -> BgRun {
-        let stderr = env.path(&format!("{name}.stderr"));
-        let mut c = env.run_cmd(&[], &[spec(id, target, "sharing=locked")], &["sleep", "30"]);
-        c.stdout(Stdio::null())
-            .stderr(fs::File::create(&stderr).expect("create stderr file"));
-        BgRun {
-            child: c.spawn().expect("spawn cachefs run"),
-            stderr,
-        }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// What cachefs wrote on stderr so far, for failure messages.
-    fn stderr(&self) -> String {
-        fs::read_to_string(&self.stderr).unwrap_or_default()
-    }
-
-    /// SIGKILLs cachefs and waits for it; then kills the command it can no longer stop.
-    fn sigkill(&mut self) {
-        let orphans = children_of(self.pid());
-        signal(self.pid(), libc::SIGKILL);
-        let _ = self.child.wait();
-        for pid in orphans {
-            signal(pid, libc::SIGKILL);
-        }
-    }
-
-    /// SIGTERM (forwarded to the command, which ends the run), then waits, bounded; SIGKILL
-    /// if cachefs does not end. Returns whether it ended on SIGTERM.
-    fn terminate(&mut self) -> bool {
-        if !matches!(self.child.try_wait(), Ok(None)) {
-            return true;
-        }
-        let children = children_of(self.pid());
-        signal(self.pid(), libc::SIGTERM);
-        let ended = wait_until(Duration::from_secs(20), || {
-            !matches!(self.child.try_wait(), Ok(None))
-        });
-        if !ended {
-            self.sigkill();
-        }
-        for pid in children {
-            signal(pid, libc::SIGKILL);
-        }
-        ended
-    }
-}
-
-impl Drop for BgRun {
-    fn drop(&mut self) {
-        self.terminate();
-    }
-}
-
-fn signal(pid: u32, sig: i32) {
-    if let Ok(pid) = i32::try_from(pid) {
-        unsafe { libc::kill(pid, sig) };
-    }
-}
-
-/// Pids whose parent is `parent` (from /proc).
-fn children_of(parent: u32) -> Vec<u32> {
-    let Ok(dir) = fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    dir.flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            fs::read_to_string(format!("/proc/{pid}/stat"))
-                .ok()
-                .and_then(|s| {
-                    // "pid (comm) state ppid ...": comm may hold anything, so split after ')'.
-                    let rest = s.rsplit_once(')')?.1;
-                    rest.split_whitespace().nth(1)?.parse::<u32>().ok()
-                })
-                == Some(parent)
-        })
-        .collect()
 }
 
 /// Polls `ls --json` until `cond` holds for its rows; panics with what was seen otherwise.
