@@ -7,6 +7,7 @@ pub mod accounting;
 pub mod cli;
 pub mod evict;
 pub mod fs;
+pub mod layer;
 pub mod lease;
 pub mod spec;
 pub mod store;

@@ -12,7 +12,7 @@ use rusqlite::{Connection, OpenFlags, Transaction, TransactionBehavior};
 use super::error::{StoreError, db_error};
 
 /// The newest schema this build reads and writes.
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 
 /// How long a statement waits for another process's write lock before failing.
 pub(crate) const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -143,6 +143,7 @@ fn step(tx: &Transaction<'_>, version: i64) -> rusqlite::Result<()> {
         0 => tx.execute_batch(V1),
         1 => tx.execute_batch(V2),
         2 => tx.execute_batch(V3),
+        3 => tx.execute_batch(V4),
         // `migrate` never calls past the newest version.
         _ => Ok(()),
     }
@@ -218,6 +219,55 @@ CREATE TABLE files (
     FOREIGN KEY (cache_id, instance) REFERENCES instances (cache_id, number) ON DELETE CASCADE
 ) WITHOUT ROWID;
 CREATE INDEX files_lru ON files (cache_id, instance, last_use);
+";
+
+/// Schema 4: layers. A layer (digest: 64 hex, the blake3 Merkle root) records where it came
+/// from (`source`: snapshot or import; the cache and instance it was taken of; the instance's
+/// previous layer as `parent`), when (unix seconds), and its totals. Layers outlive their
+/// caches, so there is no foreign key to caches. Tags name layers (a tag moves when re-used).
+/// Per instance: the layer it was last snapshotted as or restored from (`snapshots`), and the
+/// stat-keyed hash cache (`hash_cache`: path -> size, mtime and ctime in ns, inode, blake3),
+/// which spares rehashing unchanged files.
+const V4: &str = "
+CREATE TABLE layers (
+    digest     TEXT    NOT NULL PRIMARY KEY,
+    source     TEXT    NOT NULL CHECK (source IN ('snapshot', 'import')),
+    cache_id   TEXT,
+    instance   INTEGER,
+    parent     TEXT,
+    created    INTEGER NOT NULL,
+    size_bytes INTEGER NOT NULL,
+    files      INTEGER NOT NULL,
+    dirs       INTEGER NOT NULL,
+    symlinks   INTEGER NOT NULL,
+    diff_id    TEXT
+);
+CREATE INDEX layers_by_cache ON layers (cache_id, created);
+CREATE TABLE layer_tags (
+    tag     TEXT    NOT NULL PRIMARY KEY,
+    digest  TEXT    NOT NULL REFERENCES layers(digest) ON DELETE CASCADE,
+    created INTEGER NOT NULL
+);
+CREATE TABLE snapshots (
+    cache_id TEXT    NOT NULL,
+    instance INTEGER NOT NULL,
+    layer    TEXT    NOT NULL,
+    at       INTEGER NOT NULL,
+    PRIMARY KEY (cache_id, instance),
+    FOREIGN KEY (cache_id, instance) REFERENCES instances (cache_id, number) ON DELETE CASCADE
+) WITHOUT ROWID;
+CREATE TABLE hash_cache (
+    cache_id TEXT    NOT NULL,
+    instance INTEGER NOT NULL,
+    path     BLOB    NOT NULL,
+    size     INTEGER NOT NULL,
+    mtime    INTEGER NOT NULL,
+    ctime    INTEGER NOT NULL,
+    ino      INTEGER NOT NULL,
+    hash     BLOB    NOT NULL,
+    PRIMARY KEY (cache_id, instance, path),
+    FOREIGN KEY (cache_id, instance) REFERENCES instances (cache_id, number) ON DELETE CASCADE
+) WITHOUT ROWID;
 ";
 
 #[cfg(test)]

@@ -1,0 +1,416 @@
+//! The content-addressed object store: `STORE/objects/`.
+//!
+//! ```text
+//! objects/blobs/<2 hex>/<64 hex>   a file's contents, named by its blake3 hash (mode 0444)
+//! objects/trees/<2 hex>/<64 hex>   a tree object (see format), named by its digest
+//! objects/tmp/                     objects being written; renamed into place when complete
+//! objects/lock                     flock: shared while objects are written or read, exclusive
+//!                                  while gc sweeps unreferenced ones
+//! ```
+//!
+//! An object is written under a temp name and renamed into place, so a name always holds a
+//! whole object (or, after a power loss before the data reached the disk, a short one, which
+//! verification catches). Objects are shared by every cache and layer: the same contents are
+//! stored once. Every read verifies the hash, so a corrupt object is an error naming it, never
+//! wrong data.
+
+use std::fs::{self, File};
+use std::io::{self, Read, Write};
+use std::os::fd::AsFd;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use super::LayerError;
+use super::format::{Digest, Tree};
+
+pub const OBJECTS_DIR: &str = "objects";
+
+/// Read and write buffer size when streaming objects.
+pub const CHUNK: usize = 1 << 20;
+
+/// Which kind of object a name refers to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ObjectKind {
+    Blob,
+    Tree,
+}
+
+impl ObjectKind {
+    pub fn dir(self) -> &'static str {
+        match self {
+            ObjectKind::Blob => "blobs",
+            ObjectKind::Tree => "trees",
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            ObjectKind::Blob => "blob",
+            ObjectKind::Tree => "tree",
+        }
+    }
+}
+
+pub struct ObjectStore {
+    root: PathBuf,
+}
+
+/// Held while objects are written or read; gc's sweep takes it exclusively, so it never
+/// removes an object that a snapshot has written but not yet recorded in a layer.
+pub struct ObjectsLock(#[allow(dead_code)] File);
+
+static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+impl ObjectStore {
+    /// Opens (and creates) `STORE/objects`.
+    pub fn open(store_root: &Path) -> Result<ObjectStore, LayerError> {
+        let root = store_root.join(OBJECTS_DIR);
+        for sub in ["", "blobs", "trees", "tmp"] {
+            let p = root.join(sub);
+            match fs::DirBuilder::new().mode(0o755).create(&p) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(LayerError::io("create", &p, e)),
+            }
+        }
+        Ok(ObjectStore { root })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn lock(&self, exclusive: bool, wait: bool) -> Result<Option<ObjectsLock>, LayerError> {
+        let p = self.root.join("lock");
+        let f = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(&p)
+            .map_err(|e| LayerError::io("open", &p, e))?;
+        use rustix::fs::FlockOperation as Op;
+        let op = match (exclusive, wait) {
+            (true, true) => Op::LockExclusive,
+            (true, false) => Op::NonBlockingLockExclusive,
+            (false, true) => Op::LockShared,
+            (false, false) => Op::NonBlockingLockShared,
+        };
+        loop {
+            match rustix::fs::flock(&f, op) {
+                Ok(()) => return Ok(Some(ObjectsLock(f))),
+                Err(rustix::io::Errno::WOULDBLOCK) => return Ok(None),
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => return Err(LayerError::io("lock", &p, e.into())),
+            }
+        }
+    }
+
+    /// Taken by anything that writes objects or relies on them staying (snapshot, import,
+    /// restore, export).
+    pub fn lock_shared(&self) -> Result<ObjectsLock, LayerError> {
+        self.lock(false, true)?
+            .ok_or_else(|| LayerError::io("lock", &self.root, io::Error::other("lock refused")))
+    }
+
+    /// For gc's sweep; `None` when someone is using the objects and `wait` is false.
+    pub fn lock_exclusive(&self, wait: bool) -> Result<Option<ObjectsLock>, LayerError> {
+        self.lock(true, wait)
+    }
+
+    pub fn path(&self, kind: ObjectKind, d: Digest) -> PathBuf {
+        let hex = d.to_hex();
+        self.root.join(kind.dir()).join(&hex[..2]).join(hex)
+    }
+
+    pub fn has(&self, kind: ObjectKind, d: Digest) -> bool {
+        fs::symlink_metadata(self.path(kind, d)).is_ok_and(|m| m.is_file())
+    }
+
+    /// Stores a tree object (its digest is computed here); nothing is written if it exists.
+    pub fn put_tree(&self, tree: &Tree) -> Result<Digest, LayerError> {
+        let (bytes, d) = tree.encode_with_digest();
+        if !self.has(ObjectKind::Tree, d) {
+            let mut w = self.writer()?;
+            w.write_all(&bytes)?;
+            w.commit(ObjectKind::Tree, d)?;
+        }
+        Ok(d)
+    }
+
+    /// Reads, verifies and decodes a tree object.
+    pub fn read_tree(&self, d: Digest) -> Result<Tree, LayerError> {
+        let p = self.path(ObjectKind::Tree, d);
+        let bytes = match fs::read(&p) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(LayerError::MissingObject {
+                    kind: "tree",
+                    digest: d,
+                });
+            }
+            Err(e) => return Err(LayerError::io("read", &p, e)),
+        };
+        if Digest::of(&bytes) != d {
+            return Err(LayerError::corrupt("tree", d, &p, "its contents do not match its name"));
+        }
+        Tree::decode(&bytes).map_err(|e| LayerError::corrupt("tree", d, &p, &e.to_string()))
+    }
+
+    /// Opens a blob for reading. The caller verifies while reading (see [`BlobReader`]).
+    pub fn open_blob(&self, d: Digest) -> Result<BlobReader, LayerError> {
+        let p = self.path(ObjectKind::Blob, d);
+        let file = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&p)
+            .map_err(|e| {
+                if e.kind() == io::ErrorKind::NotFound {
+                    LayerError::MissingObject {
+                        kind: "blob",
+                        digest: d,
+                    }
+                } else {
+                    LayerError::io("open", &p, e)
+                }
+            })?;
+        Ok(BlobReader {
+            file,
+            hasher: blake3::Hasher::new(),
+            expect: d,
+            path: p,
+            done: false,
+        })
+    }
+
+    /// Reads a whole blob and checks its hash.
+    pub fn verify_blob(&self, d: Digest) -> Result<u64, LayerError> {
+        let mut r = self.open_blob(d)?;
+        let mut buf = vec![0u8; CHUNK];
+        let mut n = 0u64;
+        loop {
+            let got = r.read(&mut buf).map_err(|e| r.error(e))?;
+            if got == 0 {
+                break;
+            }
+            n += got as u64;
+        }
+        Ok(n)
+    }
+
+    /// A temp file in `objects/tmp` to write one object into.
+    pub fn writer(&self) -> Result<ObjectWriter, LayerError> {
+        let tmp_dir = self.root.join("tmp");
+        loop {
+            let n = TMP_COUNTER.fetch_add(1, Ordering::Relaxed);
+            let p = tmp_dir.join(format!("{}-{n}", std::process::id()));
+            match fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o444)
+                .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
+                .open(&p)
+            {
+                Ok(file) => {
+                    return Ok(ObjectWriter {
+                        file: Some(file),
+                        tmp: p,
+                    });
+                }
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(LayerError::io("create", &p, e)),
+            }
+        }
+    }
+
+    /// Makes the writes of this process durable (one syncfs for the whole filesystem), before
+    /// a layer record that refers to them is committed.
+    pub fn sync(&self) -> Result<(), LayerError> {
+        let d = File::open(&self.root).map_err(|e| LayerError::io("open", &self.root, e))?;
+        rustix::fs::syncfs(d.as_fd()).map_err(|e| LayerError::io("sync", &self.root, e.into()))
+    }
+
+    /// Removes temp files left by crashed writers (older than an hour: a live writer's temp
+    /// file is younger than the snapshot it belongs to, and gc holds the exclusive lock).
+    pub fn sweep_tmp(&self) -> usize {
+        let tmp = self.root.join("tmp");
+        let mut n = 0;
+        let Ok(rd) = fs::read_dir(&tmp) else {
+            return 0;
+        };
+        for e in rd.flatten() {
+            if fs::remove_file(e.path()).is_ok() {
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Every object of `kind` in the store, with its size on disk.
+    pub fn list(&self, kind: ObjectKind) -> Result<Vec<(Digest, u64)>, LayerError> {
+        let dir = self.root.join(kind.dir());
+        let mut out = Vec::new();
+        let rd = fs::read_dir(&dir).map_err(|e| LayerError::io("read", &dir, e))?;
+        for fan in rd.flatten() {
+            let Ok(inner) = fs::read_dir(fan.path()) else {
+                continue;
+            };
+            for e in inner.flatten() {
+                let Some(d) = e.file_name().to_str().and_then(Digest::from_hex) else {
+                    continue;
+                };
+                let size = e.metadata().map(|m| m.len()).unwrap_or(0);
+                out.push((d, size));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Removes one object (gc, under the exclusive lock).
+    pub fn remove(&self, kind: ObjectKind, d: Digest) -> Result<(), LayerError> {
+        let p = self.path(kind, d);
+        match fs::remove_file(&p) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(LayerError::io("remove", &p, e)),
+        }
+    }
+}
+
+/// One object being written. Dropped without [`ObjectWriter::commit`], its temp file goes.
+pub struct ObjectWriter {
+    file: Option<File>,
+    tmp: PathBuf,
+}
+
+impl ObjectWriter {
+    pub fn write_all(&mut self, buf: &[u8]) -> Result<(), LayerError> {
+        match self.file.as_mut() {
+            Some(f) => f
+                .write_all(buf)
+                .map_err(|e| LayerError::io("write", &self.tmp, e)),
+            None => Ok(()),
+        }
+    }
+
+    pub fn file(&self) -> Option<&File> {
+        self.file.as_ref()
+    }
+
+    /// Renames the temp file to the object's name. If the object is already there (another
+    /// writer stored the same contents), the temp file is simply dropped.
+    pub fn commit(mut self, kind: ObjectKind, d: Digest) -> Result<(), LayerError> {
+        drop(self.file.take());
+        let store_root = self
+            .tmp
+            .parent()
+            .and_then(Path::parent)
+            .map(Path::to_path_buf)
+            .unwrap_or_default();
+        let hex = d.to_hex();
+        let fan = store_root.join(kind.dir()).join(&hex[..2]);
+        match fs::DirBuilder::new().mode(0o755).create(&fan) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(LayerError::io("create", &fan, e)),
+        }
+        let dest = fan.join(hex);
+        // RENAME_NOREPLACE: an existing object is never replaced, even by identical bytes,
+        // so a reader never sees a name change under it.
+        let res = rustix::fs::renameat_with(
+            rustix::fs::CWD,
+            &self.tmp,
+            rustix::fs::CWD,
+            &dest,
+            rustix::fs::RenameFlags::NOREPLACE,
+        );
+        match res {
+            Ok(()) => Ok(()),
+            Err(rustix::io::Errno::EXIST) => {
+                let _ = fs::remove_file(&self.tmp);
+                Ok(())
+            }
+            Err(e) => {
+                let _ = fs::remove_file(&self.tmp);
+                Err(LayerError::io("store object", &dest, e.into()))
+            }
+        }
+    }
+}
+
+impl Drop for ObjectWriter {
+    fn drop(&mut self) {
+        if self.file.take().is_some() {
+            let _ = fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+/// Reads a blob and hashes what it reads; at the end of the data it fails if the hash is not
+/// the blob's name.
+pub struct BlobReader {
+    file: File,
+    hasher: blake3::Hasher,
+    expect: Digest,
+    path: PathBuf,
+    done: bool,
+}
+
+impl BlobReader {
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    pub fn len(&self) -> io::Result<u64> {
+        Ok(self.file.metadata()?.len())
+    }
+
+    pub fn is_empty(&self) -> io::Result<bool> {
+        Ok(self.len()? == 0)
+    }
+
+    /// Turns an error from [`Read::read`] into the layer error it stands for.
+    pub fn error(&self, e: io::Error) -> LayerError {
+        if e.kind() == io::ErrorKind::InvalidData {
+            LayerError::corrupt(
+                "blob",
+                self.expect,
+                &self.path,
+                "its contents do not match its name",
+            )
+        } else {
+            LayerError::io("read", &self.path, e)
+        }
+    }
+}
+
+impl Read for BlobReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.done {
+            return Ok(0);
+        }
+        let n = self.file.read(buf)?;
+        if n == 0 {
+            self.done = true;
+            if Digest(*self.hasher.finalize().as_bytes()) != self.expect {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "blob does not match its hash",
+                ));
+            }
+            return Ok(0);
+        }
+        if n >= 128 * 1024 {
+            self.hasher.update_rayon(&buf[..n]);
+        } else {
+            self.hasher.update(&buf[..n]);
+        }
+        Ok(n)
+    }
+}
+
+/// Sets a file's permission bits through its fd.
+pub fn set_mode(f: &File, mode: u32) -> io::Result<()> {
+    f.set_permissions(fs::Permissions::from_mode(mode))
+}

@@ -1,0 +1,429 @@
+//! Snapshot: an instance's tree -> stored objects and a root digest.
+//!
+//! 1. Walk the tree with `*at()` calls from an fd of its root (never following symlinks,
+//!    staying on the root's filesystem), holding one directory fd per level of depth.
+//! 2. Every regular file whose stat key (size, mtime, ctime, inode) matches the hash cache,
+//!    and whose blob is stored, keeps its hash. The others are read (plain reads, files in
+//!    parallel on rayon's pool, large files also hashed in parallel) and their contents stored
+//!    as blobs the store lacks.
+//! 3. Directories are encoded bottom-up into tree objects; the root's digest is the layer's.
+//!
+//! The caller holds the instance under an exclusive lease, so nothing changes while this runs.
+
+use std::collections::{HashMap, HashSet};
+use std::ffi::CString;
+use std::fs::File;
+use std::io::{self, Read};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use rayon::prelude::*;
+use rustix::fs::{AtFlags, Dir, FileType, Mode, OFlags, ResolveFlags};
+
+use super::format::{Digest, Entry, Tree};
+use super::objects::{CHUNK, ObjectKind, ObjectStore};
+use super::progress::Progress;
+use super::{LayerError, TreeStats};
+use crate::store::{HashCacheDelta, HashedStat};
+
+/// What a snapshot found and did.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct HashReport {
+    pub digest: String,
+    #[serde(flatten)]
+    pub stats: TreeStats,
+    /// Files read and hashed (the rest came from the hash cache).
+    pub hashed_files: u64,
+    pub hashed_bytes: u64,
+    /// Bytes of new blobs written to the object store.
+    pub stored_bytes: u64,
+    /// Sockets, devices and other filesystems inside the tree, which a layer cannot hold.
+    pub skipped: u64,
+}
+
+/// The result of hashing a tree: the report and the hash-cache changes to record with it.
+pub struct Hashed {
+    pub digest: Digest,
+    pub report: HashReport,
+    pub cache_delta: HashCacheDelta,
+}
+
+/// A file to hash.
+struct FileJob {
+    path: Vec<u8>,
+    stat: HashedStat,
+    /// From the hash cache, with its blob present.
+    known: Option<Digest>,
+}
+
+enum Slot {
+    File { mode: u32, job: usize },
+    Dir { mode: u32, dir: usize },
+    Done(Entry),
+}
+
+struct DirScan {
+    entries: Vec<(Vec<u8>, Slot)>,
+}
+
+fn errno_io(e: rustix::io::Errno) -> io::Error {
+    io::Error::from(e)
+}
+
+fn stat_key(st: &rustix::fs::Stat) -> HashedStat {
+    HashedStat {
+        size: u64::try_from(st.st_size).unwrap_or(0),
+        mtime_ns: st.st_mtime as i64 * 1_000_000_000 + st.st_mtime_nsec as i64,
+        ctime_ns: st.st_ctime as i64 * 1_000_000_000 + st.st_ctime_nsec as i64,
+        ino: st.st_ino,
+        hash: [0; 32],
+    }
+}
+
+fn same_key(a: &HashedStat, b: &HashedStat) -> bool {
+    a.size == b.size && a.mtime_ns == b.mtime_ns && a.ctime_ns == b.ctime_ns && a.ino == b.ino
+}
+
+fn join(parent: &[u8], name: &[u8]) -> Vec<u8> {
+    if parent.is_empty() {
+        name.to_vec()
+    } else {
+        let mut p = Vec::with_capacity(parent.len() + 1 + name.len());
+        p.extend_from_slice(parent);
+        p.push(b'/');
+        p.extend_from_slice(name);
+        p
+    }
+}
+
+/// Hashes the tree under `root` (an instance directory) into `objects`.
+///
+/// `cache` is the instance's hash cache (empty for a full rehash). `cancel` is polled between
+/// files. Nothing outside `root` is read: files are opened with `openat2(RESOLVE_BENEATH |
+/// RESOLVE_NO_SYMLINKS | RESOLVE_NO_XDEV)` from the root fd.
+pub fn hash_tree(
+    objects: &ObjectStore,
+    root: &Path,
+    cache: &HashMap<Vec<u8>, HashedStat>,
+    show_progress: bool,
+    cancel: &AtomicBool,
+) -> Result<Hashed, LayerError> {
+    let root_fd = rustix::fs::open(
+        root,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| LayerError::io("open", root, e.into()))?;
+    let root_dev = rustix::fs::fstat(&root_fd)
+        .map_err(|e| LayerError::io("stat", root, e.into()))?
+        .st_dev;
+
+    // 1. Walk.
+    let mut dirs: Vec<DirScan> = vec![DirScan {
+        entries: Vec::new(),
+    }];
+    let mut jobs: Vec<FileJob> = Vec::new();
+    let mut skipped = 0u64;
+    let walk_root = Rc::new(
+        root_fd
+            .try_clone()
+            .map_err(|e| LayerError::io("open", root, e))?,
+    );
+    // Depth first. A directory still to visit is kept as (parent fd, name) and opened only
+    // when visited, so open fds stay about as many as the tree is deep, however wide it is.
+    let mut stack: Vec<(usize, Option<(Rc<OwnedFd>, CString)>, Vec<u8>)> =
+        vec![(0, None, Vec::new())];
+    while let Some((index, parent, dir_path)) = stack.pop() {
+        if cancel.load(Ordering::Relaxed) {
+            return Err(LayerError::Interrupted);
+        }
+        let walk_err = |what: &'static str, e: rustix::io::Errno, name: &[u8]| {
+            LayerError::io(
+                what,
+                &root.join(std::ffi::OsStr::from_bytes(&join(&dir_path, name))),
+                errno_io(e),
+            )
+        };
+        let dir_fd = match parent {
+            None => walk_root.clone(),
+            Some((pfd, name)) => Rc::new(
+                rustix::fs::openat(
+                    &*pfd,
+                    &name,
+                    OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                    Mode::empty(),
+                )
+                .map_err(|e| walk_err("open", e, b""))?,
+            ),
+        };
+        let mut reader =
+            Dir::read_from(dir_fd.as_fd()).map_err(|e| walk_err("read directory", e, b""))?;
+        let mut entries: Vec<(Vec<u8>, Slot)> = Vec::new();
+        while let Some(ent) = reader.read() {
+            let ent = ent.map_err(|e| walk_err("read directory", e, b""))?;
+            let name = ent.file_name().to_bytes();
+            if name == b"." || name == b".." {
+                continue;
+            }
+            let name = name.to_vec();
+            let cname = CString::new(name.clone()).map_err(|_| {
+                LayerError::Invalid("a directory entry holds a NUL byte".into())
+            })?;
+            let st = match rustix::fs::statat(&*dir_fd, &cname, AtFlags::SYMLINK_NOFOLLOW) {
+                Ok(st) => st,
+                Err(e) => return Err(walk_err("stat", e, &name)),
+            };
+            let mode = st.st_mode;
+            match FileType::from_raw_mode(mode) {
+                FileType::RegularFile => {
+                    let path = join(&dir_path, &name);
+                    let stat = stat_key(&st);
+                    let known = cache
+                        .get(&path)
+                        .filter(|c| same_key(c, &stat))
+                        .map(|c| Digest(c.hash))
+                        .filter(|d| objects.has(ObjectKind::Blob, *d));
+                    jobs.push(FileJob { path, stat, known });
+                    entries.push((
+                        name,
+                        Slot::File {
+                            mode,
+                            job: jobs.len() - 1,
+                        },
+                    ));
+                }
+                FileType::Directory if st.st_dev == root_dev => {
+                    dirs.push(DirScan {
+                        entries: Vec::new(),
+                    });
+                    let child = dirs.len() - 1;
+                    stack.push((
+                        child,
+                        Some((dir_fd.clone(), cname)),
+                        join(&dir_path, &name),
+                    ));
+                    entries.push((name, Slot::Dir { mode, dir: child }));
+                }
+                FileType::Symlink => {
+                    let target = rustix::fs::readlinkat(&*dir_fd, &cname, Vec::new())
+                        .map_err(|e| walk_err("read link", e, &name))?;
+                    entries.push((
+                        name.clone(),
+                        Slot::Done(Entry::symlink(&name, target.as_bytes())),
+                    ));
+                }
+                FileType::Fifo => {
+                    entries.push((name.clone(), Slot::Done(Entry::fifo(&name, mode))));
+                }
+                _ => {
+                    tracing::warn!(
+                        path = %root.join(std::ffi::OsStr::from_bytes(&join(&dir_path, &name))).display(),
+                        "not in the layer: a layer holds files, directories, symlinks and fifos only"
+                    );
+                    skipped += 1;
+                }
+            }
+        }
+        dirs[index].entries = entries;
+    }
+    drop(walk_root);
+
+    // 2. Hash what the cache does not know, files in parallel.
+    let todo_bytes: u64 = jobs
+        .iter()
+        .filter(|j| j.known.is_none())
+        .map(|j| j.stat.size)
+        .sum();
+    let progress = Progress::bytes("hashing", todo_bytes, show_progress);
+    let stored = AtomicU64::new(0);
+    let results: Vec<Result<Option<(Digest, u64)>, LayerError>> = jobs
+        .par_iter()
+        .map(|job| {
+            if job.known.is_some() {
+                return Ok(None);
+            }
+            if cancel.load(Ordering::Relaxed) {
+                return Err(LayerError::Interrupted);
+            }
+            let path = root.join(std::ffi::OsStr::from_bytes(&job.path));
+            let fd = open_beneath(&root_fd, &job.path).map_err(|e| LayerError::io("open", &path, e))?;
+            let (digest, size, wrote) = hash_and_store(objects, File::from(fd), &progress)
+                .map_err(|e| match e {
+                    HashError::Read(e) => LayerError::io("read", &path, e),
+                    HashError::Store(e) => e,
+                })?;
+            stored.fetch_add(wrote, Ordering::Relaxed);
+            Ok(Some((digest, size)))
+        })
+        .collect();
+    progress.finish();
+
+    // 3. Trees, bottom-up: a directory's index is always larger than its parent's.
+    let mut report = HashReport {
+        skipped,
+        ..HashReport::default()
+    };
+    let mut delta = HashCacheDelta::default();
+    let mut file_entries: Vec<Option<(Digest, u64)>> = Vec::with_capacity(jobs.len());
+    for (job, res) in jobs.iter().zip(results) {
+        match res? {
+            Some((d, size)) => {
+                report.hashed_files += 1;
+                report.hashed_bytes += size;
+                let mut h = job.stat;
+                h.hash = d.0;
+                // Only a file that did not change while it was read is worth remembering.
+                if size == job.stat.size {
+                    delta.upsert.push((job.path.clone(), h));
+                }
+                file_entries.push(Some((d, size)));
+            }
+            None => file_entries.push(job.known.map(|d| (d, job.stat.size))),
+        }
+    }
+    let seen: HashSet<&[u8]> = jobs.iter().map(|j| j.path.as_slice()).collect();
+    delta.remove = cache
+        .keys()
+        .filter(|p| !seen.contains(p.as_slice()))
+        .cloned()
+        .collect();
+
+    let mut digests: Vec<Digest> = vec![Digest::ZERO; dirs.len()];
+    let mut stats = TreeStats::default();
+    for index in (0..dirs.len()).rev() {
+        let scan = std::mem::take(&mut dirs[index].entries);
+        let mut tree = Tree {
+            entries: Vec::with_capacity(scan.len()),
+        };
+        for (name, slot) in scan {
+            let e = match slot {
+                Slot::File { mode, job } => {
+                    let (d, size) = file_entries[job].ok_or_else(|| {
+                        LayerError::Invalid("internal: a file was not hashed".into())
+                    })?;
+                    Entry::file(&name, mode, size, d)
+                }
+                Slot::Dir { mode, dir } => Entry::dir(&name, mode, digests[dir]),
+                Slot::Done(e) => e,
+            };
+            stats.add_entry(&e);
+            tree.entries.push(e);
+        }
+        tree.sort();
+        digests[index] = objects.put_tree(&tree)?;
+    }
+    report.stats = stats;
+    report.stored_bytes = stored.load(Ordering::Relaxed);
+    report.digest = digests[0].to_hex();
+    Ok(Hashed {
+        digest: digests[0],
+        report,
+        cache_delta: delta,
+    })
+}
+
+/// Opens `rel` (a path relative to `root`) for reading, refusing to leave `root` by any
+/// means: `..`, symlinks, magic links or mount points.
+pub(crate) fn open_beneath(root: &OwnedFd, rel: &[u8]) -> io::Result<OwnedFd> {
+    let c = CString::new(rel.to_vec()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    loop {
+        match rustix::fs::openat2(
+            root,
+            &c,
+            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NOCTTY,
+            Mode::empty(),
+            ResolveFlags::BENEATH
+                | ResolveFlags::NO_SYMLINKS
+                | ResolveFlags::NO_MAGICLINKS
+                | ResolveFlags::NO_XDEV,
+        ) {
+            Ok(fd) => return Ok(fd),
+            // openat2 asks to retry when a rename raced the lookup.
+            Err(rustix::io::Errno::AGAIN | rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+enum HashError {
+    Read(io::Error),
+    Store(LayerError),
+}
+
+thread_local! {
+    static BUF: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0u8; CHUNK]);
+}
+
+/// Reads `f` into `buf` until it is full or the file ends.
+fn fill(f: &mut File, buf: &mut [u8]) -> io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+fn update(hasher: &mut blake3::Hasher, data: &[u8]) {
+    // Splitting one input over threads pays off only for large inputs.
+    if data.len() >= 256 * 1024 {
+        hasher.update_rayon(data);
+    } else {
+        hasher.update(data);
+    }
+}
+
+/// Hashes a file and stores its contents as a blob if the store lacks it. A file that fits one
+/// buffer is hashed before anything is written, so known contents cost no write; a larger one
+/// is written while it is hashed (one pass over the data) and dropped if the blob exists.
+/// Returns the hash, the bytes read and the bytes stored.
+fn hash_and_store(
+    objects: &ObjectStore,
+    mut f: File,
+    progress: &Progress,
+) -> Result<(Digest, u64, u64), HashError> {
+    BUF.with(|buf| {
+        let mut buf = buf.borrow_mut();
+        let mut hasher = blake3::Hasher::new();
+        let n = fill(&mut f, &mut buf).map_err(HashError::Read)?;
+        progress.inc(n as u64);
+        if n < buf.len() {
+            update(&mut hasher, &buf[..n]);
+            let d = Digest(*hasher.finalize().as_bytes());
+            if objects.has(ObjectKind::Blob, d) {
+                return Ok((d, n as u64, 0));
+            }
+            let mut w = objects.writer().map_err(HashError::Store)?;
+            w.write_all(&buf[..n]).map_err(HashError::Store)?;
+            w.commit(ObjectKind::Blob, d).map_err(HashError::Store)?;
+            return Ok((d, n as u64, n as u64));
+        }
+        let mut w = objects.writer().map_err(HashError::Store)?;
+        let mut total = 0u64;
+        let mut n = n;
+        loop {
+            update(&mut hasher, &buf[..n]);
+            w.write_all(&buf[..n]).map_err(HashError::Store)?;
+            total += n as u64;
+            if n < buf.len() {
+                break;
+            }
+            n = fill(&mut f, &mut buf).map_err(HashError::Read)?;
+            progress.inc(n as u64);
+            if n == 0 {
+                break;
+            }
+        }
+        let d = Digest(*hasher.finalize().as_bytes());
+        let existed = objects.has(ObjectKind::Blob, d);
+        w.commit(ObjectKind::Blob, d).map_err(HashError::Store)?;
+        Ok((d, total, if existed { 0 } else { total }))
+    })
+}

@@ -1,0 +1,402 @@
+//! Layer records: layers, tags, the last snapshot of each instance, and the stat-keyed hash
+//! cache. The objects themselves live in `STORE/objects` (see `layer::objects`).
+
+use std::collections::HashMap;
+
+use rusqlite::{OptionalExtension, params};
+use serde::Serialize;
+
+use super::error::db_error;
+use super::{CacheId, Store, StoreError, unix_now};
+
+/// A layer as recorded. Times are unix seconds; sizes are the files' bytes.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct LayerRecord {
+    pub digest: String,
+    /// `snapshot` or `import`.
+    pub source: String,
+    pub cache: Option<String>,
+    pub instance: Option<u32>,
+    pub parent: Option<String>,
+    pub created: i64,
+    pub size_bytes: u64,
+    pub files: u64,
+    pub dirs: u64,
+    pub symlinks: u64,
+    /// sha256 of the layer's full uncompressed export tar (`sha256:<hex>`), once exported.
+    pub diff_id: Option<String>,
+    pub tags: Vec<String>,
+}
+
+/// A new layer to record.
+#[derive(Debug, Clone)]
+pub struct NewLayer<'a> {
+    pub digest: &'a str,
+    pub source: &'a str,
+    /// The instance it was taken of (snapshots).
+    pub of: Option<(&'a CacheId, u32)>,
+    pub parent: Option<&'a str>,
+    pub size_bytes: u64,
+    pub files: u64,
+    pub dirs: u64,
+    pub symlinks: u64,
+}
+
+/// What the hash cache knows of one file: its stat key and content hash.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HashedStat {
+    pub size: u64,
+    pub mtime_ns: i64,
+    pub ctime_ns: i64,
+    pub ino: u64,
+    pub hash: [u8; 32],
+}
+
+/// Changes to an instance's hash cache, applied with the layer record.
+#[derive(Debug, Default)]
+pub struct HashCacheDelta {
+    /// Drop every row of the instance first (a restore, or a full rescan).
+    pub replace: bool,
+    pub upsert: Vec<(Vec<u8>, HashedStat)>,
+    pub remove: Vec<Vec<u8>>,
+}
+
+/// Why a tag is refused.
+pub fn check_tag(tag: &str) -> Result<(), String> {
+    if tag.is_empty() || tag.len() > 128 {
+        return Err(format!(
+            "tag {tag:?} must be 1 to 128 characters of A-Z a-z 0-9 _ . -"
+        ));
+    }
+    if !tag
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
+        || tag.starts_with(['.', '-'])
+    {
+        return Err(format!(
+            "tag {tag:?} may hold only A-Z a-z 0-9 _ . - and must not start with . or -"
+        ));
+    }
+    if tag.len() == 64 && tag.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(format!("tag {tag:?} looks like a layer digest: choose another name"));
+    }
+    Ok(())
+}
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn to_u64(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+const LAYER_COLUMNS: &str = "digest, source, cache_id, instance, parent, created, size_bytes, files, dirs, symlinks, diff_id";
+
+fn layer_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<LayerRecord> {
+    Ok(LayerRecord {
+        digest: r.get(0)?,
+        source: r.get(1)?,
+        cache: r.get(2)?,
+        instance: r.get(3)?,
+        parent: r.get(4)?,
+        created: r.get(5)?,
+        size_bytes: to_u64(r.get(6)?),
+        files: to_u64(r.get(7)?),
+        dirs: to_u64(r.get(8)?),
+        symlinks: to_u64(r.get(9)?),
+        diff_id: r.get(10)?,
+        tags: Vec::new(),
+    })
+}
+
+impl Store {
+    /// Records a layer (kept as it is if the digest is known already), moves `tag` to it,
+    /// and, for a snapshot, makes it the instance's last snapshot and applies the hash-cache
+    /// changes: all in one transaction.
+    pub fn record_layer(
+        &self,
+        layer: &NewLayer<'_>,
+        tag: Option<&str>,
+        hash_cache: &HashCacheDelta,
+    ) -> Result<(), StoreError> {
+        let err = |e| db_error(&self.db_path, &self.root, e);
+        let now = unix_now();
+        let mut conn = self.conn.lock();
+        let tx = conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(err)?;
+        tx.execute(
+            "INSERT INTO layers (digest, source, cache_id, instance, parent, created, size_bytes, files, dirs, symlinks)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) ON CONFLICT (digest) DO NOTHING",
+            params![
+                layer.digest,
+                layer.source,
+                layer.of.map(|(id, _)| id.as_str()),
+                layer.of.map(|(_, n)| n),
+                layer.parent,
+                now,
+                to_i64(layer.size_bytes),
+                to_i64(layer.files),
+                to_i64(layer.dirs),
+                to_i64(layer.symlinks),
+            ],
+        )
+        .map_err(err)?;
+        if let Some(tag) = tag {
+            tx.execute(
+                "INSERT INTO layer_tags (tag, digest, created) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (tag) DO UPDATE SET digest = excluded.digest, created = excluded.created",
+                params![tag, layer.digest, now],
+            )
+            .map_err(err)?;
+        }
+        if let Some((id, n)) = layer.of {
+            set_snapshot_in(&tx, id, n, layer.digest, now, hash_cache).map_err(err)?;
+        }
+        tx.commit().map_err(err)
+    }
+
+    /// Makes `layer` the last snapshot of an instance (after a restore) and applies the
+    /// hash-cache changes.
+    pub fn set_instance_layer(
+        &self,
+        id: &CacheId,
+        number: u32,
+        layer: &str,
+        hash_cache: &HashCacheDelta,
+    ) -> Result<(), StoreError> {
+        let err = |e| db_error(&self.db_path, &self.root, e);
+        let mut conn = self.conn.lock();
+        let tx = conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(err)?;
+        set_snapshot_in(&tx, id, number, layer, unix_now(), hash_cache).map_err(err)?;
+        tx.commit().map_err(err)
+    }
+
+    /// The layer an instance was last snapshotted as or restored from.
+    pub fn instance_layer(&self, id: &CacheId, number: u32) -> Result<Option<String>, StoreError> {
+        let err = |e| db_error(&self.db_path, &self.root, e);
+        self.conn
+            .lock()
+            .query_row(
+                "SELECT layer FROM snapshots WHERE cache_id = ?1 AND instance = ?2",
+                params![id.as_str(), number],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(err)
+    }
+
+    /// The hash cache of an instance, by path relative to the instance root.
+    pub fn hash_cache(
+        &self,
+        id: &CacheId,
+        number: u32,
+    ) -> Result<HashMap<Vec<u8>, HashedStat>, StoreError> {
+        let err = |e| db_error(&self.db_path, &self.root, e);
+        let conn = self.conn.lock();
+        let mut stmt = conn
+            .prepare(
+                "SELECT path, size, mtime, ctime, ino, hash FROM hash_cache WHERE cache_id = ?1 AND instance = ?2",
+            )
+            .map_err(err)?;
+        let rows = stmt
+            .query_map(params![id.as_str(), number], |r| {
+                let hash: Vec<u8> = r.get(5)?;
+                Ok((
+                    r.get::<_, Vec<u8>>(0)?,
+                    to_u64(r.get(1)?),
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, i64>(3)?,
+                    r.get::<_, i64>(4)?,
+                    hash,
+                ))
+            })
+            .map_err(err)?;
+        let mut out = HashMap::new();
+        for row in rows {
+            let (path, size, mtime_ns, ctime_ns, ino, hash) = row.map_err(err)?;
+            // A row that is not 32 bytes is ignored: the file is simply rehashed.
+            let Ok(hash) = <[u8; 32]>::try_from(hash.as_slice()) else {
+                continue;
+            };
+            out.insert(
+                path,
+                HashedStat {
+                    size,
+                    mtime_ns,
+                    ctime_ns,
+                    ino: ino as u64,
+                    hash,
+                },
+            );
+        }
+        Ok(out)
+    }
+
+    /// Every layer, newest first, with its tags.
+    pub fn list_layers(&self) -> Result<Vec<LayerRecord>, StoreError> {
+        self.query_layers("1", &[])
+    }
+
+    fn query_layers(
+        &self,
+        filter: &str,
+        args: &[&dyn rusqlite::ToSql],
+    ) -> Result<Vec<LayerRecord>, StoreError> {
+        let err = |e| db_error(&self.db_path, &self.root, e);
+        let conn = self.conn.lock();
+        let mut stmt = conn
+            .prepare(&format!(
+                "SELECT {LAYER_COLUMNS} FROM layers WHERE {filter} ORDER BY created DESC, digest"
+            ))
+            .map_err(err)?;
+        let mut layers: Vec<LayerRecord> = stmt
+            .query_map(args, layer_from_row)
+            .map_err(err)?
+            .collect::<Result<_, _>>()
+            .map_err(err)?;
+        let mut tags = conn
+            .prepare("SELECT tag, digest FROM layer_tags ORDER BY tag")
+            .map_err(err)?;
+        let tag_rows: Vec<(String, String)> = tags
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .map_err(err)?
+            .collect::<Result<_, _>>()
+            .map_err(err)?;
+        let mut by_digest: HashMap<String, Vec<String>> = HashMap::new();
+        for (tag, digest) in tag_rows {
+            by_digest.entry(digest).or_default().push(tag);
+        }
+        for l in &mut layers {
+            if let Some(t) = by_digest.remove(&l.digest) {
+                l.tags = t;
+            }
+        }
+        Ok(layers)
+    }
+
+    /// Finds a layer by tag, by full digest, or by a unique digest prefix of at least 8 hex
+    /// digits. `Ok(Err(msg))` says why the reference matched nothing or too much.
+    pub fn find_layer(&self, reference: &str) -> Result<Result<LayerRecord, String>, StoreError> {
+        let err = |e| db_error(&self.db_path, &self.root, e);
+        let digest: Option<String> = self
+            .conn
+            .lock()
+            .query_row(
+                "SELECT digest FROM layer_tags WHERE tag = ?1",
+                [reference],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(err)?;
+        if let Some(d) = digest {
+            let found = self.query_layers("digest = ?1", &[&d])?;
+            return Ok(found
+                .into_iter()
+                .next()
+                .ok_or_else(|| format!("tag {reference:?} names layer {d}, which is gone")));
+        }
+        let r = reference.strip_prefix("blake3:").unwrap_or(reference);
+        if r.len() < 8 || r.len() > 64 || !r.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Ok(Err(format!(
+                "no layer or tag {reference:?}: list them with `cachefs layers`"
+            )));
+        }
+        let lower = r.to_ascii_lowercase();
+        let pattern = format!("{lower}%");
+        let found = self.query_layers("digest LIKE ?1", &[&pattern])?;
+        Ok(match found.len() {
+            0 => Err(format!(
+                "no layer or tag {reference:?}: list them with `cachefs layers`"
+            )),
+            1 => found
+                .into_iter()
+                .next()
+                .ok_or_else(|| format!("no layer or tag {reference:?}")),
+            n => Err(format!(
+                "{reference:?} is the start of {n} layer digests: give more digits"
+            )),
+        })
+    }
+
+    /// Records the DiffID (sha256 of the full export tar) of a layer.
+    pub fn set_diff_id(&self, digest: &str, diff_id: &str) -> Result<(), StoreError> {
+        let err = |e| db_error(&self.db_path, &self.root, e);
+        self.conn
+            .lock()
+            .execute(
+                "UPDATE layers SET diff_id = ?2 WHERE digest = ?1",
+                params![digest, diff_id],
+            )
+            .map_err(err)?;
+        Ok(())
+    }
+
+    /// Forgets a layer and its tags. Its objects stay until gc finds them unreferenced.
+    pub fn delete_layer(&self, digest: &str) -> Result<bool, StoreError> {
+        let err = |e| db_error(&self.db_path, &self.root, e);
+        let mut conn = self.conn.lock();
+        let tx = conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(err)?;
+        tx.execute("DELETE FROM layer_tags WHERE digest = ?1", [digest])
+            .map_err(err)?;
+        // Children keep their record; their parent is simply no longer listed.
+        let n = tx
+            .execute("DELETE FROM layers WHERE digest = ?1", [digest])
+            .map_err(err)?;
+        tx.commit().map_err(err)?;
+        Ok(n > 0)
+    }
+}
+
+fn set_snapshot_in(
+    tx: &rusqlite::Transaction<'_>,
+    id: &CacheId,
+    number: u32,
+    layer: &str,
+    now: i64,
+    delta: &HashCacheDelta,
+) -> rusqlite::Result<()> {
+    tx.execute(
+        "INSERT INTO snapshots (cache_id, instance, layer, at) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT (cache_id, instance) DO UPDATE SET layer = excluded.layer, at = excluded.at",
+        params![id.as_str(), number, layer, now],
+    )?;
+    if delta.replace {
+        tx.execute(
+            "DELETE FROM hash_cache WHERE cache_id = ?1 AND instance = ?2",
+            params![id.as_str(), number],
+        )?;
+    }
+    {
+        let mut del = tx.prepare_cached(
+            "DELETE FROM hash_cache WHERE cache_id = ?1 AND instance = ?2 AND path = ?3",
+        )?;
+        for path in &delta.remove {
+            del.execute(params![id.as_str(), number, path])?;
+        }
+        let mut put = tx.prepare_cached(
+            "INSERT INTO hash_cache (cache_id, instance, path, size, mtime, ctime, ino, hash)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+             ON CONFLICT (cache_id, instance, path) DO UPDATE SET size = excluded.size,
+               mtime = excluded.mtime, ctime = excluded.ctime, ino = excluded.ino, hash = excluded.hash",
+        )?;
+        for (path, h) in &delta.upsert {
+            put.execute(params![
+                id.as_str(),
+                number,
+                path,
+                to_i64(h.size),
+                h.mtime_ns,
+                h.ctime_ns,
+                h.ino as i64,
+                &h.hash[..],
+            ])?;
+        }
+    }
+    Ok(())
+}
