@@ -15,16 +15,22 @@ use tracing_subscriber::EnvFilter;
 use tracing_subscriber::filter::LevelFilter;
 
 mod busy;
+pub mod diff;
 pub mod du;
+pub mod export;
 pub mod gc;
+pub mod import;
 pub mod inspect;
+pub mod layers;
 pub mod ls;
 pub mod mount;
 mod mounts;
 mod reaper;
+pub mod restore;
 pub mod rm;
 pub mod run;
 pub mod set;
+pub mod snapshot;
 mod signals;
 pub mod umount;
 
@@ -114,6 +120,18 @@ pub enum Command {
     Rm(rm::RmArgs),
     /// Remove every idle cache, after a confirmation (gc --all)
     Prune(rm::PruneArgs),
+    /// Snapshot a cache into a content-addressed layer; prints its digest
+    Snapshot(snapshot::Args),
+    /// List stored layers: digest, cache, tags, created, size, files, parent
+    Layers(layers::Args),
+    /// Seed a cache from a layer (atomically replacing its contents with --replace)
+    Restore(restore::Args),
+    /// Paths added, removed and modified between two layers
+    Diff(diff::Args),
+    /// Write a layer as a reproducible tar (zstd-compressed for .zst names)
+    Export(export::Args),
+    /// Read a tar (plain or zstd) into the layer store, checking its digest
+    Import(import::Args),
 }
 
 /// Marks an error as the caller's to fix (bad input, unusable environment): exit code 2.
@@ -313,6 +331,12 @@ where
         Command::Gc(args) => gc::run(&cli.global, args),
         Command::Rm(args) => rm::rm(&cli.global, args),
         Command::Prune(args) => rm::prune(&cli.global, args),
+        Command::Snapshot(args) => snapshot::run(&cli.global, args),
+        Command::Layers(args) => layers::run(&cli.global, args),
+        Command::Restore(args) => restore::run(&cli.global, args),
+        Command::Diff(args) => diff::run(&cli.global, args),
+        Command::Export(args) => export::run(&cli.global, args),
+        Command::Import(args) => import::run(&cli.global, args),
     };
     match result {
         Ok(code) => code,
