@@ -30,8 +30,8 @@ pub mod restore;
 pub mod rm;
 pub mod run;
 pub mod set;
-pub mod snapshot;
 mod signals;
+pub mod snapshot;
 pub mod umount;
 
 /// Exit code for a failure that is not the caller's fault (I/O error, store problem, ...).

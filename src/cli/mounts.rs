@@ -639,3 +639,51 @@ mod tests {
         );
     }
 }
+
+/// Takes instance `number` of `id` exclusively (snapshot, restore), saying on stderr who
+/// holds it while the wait lasts. An interrupted wait becomes the exit code 128+N with a line
+/// saying what was not done (`Ok(Err(code))`).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn take_instance_or_exit<'s>(
+    store: &'s Store,
+    id: &crate::store::CacheId,
+    number: u32,
+    init: InstanceInit,
+    kind: &'static str,
+    command: &str,
+    timeout: Option<std::time::Duration>,
+    cancel: &AtomicI32,
+    not_done: &str,
+) -> anyhow::Result<Result<Lease<'s>, i32>> {
+    let req = LeaseRequest {
+        id: id.clone(),
+        sharing: crate::spec::Sharing::Locked,
+        init,
+        max_instances: number.max(1),
+        kind,
+        command: command.to_owned(),
+        timeout,
+        instance: Some(number),
+        target: None,
+    };
+    let printer = WaitPrinter::new();
+    let report = |r: &WaitReport| printer.report(r);
+    let ctl = WaitControl {
+        deadline: None,
+        cancel: Some(cancel),
+        report: &report,
+    };
+    match lease::acquire(store, &req, &ctl) {
+        Ok(l) => Ok(Ok(l)),
+        Err(LeaseError::Interrupted { id, signal }) => {
+            let name = nix::sys::signal::Signal::try_from(signal)
+                .map(|s| s.as_str().to_owned())
+                .unwrap_or_else(|_| format!("signal {signal}"));
+            super::print_error(format_args!(
+                "interrupted by {name} while waiting for cache {id:?}; {not_done}"
+            ));
+            Ok(Err(128 + signal))
+        }
+        Err(err) => Err(err.into()),
+    }
+}

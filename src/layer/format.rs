@@ -406,10 +406,7 @@ mod tests {
         // Unsorted entries are refused.
         let mut unsorted = root.clone();
         unsorted.entries.swap(0, 1);
-        assert_eq!(
-            Tree::decode(&unsorted.encode()),
-            Err(DecodeError::Unsorted)
-        );
+        assert_eq!(Tree::decode(&unsorted.encode()), Err(DecodeError::Unsorted));
     }
 
     #[test]

@@ -153,7 +153,12 @@ impl ObjectStore {
             Err(e) => return Err(LayerError::io("read", &p, e)),
         };
         if Digest::of(&bytes) != d {
-            return Err(LayerError::corrupt("tree", d, &p, "its contents do not match its name"));
+            return Err(LayerError::corrupt(
+                "tree",
+                d,
+                &p,
+                "its contents do not match its name",
+            ));
         }
         Tree::decode(&bytes).map_err(|e| LayerError::corrupt("tree", d, &p, &e.to_string()))
     }

@@ -18,7 +18,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 
 use rayon::prelude::*;
 use rustix::fs::{AtFlags, Dir, FileType, Mode, OFlags, ResolveFlags};
@@ -101,15 +101,15 @@ fn join(parent: &[u8], name: &[u8]) -> Vec<u8> {
 
 /// Hashes the tree under `root` (an instance directory) into `objects`.
 ///
-/// `cache` is the instance's hash cache (empty for a full rehash). `cancel` is polled between
-/// files. Nothing outside `root` is read: files are opened with `openat2(RESOLVE_BENEATH |
+/// `cache` is the instance's hash cache (empty for a full rehash). `cancel` (a signal number, 0 while
+/// none) is polled between files. Nothing outside `root` is read: files are opened with `openat2(RESOLVE_BENEATH |
 /// RESOLVE_NO_SYMLINKS | RESOLVE_NO_XDEV)` from the root fd.
 pub fn hash_tree(
     objects: &ObjectStore,
     root: &Path,
     cache: &HashMap<Vec<u8>, HashedStat>,
     show_progress: bool,
-    cancel: &AtomicBool,
+    cancel: &AtomicI32,
 ) -> Result<Hashed, LayerError> {
     let root_fd = rustix::fs::open(
         root,
@@ -137,7 +137,7 @@ pub fn hash_tree(
     let mut stack: Vec<(usize, Option<(Rc<OwnedFd>, CString)>, Vec<u8>)> =
         vec![(0, None, Vec::new())];
     while let Some((index, parent, dir_path)) = stack.pop() {
-        if cancel.load(Ordering::Relaxed) {
+        if cancel.load(Ordering::Relaxed) != 0 {
             return Err(LayerError::Interrupted);
         }
         let walk_err = |what: &'static str, e: rustix::io::Errno, name: &[u8]| {
@@ -169,9 +169,8 @@ pub fn hash_tree(
                 continue;
             }
             let name = name.to_vec();
-            let cname = CString::new(name.clone()).map_err(|_| {
-                LayerError::Invalid("a directory entry holds a NUL byte".into())
-            })?;
+            let cname = CString::new(name.clone())
+                .map_err(|_| LayerError::Invalid("a directory entry holds a NUL byte".into()))?;
             let st = match rustix::fs::statat(&*dir_fd, &cname, AtFlags::SYMLINK_NOFOLLOW) {
                 Ok(st) => st,
                 Err(e) => return Err(walk_err("stat", e, &name)),
@@ -200,11 +199,7 @@ pub fn hash_tree(
                         entries: Vec::new(),
                     });
                     let child = dirs.len() - 1;
-                    stack.push((
-                        child,
-                        Some((dir_fd.clone(), cname)),
-                        join(&dir_path, &name),
-                    ));
+                    stack.push((child, Some((dir_fd.clone(), cname)), join(&dir_path, &name)));
                     entries.push((name, Slot::Dir { mode, dir: child }));
                 }
                 FileType::Symlink => {
@@ -245,11 +240,12 @@ pub fn hash_tree(
             if job.known.is_some() {
                 return Ok(None);
             }
-            if cancel.load(Ordering::Relaxed) {
+            if cancel.load(Ordering::Relaxed) != 0 {
                 return Err(LayerError::Interrupted);
             }
             let path = root.join(std::ffi::OsStr::from_bytes(&job.path));
-            let fd = open_beneath(&root_fd, &job.path).map_err(|e| LayerError::io("open", &path, e))?;
+            let fd =
+                open_beneath(&root_fd, &job.path).map_err(|e| LayerError::io("open", &path, e))?;
             let (digest, size, wrote) = hash_and_store(objects, File::from(fd), &progress)
                 .map_err(|e| match e {
                     HashError::Read(e) => LayerError::io("read", &path, e),

@@ -78,7 +78,9 @@ pub fn check_tag(tag: &str) -> Result<(), String> {
         ));
     }
     if tag.len() == 64 && tag.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(format!("tag {tag:?} looks like a layer digest: choose another name"));
+        return Err(format!(
+            "tag {tag:?} looks like a layer digest: choose another name"
+        ));
     }
     Ok(())
 }
@@ -333,6 +335,17 @@ impl Store {
             )
             .map_err(err)?;
         Ok(())
+    }
+
+    /// Removes a tag; false if there was none.
+    pub fn untag(&self, tag: &str) -> Result<bool, StoreError> {
+        let err = |e| db_error(&self.db_path, &self.root, e);
+        let n = self
+            .conn
+            .lock()
+            .execute("DELETE FROM layer_tags WHERE tag = ?1", [tag])
+            .map_err(err)?;
+        Ok(n > 0)
     }
 
     /// Forgets a layer and its tags. Its objects stay until gc finds them unreferenced.
