@@ -25,13 +25,19 @@ found), e.g.:
   keep-size = \"5G\"
   filter = [\"apt-*\"]
 
+Layers: --keep-layers N keeps the newest N layers of each cache (tagged layers are pinned and
+not counted) and forgets the others. Every gc then sweeps the object store of objects no
+layer reaches any more (skipped, and left to the next gc, while a snapshot, restore, export or
+import is using the objects).
+
 One gc runs at a time: a second one exits 0 saying so (or waits with --wait). SIGINT/SIGTERM
 stop it between two instances.
 
 Examples:
   cachefs gc --max-size 20G --max-age 14d          # from cron
   cachefs gc --dry-run --all --filter 'id=pip-*'   # what would go
-  cachefs gc --json --max-age 30d";
+  cachefs gc --json --max-age 30d
+  cachefs gc --keep-layers 3                       # layers: the newest 3 per cache, plus tagged";
 
 /// `cachefs gc` arguments.
 #[derive(Debug, clap::Args)]
@@ -56,6 +62,10 @@ pub struct Args {
     /// Remove every idle cache
     #[arg(long)]
     pub all: bool,
+
+    /// Keep the newest N layers of each cache; older untagged ones are forgotten (tags pin)
+    #[arg(long, value_name = "N")]
+    pub keep_layers: Option<usize>,
 
     /// Say what would go; remove nothing
     #[arg(long)]
@@ -102,6 +112,7 @@ fn policy_of(args: &Args, store_root: &Path) -> anyhow::Result<(Policy, Option<P
         max_size: args.max_size,
         keep_size: args.keep_size,
         filters: args.filters.clone(),
+        keep_layers: args.keep_layers,
     };
     if !from_args.is_empty() {
         return Ok((from_args, None));
@@ -127,10 +138,13 @@ fn policy_of(args: &Args, store_root: &Path) -> anyhow::Result<(Policy, Option<P
         if args.keep_size.is_some() {
             policy.keep_size = args.keep_size;
         }
+        if args.keep_layers.is_some() {
+            policy.keep_layers = args.keep_layers;
+        }
         return Ok((policy, Some(path)));
     }
     Err(usage(anyhow!(
-        "nothing to collect by: give --all, --max-age or --max-size, or put them in {} or {}",
+        "nothing to collect by: give --all, --max-age, --max-size or --keep-layers, or put them in {} or {}",
         config_paths(store_root)[0].display(),
         config_paths(store_root)[1].display()
     )))
@@ -223,6 +237,35 @@ fn print_report(r: &Report) {
     }
     for b in &r.skipped_busy {
         println!("skipped {b}: in use");
+    }
+    for d in &r.layers_removed {
+        println!(
+            "{} layer {}: over --keep-layers",
+            if r.dry_run { "would forget" } else { "forgot" },
+            &d[..d.len().min(12)]
+        );
+    }
+    let o = &r.objects;
+    if o.objects_removed > 0 {
+        println!(
+            "{} {} unreferenced objects ({}); {} kept",
+            if r.dry_run { "would sweep" } else { "swept" },
+            o.objects_removed,
+            format_size(o.object_bytes_freed),
+            o.objects_kept
+        );
+    }
+    if o.skipped_busy {
+        println!(
+            "objects not swept: a snapshot, restore, export or import is using them (the next gc does it)"
+        );
+    }
+    if let Some(d) = &o.damaged_layer {
+        println!(
+            "objects not swept: layer {} is damaged (missing or corrupt object); remove it with cachefs layers rm {}",
+            &d[..d.len().min(12)],
+            &d[..d.len().min(12)]
+        );
     }
     let caches = r.removed.iter().filter(|v| v.cache_removed).count();
     let files: u64 = r.removed.iter().map(|v| v.files).sum::<u64>()

@@ -37,6 +37,7 @@ const TRASH_PREFIX: &str = "gc-";
 /// max-age = "14d"
 /// keep-size = "5G"
 /// filter = ["apt-*", "pip-*"]
+/// keep-layers = 3
 /// ```
 #[derive(Debug, Clone, Default)]
 pub struct Policy {
@@ -51,12 +52,15 @@ pub struct Policy {
     pub keep_size: Option<u64>,
     /// Only caches whose id matches one of these shell globs (none: all caches).
     pub filters: Vec<String>,
+    /// Keep only the newest N layers of each cache (tagged layers are pinned and not
+    /// counted). `None`: layers are kept.
+    pub keep_layers: Option<usize>,
 }
 
 impl Policy {
     /// Whether it chooses anything at all.
     pub fn is_empty(&self) -> bool {
-        !self.all && self.max_age.is_none() && self.max_size.is_none()
+        !self.all && self.max_age.is_none() && self.max_size.is_none() && self.keep_layers.is_none()
     }
 
     /// Reads a `gc.toml`. Unknown keys and bad values are errors naming the key.
@@ -69,6 +73,7 @@ impl Policy {
             max_size: Option<String>,
             keep_size: Option<String>,
             filter: Option<Filters>,
+            keep_layers: Option<usize>,
         }
         #[derive(serde::Deserialize)]
         #[serde(untagged)]
@@ -98,6 +103,7 @@ impl Policy {
             max_size: size("max-size", f.max_size)?,
             keep_size: size("keep-size", f.keep_size)?,
             filters,
+            keep_layers: f.keep_layers,
         })
     }
 }
@@ -151,6 +157,10 @@ pub struct Report {
     pub store_disk_bytes_before: u64,
     pub store_disk_bytes_after: u64,
     pub interrupted: bool,
+    /// Layers forgotten by `--keep-layers` (digests).
+    pub layers_removed: Vec<String>,
+    /// Objects no layer reaches any more, swept from the object store.
+    pub objects: crate::layer::collect::SweepReport,
     pub seconds: f64,
 }
 
@@ -356,8 +366,72 @@ pub fn collect_with_progress(
         )?;
     }
     report.store_disk_bytes_after = projected;
+    if !report.interrupted && stop.load(Ordering::Relaxed) == 0 {
+        collect_layers(store, policy, dry_run, &mut report)?;
+    }
     report.seconds = started.elapsed().as_secs_f64();
     Ok(report)
+}
+
+/// Forgets layers over `--keep-layers` (per cache, tags pinned, filters applied) and sweeps the
+/// objects no remaining layer reaches.
+fn collect_layers(
+    store: &Store,
+    policy: &Policy,
+    dry_run: bool,
+    report: &mut Report,
+) -> Result<(), GcError> {
+    use crate::layer::collect;
+    let objects_dir = store.root().join(crate::layer::objects::OBJECTS_DIR);
+    let layers = store.list_layers()?;
+    if layers.is_empty() && !objects_dir.exists() {
+        return Ok(());
+    }
+    let mut gone: Vec<String> = Vec::new();
+    if let Some(keep) = policy.keep_layers {
+        for l in collect::layers_over_keep(&layers, keep) {
+            let mut matched = policy.filters.is_empty();
+            for f in &policy.filters {
+                matched |= l
+                    .cache
+                    .as_deref()
+                    .is_some_and(|c| glob_match(f, c).unwrap_or(false));
+            }
+            if matched {
+                gone.push(l.digest);
+            }
+        }
+    }
+    if !dry_run {
+        for d in &gone {
+            store.delete_layer(d)?;
+        }
+    }
+    report.layers_removed = gone.clone();
+    let objects = crate::layer::ObjectStore::open(store.root()).map_err(layer_err)?;
+    let exclude: std::collections::HashSet<String> = gone.into_iter().collect();
+    report.objects = collect::sweep(store, &objects, dry_run, &exclude).map_err(layer_err)?;
+    Ok(())
+}
+
+fn layer_err(e: crate::layer::LayerError) -> GcError {
+    match e {
+        crate::layer::LayerError::Store(s) => GcError::Store(s),
+        crate::layer::LayerError::Io {
+            action,
+            path,
+            source,
+        } => GcError::Io {
+            action,
+            path,
+            source,
+        },
+        other => GcError::Io {
+            action: "collect layers",
+            path: PathBuf::new(),
+            source: io::Error::other(other.to_string()),
+        },
+    }
 }
 
 /// How many file records one round of the file-level stage reads.
@@ -558,6 +632,8 @@ pub fn finish_earlier(store: &Store) -> Result<usize, GcError> {
         store.forget_instance(&cid, number)?;
         n += 1;
     }
+    // Restores killed half-way leave their work directory (their cache is untouched).
+    crate::layer::restore::sweep_dead_work_dirs(&store.tmp_dir());
     if let Ok(entries) = fs::read_dir(store.tmp_dir()) {
         for e in entries.flatten() {
             if e.file_name().to_string_lossy().starts_with(TRASH_PREFIX) {

@@ -236,8 +236,8 @@ impl ObjectStore {
         rustix::fs::syncfs(d.as_fd()).map_err(|e| LayerError::io("sync", &self.root, e.into()))
     }
 
-    /// Removes temp files left by crashed writers (older than an hour: a live writer's temp
-    /// file is younger than the snapshot it belongs to, and gc holds the exclusive lock).
+    /// Removes temp files left by crashed writers. Called under the exclusive lock, when no
+    /// writer is live.
     pub fn sweep_tmp(&self) -> usize {
         let tmp = self.root.join("tmp");
         let mut n = 0;
