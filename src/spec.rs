@@ -83,6 +83,9 @@ pub struct MountSpec {
     pub lock_timeout: Option<Duration>,
     /// The cache's budget in bytes (4 KiB blocks), `max-size=`: stored with the cache.
     pub max_size: Option<u64>,
+    /// A layer (tag, digest or digest prefix) to seed the cache with when it is empty,
+    /// `from=` (BuildKit's `from` names a build stage; here it names a layer).
+    pub from: Option<String>,
 }
 
 /// Keys accepted in a spec, in the order error messages list them.
@@ -102,6 +105,7 @@ pub const VALID_KEYS: &[&str] = &[
     "readwrite",
     "lock-timeout",
     "max-size",
+    "from",
 ];
 
 /// Why a mount spec was rejected. Each message is one line.
@@ -168,6 +172,7 @@ enum Slot {
     ReadOnly,
     LockTimeout,
     MaxSize,
+    From,
 }
 
 fn slot_of(key: &str) -> Option<Slot> {
@@ -182,6 +187,7 @@ fn slot_of(key: &str) -> Option<Slot> {
         "ro" | "readonly" | "rw" | "readwrite" => Slot::ReadOnly,
         "lock-timeout" => Slot::LockTimeout,
         "max-size" => Slot::MaxSize,
+        "from" => Slot::From,
         _ => return None,
     })
 }
@@ -189,9 +195,6 @@ fn slot_of(key: &str) -> Option<Slot> {
 /// Why keys that Dockerfiles accept for other uses are refused here.
 fn unsupported_reason(key: &str) -> Option<&'static str> {
     match key {
-        "from" => Some(
-            "cachefs caches start empty or from a restored layer, not from a build stage (use cachefs restore)",
-        ),
         "source" | "src" => Some(
             "cachefs serves the whole cache directory, not a subpath of it (mount a separate id instead)",
         ),
@@ -214,6 +217,7 @@ impl MountSpec {
         let mut read_only = false;
         let mut lock_timeout = None;
         let mut max_size = None;
+        let mut from = None;
         let mut seen: Vec<(Slot, String)> = Vec::new();
 
         for (i, field) in split_fields(s)?.into_iter().enumerate() {
@@ -304,6 +308,17 @@ impl MountSpec {
                         .map_err(|_| invalid("a size such as 500M, 2G or 1.5T (binary units)"))?;
                     max_size = Some(n);
                 }
+                Slot::From => {
+                    let hex = value.strip_prefix("blake3:").unwrap_or(value);
+                    let is_digest =
+                        (8..=64).contains(&hex.len()) && hex.bytes().all(|b| b.is_ascii_hexdigit());
+                    if !is_digest && crate::store::check_tag(value).is_err() {
+                        return Err(invalid(
+                            "a layer: its tag, or its digest (at least 8 hex digits); see cachefs layers",
+                        ));
+                    }
+                    from = Some(value.to_owned());
+                }
             }
         }
 
@@ -330,6 +345,7 @@ impl MountSpec {
             read_only,
             lock_timeout,
             max_size,
+            from,
         })
     }
 }
@@ -374,6 +390,9 @@ impl fmt::Display for MountSpec {
         }
         if let Some(n) = self.max_size {
             write!(f, ",max-size={n}")?;
+        }
+        if let Some(l) = &self.from {
+            write!(f, ",from={l}")?;
         }
         Ok(())
     }
@@ -746,7 +765,19 @@ mod tests {
             "mount spec: type=bind is not supported: cachefs only serves type=cache mounts"
         );
         assert!(err("type=tmpfs,target=/x").contains("type=tmpfs is not supported"));
-        assert!(err("target=/x,from=builder").starts_with("mount spec: 'from' is not supported: "));
+        assert!(
+            err("target=/x,from=../x").contains("'from'"),
+            "{}",
+            err("target=/x,from=../x")
+        );
+        assert_eq!(
+            parse("target=/x,from=apt-2026").from.as_deref(),
+            Some("apt-2026")
+        );
+        assert_eq!(
+            parse("target=/x,from=3f2a9c1e").from.as_deref(),
+            Some("3f2a9c1e")
+        );
         assert!(
             err("target=/x,source=/sub").starts_with("mount spec: 'source' is not supported: ")
         );
@@ -898,6 +929,7 @@ mod tests {
                         read_only,
                         lock_timeout,
                         max_size,
+                        from: None,
                     }
                 },
             )

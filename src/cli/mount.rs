@@ -92,6 +92,10 @@ pub struct Args {
     #[arg(long, visible_alias = "read-only", conflicts_with = "mount")]
     pub ro: bool,
 
+    /// Seed an empty cache from this layer (tag or digest) first, as from= in a spec
+    #[arg(long, value_name = "LAYER", conflicts_with = "mount")]
+    pub from: Option<String>,
+
     /// Give up waiting for a busy cache after DUR (e.g. 30s, 5m) and exit 75 [default: wait]
     #[arg(long, value_name = "DUR", value_parser = super::parse_duration_arg, allow_hyphen_values = true)]
     pub lock_timeout: Option<Duration>,
@@ -164,6 +168,7 @@ fn spec_of(args: &Args) -> anyhow::Result<MountSpec> {
                 ("uid", &args.uid),
                 ("gid", &args.gid),
                 ("mode", &args.mode),
+                ("from", &args.from),
             ];
             for (key, value) in opts {
                 if let Some(v) = value {
@@ -292,6 +297,9 @@ fn serve(
         lock_timeout: args.lock_timeout,
         max_instances: args.max_instances,
     };
+    if let Err(code) = mounts::pre_seed_shared(&store, &plan, supervisor.cancel_flag())? {
+        return Ok(code);
+    }
     let leases = match mounts::take_leases_or_exit(
         &store,
         &plan,
@@ -304,6 +312,9 @@ fn serve(
         Ok(leases) => leases,
         Err(code) => return Ok(code),
     };
+    if let Err(code) = mounts::seed_from_layers(&store, &plan, &leases, supervisor.cancel_flag())? {
+        return Ok(code);
+    }
     mounts::prepare_counting(&store, &plan, &leases)?;
     let (live, flusher) =
         mounts::mount_all(&store, &plan, &leases, !args.no_passthrough, &inherited)?;

@@ -687,3 +687,127 @@ pub(crate) fn take_instance_or_exit<'s>(
         Err(err) => Err(err.into()),
     }
 }
+
+/// `from=`: seeds each empty cache of a planned mount from its layer, before it is mounted.
+///
+/// Locked and private leases are exclusive, so the granted instance is seeded under the lease
+/// just taken. A shared lease is not: there, the seed happens before the leases are taken
+/// ([`pre_seed_shared`]). A layer that is not in the store is a warning (the cache starts
+/// empty, as BuildKit's cache-from does when a cache is missing); a corrupt one is an error.
+/// An interrupted restore becomes `Ok(Err(128+N))`.
+pub(crate) fn seed_from_layers(
+    store: &Store,
+    plan: &[Planned],
+    leases: &[Lease<'_>],
+    cancel: &AtomicI32,
+) -> anyhow::Result<Result<(), i32>> {
+    for (p, lease) in plan.iter().zip(leases) {
+        if p.spec.from.is_none() || lease.sharing() == Sharing::Shared {
+            continue;
+        }
+        let inst = lease.instance();
+        if let Err(code) = seed_instance(store, &p.spec, &inst.path, inst.number, cancel)? {
+            return Ok(Err(code));
+        }
+    }
+    Ok(Ok(()))
+}
+
+/// `from=` on shared mounts: takes instance 1 exclusively without waiting and seeds it if it
+/// is empty. If someone is using the cache it is left as it is (it is being filled already).
+pub(crate) fn pre_seed_shared(
+    store: &Store,
+    plan: &[Planned],
+    cancel: &AtomicI32,
+) -> anyhow::Result<Result<(), i32>> {
+    for p in plan {
+        if p.spec.from.is_none() || p.spec.sharing != Sharing::Shared {
+            continue;
+        }
+        let req = LeaseRequest {
+            id: p.spec.id.clone(),
+            sharing: Sharing::Locked,
+            init: p.spec.instance_init(),
+            max_instances: 1,
+            kind: "seed",
+            command: format!("seed from layer {}", p.spec.from.as_deref().unwrap_or("")),
+            timeout: Some(Duration::ZERO),
+            instance: Some(1),
+            target: Some(p.target.clone()),
+        };
+        let lease = match lease::acquire(store, &req, &WaitControl::quiet()) {
+            Ok(l) => l,
+            Err(LeaseError::TimedOut { .. }) => {
+                tracing::info!(id = %p.spec.id, "cache in use: not seeded from its layer");
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let inst = lease.instance().clone();
+        let res = seed_instance(store, &p.spec, &inst.path, inst.number, cancel)?;
+        lease.release()?;
+        if let Err(code) = res {
+            return Ok(Err(code));
+        }
+    }
+    Ok(Ok(()))
+}
+
+fn seed_instance(
+    store: &Store,
+    spec: &MountSpec,
+    path: &Path,
+    number: u32,
+    cancel: &AtomicI32,
+) -> anyhow::Result<Result<(), i32>> {
+    use crate::layer::{Digest, LayerError, ObjectStore, restore};
+    let Some(reference) = spec.from.as_deref() else {
+        return Ok(Ok(()));
+    };
+    if !restore::is_empty_dir(path).unwrap_or(false) {
+        tracing::debug!(id = %spec.id, "cache is not empty: from= does not apply");
+        return Ok(Ok(()));
+    }
+    let layer = match store.find_layer(reference)? {
+        Ok(l) => l,
+        Err(msg) => {
+            print_warning(format_args!(
+                "cache {:?} starts empty: {msg}",
+                spec.id.as_str()
+            ));
+            return Ok(Ok(()));
+        }
+    };
+    let digest = Digest::from_hex(&layer.digest)
+        .ok_or_else(|| anyhow!("layer record {:?} is not a digest", layer.digest))?;
+    let objects = ObjectStore::open(store.root())?;
+    let _lock = objects.lock_shared()?;
+    match restore::restore_instance(
+        store,
+        &objects,
+        digest,
+        &spec.id,
+        number,
+        path,
+        &spec.instance_init(),
+        true,
+        cancel,
+    ) {
+        Ok(r) => {
+            tracing::info!(id = %spec.id, layer = %layer.digest, files = r.stats.files, "seeded cache from layer");
+            Ok(Ok(()))
+        }
+        Err(LayerError::Interrupted) => {
+            super::print_error(format_args!(
+                "interrupted while seeding cache {:?}; it was left empty",
+                spec.id.as_str()
+            ));
+            Ok(Err(128 + cancel.load(std::sync::atomic::Ordering::Relaxed)))
+        }
+        Err(e) => Err(anyhow::Error::new(e).context(format!(
+            "cannot seed cache {:?} from layer {}",
+            spec.id.as_str(),
+            &layer.digest[..12]
+        ))),
+    }
+}

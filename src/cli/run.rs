@@ -123,6 +123,9 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
         max_instances: args.max_instances,
     };
     let not_started = format!("{} was not started", program.to_string_lossy());
+    if let Err(code) = mounts::pre_seed_shared(&store, &plan, supervisor.cancel_flag())? {
+        return Ok(code);
+    }
     let leases = match mounts::take_leases_or_exit(
         &store,
         &plan,
@@ -135,6 +138,9 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
         Ok(leases) => leases,
         Err(code) => return Ok(code),
     };
+    if let Err(code) = mounts::seed_from_layers(&store, &plan, &leases, supervisor.cancel_flag())? {
+        return Ok(code);
+    }
     mounts::prepare_counting(&store, &plan, &leases)?;
     let (live, flusher) =
         mounts::mount_all(&store, &plan, &leases, !args.no_passthrough, &inherited)?;
