@@ -8,7 +8,8 @@
 //! that inode, stamped with when it was observed, so the database can apply the newest
 //! observation across processes (see `store::usage`).
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use dashmap::DashMap;
@@ -23,12 +24,41 @@ struct Pending {
     last_use_ms: i64,
 }
 
-/// The in-memory side of one mount's accounting.
+/// The in-memory side of one mount's accounting, and its change log: the directories whose
+/// entries changed since the instance's last snapshot, so the next snapshot re-reads only
+/// those (see `layer::snapshot`).
 #[derive(Debug, Default)]
 pub struct Accountant {
     pending: DashMap<u64, Pending>,
     hits: AtomicU64,
     misses: AtomicU64,
+    /// Changed directories by node id; `true`: the whole subtree is new to its path (a
+    /// directory renamed into place), so it is walked whole.
+    changed: DashMap<u64, bool>,
+    /// Changed directories already turned into paths (when the kernel forgot them).
+    resolved: parking_lot::Mutex<Vec<(Vec<u8>, bool)>>,
+    /// A change could not be placed (a hard-linked file changed, a node was forgotten
+    /// unresolved): the log is incomplete and the next snapshot walks the tree.
+    lost: AtomicBool,
+    resolver: OnceLock<Resolver>,
+}
+
+/// Turns a node id into its path under the instance root (the mount's inode table).
+pub struct Resolver(pub Box<dyn Fn(u64) -> Option<Vec<u8>> + Send + Sync>);
+
+impl std::fmt::Debug for Resolver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Resolver")
+    }
+}
+
+/// What a mount's change log holds, for a flush.
+#[derive(Debug, Default)]
+pub struct Changes {
+    /// Changed directories (path relative to the instance root, "" for the root), and
+    /// whether each is new as a whole.
+    pub dirs: Vec<(Vec<u8>, bool)>,
+    pub lost: bool,
 }
 
 /// The clock reports are stamped with (unix ns). Take it *before* the stat a report comes
@@ -94,6 +124,63 @@ impl Accountant {
         self.misses.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Change log: the entries of directory `node` changed (something created, removed,
+    /// renamed, written or re-moded in it). On the request path: one map probe when the
+    /// directory is already marked.
+    pub fn changed_dir(&self, node: u64) {
+        if !self.changed.contains_key(&node) {
+            self.changed.entry(node).or_insert(false);
+        }
+    }
+
+    /// Change log: directory `node` arrived at its path whole (renamed there).
+    pub fn changed_subtree(&self, node: u64) {
+        self.changed.insert(node, true);
+    }
+
+    /// Change log: a change that cannot be placed by directory.
+    pub fn change_lost(&self) {
+        self.lost.store(true, Ordering::Relaxed);
+    }
+
+    /// Sets how node ids become paths (once, by the filesystem when it mounts).
+    pub fn set_resolver(&self, r: Resolver) {
+        let _ = self.resolver.set(r);
+    }
+
+    fn resolve(&self, node: u64) -> Option<Vec<u8>> {
+        self.resolver.get().and_then(|r| (r.0)(node))
+    }
+
+    /// The kernel is about to forget `node`: if it is in the change log, place it by path
+    /// while it still can be.
+    pub fn forgetting(&self, node: u64) {
+        if let Some((node, deep)) = self.changed.remove(&node) {
+            match self.resolve(node) {
+                Some(p) => self.resolved.lock().push((p, deep)),
+                None => self.change_lost(),
+            }
+        }
+    }
+
+    /// Takes the change log, for a flush.
+    pub fn drain_changes(&self) -> Changes {
+        let mut dirs = std::mem::take(&mut *self.resolved.lock());
+        let keys: Vec<u64> = self.changed.iter().map(|e| *e.key()).collect();
+        for node in keys {
+            if let Some((node, deep)) = self.changed.remove(&node) {
+                match self.resolve(node) {
+                    Some(p) => dirs.push((p, deep)),
+                    None => self.change_lost(),
+                }
+            }
+        }
+        Changes {
+            dirs,
+            lost: self.lost.swap(false, Ordering::Relaxed),
+        }
+    }
+
     /// Takes everything pending, for a flush.
     pub fn drain(&self) -> (Vec<FileUpdate>, CounterDelta) {
         let keys: Vec<u64> = self.pending.iter().map(|e| *e.key()).collect();
@@ -139,6 +226,9 @@ impl Accountant {
     /// Whether anything waits for a flush.
     pub fn is_empty(&self) -> bool {
         self.pending.is_empty()
+            && self.changed.is_empty()
+            && self.resolved.lock().is_empty()
+            && !self.lost.load(Ordering::Relaxed)
             && self.hits.load(Ordering::Relaxed) == 0
             && self.misses.load(Ordering::Relaxed) == 0
     }

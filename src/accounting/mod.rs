@@ -14,7 +14,7 @@
 mod live;
 mod session;
 
-pub use live::{Accountant, now_ns};
+pub use live::{Accountant, Changes, Resolver, now_ns};
 pub use session::{
     Counted, EvictError, FLUSH_EVERY, Flusher, PrepareError, TRIM_TO_PERCENT, enforce_budget,
     flush, prepare, record_eviction,

@@ -126,6 +126,10 @@ pub fn record_eviction(
         ..Default::default()
     };
     store.apply_usage(id, number, &updates, counters)?;
+    if !outcome.evicted.is_empty() {
+        // Evictions remove files behind the mount's back: its change log did not see them.
+        store.invalidate_change_log(id, number)?;
+    }
     Ok(counters)
 }
 
@@ -160,6 +164,8 @@ pub fn prepare(
             source,
         })?;
         store.replace_with_scan(id, number, &scan, crate::lease::now_ms())?;
+        // A mount that stopped uncleanly may also have lost changes it had not flushed.
+        store.invalidate_change_log(id, number)?;
         tracing::info!(
             id = %id,
             instance = number,
@@ -196,6 +202,14 @@ pub fn flush(store: &Store, mounts: &[Counted]) -> Result<(), StoreError> {
         let (updates, counters) = m.accountant.drain();
         if let Err(e) = store.apply_usage(&m.id, m.number, &updates, counters) {
             m.accountant.restore(updates, counters);
+            result = Err(e);
+        }
+        let changes = m.accountant.drain_changes();
+        if (!changes.dirs.is_empty() || changes.lost)
+            && let Err(e) = store.record_changes(&m.id, m.number, &changes.dirs, changes.lost)
+        {
+            // The log cannot be trusted now: say so, so the next snapshot walks the tree.
+            m.accountant.change_lost();
             result = Err(e);
         }
     }

@@ -8,8 +8,11 @@ use super::mounts::take_instance_or_exit;
 use super::signals::Supervisor;
 use super::{Global, parse_duration_arg, usage};
 use crate::layer::ObjectStore;
+use crate::layer::incremental::{Fallback, hash_incremental};
 use crate::layer::snapshot::{HashReport, hash_tree};
-use crate::store::{CacheId, HashCacheDelta, InstanceInit, NewLayer, Store, check_tag};
+use crate::store::{
+    CacheId, ChangeLog, HashCacheDelta, InstanceInit, LayerRecord, NewLayer, Store, check_tag,
+};
 use crate::units::format_size;
 
 const AFTER_HELP: &str = "\
@@ -70,6 +73,9 @@ struct Output<'a> {
     instance: u32,
     parent: Option<String>,
     tag: Option<&'a str>,
+    /// How the tree was read: incremental (from the change log), full (a walk, unchanged
+    /// files from the hash cache) or rescan (every file read).
+    method: &'a str,
     seconds: f64,
     #[serde(flatten)]
     report: &'a HashReport,
@@ -124,20 +130,52 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
     let started = Instant::now();
     let objects = ObjectStore::open(&root)?;
     let _objects_lock = objects.lock_shared()?;
-    let cache_map = if args.rescan {
-        Default::default()
-    } else {
-        store.hash_cache(&id, number)?
-    };
     let path = lease.instance().path.clone();
     let show_progress = !args.quiet && !args.json;
-    let hashed = match hash_tree(&objects, &path, &cache_map, show_progress, cancel) {
-        Ok(h) => h,
-        Err(crate::layer::LayerError::Interrupted) => {
-            super::print_error("interrupted; no snapshot was taken");
-            return Ok(128 + cancel.load(std::sync::atomic::Ordering::Relaxed));
+    let interrupted = |cancel: &std::sync::atomic::AtomicI32| {
+        super::print_error("interrupted; no snapshot was taken");
+        Ok(128 + cancel.load(std::sync::atomic::Ordering::Relaxed))
+    };
+    let mut method = "full";
+    let mut hashed = None;
+    if !args.rescan
+        && let Some((log, base)) = usable_change_log(&store, &id, number)?
+    {
+        match hash_incremental(&store, &id, number, &objects, &path, &log, &base, cancel) {
+            Ok(h) => {
+                method = "incremental";
+                hashed = Some(h);
+            }
+            Err(Fallback::Inconsistent(why)) => {
+                tracing::info!(id = %id, why, "the change log does not match the tree: walking it");
+            }
+            Err(Fallback::Error(crate::layer::LayerError::Interrupted)) => {
+                return interrupted(cancel);
+            }
+            Err(Fallback::Error(e)) => {
+                return Err(e).context(format!("cannot snapshot cache {:?}", id.as_str()));
+            }
         }
-        Err(e) => return Err(e).context(format!("cannot snapshot cache {:?}", id.as_str())),
+    }
+    let hashed = match hashed {
+        Some(h) => h,
+        None => {
+            let cache_map = if args.rescan {
+                Default::default()
+            } else {
+                store.hash_cache(&id, number)?
+            };
+            if args.rescan {
+                method = "rescan";
+            }
+            match hash_tree(&objects, &path, &cache_map, show_progress, cancel) {
+                Ok(h) => h,
+                Err(crate::layer::LayerError::Interrupted) => return interrupted(cancel),
+                Err(e) => {
+                    return Err(e).context(format!("cannot snapshot cache {:?}", id.as_str()));
+                }
+            }
+        }
     };
     // The objects must be on disk before a record points at them.
     objects.sync()?;
@@ -148,6 +186,7 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
     let stats = hashed.report.stats;
     let mut delta: HashCacheDelta = hashed.cache_delta;
     delta.replace = args.rescan;
+    tracing::debug!(method, "snapshot taken");
     store.record_layer(
         &NewLayer {
             digest: &digest,
@@ -158,6 +197,7 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
             files: stats.files,
             dirs: stats.dirs,
             symlinks: stats.symlinks,
+            fifos: stats.fifos,
         },
         args.tag.as_deref(),
         &delta,
@@ -170,6 +210,7 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
             instance: number,
             parent,
             tag: args.tag.as_deref(),
+            method,
             seconds: elapsed.as_secs_f64(),
             report: &hashed.report,
         };
@@ -180,7 +221,7 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
     if !args.quiet {
         let r = &hashed.report;
         eprintln!(
-            "cachefs: snapshot of {:?} (instance {number}): {} files, {} dirs, {} symlinks, {}; read {} files ({}), stored {} new, in {:.2}s{}",
+            "cachefs: snapshot of {:?} (instance {number}, {method}): {} files, {} dirs, {} symlinks, {}; read {} files ({}), stored {} new, in {:.2}s{}",
             id.as_str(),
             stats.files,
             stats.dirs,
@@ -203,4 +244,28 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
         }
     }
     Ok(0)
+}
+
+/// The instance's change log and its base layer, when a snapshot can start from them: the log
+/// is complete since the base, the base is still recorded, and no mount of the instance died
+/// with changes it had not flushed.
+fn usable_change_log(
+    store: &Store,
+    id: &CacheId,
+    number: u32,
+) -> anyhow::Result<Option<(ChangeLog, LayerRecord)>> {
+    let Some(log) = store.change_log(id, number)? else {
+        return Ok(None);
+    };
+    let clean = store
+        .instance_usages(Some(id))?
+        .iter()
+        .any(|u| u.number == number && !u.dirty);
+    if !clean {
+        return Ok(None);
+    }
+    Ok(match store.find_layer(&log.base)? {
+        Ok(base) if base.digest == log.base => Some((log, base)),
+        _ => None,
+    })
 }

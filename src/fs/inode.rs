@@ -262,7 +262,7 @@ impl InodeTable {
         let cname = sys::component(name)?;
         let pfd = self.fd(parent)?;
         if self.use_handles
-            && let Some(found) = self.lookup_known(&pfd, &cname, parent.node, count)?
+            && let Some(found) = self.lookup_known(&pfd, &cname, parent.node, name, count)?
         {
             return Ok(found);
         }
@@ -280,6 +280,7 @@ impl InodeTable {
         pfd: &OwnedFd,
         cname: &std::ffi::CStr,
         parent: u64,
+        name: &OsStr,
         count: bool,
     ) -> io::Result<Option<Looked>> {
         let st = sys::fstatat(pfd.as_fd(), cname)?;
@@ -300,6 +301,9 @@ impl InodeTable {
             return Ok(None);
         }
         s.parent = parent;
+        if s.name != name {
+            s.name = name.to_owned();
+        }
         if count {
             s.nlookup += 1;
         }
@@ -395,6 +399,32 @@ impl InodeTable {
             s.nlookup = s.nlookup.saturating_sub(n);
             s.nlookup == 0 && s.opens == 0
         });
+    }
+
+    /// The path of a node relative to the root, from the names it was last seen under; `None`
+    /// when the node or one of its ancestors is no longer known.
+    pub(crate) fn path_of(&self, node: u64) -> Option<Vec<u8>> {
+        use std::os::unix::ffi::OsStrExt;
+        let mut names: Vec<OsString> = Vec::new();
+        let mut at = node;
+        // A parent chain cannot be longer than PATH_MAX components; a longer one is a loop.
+        for _ in 0..4096 {
+            if at == ROOT {
+                let mut out = Vec::new();
+                for n in names.iter().rev() {
+                    if !out.is_empty() {
+                        out.push(b'/');
+                    }
+                    out.extend_from_slice(n.as_bytes());
+                }
+                return Some(out);
+            }
+            let inode = self.map.get(&at)?;
+            let s = inode.state.lock();
+            names.push(s.name.clone());
+            at = s.parent;
+        }
+        None
     }
 
     /// Records a rename so name-based re-resolution follows the file.

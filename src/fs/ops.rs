@@ -171,6 +171,12 @@ impl CacheFs {
             })
             .flatten()
             .map(|fd| (parking_lot::Mutex::new(()), fd));
+        if let Some(acct) = &opts.accounting {
+            let weak = Arc::downgrade(&table);
+            acct.set_resolver(crate::accounting::Resolver(Box::new(move |node| {
+                weak.upgrade()?.path_of(node)
+            })));
+        }
         CacheFs {
             table,
             entry_ttl: opts.entry_ttl,
@@ -185,6 +191,38 @@ impl CacheFs {
             _end: end,
             cross_mount,
             acct: opts.accounting.clone(),
+        }
+    }
+
+    /// Change log: the entries of directory `dir` (a node id) changed.
+    fn note_changed(&self, dir: u64) {
+        if let Some(acct) = &self.acct {
+            acct.changed_dir(dir);
+        }
+    }
+
+    /// Change log: a directory arrived at a new path whole: the next snapshot must not take
+    /// what was at that path before for it.
+    fn note_moved(&self, node: u64, st: &libc::stat) {
+        if let Some(acct) = &self.acct
+            && st.st_mode & libc::S_IFMT == libc::S_IFDIR
+        {
+            acct.changed_subtree(node);
+        }
+    }
+
+    /// Change log: the contents or mode of `inode` changed, from a stat taken after the
+    /// change. Its directory is the one it was last seen in; a hard-linked file has more
+    /// than one, which the log cannot place.
+    fn note_inode_changed(&self, inode: &Inode, st: &libc::stat) {
+        if let Some(acct) = &self.acct {
+            if st.st_mode & libc::S_IFMT != libc::S_IFDIR && st.st_nlink > 1 {
+                acct.change_lost();
+            } else if inode.node == ROOT {
+                acct.changed_dir(ROOT);
+            } else {
+                acct.changed_dir(inode.state.lock().parent_node());
+            }
         }
     }
 
@@ -494,6 +532,7 @@ impl CacheFs {
             let lock = self.acct_lock();
             make(&pfd, &cname)?;
             drop(lock);
+            self.note_changed(parent.0);
             if let Err(e) = self.give_to_caller(req, &pfd, &cname) {
                 debug!("chown of new node failed: {e}");
             }
@@ -543,7 +582,10 @@ impl CacheFs {
             // fd the request already holds.
             let t0 = crate::accounting::now_ns();
             match file.writable.then(|| sys::fstat(file.fd.as_fd())) {
-                Some(Ok(st)) => self.note_size(&st, true, t0),
+                Some(Ok(st)) => {
+                    self.note_size(&st, true, t0);
+                    self.note_inode_changed(&file.inode, &st);
+                }
                 _ => self.note_use(node),
             }
         }
@@ -649,6 +691,9 @@ impl fuser::Filesystem for CacheFs {
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        if let Some(acct) = &self.acct {
+            acct.forgetting(ino.0);
+        }
         self.table.forget(ino.0, nlookup);
     }
 
@@ -688,6 +733,12 @@ impl fuser::Filesystem for CacheFs {
             Ok(st) => {
                 if size.is_some() {
                     self.note_size(&st, true, t0);
+                }
+                // Times and owners are not part of a layer; mode and contents are.
+                if (size.is_some() || mode.is_some())
+                    && let Ok(inode) = self.table.get(ino.0)
+                {
+                    self.note_inode_changed(&inode, &st);
                 }
                 reply.attr(&self.attr_ttl, &self.attr(&st))
             }
@@ -753,6 +804,7 @@ impl fuser::Filesystem for CacheFs {
         match res {
             Ok(last) => {
                 self.note_gone(last);
+                self.note_changed(parent.0);
                 reply.ok()
             }
             Err(e) => reply.error(errno(&e)),
@@ -765,7 +817,10 @@ impl fuser::Filesystem for CacheFs {
             sys::unlinkat(pfd.as_fd(), &cname, libc::AT_REMOVEDIR)
         });
         match res {
-            Ok(()) => reply.ok(),
+            Ok(()) => {
+                self.note_changed(parent.0);
+                reply.ok()
+            }
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -816,17 +871,23 @@ impl fuser::Filesystem for CacheFs {
             };
             sys::renameat2(pfd.as_fd(), &cold, npfd.as_fd(), &cnew, flags.bits())?;
             self.note_gone(replaced);
-            if !self.table.uses_handles() {
+            self.note_changed(parent.0);
+            self.note_changed(newparent.0);
+            // The change log places changes by the names inodes were last seen under, so it
+            // needs the new names too (with handles, nothing else does).
+            if !self.table.uses_handles() || self.acct.is_some() {
                 // Without handles, cold inodes are found again by name: follow the move.
                 if let Ok(st) = sys::fstatat(npfd.as_fd(), &cnew) {
-                    self.table
-                        .renamed(self.table.inos.to_node(st.st_ino), newparent.0, newname);
+                    let node = self.table.inos.to_node(st.st_ino);
+                    self.table.renamed(node, newparent.0, newname);
+                    self.note_moved(node, &st);
                 }
                 if flags.contains(RenameFlags::RENAME_EXCHANGE)
                     && let Ok(st) = sys::fstatat(pfd.as_fd(), &cold)
                 {
-                    self.table
-                        .renamed(self.table.inos.to_node(st.st_ino), parent.0, name);
+                    let node = self.table.inos.to_node(st.st_ino);
+                    self.table.renamed(node, parent.0, name);
+                    self.note_moved(node, &st);
                 }
             }
             Ok::<_, io::Error>(())
@@ -851,6 +912,7 @@ impl fuser::Filesystem for CacheFs {
             let (pinode, pfd) = self.inode_fd(newparent)?;
             let _lock = self.acct_lock();
             sys::linkat_fd(fd.as_fd(), pfd.as_fd(), &cname)?;
+            self.note_changed(newparent.0);
             Ok::<_, io::Error>(pinode)
         })();
         match res {
@@ -1242,6 +1304,7 @@ impl fuser::Filesystem for CacheFs {
             let _lock = self.acct_lock();
             let oflags = (flags | libc::O_CREAT) & !(libc::O_NOCTTY | libc::O_DIRECT);
             let file = sys::openat(pfd.as_fd(), &cname, oflags, mode & 0o7777)?;
+            self.note_changed(parent.0);
             if let Err(e) = self.give_to_caller(req, &pfd, &cname) {
                 debug!("chown of new file failed: {e}");
             }

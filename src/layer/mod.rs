@@ -13,6 +13,7 @@
 pub mod collect;
 pub mod diff;
 pub mod format;
+pub mod incremental;
 pub mod objects;
 pub mod progress;
 pub mod restore;

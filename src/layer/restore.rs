@@ -516,7 +516,7 @@ pub fn restore_instance(
     let delta = crate::store::HashCacheDelta {
         replace: true,
         upsert: keys,
-        remove: Vec::new(),
+        ..Default::default()
     };
     store.set_instance_layer(id, number, &digest.to_hex(), &delta)?;
     Ok(report)

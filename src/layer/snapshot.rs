@@ -73,7 +73,7 @@ fn errno_io(e: rustix::io::Errno) -> io::Error {
     io::Error::from(e)
 }
 
-fn stat_key(st: &rustix::fs::Stat) -> HashedStat {
+pub(crate) fn stat_key(st: &rustix::fs::Stat) -> HashedStat {
     HashedStat {
         size: u64::try_from(st.st_size).unwrap_or(0),
         mtime_ns: st.st_mtime as i64 * 1_000_000_000 + st.st_mtime_nsec as i64,
@@ -83,7 +83,7 @@ fn stat_key(st: &rustix::fs::Stat) -> HashedStat {
     }
 }
 
-fn same_key(a: &HashedStat, b: &HashedStat) -> bool {
+pub(crate) fn same_key(a: &HashedStat, b: &HashedStat) -> bool {
     a.size == b.size && a.mtime_ns == b.mtime_ns && a.ctime_ns == b.ctime_ns && a.ino == b.ino
 }
 
@@ -101,9 +101,9 @@ fn join(parent: &[u8], name: &[u8]) -> Vec<u8> {
 
 /// Hashes the tree under `root` (an instance directory) into `objects`.
 ///
-/// `cache` is the instance's hash cache (empty for a full rehash). `cancel` (a signal number, 0 while
-/// none) is polled between files. Nothing outside `root` is read: files are opened with `openat2(RESOLVE_BENEATH |
-/// RESOLVE_NO_SYMLINKS | RESOLVE_NO_XDEV)` from the root fd.
+/// `cache` is the instance's hash cache (empty for a full rehash). `cancel` (a signal number,
+/// 0 while none) is polled between files. Nothing outside `root` is read: files are opened
+/// with `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_XDEV)` from the root fd.
 pub fn hash_tree(
     objects: &ObjectStore,
     root: &Path,
@@ -117,6 +117,58 @@ pub fn hash_tree(
         Mode::empty(),
     )
     .map_err(|e| LayerError::io("open", root, e.into()))?;
+    let known = |path: &[u8], st: &HashedStat| {
+        cache
+            .get(path)
+            .filter(|c| same_key(c, st))
+            .map(|c| Digest(c.hash))
+            .filter(|d| objects.has(ObjectKind::Blob, *d))
+    };
+    let walk = walk_hash(objects, root_fd, root, b"", &known, show_progress, cancel)?;
+    let mut delta = HashCacheDelta::default();
+    let seen: HashSet<&[u8]> = walk.files.iter().map(|f| f.0.as_slice()).collect();
+    delta.remove = cache
+        .keys()
+        .filter(|p| !seen.contains(p.as_slice()))
+        .cloned()
+        .collect();
+    delta.upsert = walk
+        .files
+        .iter()
+        .filter(|f| f.2)
+        .map(|f| (f.0.clone(), f.1))
+        .collect();
+    Ok(Hashed {
+        digest: walk.digest,
+        report: walk.report,
+        cache_delta: delta,
+    })
+}
+
+/// A walked and hashed tree.
+pub(crate) struct Walk {
+    pub digest: Digest,
+    pub report: HashReport,
+    /// Every regular file: its path (with the walk's prefix), stat key with hash, and whether
+    /// it was read (true) or known from the cache (false). A file that changed while it was
+    /// read is left out (not worth remembering).
+    pub files: Vec<(Vec<u8>, HashedStat, bool)>,
+}
+
+/// Walks and hashes the directory `root_fd` (shown as `display`), whose path in the instance
+/// is `prefix` ("" for the root). `known` gives the hash of a file whose stat key the hash
+/// cache knows and whose blob is stored.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn walk_hash(
+    objects: &ObjectStore,
+    root_fd: OwnedFd,
+    display: &Path,
+    prefix: &[u8],
+    known: &dyn Fn(&[u8], &HashedStat) -> Option<Digest>,
+    show_progress: bool,
+    cancel: &AtomicI32,
+) -> Result<Walk, LayerError> {
+    let root = display;
     let root_dev = rustix::fs::fstat(&root_fd)
         .map_err(|e| LayerError::io("stat", root, e.into()))?
         .st_dev;
@@ -180,11 +232,7 @@ pub fn hash_tree(
                 FileType::RegularFile => {
                     let path = join(&dir_path, &name);
                     let stat = stat_key(&st);
-                    let known = cache
-                        .get(&path)
-                        .filter(|c| same_key(c, &stat))
-                        .map(|c| Digest(c.hash))
-                        .filter(|d| objects.has(ObjectKind::Blob, *d));
+                    let known = known(&join(prefix, &path), &stat);
                     jobs.push(FileJob { path, stat, known });
                     entries.push((
                         name,
@@ -262,7 +310,7 @@ pub fn hash_tree(
         skipped,
         ..HashReport::default()
     };
-    let mut delta = HashCacheDelta::default();
+    let mut files: Vec<(Vec<u8>, HashedStat, bool)> = Vec::with_capacity(jobs.len());
     let mut file_entries: Vec<Option<(Digest, u64)>> = Vec::with_capacity(jobs.len());
     for (job, res) in jobs.iter().zip(results) {
         match res? {
@@ -273,19 +321,20 @@ pub fn hash_tree(
                 h.hash = d.0;
                 // Only a file that did not change while it was read is worth remembering.
                 if size == job.stat.size {
-                    delta.upsert.push((job.path.clone(), h));
+                    files.push((join(prefix, &job.path), h, true));
                 }
                 file_entries.push(Some((d, size)));
             }
-            None => file_entries.push(job.known.map(|d| (d, job.stat.size))),
+            None => {
+                if let Some(d) = job.known {
+                    let mut h = job.stat;
+                    h.hash = d.0;
+                    files.push((join(prefix, &job.path), h, false));
+                }
+                file_entries.push(job.known.map(|d| (d, job.stat.size)));
+            }
         }
     }
-    let seen: HashSet<&[u8]> = jobs.iter().map(|j| j.path.as_slice()).collect();
-    delta.remove = cache
-        .keys()
-        .filter(|p| !seen.contains(p.as_slice()))
-        .cloned()
-        .collect();
 
     let mut digests: Vec<Digest> = vec![Digest::ZERO; dirs.len()];
     let mut stats = TreeStats::default();
@@ -314,10 +363,10 @@ pub fn hash_tree(
     report.stats = stats;
     report.stored_bytes = stored.load(Ordering::Relaxed);
     report.digest = digests[0].to_hex();
-    Ok(Hashed {
+    Ok(Walk {
         digest: digests[0],
         report,
-        cache_delta: delta,
+        files,
     })
 }
 
@@ -342,6 +391,29 @@ pub(crate) fn open_beneath(root: &OwnedFd, rel: &[u8]) -> io::Result<OwnedFd> {
             Err(e) => return Err(e.into()),
         }
     }
+}
+
+/// Hashes (and stores) the regular file `name` of directory `dir`; `display` names it in
+/// errors. Returns the hash, the bytes read and the bytes stored.
+pub(crate) fn hash_file(
+    objects: &ObjectStore,
+    dir: &OwnedFd,
+    name: &[u8],
+    display: &Path,
+) -> Result<(Digest, u64, u64), LayerError> {
+    let c = CString::new(name.to_vec())
+        .map_err(|_| LayerError::Invalid("a name holds a NUL byte".into()))?;
+    let fd = rustix::fs::openat(
+        dir,
+        &c,
+        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NOCTTY,
+        Mode::empty(),
+    )
+    .map_err(|e| LayerError::io("open", display, e.into()))?;
+    hash_and_store(objects, File::from(fd), &Progress::none()).map_err(|e| match e {
+        HashError::Read(e) => LayerError::io("read", display, e),
+        HashError::Store(e) => e,
+    })
 }
 
 enum HashError {

@@ -1093,17 +1093,22 @@ pub fn import<R: Read>(
             }
             let raw_path = entry.path_bytes().into_owned();
             let comps = components(&raw_path)?;
-            let mode = entry
-                .header()
-                .mode()
-                .map_err(|e| LayerError::Invalid(format!("truncated or corrupt tar: {e}")))?;
+            // Only files, directories and fifos need a mode (a hard link takes its file's).
+            let mode = |entry: &tar::Entry<'_, _>| {
+                entry
+                    .header()
+                    .mode()
+                    .map_err(|e| LayerError::Invalid(format!("truncated or corrupt tar: {e}")))
+            };
             let name = comps.last().copied().unwrap_or_default();
             let is_whiteout = name.starts_with(WHITEOUT_PREFIX);
             // Old tars mark directories with a trailing `/` on a regular entry.
             let old_dir = type_byte == 0 && raw_path.ends_with(b"/");
             match kind {
-                tar::EntryType::Directory => upper.add_dir(&comps, &raw_path, mode)?,
-                tar::EntryType::Regular if old_dir => upper.add_dir(&comps, &raw_path, mode)?,
+                tar::EntryType::Directory => upper.add_dir(&comps, &raw_path, mode(&entry)?)?,
+                tar::EntryType::Regular if old_dir => {
+                    upper.add_dir(&comps, &raw_path, mode(&entry)?)?
+                }
                 tar::EntryType::Regular | tar::EntryType::Continuous if is_whiteout => {
                     upper.add_whiteout(&comps, &raw_path)?
                 }
@@ -1117,6 +1122,7 @@ pub fn import<R: Read>(
                     if comps.is_empty() {
                         return Err(refuse(&raw_path, "the archive's root must be a directory"));
                     }
+                    let mode = mode(&entry)?;
                     let size = entry.size();
                     let hash = imp.store_blob(&mut entry, size, &raw_path)?;
                     upper.add_leaf(&comps, &raw_path, Entry::file(name, mode, size, hash))?;
@@ -1136,7 +1142,7 @@ pub fn import<R: Read>(
                     upper.add_leaf(&comps, &raw_path, Entry::symlink(name, &target))?;
                 }
                 tar::EntryType::Fifo => {
-                    upper.add_leaf(&comps, &raw_path, Entry::fifo(name, mode))?;
+                    upper.add_leaf(&comps, &raw_path, Entry::fifo(name, mode(&entry)?))?;
                 }
                 tar::EntryType::Link => {
                     let target = entry
@@ -1227,13 +1233,7 @@ fn build(
     // what of it shows through.
     let mut lower: Vec<Option<(Digest, u32)>> = vec![None; n];
     let mut base: Vec<Vec<Entry>> = vec![Vec::new(); n];
-    let root_lower = match parent {
-        Some(p) => Some((p, 0)),
-        None => None,
-    };
-    if n > 0 {
-        lower[0] = root_lower;
-    }
+    lower[0] = parent.map(|p| (p, 0));
     for i in 0..n {
         let dir = &upper.dirs[i];
         if let Some((d, _)) = lower[i]
@@ -1362,7 +1362,7 @@ mod tests {
             let nb = name.as_bytes();
             match node {
                 N::D(mode) => {
-                    let sub = at(d, &[name]);
+                    let sub = at(d, &[*name]);
                     sub.mode = *mode;
                 }
                 N::F(data, mode) => {
@@ -1383,6 +1383,10 @@ mod tests {
         store_dir(objects, &root)
     }
 
+    fn leak(v: Vec<u8>) -> &'static [u8] {
+        Box::leak(v.into_boxed_slice())
+    }
+
     fn sample(objects: &ObjectStore) -> Digest {
         let long = "d/".to_string() + &"x".repeat(150);
         let long: &'static str = Box::leak(long.into_boxed_str());
@@ -1399,7 +1403,7 @@ mod tests {
                 ("p", N::P(0o600)),
                 ("d", N::D(0o755)),
                 (long, N::F(b"long name", 0o600)),
-                ("big", N::F(&[7u8; 3 * 1024 * 1024 + 5], 0o644)),
+                ("big", N::F(leak(vec![7u8; 3 * 1024 * 1024 + 5]), 0o644)),
             ],
         )
     }
@@ -1506,7 +1510,7 @@ mod tests {
 
     #[test]
     fn corrupt_and_wrong_length_blobs_fail_the_export() {
-        for data in [&b"small contents"[..], &[9u8; 2 * CHUNK + 17][..]] {
+        for data in [&b"small contents"[..], leak(vec![9u8; 2 * CHUNK + 17])] {
             let (_d, a) = store();
             let root = layer(&a, &[("f", N::F(data, 0o644))]);
             let p = a.path(ObjectKind::Blob, Digest::of(data));
@@ -1520,7 +1524,7 @@ mod tests {
                 export(&a, root, None, &mut out, &Options::new(Path::new("mem"))).unwrap_err();
             assert!(matches!(err, LayerError::Corrupt { .. }), "{err}");
             // The member never got its full contents: no tar reader accepts it.
-            assert!(out.len() < 512 + 512 + data.len() + 1024);
+            assert!(out.len() < 3 * 512 + data.len());
             // Shorter: a length mismatch is corrupt too.
             std::fs::write(&p, &data[..data.len() - 1]).unwrap();
             let err = export(
@@ -1656,12 +1660,24 @@ mod tests {
     #[test]
     fn truncated_tars_are_refused() {
         let (_d, a) = store();
-        let root = sample(&a);
-        let (tar, _) = export_vec(&a, root, None);
         let (_d2, b) = store();
+        let long: &'static str = Box::leak(format!("d/{}", "y".repeat(120)).into_boxed_str());
+        let small = layer(
+            &a,
+            &[
+                ("a", N::F(b"hello", 0o644)),
+                ("d", N::D(0o755)),
+                (long, N::F(leak(vec![1u8; 1500]), 0o644)),
+                (
+                    "s",
+                    N::L(leak(format!("/{}", "t".repeat(130)).into_bytes())),
+                ),
+            ],
+        );
+        let (tar, _) = export_vec(&a, small, None);
         // Every block boundary and some points inside blocks.
         let mut cuts: Vec<usize> = (0..tar.len() - 1024).step_by(512).collect();
-        cuts.extend([1, 100, 700, tar.len() - 1024 + 3, tar.len() / 2 + 1]);
+        cuts.extend([1, 100, 700, tar.len() - 1024 + 3, tar.len() - 600]);
         for cut in cuts {
             let m = invalid(import_bytes(&b, &tar[..cut]));
             assert!(m.starts_with("truncated or corrupt tar"), "{cut}: {m}");
@@ -1669,8 +1685,15 @@ mod tests {
         // One end block is enough (as for other readers).
         assert_eq!(
             import_bytes(&b, &tar[..tar.len() - 512]).unwrap().digest,
-            root
+            small
         );
+        // Cut inside a large file.
+        let root = sample(&a);
+        let (tar, _) = export_vec(&a, root, None);
+        for cut in [tar.len() / 2, tar.len() / 2 + 1] {
+            let m = invalid(import_bytes(&b, &tar[..cut]));
+            assert!(m.starts_with("truncated or corrupt tar"), "{cut}: {m}");
+        }
         // A flipped byte in a header breaks its checksum.
         let mut bad = tar.clone();
         bad[512 + 512 + 10] ^= 0x20;
@@ -1854,11 +1877,8 @@ mod tests {
         // Built with the tar crate: ./ prefixes, a root entry, implied parents, a hard link,
         // setuid bits, a long path through GNU long names, an absolute symlink.
         let mut b = tar::Builder::new(Vec::new());
-        let mut dir = tar::Header::new_ustar();
-        dir.set_entry_type(tar::EntryType::Directory);
-        dir.set_mode(0o755);
-        dir.set_size(0);
-        b.append_data(&mut dir.clone(), "./", &[][..]).unwrap();
+        b.get_mut()
+            .extend_from_slice(&raw_member(b"./", b'5', b"", b""));
         let mut f = tar::Header::new_ustar();
         f.set_mode(0o4755);
         f.set_size(3);

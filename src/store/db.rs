@@ -225,9 +225,11 @@ CREATE INDEX files_lru ON files (cache_id, instance, last_use);
 /// from (`source`: snapshot or import; the cache and instance it was taken of; the instance's
 /// previous layer as `parent`), when (unix seconds), and its totals. Layers outlive their
 /// caches, so there is no foreign key to caches. Tags name layers (a tag moves when re-used).
-/// Per instance: the layer it was last snapshotted as or restored from (`snapshots`), and the
-/// stat-keyed hash cache (`hash_cache`: path -> size, mtime and ctime in ns, inode, blake3),
-/// which spares rehashing unchanged files.
+/// Per instance: the layer it was last snapshotted as or restored from (`snapshots`), with
+/// whether its change log is complete since then (`log_complete`), the change log itself
+/// (`changes`: directories whose entries changed, `subtree` when a directory arrived whole),
+/// and the stat-keyed hash cache (`hash_cache`: path -> size, mtime and ctime in ns, inode,
+/// blake3), which spares rehashing unchanged files.
 const V4: &str = "
 CREATE TABLE layers (
     digest     TEXT    NOT NULL PRIMARY KEY,
@@ -240,6 +242,7 @@ CREATE TABLE layers (
     files      INTEGER NOT NULL,
     dirs       INTEGER NOT NULL,
     symlinks   INTEGER NOT NULL,
+    fifos      INTEGER NOT NULL DEFAULT 0,
     diff_id    TEXT
 );
 CREATE INDEX layers_by_cache ON layers (cache_id, created);
@@ -249,10 +252,11 @@ CREATE TABLE layer_tags (
     created INTEGER NOT NULL
 );
 CREATE TABLE snapshots (
-    cache_id TEXT    NOT NULL,
-    instance INTEGER NOT NULL,
-    layer    TEXT    NOT NULL,
-    at       INTEGER NOT NULL,
+    cache_id     TEXT    NOT NULL,
+    instance     INTEGER NOT NULL,
+    layer        TEXT    NOT NULL,
+    at           INTEGER NOT NULL,
+    log_complete INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (cache_id, instance),
     FOREIGN KEY (cache_id, instance) REFERENCES instances (cache_id, number) ON DELETE CASCADE
 ) WITHOUT ROWID;
@@ -265,6 +269,14 @@ CREATE TABLE hash_cache (
     ctime    INTEGER NOT NULL,
     ino      INTEGER NOT NULL,
     hash     BLOB    NOT NULL,
+    PRIMARY KEY (cache_id, instance, path),
+    FOREIGN KEY (cache_id, instance) REFERENCES instances (cache_id, number) ON DELETE CASCADE
+) WITHOUT ROWID;
+CREATE TABLE changes (
+    cache_id TEXT    NOT NULL,
+    instance INTEGER NOT NULL,
+    path     BLOB    NOT NULL,
+    subtree  INTEGER NOT NULL,
     PRIMARY KEY (cache_id, instance, path),
     FOREIGN KEY (cache_id, instance) REFERENCES instances (cache_id, number) ON DELETE CASCADE
 ) WITHOUT ROWID;

@@ -23,6 +23,7 @@ pub struct LayerRecord {
     pub files: u64,
     pub dirs: u64,
     pub symlinks: u64,
+    pub fifos: u64,
     /// sha256 of the layer's full uncompressed export tar (`sha256:<hex>`), once exported.
     pub diff_id: Option<String>,
     pub tags: Vec<String>,
@@ -40,6 +41,7 @@ pub struct NewLayer<'a> {
     pub files: u64,
     pub dirs: u64,
     pub symlinks: u64,
+    pub fifos: u64,
 }
 
 /// What the hash cache knows of one file: its stat key and content hash.
@@ -59,6 +61,8 @@ pub struct HashCacheDelta {
     pub replace: bool,
     pub upsert: Vec<(Vec<u8>, HashedStat)>,
     pub remove: Vec<Vec<u8>>,
+    /// Directories gone: every row under them goes.
+    pub remove_prefixes: Vec<Vec<u8>>,
 }
 
 /// Why a tag is refused.
@@ -93,7 +97,7 @@ fn to_u64(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
 }
 
-const LAYER_COLUMNS: &str = "digest, source, cache_id, instance, parent, created, size_bytes, files, dirs, symlinks, diff_id";
+const LAYER_COLUMNS: &str = "digest, source, cache_id, instance, parent, created, size_bytes, files, dirs, symlinks, diff_id, fifos";
 
 fn layer_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<LayerRecord> {
     Ok(LayerRecord {
@@ -108,6 +112,7 @@ fn layer_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<LayerRecord> {
         dirs: to_u64(r.get(8)?),
         symlinks: to_u64(r.get(9)?),
         diff_id: r.get(10)?,
+        fifos: to_u64(r.get(11)?),
         tags: Vec::new(),
     })
 }
@@ -129,8 +134,8 @@ impl Store {
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
             .map_err(err)?;
         tx.execute(
-            "INSERT INTO layers (digest, source, cache_id, instance, parent, created, size_bytes, files, dirs, symlinks)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) ON CONFLICT (digest) DO NOTHING",
+            "INSERT INTO layers (digest, source, cache_id, instance, parent, created, size_bytes, files, dirs, symlinks, fifos)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11) ON CONFLICT (digest) DO NOTHING",
             params![
                 layer.digest,
                 layer.source,
@@ -142,6 +147,7 @@ impl Store {
                 to_i64(layer.files),
                 to_i64(layer.dirs),
                 to_i64(layer.symlinks),
+                to_i64(layer.fifos),
             ],
         )
         .map_err(err)?;
@@ -366,6 +372,138 @@ impl Store {
     }
 }
 
+/// What an instance's change log says since its last snapshot.
+#[derive(Debug, Clone, Default)]
+pub struct ChangeLog {
+    /// The layer the log starts from.
+    pub base: String,
+    /// Changed directories (relative paths, "" for the root) and whether each arrived whole.
+    pub dirs: Vec<(Vec<u8>, bool)>,
+}
+
+impl Store {
+    /// Records changed directories of an instance, reported by a mount's flush; `lost`
+    /// marks the log incomplete. Nothing is recorded for an instance with no snapshot yet
+    /// (its next snapshot walks the tree anyway).
+    pub fn record_changes(
+        &self,
+        id: &CacheId,
+        number: u32,
+        dirs: &[(Vec<u8>, bool)],
+        lost: bool,
+    ) -> Result<(), StoreError> {
+        let err = |e| db_error(&self.db_path, &self.root, e);
+        let mut conn = self.conn.lock();
+        let tx = conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(err)?;
+        let complete: Option<bool> = tx
+            .query_row(
+                "SELECT log_complete FROM snapshots WHERE cache_id = ?1 AND instance = ?2",
+                params![id.as_str(), number],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(err)?;
+        if complete != Some(true) {
+            return Ok(());
+        }
+        if lost {
+            tx.execute(
+                "UPDATE snapshots SET log_complete = 0 WHERE cache_id = ?1 AND instance = ?2",
+                params![id.as_str(), number],
+            )
+            .map_err(err)?;
+            tx.execute(
+                "DELETE FROM changes WHERE cache_id = ?1 AND instance = ?2",
+                params![id.as_str(), number],
+            )
+            .map_err(err)?;
+        } else {
+            let mut put = tx
+                .prepare_cached(
+                    "INSERT INTO changes (cache_id, instance, path, subtree) VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT (cache_id, instance, path) DO UPDATE SET subtree = max(subtree, excluded.subtree)",
+                )
+                .map_err(err)?;
+            for (path, subtree) in dirs {
+                put.execute(params![id.as_str(), number, path, subtree])
+                    .map_err(err)?;
+            }
+        }
+        tx.commit().map_err(err)
+    }
+
+    /// Marks an instance's change log incomplete (its tree changed in a way no mount
+    /// recorded: an eviction, an unclean stop).
+    pub fn invalidate_change_log(&self, id: &CacheId, number: u32) -> Result<(), StoreError> {
+        self.record_changes(id, number, &[], true)
+    }
+
+    /// The change log of an instance when it is complete since its last snapshot.
+    pub fn change_log(&self, id: &CacheId, number: u32) -> Result<Option<ChangeLog>, StoreError> {
+        let err = |e| db_error(&self.db_path, &self.root, e);
+        let conn = self.conn.lock();
+        let row: Option<(String, bool)> = conn
+            .query_row(
+                "SELECT layer, log_complete FROM snapshots WHERE cache_id = ?1 AND instance = ?2",
+                params![id.as_str(), number],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+            .map_err(err)?;
+        let Some((base, true)) = row else {
+            return Ok(None);
+        };
+        let mut stmt = conn
+            .prepare("SELECT path, subtree FROM changes WHERE cache_id = ?1 AND instance = ?2")
+            .map_err(err)?;
+        let dirs = stmt
+            .query_map(params![id.as_str(), number], |r| Ok((r.get(0)?, r.get(1)?)))
+            .map_err(err)?
+            .collect::<Result<Vec<(Vec<u8>, bool)>, _>>()
+            .map_err(err)?;
+        Ok(Some(ChangeLog { base, dirs }))
+    }
+
+    /// The hash-cache row of one path.
+    pub fn hash_cache_get(
+        &self,
+        id: &CacheId,
+        number: u32,
+        path: &[u8],
+    ) -> Result<Option<HashedStat>, StoreError> {
+        let err = |e| db_error(&self.db_path, &self.root, e);
+        let conn = self.conn.lock();
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT size, mtime, ctime, ino, hash FROM hash_cache WHERE cache_id = ?1 AND instance = ?2 AND path = ?3",
+            )
+            .map_err(err)?;
+        let row = stmt
+            .query_row(params![id.as_str(), number, path], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, i64>(3)?,
+                    r.get::<_, Vec<u8>>(4)?,
+                ))
+            })
+            .optional()
+            .map_err(err)?;
+        Ok(row.and_then(|(size, mtime_ns, ctime_ns, ino, hash)| {
+            Some(HashedStat {
+                size: to_u64(size),
+                mtime_ns,
+                ctime_ns,
+                ino: ino as u64,
+                hash: <[u8; 32]>::try_from(hash.as_slice()).ok()?,
+            })
+        }))
+    }
+}
+
 fn set_snapshot_in(
     tx: &rusqlite::Transaction<'_>,
     id: &CacheId,
@@ -374,11 +512,30 @@ fn set_snapshot_in(
     now: i64,
     delta: &HashCacheDelta,
 ) -> rusqlite::Result<()> {
+    // The tree is exactly `layer` now: the change log starts afresh, complete.
     tx.execute(
-        "INSERT INTO snapshots (cache_id, instance, layer, at) VALUES (?1, ?2, ?3, ?4)
-         ON CONFLICT (cache_id, instance) DO UPDATE SET layer = excluded.layer, at = excluded.at",
+        "INSERT INTO snapshots (cache_id, instance, layer, at, log_complete) VALUES (?1, ?2, ?3, ?4, 1)
+         ON CONFLICT (cache_id, instance) DO UPDATE SET layer = excluded.layer, at = excluded.at,
+           log_complete = 1",
         params![id.as_str(), number, layer, now],
     )?;
+    tx.execute(
+        "DELETE FROM changes WHERE cache_id = ?1 AND instance = ?2",
+        params![id.as_str(), number],
+    )?;
+    if !delta.remove_prefixes.is_empty() {
+        let mut del = tx.prepare_cached(
+            "DELETE FROM hash_cache WHERE cache_id = ?1 AND instance = ?2 AND path >= ?3 AND path < ?4",
+        )?;
+        for prefix in &delta.remove_prefixes {
+            // Every path under `prefix/`: from "prefix/" up to "prefix0" ('0' follows '/').
+            let mut lo = prefix.clone();
+            lo.push(b'/');
+            let mut hi = prefix.clone();
+            hi.push(b'0');
+            del.execute(params![id.as_str(), number, lo, hi])?;
+        }
+    }
     if delta.replace {
         tx.execute(
             "DELETE FROM hash_cache WHERE cache_id = ?1 AND instance = ?2",

@@ -35,7 +35,7 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 pub use db::SCHEMA_VERSION;
 pub use error::StoreError;
 pub use id::{CacheId, IdError, MAX_ID_BYTES};
-pub use layers::{HashCacheDelta, HashedStat, LayerRecord, NewLayer, check_tag};
+pub use layers::{ChangeLog, HashCacheDelta, HashedStat, LayerRecord, NewLayer, check_tag};
 pub use leases::{LeaseRow, LeaseState, NewLease};
 pub use usage::{CounterDelta, FileUpdate, InstanceUsage, SizeState};
 
