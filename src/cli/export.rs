@@ -254,7 +254,11 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
     let (report, written) = match result {
         Ok(r) => r,
         Err(LayerError::Interrupted) => {
-            print_error("interrupted; nothing was written");
+            print_error(if to_stdout {
+                "interrupted; the tar on stdout is incomplete"
+            } else {
+                "interrupted; nothing was written"
+            });
             return Ok(128 + cancel.load(Ordering::Relaxed));
         }
         Err(e @ LayerError::Invalid(_)) => {

@@ -359,6 +359,9 @@ impl CacheFs {
         match self.table.lookup(parent, name, true) {
             Ok(l) => {
                 self.note_size(&l.st, false, t0);
+                // A new directory may take the name of one that was removed or moved away:
+                // the change log must not let a snapshot reuse the old one's digest.
+                self.note_moved(l.inode.node, &l.st);
                 reply.entry_with_ttls(
                     &self.attr_ttl,
                     &self.entry_ttl,

@@ -53,6 +53,8 @@ impl ObjectKind {
 
 pub struct ObjectStore {
     root: PathBuf,
+    /// Objects this process stored (renamed into place) through this handle.
+    written: std::sync::Arc<AtomicU64>,
 }
 
 /// Held while objects are written or read; gc's sweep takes it exclusively, so it never
@@ -73,7 +75,10 @@ impl ObjectStore {
                 Err(e) => return Err(LayerError::io("create", &p, e)),
             }
         }
-        Ok(ObjectStore { root })
+        Ok(ObjectStore {
+            root,
+            written: Default::default(),
+        })
     }
 
     pub fn root(&self) -> &Path {
@@ -221,6 +226,7 @@ impl ObjectStore {
                     return Ok(ObjectWriter {
                         file: Some(file),
                         tmp: p,
+                        written: self.written.clone(),
                     });
                 }
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
@@ -229,9 +235,13 @@ impl ObjectStore {
         }
     }
 
-    /// Makes the writes of this process durable (one syncfs for the whole filesystem), before
-    /// a layer record that refers to them is committed.
+    /// Makes the objects stored through this handle durable (one syncfs for the whole
+    /// filesystem), before a layer record that refers to them is committed. Nothing to do
+    /// when nothing new was stored.
     pub fn sync(&self) -> Result<(), LayerError> {
+        if self.written.load(Ordering::Relaxed) == 0 {
+            return Ok(());
+        }
         let d = File::open(&self.root).map_err(|e| LayerError::io("open", &self.root, e))?;
         rustix::fs::syncfs(d.as_fd()).map_err(|e| LayerError::io("sync", &self.root, e.into()))
     }
@@ -287,6 +297,7 @@ impl ObjectStore {
 pub struct ObjectWriter {
     file: Option<File>,
     tmp: PathBuf,
+    written: std::sync::Arc<AtomicU64>,
 }
 
 impl ObjectWriter {
@@ -331,7 +342,10 @@ impl ObjectWriter {
             rustix::fs::RenameFlags::NOREPLACE,
         );
         match res {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                self.written.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
             Err(rustix::io::Errno::EXIST) => {
                 let _ = fs::remove_file(&self.tmp);
                 Ok(())

@@ -422,7 +422,8 @@ enum HashError {
 }
 
 thread_local! {
-    static BUF: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0u8; CHUNK]);
+    // Large enough that one update_rayon call keeps both cores busy on a big file.
+    static BUF: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0u8; 4 * CHUNK]);
 }
 
 /// Reads `f` into `buf` until it is full or the file ends.
@@ -448,9 +449,11 @@ fn update(hasher: &mut blake3::Hasher, data: &[u8]) {
     }
 }
 
-/// Hashes a file and stores its contents as a blob if the store lacks it. A file that fits one
-/// buffer is hashed before anything is written, so known contents cost no write; a larger one
-/// is written while it is hashed (one pass over the data) and dropped if the blob exists.
+/// Hashes a file and stores its contents as a blob if the store lacks it. The file is hashed
+/// first, so contents the store has already cost no write; a small file is then written from
+/// the buffer it was read into, a larger one is copied in the kernel (`copy_file_range`, page
+/// cache to page cache). A file that changed between the hash and the copy is refused (its
+/// stat key moved), so a blob never holds other bytes than its name says.
 /// Returns the hash, the bytes read and the bytes stored.
 fn hash_and_store(
     objects: &ObjectStore,
@@ -473,12 +476,11 @@ fn hash_and_store(
             w.commit(ObjectKind::Blob, d).map_err(HashError::Store)?;
             return Ok((d, n as u64, n as u64));
         }
-        let mut w = objects.writer().map_err(HashError::Store)?;
+        let before = rustix::fs::fstat(&f).map_err(|e| HashError::Read(e.into()))?;
         let mut total = 0u64;
         let mut n = n;
         loop {
             update(&mut hasher, &buf[..n]);
-            w.write_all(&buf[..n]).map_err(HashError::Store)?;
             total += n as u64;
             if n < buf.len() {
                 break;
@@ -490,8 +492,71 @@ fn hash_and_store(
             }
         }
         let d = Digest(*hasher.finalize().as_bytes());
-        let existed = objects.has(ObjectKind::Blob, d);
+        if objects.has(ObjectKind::Blob, d) {
+            return Ok((d, total, 0));
+        }
+        let mut w = objects.writer().map_err(HashError::Store)?;
+        copy_into(&mut f, &mut w, total, &mut buf)?;
+        let after = rustix::fs::fstat(&f).map_err(|e| HashError::Read(e.into()))?;
+        if !same_key(&stat_key(&before), &stat_key(&after)) {
+            return Err(HashError::Read(io::Error::other(
+                "the file changed while it was read (is something writing the cache outside cachefs?)",
+            )));
+        }
         w.commit(ObjectKind::Blob, d).map_err(HashError::Store)?;
-        Ok((d, total, if existed { 0 } else { total }))
+        Ok((d, total, total))
     })
+}
+
+/// Copies the first `len` bytes of `f` into `w`: in the kernel when it can, else through `buf`.
+fn copy_into(
+    f: &mut File,
+    w: &mut super::objects::ObjectWriter,
+    len: u64,
+    buf: &mut [u8],
+) -> Result<(), HashError> {
+    use std::io::Seek;
+    let mut in_off = 0u64;
+    if let Some(out) = w.file() {
+        let mut out_off = 0u64;
+        while in_off < len {
+            let want = usize::try_from(len - in_off).unwrap_or(usize::MAX).min(1 << 30);
+            match rustix::fs::copy_file_range(&*f, Some(&mut in_off), out, Some(&mut out_off), want)
+            {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(rustix::io::Errno::INTR) => {}
+                // Not possible between these two files: copy by hand from where it stopped.
+                Err(
+                    rustix::io::Errno::XDEV
+                    | rustix::io::Errno::INVAL
+                    | rustix::io::Errno::NOSYS
+                    | rustix::io::Errno::OPNOTSUPP,
+                ) => break,
+                Err(e) => return Err(HashError::Read(e.into())),
+            }
+        }
+        if in_off < len {
+            use std::io::Seek as _;
+            let mut out: &File = out;
+            out.seek(io::SeekFrom::Start(in_off))
+                .map_err(HashError::Read)?;
+        }
+    }
+    if in_off >= len {
+        return Ok(());
+    }
+    f.seek(io::SeekFrom::Start(in_off)).map_err(HashError::Read)?;
+    while in_off < len {
+        let want = usize::try_from(len - in_off).unwrap_or(usize::MAX).min(buf.len());
+        let n = fill(f, &mut buf[..want]).map_err(HashError::Read)?;
+        if n == 0 {
+            return Err(HashError::Read(io::Error::other(
+                "the file shrank while it was read",
+            )));
+        }
+        w.write_all(&buf[..n]).map_err(HashError::Store)?;
+        in_off += n as u64;
+    }
+    Ok(())
 }

@@ -1965,6 +1965,24 @@ mod tests {
     }
 
     #[test]
+    fn whiteout_names_cannot_be_exported() {
+        let (_d, a) = store();
+        let root = layer(&a, &[("d", N::D(0o755)), ("d/.wh.x", N::F(b"", 0o644))]);
+        let err = export(
+            &a,
+            root,
+            None,
+            &mut Vec::new(),
+            &Options::new(Path::new("m")),
+        )
+        .unwrap_err();
+        assert!(
+            matches!(&err, LayerError::Invalid(m) if m.contains("\"d/.wh.x\"")),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn comments_parse() {
         let d = Digest::of(b"x");
         let p = Digest::of(b"p");
@@ -1993,6 +2011,117 @@ mod tests {
                 .parse()
                 .unwrap();
             assert_eq!(len, r.len());
+        }
+    }
+
+    /// A random tree for the property tests.
+    #[derive(Debug, Clone)]
+    enum G {
+        File(Vec<u8>, u32),
+        Link(Vec<u8>),
+        Fifo(u32),
+        Dir(u32, BTreeMap<Vec<u8>, G>),
+    }
+
+    fn store_g(objects: &ObjectStore, kids: &BTreeMap<Vec<u8>, G>) -> Digest {
+        let mut t = Tree::default();
+        for (name, g) in kids {
+            t.entries.push(match g {
+                G::File(data, mode) => {
+                    Entry::file(name, *mode, data.len() as u64, put_blob(objects, data))
+                }
+                G::Link(target) => Entry::symlink(name, target),
+                G::Fifo(mode) => Entry::fifo(name, *mode),
+                G::Dir(mode, sub) => Entry::dir(name, *mode, store_g(objects, sub)),
+            });
+        }
+        objects.put_tree(&t).unwrap()
+    }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn name() -> impl Strategy<Value = Vec<u8>> {
+            prop_oneof![
+                Just(b"a".to_vec()),
+                Just(b"b".to_vec()),
+                Just(b"c".to_vec()),
+                Just(b"-x".to_vec()),
+                Just(b"dir".to_vec()),
+                Just(b"new\nline".to_vec()),
+                Just(b"\xff\xfe".to_vec()),
+                Just(vec![b'l'; 150]),
+            ]
+        }
+
+        fn mode() -> impl Strategy<Value = u32> {
+            prop_oneof![
+                Just(0o644),
+                Just(0o755),
+                Just(0o600),
+                Just(0o1777),
+                Just(0o4755)
+            ]
+        }
+
+        fn tree() -> impl Strategy<Value = BTreeMap<Vec<u8>, G>> {
+            let leaf = prop_oneof![
+                (
+                    prop_oneof![
+                        Just(Vec::new()),
+                        Just(b"same".to_vec()),
+                        proptest::collection::vec(any::<u8>(), 0..2000)
+                    ],
+                    mode()
+                )
+                    .prop_map(|(d, m)| G::File(d, m)),
+                prop_oneof![
+                    Just(b"a".to_vec()),
+                    Just(b"/etc/passwd".to_vec()),
+                    Just(vec![b't'; 120])
+                ]
+                .prop_map(G::Link),
+                mode().prop_map(G::Fifo),
+            ];
+            let node = leaf.prop_recursive(3, 40, 5, |inner| {
+                (mode(), proptest::collection::btree_map(name(), inner, 0..5))
+                    .prop_map(|(m, kids)| G::Dir(m, kids))
+            });
+            proptest::collection::btree_map(name(), node, 0..6)
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(48))]
+
+            /// Export then import into a fresh store gives the layer back, and it exports to
+            /// the same bytes there.
+            #[test]
+            fn export_import_round_trips(t in tree()) {
+                let (_d1, a) = store();
+                let root = store_g(&a, &t);
+                let (tar, r) = export_vec(&a, root, None);
+                let (_d2, b) = store();
+                let imp = import_bytes(&b, &tar).unwrap();
+                prop_assert_eq!(imp.digest, root);
+                prop_assert_eq!(&imp.diff_id, &r.diff_id);
+                prop_assert_eq!(export_vec(&b, root, None).0, tar);
+            }
+
+            /// A changeset applied on its parent gives the child, whatever the two trees.
+            #[test]
+            fn changesets_apply_to_the_child(p in tree(), c in tree()) {
+                let (_d1, a) = store();
+                let parent = store_g(&a, &p);
+                let child = store_g(&a, &c);
+                let (full, _) = export_vec(&a, parent, None);
+                let (delta, _) = export_vec(&a, child, Some(parent));
+                let (_d2, b) = store();
+                prop_assert_eq!(import_bytes(&b, &full).unwrap().digest, parent);
+                let imp = import_bytes(&b, &delta).unwrap();
+                prop_assert_eq!(imp.digest, child);
+                prop_assert_eq!(imp.parent, Some(parent));
+            }
         }
     }
 }
