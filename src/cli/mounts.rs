@@ -564,82 +564,6 @@ pub(crate) fn shell_join(words: &[OsString]) -> String {
         .join(" ")
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn fsname_is_safe_in_mount_options() {
-        assert_eq!(fsname_for("apt"), "cachefs:apt");
-        assert_eq!(fsname_for("/var/cache/apt"), "cachefs:/var/cache/apt");
-        assert_eq!(fsname_for("a,b c\td\n"), "cachefs:a_b_c_d_");
-        assert_eq!(fsname_for("x\\y\"z'"), "cachefs:x_y_z_");
-        assert_eq!(fsname_for("café"), "cachefs:caf_");
-        let long = fsname_for(&"é".repeat(255));
-        assert_eq!(long.len(), 128);
-        assert!(long.chars().all(|c| c.is_ascii_graphic()));
-    }
-
-    #[test]
-    fn targets_become_absolute() {
-        let cwd = Path::new("/work/proj");
-        assert_eq!(
-            absolute(Path::new("target"), cwd),
-            Path::new("/work/proj/target")
-        );
-        assert_eq!(
-            absolute(Path::new("./a/./b/"), cwd),
-            Path::new("/work/proj/a/b")
-        );
-        assert_eq!(absolute(Path::new("/x//y/"), cwd), Path::new("/x/y"));
-        assert_eq!(
-            absolute(Path::new("../c"), cwd),
-            Path::new("/work/proj/../c")
-        );
-    }
-
-    #[test]
-    fn command_lines_are_shown_quoted() {
-        let words: Vec<OsString> = ["apt-get", "install", "-y", "jq", "a b", "it's", ""]
-            .iter()
-            .map(OsString::from)
-            .collect();
-        assert_eq!(
-            shell_join(&words),
-            r"apt-get install -y jq 'a b' 'it'\''s' ''"
-        );
-    }
-
-    #[test]
-    fn one_mount_locked_twice_is_refused() {
-        let spec = |s: &str| MountSpec::parse(s).unwrap();
-        let p = |s: &str, t: &str| Planned {
-            spec: spec(s),
-            target: PathBuf::from(t),
-        };
-        assert!(
-            reject_self_deadlock(&[
-                p("id=a,target=/x,sharing=shared", "/x"),
-                p("id=a,target=/y,sharing=shared", "/y")
-            ])
-            .is_ok()
-        );
-        let err = reject_self_deadlock(&[
-            p("id=a,target=/x,sharing=shared", "/x"),
-            p("id=a,target=/y,sharing=locked", "/y"),
-        ])
-        .unwrap_err();
-        assert!(format!("{err:#}").contains("wait for itself"));
-        assert!(
-            reject_self_deadlock(&[
-                p("id=a,target=/x,sharing=locked", "/x"),
-                p("id=b,target=/y,sharing=locked", "/y")
-            ])
-            .is_ok()
-        );
-    }
-}
-
 /// Takes instance `number` of `id` exclusively (snapshot, restore), saying on stderr who
 /// holds it while the wait lasts. An interrupted wait becomes the exit code 128+N with a line
 /// saying what was not done (`Ok(Err(code))`).
@@ -809,5 +733,81 @@ fn seed_instance(
             spec.id.as_str(),
             &layer.digest[..12]
         ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fsname_is_safe_in_mount_options() {
+        assert_eq!(fsname_for("apt"), "cachefs:apt");
+        assert_eq!(fsname_for("/var/cache/apt"), "cachefs:/var/cache/apt");
+        assert_eq!(fsname_for("a,b c\td\n"), "cachefs:a_b_c_d_");
+        assert_eq!(fsname_for("x\\y\"z'"), "cachefs:x_y_z_");
+        assert_eq!(fsname_for("café"), "cachefs:caf_");
+        let long = fsname_for(&"é".repeat(255));
+        assert_eq!(long.len(), 128);
+        assert!(long.chars().all(|c| c.is_ascii_graphic()));
+    }
+
+    #[test]
+    fn targets_become_absolute() {
+        let cwd = Path::new("/work/proj");
+        assert_eq!(
+            absolute(Path::new("target"), cwd),
+            Path::new("/work/proj/target")
+        );
+        assert_eq!(
+            absolute(Path::new("./a/./b/"), cwd),
+            Path::new("/work/proj/a/b")
+        );
+        assert_eq!(absolute(Path::new("/x//y/"), cwd), Path::new("/x/y"));
+        assert_eq!(
+            absolute(Path::new("../c"), cwd),
+            Path::new("/work/proj/../c")
+        );
+    }
+
+    #[test]
+    fn command_lines_are_shown_quoted() {
+        let words: Vec<OsString> = ["apt-get", "install", "-y", "jq", "a b", "it's", ""]
+            .iter()
+            .map(OsString::from)
+            .collect();
+        assert_eq!(
+            shell_join(&words),
+            r"apt-get install -y jq 'a b' 'it'\''s' ''"
+        );
+    }
+
+    #[test]
+    fn one_mount_locked_twice_is_refused() {
+        let spec = |s: &str| MountSpec::parse(s).unwrap();
+        let p = |s: &str, t: &str| Planned {
+            spec: spec(s),
+            target: PathBuf::from(t),
+        };
+        assert!(
+            reject_self_deadlock(&[
+                p("id=a,target=/x,sharing=shared", "/x"),
+                p("id=a,target=/y,sharing=shared", "/y")
+            ])
+            .is_ok()
+        );
+        let err = reject_self_deadlock(&[
+            p("id=a,target=/x,sharing=shared", "/x"),
+            p("id=a,target=/y,sharing=locked", "/y"),
+        ])
+        .unwrap_err();
+        assert!(format!("{err:#}").contains("wait for itself"));
+        assert!(
+            reject_self_deadlock(&[
+                p("id=a,target=/x,sharing=locked", "/x"),
+                p("id=b,target=/y,sharing=locked", "/y")
+            ])
+            .is_ok()
+        );
     }
 }

@@ -49,6 +49,9 @@ pub struct Owner {
     pub gid: u32,
 }
 
+/// The restored files: path relative to the root, stat key and hash (for the hash cache).
+pub type RestoredFiles = Vec<(Vec<u8>, HashedStat)>;
+
 struct FileTask {
     path: Vec<u8>,
     blob: Digest,
@@ -161,7 +164,7 @@ pub fn materialize(
     owner: Option<Owner>,
     show_progress: bool,
     cancel: &AtomicI32,
-) -> Result<(RestoreReport, Vec<(Vec<u8>, HashedStat)>), LayerError> {
+) -> Result<(RestoreReport, RestoredFiles), LayerError> {
     let plan = plan(objects, root)?;
     let root_fd = rustix::fs::open(
         dest,
@@ -262,16 +265,9 @@ pub fn materialize(
             }
             let st =
                 rustix::fs::fstat(&out).map_err(|e| LayerError::io("stat", &at(rel), e.into()))?;
-            Ok((
-                rel.clone(),
-                HashedStat {
-                    size: u64::try_from(st.st_size).unwrap_or(0),
-                    mtime_ns: st.st_mtime as i64 * 1_000_000_000 + st.st_mtime_nsec as i64,
-                    ctime_ns: st.st_ctime as i64 * 1_000_000_000 + st.st_ctime_nsec as i64,
-                    ino: st.st_ino,
-                    hash: task.blob.0,
-                },
-            ))
+            let mut key = super::snapshot::stat_key(&st);
+            key.hash = task.blob.0;
+            Ok((rel.clone(), key))
         })
         .collect();
     progress.finish();
@@ -352,7 +348,9 @@ fn write_blob(
 fn copy_range(from: &File, to: &File, len: u64) -> io::Result<()> {
     let (mut off_in, mut off_out) = (0u64, 0u64);
     while off_in < len {
-        let want = usize::try_from(len - off_in).unwrap_or(usize::MAX).min(1 << 30);
+        let want = usize::try_from(len - off_in)
+            .unwrap_or(usize::MAX)
+            .min(1 << 30);
         match rustix::fs::copy_file_range(from, Some(&mut off_in), to, Some(&mut off_out), want) {
             Ok(0) => return Err(io::Error::other("the blob is shorter than it was")),
             Ok(_) => {}

@@ -59,6 +59,10 @@ struct FileJob {
     known: Option<Digest>,
 }
 
+/// A directory still to walk: its index, (parent fd, name) to open it by (none for the root),
+/// and its path.
+type PendingDir = (usize, Option<(Rc<OwnedFd>, CString)>, Vec<u8>);
+
 enum Slot {
     File { mode: u32, job: usize },
     Dir { mode: u32, dir: usize },
@@ -76,8 +80,8 @@ fn errno_io(e: rustix::io::Errno) -> io::Error {
 pub(crate) fn stat_key(st: &rustix::fs::Stat) -> HashedStat {
     HashedStat {
         size: u64::try_from(st.st_size).unwrap_or(0),
-        mtime_ns: st.st_mtime as i64 * 1_000_000_000 + st.st_mtime_nsec as i64,
-        ctime_ns: st.st_ctime as i64 * 1_000_000_000 + st.st_ctime_nsec as i64,
+        mtime_ns: st.st_mtime * 1_000_000_000 + st.st_mtime_nsec as i64,
+        ctime_ns: st.st_ctime * 1_000_000_000 + st.st_ctime_nsec as i64,
         ino: st.st_ino,
         hash: [0; 32],
     }
@@ -186,8 +190,7 @@ pub(crate) fn walk_hash(
     );
     // Depth first. A directory still to visit is kept as (parent fd, name) and opened only
     // when visited, so open fds stay about as many as the tree is deep, however wide it is.
-    let mut stack: Vec<(usize, Option<(Rc<OwnedFd>, CString)>, Vec<u8>)> =
-        vec![(0, None, Vec::new())];
+    let mut stack: Vec<PendingDir> = vec![(0, None, Vec::new())];
     while let Some((index, parent, dir_path)) = stack.pop() {
         if cancel.load(Ordering::Relaxed) != 0 {
             return Err(LayerError::Interrupted);
@@ -520,7 +523,9 @@ fn copy_into(
     if let Some(out) = w.file() {
         let mut out_off = 0u64;
         while in_off < len {
-            let want = usize::try_from(len - in_off).unwrap_or(usize::MAX).min(1 << 30);
+            let want = usize::try_from(len - in_off)
+                .unwrap_or(usize::MAX)
+                .min(1 << 30);
             match rustix::fs::copy_file_range(&*f, Some(&mut in_off), out, Some(&mut out_off), want)
             {
                 Ok(0) => break,
@@ -546,9 +551,12 @@ fn copy_into(
     if in_off >= len {
         return Ok(());
     }
-    f.seek(io::SeekFrom::Start(in_off)).map_err(HashError::Read)?;
+    f.seek(io::SeekFrom::Start(in_off))
+        .map_err(HashError::Read)?;
     while in_off < len {
-        let want = usize::try_from(len - in_off).unwrap_or(usize::MAX).min(buf.len());
+        let want = usize::try_from(len - in_off)
+            .unwrap_or(usize::MAX)
+            .min(buf.len());
         let n = fill(f, &mut buf[..want]).map_err(HashError::Read)?;
         if n == 0 {
             return Err(HashError::Read(io::Error::other(
