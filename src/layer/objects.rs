@@ -67,12 +67,22 @@ impl ObjectStore {
     /// Opens (and creates) `STORE/objects`.
     pub fn open(store_root: &Path) -> Result<ObjectStore, LayerError> {
         let root = store_root.join(OBJECTS_DIR);
+        let mkdir = |p: &Path| match fs::DirBuilder::new().mode(0o755).create(p) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+            Err(e) => Err(LayerError::io("create", p, e)),
+        };
         for sub in ["", "blobs", "trees", "tmp"] {
-            let p = root.join(sub);
-            match fs::DirBuilder::new().mode(0o755).create(&p) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-                Err(e) => return Err(LayerError::io("create", &p, e)),
+            mkdir(&root.join(sub))?;
+        }
+        // The 256 fan-out directories of each kind, made once (the last one made marks it done)
+        // so storing an object never has to.
+        for kind in [ObjectKind::Blob, ObjectKind::Tree] {
+            let dir = root.join(kind.dir());
+            if !dir.join("ff").is_dir() {
+                for b in 0..=255u8 {
+                    mkdir(&dir.join(format!("{b:02x}")))?;
+                }
             }
         }
         Ok(ObjectStore {
@@ -325,22 +335,26 @@ impl ObjectWriter {
             .map(Path::to_path_buf)
             .unwrap_or_default();
         let hex = d.to_hex();
-        let fan = store_root.join(kind.dir()).join(&hex[..2]);
-        match fs::DirBuilder::new().mode(0o755).create(&fan) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(LayerError::io("create", &fan, e)),
-        }
-        let dest = fan.join(hex);
+        let dest = store_root.join(kind.dir()).join(&hex[..2]).join(hex);
         // RENAME_NOREPLACE: an existing object is never replaced, even by identical bytes,
         // so a reader never sees a name change under it.
-        let res = rustix::fs::renameat_with(
-            rustix::fs::CWD,
-            &self.tmp,
-            rustix::fs::CWD,
-            &dest,
-            rustix::fs::RenameFlags::NOREPLACE,
-        );
+        let rename = || {
+            rustix::fs::renameat_with(
+                rustix::fs::CWD,
+                &self.tmp,
+                rustix::fs::CWD,
+                &dest,
+                rustix::fs::RenameFlags::NOREPLACE,
+            )
+        };
+        let mut res = rename();
+        if res == Err(rustix::io::Errno::NOENT)
+            && let Some(fan) = dest.parent()
+        {
+            // Its fan-out directory went missing (removed by hand): make it and retry.
+            let _ = fs::DirBuilder::new().mode(0o755).create(fan);
+            res = rename();
+        }
         match res {
             Ok(()) => {
                 self.written.fetch_add(1, Ordering::Relaxed);

@@ -109,6 +109,22 @@ fn plan(objects: &ObjectStore, root: Digest) -> Result<Plan, LayerError> {
     Ok(p)
 }
 
+/// The directory part of a relative path ("" for a top-level name).
+fn dir_of(rel: &[u8]) -> &[u8] {
+    match rel.iter().rposition(|&b| b == b'/') {
+        Some(i) => &rel[..i],
+        None => b"",
+    }
+}
+
+/// The last component of a relative path.
+fn base_of(rel: &[u8]) -> &[u8] {
+    match rel.iter().rposition(|&b| b == b'/') {
+        Some(i) => &rel[i + 1..],
+        None => rel,
+    }
+}
+
 fn cstr(b: &[u8]) -> Result<CString, LayerError> {
     CString::new(b.to_vec()).map_err(|_| LayerError::Invalid("a name holds a NUL byte".into()))
 }
@@ -227,51 +243,81 @@ pub fn materialize(
     let total: u64 = plan.files.iter().map(|f| f.size).sum();
     let progress = Progress::bytes("restoring", total, show_progress);
     let reflinked = AtomicU64::new(0);
-    let keys: Vec<Result<(Vec<u8>, HashedStat), LayerError>> = plan
-        .files
+    // Files of one directory are contiguous in the plan: cut them into runs of at most
+    // RUN files of one directory, so each run opens its directory once and the runs spread
+    // over the threads.
+    const RUN: usize = 256;
+    let mut runs: Vec<&[FileTask]> = Vec::new();
+    let mut start = 0;
+    for i in 1..=plan.files.len() {
+        let cut = i == plan.files.len()
+            || i - start >= RUN
+            || dir_of(&plan.files[i].path) != dir_of(&plan.files[start].path);
+        if cut {
+            runs.push(&plan.files[start..i]);
+            start = i;
+        }
+    }
+    let keys: Vec<Result<RestoredFiles, LayerError>> = runs
         .par_iter()
-        .map(|task| {
-            if cancel.load(Ordering::Relaxed) != 0 {
-                return Err(LayerError::Interrupted);
-            }
-            let rel = &task.path;
-            let (pfd, name) =
-                parent_of(&root_fd, rel).map_err(|e| LayerError::io("open", &at(rel), e))?;
-            let fd = rustix::fs::openat(
-                &pfd,
-                name.as_c_str(),
-                OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                Mode::from_raw_mode(0o600),
-            )
-            .map_err(|e| LayerError::io("create", &at(rel), e.into()))?;
-            let mut out = File::from(fd);
-            let cloned =
-                write_blob(objects, task.blob, &mut out, &progress).map_err(|e| match e {
-                    WriteError::Object(e) => e,
-                    WriteError::Write(e) => LayerError::io("write", &at(rel), e),
-                })?;
-            if cloned {
-                reflinked.fetch_add(1, Ordering::Relaxed);
-            }
-            rustix::fs::fchmod(&out, Mode::from_raw_mode(task.mode))
-                .map_err(|e| LayerError::io("set mode of", &at(rel), e.into()))?;
-            if let Some(o) = owner {
-                rustix::fs::fchown(
-                    &out,
-                    Some(rustix::fs::Uid::from_raw(o.uid)),
-                    Some(rustix::fs::Gid::from_raw(o.gid)),
+        .map(|run| {
+            let mut out_keys = Vec::with_capacity(run.len());
+            let Some(first) = run.first() else {
+                return Ok(out_keys);
+            };
+            let (pfd, _) = parent_of(&root_fd, &first.path)
+                .map_err(|e| LayerError::io("open", &at(&first.path), e))?;
+            for task in run.iter() {
+                if cancel.load(Ordering::Relaxed) != 0 {
+                    return Err(LayerError::Interrupted);
+                }
+                let rel = &task.path;
+                let name = cstr(base_of(rel))?;
+                let fd = rustix::fs::openat(
+                    &pfd,
+                    name.as_c_str(),
+                    OFlags::WRONLY
+                        | OFlags::CREATE
+                        | OFlags::EXCL
+                        | OFlags::NOFOLLOW
+                        | OFlags::CLOEXEC,
+                    Mode::from_raw_mode(0o600),
                 )
-                .map_err(|e| LayerError::io("set owner of", &at(rel), e.into()))?;
+                .map_err(|e| LayerError::io("create", &at(rel), e.into()))?;
+                let mut out = File::from(fd);
+                let cloned =
+                    write_blob(objects, task.blob, &mut out, &progress).map_err(|e| match e {
+                        WriteError::Object(e) => e,
+                        WriteError::Write(e) => LayerError::io("write", &at(rel), e),
+                    })?;
+                if cloned {
+                    reflinked.fetch_add(1, Ordering::Relaxed);
+                }
+                rustix::fs::fchmod(&out, Mode::from_raw_mode(task.mode))
+                    .map_err(|e| LayerError::io("set mode of", &at(rel), e.into()))?;
+                if let Some(o) = owner {
+                    rustix::fs::fchown(
+                        &out,
+                        Some(rustix::fs::Uid::from_raw(o.uid)),
+                        Some(rustix::fs::Gid::from_raw(o.gid)),
+                    )
+                    .map_err(|e| LayerError::io("set owner of", &at(rel), e.into()))?;
+                }
+                let st = rustix::fs::fstat(&out)
+                    .map_err(|e| LayerError::io("stat", &at(rel), e.into()))?;
+                let mut key = super::snapshot::stat_key(&st);
+                key.hash = task.blob.0;
+                out_keys.push((rel.clone(), key));
             }
-            let st =
-                rustix::fs::fstat(&out).map_err(|e| LayerError::io("stat", &at(rel), e.into()))?;
-            let mut key = super::snapshot::stat_key(&st);
-            key.hash = task.blob.0;
-            Ok((rel.clone(), key))
+            Ok(out_keys)
         })
         .collect();
     progress.finish();
-    let keys: Vec<(Vec<u8>, HashedStat)> = keys.into_iter().collect::<Result<_, _>>()?;
+    let mut all = Vec::with_capacity(plan.files.len());
+    for k in keys {
+        all.extend(k?);
+    }
+    let keys = all;
 
     // Directory modes and owners last, deepest first, so a read-only directory is filled
     // before it becomes read-only.
