@@ -20,24 +20,19 @@ use super::objects::{ObjectKind, ObjectStore};
 use crate::store::{LayerRecord, Store};
 
 /// The layers `keep` (per source cache, newest first) leaves over; tagged ones never are.
-/// Imported layers (no cache) form one group of their own.
+/// Imported layers (no cache) form one group of their own. `layers` is newest first (as
+/// `Store::list_layers` gives them); the result is oldest first.
 pub fn layers_over_keep(layers: &[LayerRecord], keep: usize) -> Vec<LayerRecord> {
-    let mut by_cache: HashMap<Option<&str>, Vec<&LayerRecord>> = HashMap::new();
-    for l in layers {
-        by_cache.entry(l.cache.as_deref()).or_default().push(l);
-    }
+    let mut seen: HashMap<Option<&str>, usize> = HashMap::new();
     let mut out = Vec::new();
-    for (_, mut group) in by_cache {
-        group.sort_by(|a, b| b.created.cmp(&a.created).then(a.digest.cmp(&b.digest)));
-        out.extend(
-            group
-                .into_iter()
-                .filter(|l| l.tags.is_empty())
-                .skip(keep)
-                .cloned(),
-        );
+    for l in layers.iter().filter(|l| l.tags.is_empty()) {
+        let n = seen.entry(l.cache.as_deref()).or_default();
+        *n += 1;
+        if *n > keep {
+            out.push(l.clone());
+        }
     }
-    out.sort_by(|a, b| a.created.cmp(&b.created).then(a.digest.cmp(&b.digest)));
+    out.reverse();
     out
 }
 

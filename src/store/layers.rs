@@ -244,7 +244,7 @@ impl Store {
         Ok(out)
     }
 
-    /// Every layer, newest first, with its tags.
+    /// Every layer, newest first (in the order recorded, within a second), with its tags.
     pub fn list_layers(&self) -> Result<Vec<LayerRecord>, StoreError> {
         self.query_layers("1", &[])
     }
@@ -258,7 +258,7 @@ impl Store {
         let conn = self.conn.lock();
         let mut stmt = conn
             .prepare(&format!(
-                "SELECT {LAYER_COLUMNS} FROM layers WHERE {filter} ORDER BY created DESC, digest"
+                "SELECT {LAYER_COLUMNS} FROM layers WHERE {filter} ORDER BY created DESC, rowid DESC"
             ))
             .map_err(err)?;
         let mut layers: Vec<LayerRecord> = stmt
