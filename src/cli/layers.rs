@@ -83,6 +83,16 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
                 println!("{}", serde_json::to_string_pretty(&layers)?);
             } else {
                 print!("{}", table(&layers, args.full, crate::store::unix_now()));
+                let objects_dir = root.join(crate::layer::objects::OBJECTS_DIR);
+                if objects_dir.is_dir()
+                    && let Ok(objects) = crate::layer::ObjectStore::open(&root)
+                    && let Ok((n, bytes)) = crate::layer::collect::store_size(&objects)
+                {
+                    println!(
+                        "object store: {n} objects, {} (shared by all layers; cachefs gc removes unused ones)",
+                        format_size(bytes)
+                    );
+                }
             }
             Ok(0)
         }
