@@ -417,14 +417,10 @@ fn collect_layers(
 fn layer_err(e: crate::layer::LayerError) -> GcError {
     match e {
         crate::layer::LayerError::Store(s) => GcError::Store(s),
-        crate::layer::LayerError::Io {
+        crate::layer::LayerError::Io { action, path, err } => GcError::Io {
             action,
             path,
-            source,
-        } => GcError::Io {
-            action,
-            path,
-            source,
+            source: err,
         },
         other => GcError::Io {
             action: "collect layers",

@@ -145,6 +145,18 @@ pub fn hash_incremental(
         let e = dirty.entry(p.clone()).or_insert(false);
         *e |= *sub;
     }
+    let root_fd = rustix::fs::open(
+        root,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| LayerError::io("open", root, e.into()))?;
+    // Directories changed behind cachefs's back (their mtime, ctime or inode moved since the
+    // last snapshot recorded them) count as changed too.
+    let recorded = store.dir_keys(id, number)?;
+    for p in changed_dirs(&root_fd, root, &recorded)? {
+        dirty.entry(p).or_insert(false);
+    }
     let mut touched: HashSet<Vec<u8>> = HashSet::new();
     for p in dirty.keys() {
         let mut at: Option<&[u8]> = Some(p.as_slice());
@@ -171,12 +183,6 @@ pub fn hash_incremental(
     let digest = if ctx.touched.is_empty() {
         base_digest
     } else {
-        let root_fd = rustix::fs::open(
-            root,
-            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            Mode::empty(),
-        )
-        .map_err(|e| LayerError::io("open", root, e.into()))?;
         ctx.rebuild(b"", &root_fd, base_digest)?
     };
     let mut report = ctx.report;
@@ -234,6 +240,7 @@ impl Ctx<'_> {
         self.cache
             .upsert
             .extend(walk.files.into_iter().map(|(p, h, _)| (p, h)));
+        self.cache.dirs.extend(walk.dirs);
         Ok((walk.digest, walk.report.stats))
     }
 
@@ -273,9 +280,10 @@ impl Ctx<'_> {
                 e.into(),
             ))
         })?;
-        let dev = rustix::fs::fstat(fd)
-            .map_err(|e| LayerError::io("stat", &self.display(path), e.into()))?
-            .st_dev;
+        let dir_st = rustix::fs::fstat(fd)
+            .map_err(|e| LayerError::io("stat", &self.display(path), e.into()))?;
+        let dev = dir_st.st_dev;
+        self.cache.dirs.push((path.to_vec(), stat_key(&dir_st)));
         let mut tree = Tree::default();
         let mut to_hash: Vec<(Vec<u8>, u32, HashedStat)> = Vec::new();
         while let Some(ent) = reader.read() {
@@ -385,7 +393,8 @@ impl Ctx<'_> {
                     Kind::Dir => {
                         let old = self.prev_stats(e.hash)?;
                         self.delta.stats(&old, -1);
-                        self.cache.remove_prefixes.push(child);
+                        self.cache.remove_prefixes.push(child.clone());
+                        self.cache.remove.push(child);
                     }
                     _ => {}
                 }
@@ -396,4 +405,78 @@ impl Ctx<'_> {
         }
         Ok(self.objects.put_tree(&tree)?)
     }
+}
+
+/// The directories under `root` whose stat key (mtime, ctime, inode) differs from the one
+/// recorded at the last snapshot, or that have none: a walk that reads directory entries
+/// (their types come with them) and stats directories only, never files. Holds about as many
+/// fds as the tree is deep.
+fn changed_dirs(
+    root_fd: &OwnedFd,
+    root: &Path,
+    recorded: &HashMap<Vec<u8>, HashedStat>,
+) -> Result<Vec<Vec<u8>>, LayerError> {
+    use std::rc::Rc;
+    let mut out = Vec::new();
+    let dev = rustix::fs::fstat(root_fd)
+        .map_err(|e| LayerError::io("stat", root, e.into()))?
+        .st_dev;
+    let first = Rc::new(
+        root_fd
+            .try_clone()
+            .map_err(|e| LayerError::io("open", root, e))?,
+    );
+    // (parent fd and name to open it by: none for the root, path)
+    type Pending = (Option<(Rc<OwnedFd>, CString)>, Vec<u8>);
+    let mut stack: Vec<Pending> = vec![(None, Vec::new())];
+    while let Some((parent, path)) = stack.pop() {
+        let display = root.join(std::ffi::OsStr::from_bytes(&path));
+        let fd = match parent {
+            None => first.clone(),
+            Some((pfd, name)) => match rustix::fs::openat(
+                &*pfd,
+                &name,
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            ) {
+                Ok(fd) => Rc::new(fd),
+                Err(e) => return Err(LayerError::io("open", &display, e.into())),
+            },
+        };
+        let st = rustix::fs::fstat(&*fd).map_err(|e| LayerError::io("stat", &display, e.into()))?;
+        if st.st_dev != dev {
+            continue;
+        }
+        let key = stat_key(&st);
+        let same = recorded.get(&path).is_some_and(|r| {
+            r.mtime_ns == key.mtime_ns && r.ctime_ns == key.ctime_ns && r.ino == key.ino
+        });
+        if !same {
+            out.push(path.clone());
+        }
+        let mut reader = Dir::read_from(&*fd)
+            .map_err(|e| LayerError::io("read directory", &display, e.into()))?;
+        while let Some(ent) = reader.read() {
+            let ent = ent.map_err(|e| LayerError::io("read directory", &display, e.into()))?;
+            let name = ent.file_name().to_bytes();
+            if name == b"." || name == b".." {
+                continue;
+            }
+            let is_dir = match ent.file_type() {
+                FileType::Directory => true,
+                FileType::Unknown => {
+                    rustix::fs::statat(&*fd, ent.file_name(), AtFlags::SYMLINK_NOFOLLOW)
+                        .is_ok_and(|s| FileType::from_raw_mode(s.st_mode) == FileType::Directory)
+                }
+                _ => false,
+            };
+            if is_dir {
+                stack.push((
+                    Some((fd.clone(), ent.file_name().to_owned())),
+                    join(&path, name),
+                ));
+            }
+        }
+    }
+    Ok(out)
 }

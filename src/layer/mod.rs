@@ -30,18 +30,20 @@ use crate::store::StoreError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LayerError {
-    #[error("cannot {action} {}: {source}", path.display())]
+    // `err`, not `source`: the OS error is part of this one line, and must not be repeated
+    // as the next link of an error chain.
+    #[error("cannot {action} {}: {err}", path.display())]
     Io {
         action: &'static str,
         path: PathBuf,
-        source: io::Error,
+        err: io::Error,
     },
     #[error(
-        "{kind} object {digest} is missing from the store: the layer is incomplete; import it again or take a new snapshot"
+        "{kind} object {digest} is missing from the store: the layer is incomplete; take the snapshot again with --rescan, or import the layer again"
     )]
     MissingObject { kind: &'static str, digest: Digest },
     #[error(
-        "{kind} object {digest} is corrupt ({}: {reason}); nothing was written from it: remove the file and import or snapshot the layer again",
+        "{kind} object {digest} is corrupt ({}: {reason}); nothing was written from it: remove that file, then take the snapshot again with --rescan or import the layer again",
         path.display()
     )]
     Corrupt {
@@ -59,11 +61,11 @@ pub enum LayerError {
 }
 
 impl LayerError {
-    pub fn io(action: &'static str, path: &Path, source: io::Error) -> LayerError {
+    pub fn io(action: &'static str, path: &Path, err: io::Error) -> LayerError {
         LayerError::Io {
             action,
             path: path.to_path_buf(),
-            source,
+            err,
         }
     }
 

@@ -52,6 +52,14 @@ pub struct Owner {
 /// The restored files: path relative to the root, stat key and hash (for the hash cache).
 pub type RestoredFiles = Vec<(Vec<u8>, HashedStat)>;
 
+/// Stat keys of what a restore wrote, to seed the instance's hash cache.
+#[derive(Debug, Default)]
+pub struct Restored {
+    pub files: RestoredFiles,
+    /// Directories (not the root) with their stat keys.
+    pub dirs: Vec<(Vec<u8>, HashedStat)>,
+}
+
 struct FileTask {
     path: Vec<u8>,
     blob: Digest,
@@ -180,7 +188,7 @@ pub fn materialize(
     owner: Option<Owner>,
     show_progress: bool,
     cancel: &AtomicI32,
-) -> Result<(RestoreReport, RestoredFiles), LayerError> {
+) -> Result<(RestoreReport, Restored), LayerError> {
     let plan = plan(objects, root)?;
     let root_fd = rustix::fs::open(
         dest,
@@ -321,6 +329,7 @@ pub fn materialize(
 
     // Directory modes and owners last, deepest first, so a read-only directory is filled
     // before it becomes read-only.
+    let mut dirs = Vec::with_capacity(plan.dirs.len());
     for (rel, mode) in plan.dirs.iter().rev() {
         let (pfd, name) =
             parent_of(&root_fd, rel).map_err(|e| LayerError::io("open", &at(rel), e))?;
@@ -332,6 +341,9 @@ pub fn materialize(
             AtFlags::empty(),
         )
         .map_err(|e| LayerError::io("set mode of", &at(rel), e.into()))?;
+        let st = rustix::fs::statat(&pfd, name.as_c_str(), AtFlags::SYMLINK_NOFOLLOW)
+            .map_err(|e| LayerError::io("stat", &at(rel), e.into()))?;
+        dirs.push((rel.clone(), super::snapshot::stat_key(&st)));
     }
     Ok((
         RestoreReport {
@@ -339,7 +351,7 @@ pub fn materialize(
             stats: plan.stats,
             reflinked: reflinked.load(Ordering::Relaxed),
         },
-        keys,
+        Restored { files: keys, dirs },
     ))
 }
 
@@ -501,9 +513,10 @@ fn walk_dirs(p: &Path) -> Vec<PathBuf> {
 }
 
 /// Makes `new` (a materialised tree in the store's tmp dir) the instance directory `target`
-/// atomically, then removes what was there. `new`'s data is synced first, so after a crash
-/// the instance is wholly old or wholly new. `trash` is where the old tree goes to be removed.
-pub fn switch_in(new: &Path, target: &Path, trash: &Path) -> Result<(), LayerError> {
+/// atomically. `new`'s data is synced first, so after a crash the instance is wholly old or
+/// wholly new. What was there is moved to `trash` (same filesystem); the caller removes it once
+/// its records are in line (`Ok(true)`), or there was nothing (`Ok(false)`).
+pub fn switch_in(new: &Path, target: &Path, trash: &Path) -> Result<bool, LayerError> {
     let d = File::open(new).map_err(|e| LayerError::io("open", new, e))?;
     rustix::fs::syncfs(&d).map_err(|e| LayerError::io("sync", new, e.into()))?;
     drop(d);
@@ -519,15 +532,13 @@ pub fn switch_in(new: &Path, target: &Path, trash: &Path) -> Result<(), LayerErr
             // `new` now names the old tree.
             fs::rename(new, trash).map_err(|e| LayerError::io("move aside", new, e))?;
             sync_dir(parent)?;
-            if let Err(e) = remove_tree(trash) {
-                tracing::warn!(path = %trash.display(), error = %e, "cannot remove the replaced tree; the next gc retries");
-            }
-            Ok(())
+            Ok(true)
         }
         Err(rustix::io::Errno::NOENT) => {
             fs::create_dir_all(parent).map_err(|e| LayerError::io("create", parent, e))?;
             fs::rename(new, target).map_err(|e| LayerError::io("move into place", target, e))?;
-            sync_dir(parent)
+            sync_dir(parent)?;
+            Ok(false)
         }
         Err(e) => Err(LayerError::io("switch in", target, e.into())),
     }
@@ -591,24 +602,48 @@ pub fn restore_instance(
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default()
         ));
-        switch_in(&work, path, &trash)?;
-        Ok((report, keys))
+        // Until the records below are written, the instance's change log, hash cache and
+        // counters describe the old tree: mark them untrusted first, so a crash right after
+        // the switch makes the next snapshot walk and the next mount recount.
+        store.invalidate_change_log(id, number)?;
+        store.set_usage_dirty(id, number, true)?;
+        let had_old = switch_in(&work, path, &trash)?;
+        Ok((report, keys, had_old.then_some(trash)))
     })();
-    let (report, keys) = match result {
+    let (report, keys, trash) = match result {
         Ok(r) => r,
         Err(e) => {
             let _ = remove_tree(&work);
+            if matches!(
+                e,
+                LayerError::Corrupt { .. } | LayerError::MissingObject { .. }
+            ) {
+                // Layers that share the object may be the base of incremental snapshots:
+                // make those walk, so a snapshot stores the contents again.
+                let _ = store.invalidate_all_change_logs();
+            }
             return Err(e);
         }
     };
     // The tree is in place: bring the records in line with it.
     let scan = crate::accounting::scan(path).map_err(|e| LayerError::io("count", path, e))?;
     store.replace_with_scan(id, number, &scan, crate::lease::now_ms())?;
+    let mut dirs = keys.dirs;
+    if let Ok(st) = rustix::fs::stat(path) {
+        dirs.push((Vec::new(), super::snapshot::stat_key(&st)));
+    }
     let delta = crate::store::HashCacheDelta {
         replace: true,
-        upsert: keys,
+        upsert: keys.files,
+        dirs,
         ..Default::default()
     };
     store.set_instance_layer(id, number, &digest.to_hex(), &delta)?;
+    store.set_usage_dirty(id, number, false)?;
+    if let Some(trash) = trash
+        && let Err(e) = remove_tree(&trash)
+    {
+        tracing::warn!(path = %trash.display(), error = %e, "cannot remove the replaced tree; the next gc retries");
+    }
     Ok(report)
 }

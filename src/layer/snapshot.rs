@@ -94,6 +94,8 @@ pub(crate) fn same_key(a: &HashedStat, b: &HashedStat) -> bool {
 fn join(parent: &[u8], name: &[u8]) -> Vec<u8> {
     if parent.is_empty() {
         name.to_vec()
+    } else if name.is_empty() {
+        parent.to_vec()
     } else {
         let mut p = Vec::with_capacity(parent.len() + 1 + name.len());
         p.extend_from_slice(parent);
@@ -142,6 +144,8 @@ pub fn hash_tree(
         .filter(|f| f.2)
         .map(|f| (f.0.clone(), f.1))
         .collect();
+    delta.dirs = walk.dirs;
+    delta.replace_dirs = true;
     Ok(Hashed {
         digest: walk.digest,
         report: walk.report,
@@ -157,6 +161,8 @@ pub(crate) struct Walk {
     /// it was read (true) or known from the cache (false). A file that changed while it was
     /// read is left out (not worth remembering).
     pub files: Vec<(Vec<u8>, HashedStat, bool)>,
+    /// Every directory walked (the walk's root included, as `prefix`) with its stat key.
+    pub dirs: Vec<(Vec<u8>, HashedStat)>,
 }
 
 /// Walks and hashes the directory `root_fd` (shown as `display`), whose path in the instance
@@ -182,6 +188,7 @@ pub(crate) fn walk_hash(
         entries: Vec::new(),
     }];
     let mut jobs: Vec<FileJob> = Vec::new();
+    let mut dir_keys: Vec<(Vec<u8>, HashedStat)> = Vec::new();
     let mut skipped = 0u64;
     let walk_root = Rc::new(
         root_fd
@@ -214,6 +221,8 @@ pub(crate) fn walk_hash(
                 .map_err(|e| walk_err("open", e, b""))?,
             ),
         };
+        let dir_st = rustix::fs::fstat(&*dir_fd).map_err(|e| walk_err("stat", e, b""))?;
+        dir_keys.push((join(prefix, &dir_path), stat_key(&dir_st)));
         let mut reader =
             Dir::read_from(dir_fd.as_fd()).map_err(|e| walk_err("read directory", e, b""))?;
         let mut entries: Vec<(Vec<u8>, Slot)> = Vec::new();
@@ -370,6 +379,7 @@ pub(crate) fn walk_hash(
         digest: digests[0],
         report,
         files,
+        dirs: dir_keys,
     })
 }
 

@@ -229,7 +229,9 @@ CREATE INDEX files_lru ON files (cache_id, instance, last_use);
 /// whether its change log is complete since then (`log_complete`), the change log itself
 /// (`changes`: directories whose entries changed, `subtree` when a directory arrived whole),
 /// and the stat-keyed hash cache (`hash_cache`: path -> size, mtime and ctime in ns, inode,
-/// blake3), which spares rehashing unchanged files.
+/// blake3), which spares rehashing unchanged files; its `kind` 1 rows are directories (no
+/// hash): a directory whose mtime, ctime or inode moved since was changed, even behind
+/// cachefs's back.
 const V4: &str = "
 CREATE TABLE layers (
     digest     TEXT    NOT NULL PRIMARY KEY,
@@ -269,6 +271,7 @@ CREATE TABLE hash_cache (
     ctime    INTEGER NOT NULL,
     ino      INTEGER NOT NULL,
     hash     BLOB    NOT NULL,
+    kind     INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (cache_id, instance, path),
     FOREIGN KEY (cache_id, instance) REFERENCES instances (cache_id, number) ON DELETE CASCADE
 ) WITHOUT ROWID;

@@ -63,6 +63,10 @@ pub struct HashCacheDelta {
     pub remove: Vec<Vec<u8>>,
     /// Directories gone: every row under them goes.
     pub remove_prefixes: Vec<Vec<u8>>,
+    /// Directory stat keys to record (hash unused).
+    pub dirs: Vec<(Vec<u8>, HashedStat)>,
+    /// Drop every directory row of the instance first (a full walk records them all).
+    pub replace_dirs: bool,
 }
 
 /// Why a tag is refused.
@@ -197,21 +201,39 @@ impl Store {
             .map_err(err)
     }
 
-    /// The hash cache of an instance, by path relative to the instance root.
+    /// The hash cache of an instance (files), by path relative to the instance root.
     pub fn hash_cache(
         &self,
         id: &CacheId,
         number: u32,
     ) -> Result<HashMap<Vec<u8>, HashedStat>, StoreError> {
+        self.hash_cache_rows(id, number, 0)
+    }
+
+    /// The recorded stat keys of an instance's directories, by path ("" for the root).
+    pub fn dir_keys(
+        &self,
+        id: &CacheId,
+        number: u32,
+    ) -> Result<HashMap<Vec<u8>, HashedStat>, StoreError> {
+        self.hash_cache_rows(id, number, 1)
+    }
+
+    fn hash_cache_rows(
+        &self,
+        id: &CacheId,
+        number: u32,
+        kind: i64,
+    ) -> Result<HashMap<Vec<u8>, HashedStat>, StoreError> {
         let err = |e| db_error(&self.db_path, &self.root, e);
         let conn = self.conn.lock();
         let mut stmt = conn
             .prepare(
-                "SELECT path, size, mtime, ctime, ino, hash FROM hash_cache WHERE cache_id = ?1 AND instance = ?2",
+                "SELECT path, size, mtime, ctime, ino, hash FROM hash_cache WHERE cache_id = ?1 AND instance = ?2 AND kind = ?3",
             )
             .map_err(err)?;
         let rows = stmt
-            .query_map(params![id.as_str(), number], |r| {
+            .query_map(params![id.as_str(), number, kind], |r| {
                 let hash: Vec<u8> = r.get(5)?;
                 Ok((
                     r.get::<_, Vec<u8>>(0)?,
@@ -440,6 +462,21 @@ impl Store {
         self.record_changes(id, number, &[], true)
     }
 
+    /// Marks every instance's change log incomplete: an object of some layer was found
+    /// corrupt or missing, so the next snapshots walk their trees (and store again the
+    /// contents whose blobs are gone) instead of trusting the layers they start from.
+    pub fn invalidate_all_change_logs(&self) -> Result<(), StoreError> {
+        let err = |e| db_error(&self.db_path, &self.root, e);
+        let mut conn = self.conn.lock();
+        let tx = conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(err)?;
+        tx.execute("UPDATE snapshots SET log_complete = 0", [])
+            .map_err(err)?;
+        tx.execute("DELETE FROM changes", []).map_err(err)?;
+        tx.commit().map_err(err)
+    }
+
     /// The change log of an instance when it is complete since its last snapshot.
     pub fn change_log(&self, id: &CacheId, number: u32) -> Result<Option<ChangeLog>, StoreError> {
         let err = |e| db_error(&self.db_path, &self.root, e);
@@ -477,7 +514,7 @@ impl Store {
         let conn = self.conn.lock();
         let mut stmt = conn
             .prepare_cached(
-                "SELECT size, mtime, ctime, ino, hash FROM hash_cache WHERE cache_id = ?1 AND instance = ?2 AND path = ?3",
+                "SELECT size, mtime, ctime, ino, hash FROM hash_cache WHERE cache_id = ?1 AND instance = ?2 AND path = ?3 AND kind = 0",
             )
             .map_err(err)?;
         let row = stmt
@@ -541,6 +578,11 @@ fn set_snapshot_in(
             "DELETE FROM hash_cache WHERE cache_id = ?1 AND instance = ?2",
             params![id.as_str(), number],
         )?;
+    } else if delta.replace_dirs {
+        tx.execute(
+            "DELETE FROM hash_cache WHERE cache_id = ?1 AND instance = ?2 AND kind = 1",
+            params![id.as_str(), number],
+        )?;
     }
     {
         let mut del = tx.prepare_cached(
@@ -550,12 +592,18 @@ fn set_snapshot_in(
             del.execute(params![id.as_str(), number, path])?;
         }
         let mut put = tx.prepare_cached(
-            "INSERT INTO hash_cache (cache_id, instance, path, size, mtime, ctime, ino, hash)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+            "INSERT INTO hash_cache (cache_id, instance, path, size, mtime, ctime, ino, hash, kind)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
              ON CONFLICT (cache_id, instance, path) DO UPDATE SET size = excluded.size,
-               mtime = excluded.mtime, ctime = excluded.ctime, ino = excluded.ino, hash = excluded.hash",
+               mtime = excluded.mtime, ctime = excluded.ctime, ino = excluded.ino,
+               hash = excluded.hash, kind = excluded.kind",
         )?;
-        for (path, h) in &delta.upsert {
+        let rows = delta
+            .upsert
+            .iter()
+            .map(|r| (r, 0))
+            .chain(delta.dirs.iter().map(|r| (r, 1)));
+        for ((path, h), kind) in rows {
             put.execute(params![
                 id.as_str(),
                 number,
@@ -565,6 +613,7 @@ fn set_snapshot_in(
                 h.ctime_ns,
                 h.ino as i64,
                 &h.hash[..],
+                kind,
             ])?;
         }
     }
