@@ -24,8 +24,10 @@ A snapshot is taken under the cache's locked mode: it waits (saying who holds th
 the mounts using the instance end, so it never sees a tree half-way through a change, and
 nobody writes while it reads. --lock-timeout bounds that wait (exit 75).
 
-Files whose size, mtime, ctime and inode are unchanged since the last snapshot of the instance
-are not read again (the hash cache); --rescan reads everything.
+A re-snapshot reads only what changed: mounts record the directories they change, directories
+changed by hand are found by their mtime and ctime, and files whose size, mtime, ctime and inode
+are unchanged are not read again (the hash cache). A file rewritten in place by hand, behind
+cachefs's back, is only seen with --rescan, which reads every file.
 
 The digest goes to stdout, a summary to stderr.
 
