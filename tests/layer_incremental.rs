@@ -92,7 +92,10 @@ fn renaming_a_directory_over_another_is_not_taken_for_the_old_one() {
     let env = fresh_env();
     // `mv -T` replaces the empty directory e with d: the path e now holds d's contents.
     change_and_check(&env, "rmdir e; mkdir e && mv -T d e");
-    change_and_check(&env, "mkdir -p f && echo f > f/f && mkdir -p g && mv -T f g");
+    change_and_check(
+        &env,
+        "mkdir -p f && echo f > f/f && mkdir -p g && mv -T f g",
+    );
 }
 
 #[test]
@@ -116,7 +119,10 @@ fn a_change_outside_a_mount_is_seen_by_rescan_and_an_unclean_stop_disables_the_l
     conn.execute("UPDATE instances SET dirty = 1", []).unwrap();
     drop(conn);
     let inc = snapshot(&env, &[]);
-    assert_eq!(inc["method"], "full", "a dirty instance's log is not trusted");
+    assert_eq!(
+        inc["method"], "full",
+        "a dirty instance's log is not trusted"
+    );
 }
 
 #[derive(Debug, Clone)]
@@ -144,7 +150,11 @@ fn file(n: u8) -> String {
 
 fn op_script(op: &Op) -> String {
     match op {
-        Op::Write(f, v) => format!("mkdir -p {d} && echo w{v} > {p}", d = dir(f / 4), p = file(*f)),
+        Op::Write(f, v) => format!(
+            "mkdir -p {d} && echo w{v} > {p}",
+            d = dir(f / 4),
+            p = file(*f)
+        ),
         Op::Append(f, v) => format!("echo a{v} >> {} 2>/dev/null", file(*f)),
         Op::Truncate(f) => format!("[ -f {p} ] && truncate -s 1 {p}", p = file(*f)),
         Op::Chmod(f, m) => format!("chmod {m:o} {} 2>/dev/null", file(*f)),
@@ -177,7 +187,10 @@ fn op_strategy() -> impl Strategy<Value = Op> {
         (0u8..24, any::<u8>()).prop_map(|(f, v)| Op::Write(f, v)),
         (0u8..24, any::<u8>()).prop_map(|(f, v)| Op::Append(f, v)),
         (0u8..24).prop_map(Op::Truncate),
-        (0u8..24, prop::sample::select(vec![0o600u32, 0o644, 0o755, 0o400]))
+        (
+            0u8..24,
+            prop::sample::select(vec![0o600u32, 0o644, 0o755, 0o400])
+        )
             .prop_map(|(f, m)| Op::Chmod(f, m)),
         (0u8..6).prop_map(Op::Mkdir),
         (0u8..24).prop_map(Op::RmFile),

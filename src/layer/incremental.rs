@@ -286,6 +286,13 @@ impl Ctx<'_> {
         self.cache.dirs.push((path.to_vec(), stat_key(&dir_st)));
         let mut tree = Tree::default();
         let mut to_hash: Vec<(Vec<u8>, u32, HashedStat)> = Vec::new();
+        // The hash-cache rows of this directory's files: one range query, but for the root,
+        // whose range would be the whole tree (there, one lookup per file).
+        let cached_here = if path.is_empty() {
+            None
+        } else {
+            Some(self.store.hash_cache_in_dir(self.id, self.number, path)?)
+        };
         while let Some(ent) = reader.read() {
             let ent =
                 ent.map_err(|e| LayerError::io("read directory", &self.display(path), e.into()))?;
@@ -303,12 +310,19 @@ impl Ctx<'_> {
             match FileType::from_raw_mode(st.st_mode) {
                 FileType::RegularFile => {
                     let key = stat_key(&st);
-                    let cached = self
-                        .store
-                        .hash_cache_get(self.id, self.number, &child)?
+                    // The previous layer's blobs are stored (gc keeps what recorded layers
+                    // reach); any other hash must be checked.
+                    let row = match &cached_here {
+                        Some(m) => m.get(name.as_slice()).copied(),
+                        None => self.store.hash_cache_get(self.id, self.number, &child)?,
+                    };
+                    let cached = row
                         .filter(|c| same_key(c, &key))
                         .map(|c| Digest(c.hash))
-                        .filter(|d| self.objects.has(ObjectKind::Blob, *d));
+                        .filter(|d| {
+                            prev_entry.is_some_and(|p| p.kind == Kind::File && p.hash == *d)
+                                || self.objects.has(ObjectKind::Blob, *d)
+                        });
                     match cached {
                         Some(d) => tree
                             .entries
@@ -407,75 +421,58 @@ impl Ctx<'_> {
     }
 }
 
-/// The directories under `root` whose stat key (mtime, ctime, inode) differs from the one
-/// recorded at the last snapshot, or that have none: a walk that reads directory entries
-/// (their types come with them) and stats directories only, never files. Holds about as many
-/// fds as the tree is deep.
+/// The recorded directories whose stat key (mtime, ctime, inode) is not the one recorded at
+/// the last snapshot or restore, plus the root when it has no record. One `openat2(O_PATH)` and
+/// one `fstat` per recorded directory; no directory is listed: a directory whose key is
+/// unchanged has the same entries, and a new directory changes its parent's key. A recorded
+/// directory that is gone changed its parent too, so it is simply skipped.
 fn changed_dirs(
     root_fd: &OwnedFd,
     root: &Path,
     recorded: &HashMap<Vec<u8>, HashedStat>,
 ) -> Result<Vec<Vec<u8>>, LayerError> {
-    use std::rc::Rc;
     let mut out = Vec::new();
-    let dev = rustix::fs::fstat(root_fd)
-        .map_err(|e| LayerError::io("stat", root, e.into()))?
-        .st_dev;
-    let first = Rc::new(
-        root_fd
-            .try_clone()
-            .map_err(|e| LayerError::io("open", root, e))?,
-    );
-    // (parent fd and name to open it by: none for the root, path)
-    type Pending = (Option<(Rc<OwnedFd>, CString)>, Vec<u8>);
-    let mut stack: Vec<Pending> = vec![(None, Vec::new())];
-    while let Some((parent, path)) = stack.pop() {
-        let display = root.join(std::ffi::OsStr::from_bytes(&path));
-        let fd = match parent {
-            None => first.clone(),
-            Some((pfd, name)) => match rustix::fs::openat(
-                &*pfd,
-                &name,
-                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                Mode::empty(),
-            ) {
-                Ok(fd) => Rc::new(fd),
-                Err(e) => return Err(LayerError::io("open", &display, e.into())),
-            },
-        };
-        let st = rustix::fs::fstat(&*fd).map_err(|e| LayerError::io("stat", &display, e.into()))?;
-        if st.st_dev != dev {
-            continue;
-        }
-        let key = stat_key(&st);
-        let same = recorded.get(&path).is_some_and(|r| {
-            r.mtime_ns == key.mtime_ns && r.ctime_ns == key.ctime_ns && r.ino == key.ino
-        });
-        if !same {
-            out.push(path.clone());
-        }
-        let mut reader = Dir::read_from(&*fd)
-            .map_err(|e| LayerError::io("read directory", &display, e.into()))?;
-        while let Some(ent) = reader.read() {
-            let ent = ent.map_err(|e| LayerError::io("read directory", &display, e.into()))?;
-            let name = ent.file_name().to_bytes();
-            if name == b"." || name == b".." {
-                continue;
-            }
-            let is_dir = match ent.file_type() {
-                FileType::Directory => true,
-                FileType::Unknown => {
-                    rustix::fs::statat(&*fd, ent.file_name(), AtFlags::SYMLINK_NOFOLLOW)
-                        .is_ok_and(|s| FileType::from_raw_mode(s.st_mode) == FileType::Directory)
+    if !recorded.contains_key(b"".as_slice()) {
+        out.push(Vec::new());
+    }
+    for (path, r) in recorded {
+        let st = if path.is_empty() {
+            rustix::fs::fstat(root_fd)
+        } else {
+            let c = CString::new(path.clone())
+                .map_err(|_| LayerError::Invalid("a recorded path holds a NUL byte".into()))?;
+            let fd = loop {
+                match rustix::fs::openat2(
+                    root_fd,
+                    &c,
+                    OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                    Mode::empty(),
+                    rustix::fs::ResolveFlags::BENEATH
+                        | rustix::fs::ResolveFlags::NO_SYMLINKS
+                        | rustix::fs::ResolveFlags::NO_MAGICLINKS
+                        | rustix::fs::ResolveFlags::NO_XDEV,
+                ) {
+                    Ok(fd) => break Some(fd),
+                    Err(rustix::io::Errno::AGAIN | rustix::io::Errno::INTR) => continue,
+                    // Gone or no longer a directory (or now a symlink): its parent changed.
+                    Err(_) => break None,
                 }
-                _ => false,
             };
-            if is_dir {
-                stack.push((
-                    Some((fd.clone(), ent.file_name().to_owned())),
-                    join(&path, name),
-                ));
-            }
+            let Some(fd) = fd else {
+                continue;
+            };
+            rustix::fs::fstat(&fd)
+        };
+        let st = st.map_err(|e| {
+            LayerError::io(
+                "stat",
+                &root.join(std::ffi::OsStr::from_bytes(path)),
+                e.into(),
+            )
+        })?;
+        let key = stat_key(&st);
+        if !(r.mtime_ns == key.mtime_ns && r.ctime_ns == key.ctime_ns && r.ino == key.ino) {
+            out.push(path.clone());
         }
     }
     Ok(out)

@@ -503,6 +503,67 @@ impl Store {
         Ok(Some(ChangeLog { base, dirs }))
     }
 
+    /// The hash-cache rows of the files directly in directory `dir` ("" for the root), by
+    /// name: one range query.
+    pub fn hash_cache_in_dir(
+        &self,
+        id: &CacheId,
+        number: u32,
+        dir: &[u8],
+    ) -> Result<HashMap<Vec<u8>, HashedStat>, StoreError> {
+        let err = |e| db_error(&self.db_path, &self.root, e);
+        let conn = self.conn.lock();
+        // Every path under `dir/`: from "dir/" up to "dir0" ('0' follows '/'); a range on the
+        // primary key, so SQLite reads only those rows. The root's range is everything.
+        let (lo, hi): (Vec<u8>, Vec<u8>) = if dir.is_empty() {
+            (Vec::new(), vec![0xff; 8])
+        } else {
+            ([dir, b"/"].concat(), [dir, b"0"].concat())
+        };
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT path, size, mtime, ctime, ino, hash, kind FROM hash_cache
+                 WHERE cache_id = ?1 AND instance = ?2 AND path >= ?3 AND path < ?4",
+            )
+            .map_err(err)?;
+        let rows = stmt
+            .query_map(params![id.as_str(), number, lo, hi], |r| {
+                Ok((
+                    r.get::<_, Vec<u8>>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, i64>(3)?,
+                    r.get::<_, i64>(4)?,
+                    r.get::<_, Vec<u8>>(5)?,
+                    r.get::<_, i64>(6)?,
+                ))
+            })
+            .map_err(err)?;
+        let mut out = HashMap::new();
+        for row in rows {
+            let (path, size, mtime_ns, ctime_ns, ino, hash, kind) = row.map_err(err)?;
+            let name = &path[lo.len()..];
+            // Only files directly in `dir`: deeper paths belong to subdirectories.
+            if kind != 0 || name.contains(&b'/') {
+                continue;
+            }
+            let Ok(hash) = <[u8; 32]>::try_from(hash.as_slice()) else {
+                continue;
+            };
+            out.insert(
+                name.to_vec(),
+                HashedStat {
+                    size: to_u64(size),
+                    mtime_ns,
+                    ctime_ns,
+                    ino: ino as u64,
+                    hash,
+                },
+            );
+        }
+        Ok(out)
+    }
+
     /// The hash-cache row of one path.
     pub fn hash_cache_get(
         &self,
