@@ -439,6 +439,24 @@ thread_local! {
     static BUF: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0u8; 4 * CHUNK]);
 }
 
+/// Bytes read at once from a large file, by all threads together.
+const BIG_READ: usize = 16 << 20;
+
+/// Reads `buf.len()` bytes of `f` from `off` (fewer at the end of the file).
+fn read_full_at(f: &File, buf: &mut [u8], off: u64) -> io::Result<usize> {
+    use std::os::unix::fs::FileExt;
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read_at(&mut buf[n..], off + n as u64) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
 /// Reads `f` into `buf` until it is full or the file ends.
 fn fill(f: &mut File, buf: &mut [u8]) -> io::Result<usize> {
     let mut n = 0;
@@ -490,17 +508,33 @@ fn hash_and_store(
             return Ok((d, n as u64, n as u64));
         }
         let before = rustix::fs::fstat(&f).map_err(|e| HashError::Read(e.into()))?;
-        let mut total = 0u64;
-        let mut n = n;
+        update(&mut hasher, &buf[..n]);
+        let mut total = n as u64;
+        // The rest in large pieces, each read by all threads at once (parallel preads: the
+        // copy out of the page cache is half the work) and then hashed by all of them.
+        let mut big = vec![0u8; BIG_READ];
+        let part = BIG_READ.div_ceil(rayon::current_num_threads().max(1));
         loop {
-            update(&mut hasher, &buf[..n]);
-            total += n as u64;
-            if n < buf.len() {
+            let got: Vec<io::Result<usize>> = big
+                .par_chunks_mut(part)
+                .enumerate()
+                .map(|(i, chunk)| read_full_at(&f, chunk, total + (i * part) as u64))
+                .collect();
+            let mut n = 0;
+            for g in got {
+                let k = g.map_err(HashError::Read)?;
+                n += k;
+                if k < part {
+                    break;
+                }
+            }
+            if n == 0 {
                 break;
             }
-            n = fill(&mut f, &mut buf).map_err(HashError::Read)?;
+            update(&mut hasher, &big[..n]);
             progress.inc(n as u64);
-            if n == 0 {
+            total += n as u64;
+            if n < BIG_READ {
                 break;
             }
         }
