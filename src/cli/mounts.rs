@@ -225,15 +225,7 @@ pub(crate) fn take_leases_or_exit<'s>(
 ) -> anyhow::Result<Result<Vec<Lease<'s>>, i32>> {
     match take_leases(store, plan, defaults, kind, command, cancel) {
         Ok(leases) => Ok(Ok(leases)),
-        Err(LeaseError::Interrupted { id, signal }) => {
-            let name = nix::sys::signal::Signal::try_from(signal)
-                .map(|s| s.as_str().to_owned())
-                .unwrap_or_else(|_| format!("signal {signal}"));
-            super::print_error(format_args!(
-                "interrupted by {name} while waiting for cache {id:?}; {not_done}"
-            ));
-            Ok(Err(128 + signal))
-        }
+        Err(LeaseError::Interrupted { id, signal }) => Ok(Err(interrupted(&id, signal, not_done))),
         Err(err) => Err(err.into()),
     }
 }
@@ -564,6 +556,18 @@ pub(crate) fn shell_join(words: &[OsString]) -> String {
         .join(" ")
 }
 
+/// Says that a lease wait was interrupted by `signal`, and what was not done; returns the exit
+/// code (128+N).
+fn interrupted(id: &str, signal: i32, not_done: &str) -> i32 {
+    let name = nix::sys::signal::Signal::try_from(signal)
+        .map(|s| s.as_str().to_owned())
+        .unwrap_or_else(|_| format!("signal {signal}"));
+    super::print_error(format_args!(
+        "interrupted by {name} while waiting for cache {id:?}; {not_done}"
+    ));
+    128 + signal
+}
+
 /// Takes instance `number` of `id` exclusively (snapshot, restore), saying on stderr who
 /// holds it while the wait lasts. An interrupted wait becomes the exit code 128+N with a line
 /// saying what was not done (`Ok(Err(code))`).
@@ -599,15 +603,7 @@ pub(crate) fn take_instance_or_exit<'s>(
     };
     match lease::acquire(store, &req, &ctl) {
         Ok(l) => Ok(Ok(l)),
-        Err(LeaseError::Interrupted { id, signal }) => {
-            let name = nix::sys::signal::Signal::try_from(signal)
-                .map(|s| s.as_str().to_owned())
-                .unwrap_or_else(|_| format!("signal {signal}"));
-            super::print_error(format_args!(
-                "interrupted by {name} while waiting for cache {id:?}; {not_done}"
-            ));
-            Ok(Err(128 + signal))
-        }
+        Err(LeaseError::Interrupted { id, signal }) => Ok(Err(interrupted(&id, signal, not_done))),
         Err(err) => Err(err.into()),
     }
 }

@@ -11,6 +11,7 @@ use std::cmp::Ordering;
 use super::LayerError;
 use super::format::{Digest, Entry, Kind};
 use super::objects::ObjectStore;
+use super::paths::join;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -46,14 +47,6 @@ pub fn diff(objects: &ObjectStore, a: Digest, b: Digest) -> Result<Vec<PathChang
     let mut out = Vec::new();
     diff_dirs(objects, &[], a, b, &mut out)?;
     Ok(out)
-}
-
-fn join(parent: &[u8], name: &[u8]) -> Vec<u8> {
-    if parent.is_empty() {
-        name.to_vec()
-    } else {
-        [parent, b"/", name].concat()
-    }
 }
 
 fn push(out: &mut Vec<PathChange>, change: Change, raw: Vec<u8>, kind: Kind) {

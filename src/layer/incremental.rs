@@ -25,6 +25,7 @@ use rustix::fs::{AtFlags, Dir, FileType, Mode, OFlags};
 
 use super::format::{Digest, Entry, Kind, Tree};
 use super::objects::{ObjectKind, ObjectStore};
+use super::paths::{join, open_beneath, parent_of};
 use super::snapshot::{HashReport, Hashed, hash_file, same_key, stat_key, walk_hash};
 use super::{LayerError, TreeStats};
 use crate::store::{CacheId, ChangeLog, HashCacheDelta, HashedStat, LayerRecord, Store};
@@ -104,24 +105,6 @@ impl From<LayerError> for Fallback {
     fn from(e: LayerError) -> Fallback {
         Fallback::Error(e)
     }
-}
-
-fn join(parent: &[u8], name: &[u8]) -> Vec<u8> {
-    if parent.is_empty() {
-        name.to_vec()
-    } else {
-        [parent, b"/", name].concat()
-    }
-}
-
-fn parent_of(path: &[u8]) -> Option<&[u8]> {
-    if path.is_empty() {
-        return None;
-    }
-    Some(match path.iter().rposition(|&b| b == b'/') {
-        Some(i) => &path[..i],
-        None => b"",
-    })
 }
 
 /// Snapshots instance `number` of `id` (directory `root`) from its previous layer `base` and
@@ -439,25 +422,8 @@ fn changed_dirs(
         let st = if path.is_empty() {
             rustix::fs::fstat(root_fd)
         } else {
-            let c = CString::new(path.clone())
-                .map_err(|_| LayerError::Invalid("a recorded path holds a NUL byte".into()))?;
-            let fd = loop {
-                match rustix::fs::openat2(
-                    root_fd,
-                    &c,
-                    OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                    Mode::empty(),
-                    rustix::fs::ResolveFlags::BENEATH
-                        | rustix::fs::ResolveFlags::NO_SYMLINKS
-                        | rustix::fs::ResolveFlags::NO_MAGICLINKS
-                        | rustix::fs::ResolveFlags::NO_XDEV,
-                ) {
-                    Ok(fd) => break Some(fd),
-                    Err(rustix::io::Errno::AGAIN | rustix::io::Errno::INTR) => continue,
-                    // Gone or no longer a directory (or now a symlink): its parent changed.
-                    Err(_) => break None,
-                }
-            };
+            // Gone, no longer a directory, or a symlink now: its parent changed.
+            let fd = open_beneath(root_fd, path, OFlags::PATH | OFlags::DIRECTORY).ok();
             let Some(fd) = fd else {
                 continue;
             };

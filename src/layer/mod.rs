@@ -15,6 +15,7 @@ pub mod diff;
 pub mod format;
 pub mod incremental;
 pub mod objects;
+mod paths;
 pub mod progress;
 pub mod restore;
 pub mod snapshot;

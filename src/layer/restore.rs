@@ -24,6 +24,7 @@ use rustix::fs::{AtFlags, Mode, OFlags, RenameFlags};
 
 use super::format::{Digest, Kind};
 use super::objects::{CHUNK, ObjectStore};
+use super::paths::{base_of, dir_of, join, open_beneath};
 use super::progress::Progress;
 use super::{LayerError, TreeStats};
 use crate::store::HashedStat;
@@ -76,14 +77,6 @@ struct Plan {
     stats: TreeStats,
 }
 
-fn join(parent: &[u8], name: &[u8]) -> Vec<u8> {
-    if parent.is_empty() {
-        name.to_vec()
-    } else {
-        [parent, b"/", name].concat()
-    }
-}
-
 fn plan(objects: &ObjectStore, root: Digest) -> Result<Plan, LayerError> {
     let mut p = Plan {
         dirs: Vec::new(),
@@ -117,22 +110,6 @@ fn plan(objects: &ObjectStore, root: Digest) -> Result<Plan, LayerError> {
     Ok(p)
 }
 
-/// The directory part of a relative path ("" for a top-level name).
-fn dir_of(rel: &[u8]) -> &[u8] {
-    match rel.iter().rposition(|&b| b == b'/') {
-        Some(i) => &rel[..i],
-        None => b"",
-    }
-}
-
-/// The last component of a relative path.
-fn base_of(rel: &[u8]) -> &[u8] {
-    match rel.iter().rposition(|&b| b == b'/') {
-        Some(i) => &rel[i + 1..],
-        None => rel,
-    }
-}
-
 fn cstr(b: &[u8]) -> Result<CString, LayerError> {
     CString::new(b.to_vec()).map_err(|_| LayerError::Invalid("a name holds a NUL byte".into()))
 }
@@ -151,31 +128,11 @@ fn parent_of(root: &OwnedFd, rel: &[u8]) -> io::Result<(OwnedFd, CString)> {
             Mode::empty(),
         )?
     } else {
-        open_dir_beneath(root, dir)?
+        open_beneath(root, dir, OFlags::RDONLY | OFlags::DIRECTORY)?
     };
     let name =
         CString::new(name.to_vec()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
     Ok((fd, name))
-}
-
-fn open_dir_beneath(root: &OwnedFd, rel: &[u8]) -> io::Result<OwnedFd> {
-    let c = CString::new(rel.to_vec()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-    loop {
-        match rustix::fs::openat2(
-            root,
-            &c,
-            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            Mode::empty(),
-            rustix::fs::ResolveFlags::BENEATH
-                | rustix::fs::ResolveFlags::NO_SYMLINKS
-                | rustix::fs::ResolveFlags::NO_MAGICLINKS
-                | rustix::fs::ResolveFlags::NO_XDEV,
-        ) {
-            Ok(fd) => return Ok(fd),
-            Err(rustix::io::Errno::AGAIN | rustix::io::Errno::INTR) => continue,
-            Err(e) => return Err(e.into()),
-        }
-    }
 }
 
 /// Writes the tree of layer `root` into `dest`, an empty directory this process made and

@@ -21,10 +21,11 @@ use std::rc::Rc;
 use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 
 use rayon::prelude::*;
-use rustix::fs::{AtFlags, Dir, FileType, Mode, OFlags, ResolveFlags};
+use rustix::fs::{AtFlags, Dir, FileType, Mode, OFlags};
 
 use super::format::{Digest, Entry, Tree};
 use super::objects::{CHUNK, ObjectKind, ObjectStore};
+use super::paths::{join, open_beneath};
 use super::progress::Progress;
 use super::{LayerError, TreeStats};
 use crate::store::{HashCacheDelta, HashedStat};
@@ -89,20 +90,6 @@ pub(crate) fn stat_key(st: &rustix::fs::Stat) -> HashedStat {
 
 pub(crate) fn same_key(a: &HashedStat, b: &HashedStat) -> bool {
     a.size == b.size && a.mtime_ns == b.mtime_ns && a.ctime_ns == b.ctime_ns && a.ino == b.ino
-}
-
-fn join(parent: &[u8], name: &[u8]) -> Vec<u8> {
-    if parent.is_empty() {
-        name.to_vec()
-    } else if name.is_empty() {
-        parent.to_vec()
-    } else {
-        let mut p = Vec::with_capacity(parent.len() + 1 + name.len());
-        p.extend_from_slice(parent);
-        p.push(b'/');
-        p.extend_from_slice(name);
-        p
-    }
 }
 
 /// Hashes the tree under `root` (an instance directory) into `objects`.
@@ -304,8 +291,8 @@ pub(crate) fn walk_hash(
                 return Err(LayerError::Interrupted);
             }
             let path = root.join(std::ffi::OsStr::from_bytes(&job.path));
-            let fd =
-                open_beneath(&root_fd, &job.path).map_err(|e| LayerError::io("open", &path, e))?;
+            let fd = open_beneath(&root_fd, &job.path, OFlags::RDONLY | OFlags::NOCTTY)
+                .map_err(|e| LayerError::io("open", &path, e))?;
             let (digest, size, wrote) = hash_and_store(objects, File::from(fd), &progress)
                 .map_err(|e| match e {
                     HashError::Read(e) => LayerError::io("read", &path, e),
@@ -381,29 +368,6 @@ pub(crate) fn walk_hash(
         files,
         dirs: dir_keys,
     })
-}
-
-/// Opens `rel` (a path relative to `root`) for reading, refusing to leave `root` by any
-/// means: `..`, symlinks, magic links or mount points.
-pub(crate) fn open_beneath(root: &OwnedFd, rel: &[u8]) -> io::Result<OwnedFd> {
-    let c = CString::new(rel.to_vec()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-    loop {
-        match rustix::fs::openat2(
-            root,
-            &c,
-            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NOCTTY,
-            Mode::empty(),
-            ResolveFlags::BENEATH
-                | ResolveFlags::NO_SYMLINKS
-                | ResolveFlags::NO_MAGICLINKS
-                | ResolveFlags::NO_XDEV,
-        ) {
-            Ok(fd) => return Ok(fd),
-            // openat2 asks to retry when a rename raced the lookup.
-            Err(rustix::io::Errno::AGAIN | rustix::io::Errno::INTR) => continue,
-            Err(e) => return Err(e.into()),
-        }
-    }
 }
 
 /// Hashes (and stores) the regular file `name` of directory `dir`; `display` names it in

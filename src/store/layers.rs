@@ -101,6 +101,23 @@ fn to_u64(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
 }
 
+/// A hash-cache row; `None` when its hash is not 32 bytes (the file is simply rehashed).
+fn hashed_stat(
+    size: i64,
+    mtime_ns: i64,
+    ctime_ns: i64,
+    ino: i64,
+    hash: &[u8],
+) -> Option<HashedStat> {
+    Some(HashedStat {
+        size: to_u64(size),
+        mtime_ns,
+        ctime_ns,
+        ino: ino as u64,
+        hash: <[u8; 32]>::try_from(hash).ok()?,
+    })
+}
+
 const LAYER_COLUMNS: &str = "digest, source, cache_id, instance, parent, created, size_bytes, files, dirs, symlinks, diff_id, fifos";
 
 fn layer_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<LayerRecord> {
@@ -234,34 +251,22 @@ impl Store {
             .map_err(err)?;
         let rows = stmt
             .query_map(params![id.as_str(), number, kind], |r| {
-                let hash: Vec<u8> = r.get(5)?;
                 Ok((
                     r.get::<_, Vec<u8>>(0)?,
-                    to_u64(r.get(1)?),
+                    r.get::<_, i64>(1)?,
                     r.get::<_, i64>(2)?,
                     r.get::<_, i64>(3)?,
                     r.get::<_, i64>(4)?,
-                    hash,
+                    r.get::<_, Vec<u8>>(5)?,
                 ))
             })
             .map_err(err)?;
         let mut out = HashMap::new();
         for row in rows {
             let (path, size, mtime_ns, ctime_ns, ino, hash) = row.map_err(err)?;
-            // A row that is not 32 bytes is ignored: the file is simply rehashed.
-            let Ok(hash) = <[u8; 32]>::try_from(hash.as_slice()) else {
-                continue;
-            };
-            out.insert(
-                path,
-                HashedStat {
-                    size,
-                    mtime_ns,
-                    ctime_ns,
-                    ino: ino as u64,
-                    hash,
-                },
-            );
+            if let Some(h) = hashed_stat(size, mtime_ns, ctime_ns, ino, &hash) {
+                out.insert(path, h);
+            }
         }
         Ok(out)
     }
@@ -547,19 +552,9 @@ impl Store {
             if kind != 0 || name.contains(&b'/') {
                 continue;
             }
-            let Ok(hash) = <[u8; 32]>::try_from(hash.as_slice()) else {
-                continue;
-            };
-            out.insert(
-                name.to_vec(),
-                HashedStat {
-                    size: to_u64(size),
-                    mtime_ns,
-                    ctime_ns,
-                    ino: ino as u64,
-                    hash,
-                },
-            );
+            if let Some(h) = hashed_stat(size, mtime_ns, ctime_ns, ino, &hash) {
+                out.insert(name.to_vec(), h);
+            }
         }
         Ok(out)
     }
@@ -591,13 +586,7 @@ impl Store {
             .optional()
             .map_err(err)?;
         Ok(row.and_then(|(size, mtime_ns, ctime_ns, ino, hash)| {
-            Some(HashedStat {
-                size: to_u64(size),
-                mtime_ns,
-                ctime_ns,
-                ino: ino as u64,
-                hash: <[u8; 32]>::try_from(hash.as_slice()).ok()?,
-            })
+            hashed_stat(size, mtime_ns, ctime_ns, ino, &hash)
         }))
     }
 }
