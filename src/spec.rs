@@ -785,7 +785,7 @@ mod tests {
         assert!(err("target=/x,src=/sub").starts_with("mount spec: 'src' is not supported: "));
         assert_eq!(
             err("target=/x,foo=1"),
-            "mount spec: unknown key 'foo' (valid keys: type, id, target, dst, destination, sharing, uid, gid, mode, ro, readonly, rw, readwrite, lock-timeout, max-size)"
+            "mount spec: unknown key 'foo' (valid keys: type, id, target, dst, destination, sharing, uid, gid, mode, ro, readonly, rw, readwrite, lock-timeout, max-size, from)"
         );
         assert!(err("target=/x,Size=1").contains("unknown key 'Size'"));
         assert_eq!(err("target=/x,id=a,id=b"), "mount spec: 'id' given twice");
