@@ -79,7 +79,20 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
     let entries = with_positions(lease::list(&store, Some(&id))?);
     let dir = store.root().join(CACHES_DIR).join(&cache.key);
     let usages = store.instance_usages(Some(&id))?;
-    let view = View::new(&cache, dir, &entries).with_usage(&usages);
+    let layers: Vec<crate::store::LayerRecord> = store
+        .list_layers()?
+        .into_iter()
+        .filter(|l| l.cache.as_deref() == Some(id.as_str()))
+        .collect();
+    let mut last_layers = Vec::new();
+    for i in &cache.instances {
+        if let Some(l) = store.instance_layer(&id, i.number)? {
+            last_layers.push((i.number, l));
+        }
+    }
+    let view = View::new(&cache, dir, &entries)
+        .with_usage(&usages)
+        .with_layers(&layers, &last_layers);
     if args.json {
         print_json(&view.json())?;
     } else {
@@ -101,6 +114,8 @@ struct View<'a> {
     show_usage: bool,
     /// The cache's budget, in disk bytes.
     budget: Option<u64>,
+    /// Layers snapshotted from this cache, newest first.
+    layers: &'a [crate::store::LayerRecord],
 }
 
 struct InstanceView<'a> {
@@ -112,6 +127,8 @@ struct InstanceView<'a> {
     holders: Vec<&'a Entry>,
     /// Its accounting record, if any.
     usage: Option<&'a InstanceUsage>,
+    /// The layer it was last snapshotted as or restored from.
+    layer: Option<&'a str>,
 }
 
 impl InstanceView<'_> {
@@ -132,6 +149,7 @@ impl<'a> View<'a> {
                 info: Some(info),
                 holders: Vec::new(),
                 usage: None,
+                layer: None,
             })
             .collect();
         let mut sorted: Vec<&Entry> = entries.iter().collect();
@@ -151,6 +169,7 @@ impl<'a> View<'a> {
                     info: None,
                     holders: vec![e],
                     usage: None,
+                    layer: None,
                 }),
             }
         }
@@ -162,7 +181,23 @@ impl<'a> View<'a> {
             queue,
             show_usage: false,
             budget: None,
+            layers: &[],
         }
+    }
+
+    /// Attaches the cache's layers (newest first) and each instance's last layer.
+    fn with_layers(
+        mut self,
+        layers: &'a [crate::store::LayerRecord],
+        last: &'a [(u32, String)],
+    ) -> View<'a> {
+        self.layers = layers;
+        for (n, l) in last {
+            if let Some(i) = self.instances.iter_mut().find(|i| i.number == *n) {
+                i.layer = Some(l);
+            }
+        }
+        self
     }
 
     /// Attaches the cache's accounting records (`Store::instance_usages`), to be shown.
@@ -248,6 +283,27 @@ impl<'a> View<'a> {
                 ),
             );
         }
+        if let Some(newest) = self.layers.first() {
+            let tags: Vec<&str> = self
+                .layers
+                .iter()
+                .flat_map(|l| l.tags.iter().map(String::as_str))
+                .collect();
+            field(
+                "layers",
+                &format!(
+                    "{} (newest {}, {}){}",
+                    self.layers.len(),
+                    &newest.digest[..newest.digest.len().min(12)],
+                    format_age(newest.created, now),
+                    if tags.is_empty() {
+                        String::new()
+                    } else {
+                        format!("; tags {}", tags.join(", "))
+                    }
+                ),
+            );
+        }
         field("instances", &self.instances.len().to_string());
 
         let headers: Vec<Vec<String>> = self
@@ -268,6 +324,9 @@ impl<'a> View<'a> {
                 };
                 let mut cells = vec![format!("#{}", i.number), holders, used, created];
                 cells.extend(self.usage_cells(i));
+                if let Some(l) = i.layer {
+                    cells.push(format!("layer {}", &l[..l.len().min(12)]));
+                }
                 cells.push(path_line(&i.path));
                 cells
             })
@@ -349,9 +408,11 @@ impl<'a> View<'a> {
                         hits: u.hits,
                         misses: u.misses,
                     }),
+                    layer: i.layer,
                 })
                 .collect(),
             queue: self.queue.iter().map(|e| LeaseJson::new(e)).collect(),
+            layers: self.layers.iter().map(|l| l.digest.as_str()).collect(),
         }
     }
 }
@@ -402,6 +463,8 @@ struct CacheJson<'a> {
     instances: Vec<InstanceJson<'a>>,
     /// Waiting requests, in arrival order.
     queue: Vec<LeaseJson<'a>>,
+    /// Digests of the layers snapshotted from this cache, newest first.
+    layers: Vec<&'a str>,
 }
 
 /// The times are `null` for an instance that is held but not recorded.
@@ -417,6 +480,8 @@ struct InstanceJson<'a> {
     leases: Vec<LeaseJson<'a>>,
     /// `null` when the instance has no accounting record.
     usage: Option<UsageJson>,
+    /// The layer it was last snapshotted as or restored from.
+    layer: Option<&'a str>,
 }
 
 /// An instance's accounting, as `inspect --json` prints it.
