@@ -21,6 +21,8 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use rustix::fs::{AtFlags, Mode, OFlags};
+
 use super::LayerError;
 use super::format::{Digest, Tree};
 
@@ -222,6 +224,27 @@ impl ObjectStore {
     /// A temp file in `objects/tmp` to write one object into.
     pub fn writer(&self) -> Result<ObjectWriter, LayerError> {
         let tmp_dir = self.root.join("tmp");
+        // An unnamed file (O_TMPFILE) in tmp/: nothing to clean up after a crash, and no entry
+        // in tmp/ whose directory lock every writer would take twice (create, rename out).
+        match rustix::fs::open(
+            &tmp_dir,
+            OFlags::TMPFILE | OFlags::WRONLY | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o444),
+        ) {
+            Ok(fd) => {
+                return Ok(ObjectWriter {
+                    file: Some(File::from(fd)),
+                    tmp: None,
+                    store_root: self.root.clone(),
+                    written: self.written.clone(),
+                });
+            }
+            // The filesystem has no unnamed files: a named temp file instead.
+            Err(
+                rustix::io::Errno::OPNOTSUPP | rustix::io::Errno::ISDIR | rustix::io::Errno::INVAL,
+            ) => {}
+            Err(e) => return Err(LayerError::io("create a file in", &tmp_dir, e.into())),
+        }
         loop {
             let n = TMP_COUNTER.fetch_add(1, Ordering::Relaxed);
             let p = tmp_dir.join(format!("{}-{n}", std::process::id()));
@@ -235,7 +258,8 @@ impl ObjectStore {
                 Ok(file) => {
                     return Ok(ObjectWriter {
                         file: Some(file),
-                        tmp: p,
+                        tmp: Some(p),
+                        store_root: self.root.clone(),
                         written: self.written.clone(),
                     });
                 }
@@ -306,16 +330,25 @@ impl ObjectStore {
 /// One object being written. Dropped without [`ObjectWriter::commit`], its temp file goes.
 pub struct ObjectWriter {
     file: Option<File>,
-    tmp: PathBuf,
+    /// The temp file's name, when the filesystem has no unnamed files (O_TMPFILE).
+    tmp: Option<PathBuf>,
+    store_root: PathBuf,
     written: std::sync::Arc<AtomicU64>,
 }
 
 impl ObjectWriter {
+    fn shown(&self) -> PathBuf {
+        self.tmp
+            .clone()
+            .unwrap_or_else(|| self.store_root.join("tmp"))
+    }
+
     pub fn write_all(&mut self, buf: &[u8]) -> Result<(), LayerError> {
+        let shown = self.shown();
         match self.file.as_mut() {
             Some(f) => f
                 .write_all(buf)
-                .map_err(|e| LayerError::io("write", &self.tmp, e)),
+                .map_err(|e| LayerError::io("write", &shown, e)),
             None => Ok(()),
         }
     }
@@ -324,58 +357,84 @@ impl ObjectWriter {
         self.file.as_ref()
     }
 
-    /// Renames the temp file to the object's name. If the object is already there (another
-    /// writer stored the same contents), the temp file is simply dropped.
+    /// Gives the object its name: links the unnamed file there (or renames the temp file).
+    /// Neither ever replaces an existing object, even by identical bytes, so a reader never
+    /// sees a name change under it; if the object is already there (another writer stored the
+    /// same contents), this one is simply dropped.
     pub fn commit(mut self, kind: ObjectKind, d: Digest) -> Result<(), LayerError> {
-        drop(self.file.take());
-        let store_root = self
-            .tmp
-            .parent()
-            .and_then(Path::parent)
-            .map(Path::to_path_buf)
-            .unwrap_or_default();
         let hex = d.to_hex();
-        let dest = store_root.join(kind.dir()).join(&hex[..2]).join(hex);
-        // RENAME_NOREPLACE: an existing object is never replaced, even by identical bytes,
-        // so a reader never sees a name change under it.
-        let rename = || {
-            rustix::fs::renameat_with(
+        let dest = self.store_root.join(kind.dir()).join(&hex[..2]).join(hex);
+        let file = self.file.take();
+        let place = |file: &Option<File>| match (&self.tmp, file) {
+            (Some(tmp), _) => rustix::fs::renameat_with(
                 rustix::fs::CWD,
-                &self.tmp,
+                tmp,
                 rustix::fs::CWD,
                 &dest,
                 rustix::fs::RenameFlags::NOREPLACE,
-            )
+            ),
+            (None, Some(f)) => link_unnamed(f, &dest),
+            (None, None) => Err(rustix::io::Errno::BADF),
         };
-        let mut res = rename();
+        let mut res = place(&file);
         if res == Err(rustix::io::Errno::NOENT)
             && let Some(fan) = dest.parent()
+            && !fan.is_dir()
         {
             // Its fan-out directory went missing (removed by hand): make it and retry.
             let _ = fs::DirBuilder::new().mode(0o755).create(fan);
-            res = rename();
+            res = place(&file);
         }
+        drop(file);
+        let cleanup = || {
+            if let Some(tmp) = &self.tmp {
+                let _ = fs::remove_file(tmp);
+            }
+        };
         match res {
             Ok(()) => {
                 self.written.fetch_add(1, Ordering::Relaxed);
                 Ok(())
             }
             Err(rustix::io::Errno::EXIST) => {
-                let _ = fs::remove_file(&self.tmp);
+                cleanup();
                 Ok(())
             }
             Err(e) => {
-                let _ = fs::remove_file(&self.tmp);
+                cleanup();
                 Err(LayerError::io("store object", &dest, e.into()))
             }
         }
     }
 }
 
+/// Gives an unnamed (O_TMPFILE) file the name `dest`: by fd where the kernel lets us
+/// (AT_EMPTY_PATH needs CAP_DAC_READ_SEARCH), else through /proc/self/fd.
+fn link_unnamed(f: &File, dest: &Path) -> rustix::io::Result<()> {
+    match rustix::fs::linkat(f, c"", rustix::fs::CWD, dest, AtFlags::EMPTY_PATH) {
+        Err(rustix::io::Errno::NOENT | rustix::io::Errno::PERM)
+            if dest.parent().is_none_or(|p| p.is_dir()) =>
+        {
+            use std::os::fd::AsRawFd;
+            let proc = format!("/proc/self/fd/{}", f.as_raw_fd());
+            rustix::fs::linkat(
+                rustix::fs::CWD,
+                proc.as_str(),
+                rustix::fs::CWD,
+                dest,
+                AtFlags::SYMLINK_FOLLOW,
+            )
+        }
+        other => other,
+    }
+}
+
 impl Drop for ObjectWriter {
     fn drop(&mut self) {
-        if self.file.take().is_some() {
-            let _ = fs::remove_file(&self.tmp);
+        if self.file.take().is_some()
+            && let Some(tmp) = &self.tmp
+        {
+            let _ = fs::remove_file(tmp);
         }
     }
 }
