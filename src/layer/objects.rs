@@ -3,13 +3,15 @@
 //! ```text
 //! objects/blobs/<2 hex>/<64 hex>   a file's contents, named by its blake3 hash (mode 0444)
 //! objects/trees/<2 hex>/<64 hex>   a tree object (see format), named by its digest
-//! objects/tmp/                     objects being written; renamed into place when complete
+//! objects/tmp/                     objects being written: unnamed (O_TMPFILE) and linked into
+//!                                  place when complete, or named and renamed where the
+//!                                  filesystem has no O_TMPFILE
 //! objects/lock                     flock: shared while objects are written or read, exclusive
 //!                                  while gc sweeps unreferenced ones
 //! ```
 //!
-//! An object is written under a temp name and renamed into place, so a name always holds a
-//! whole object (or, after a power loss before the data reached the disk, a short one, which
+//! An object is written unnamed (or under a temp name) and linked (or renamed) into place
+//! without ever replacing a name, so a name always holds a whole object (or, after a power loss before the data reached the disk, a short one, which
 //! verification catches). Objects are shared by every cache and layer: the same contents are
 //! stored once. Every read verifies the hash, so a corrupt object is an error naming it, never
 //! wrong data.
