@@ -280,7 +280,9 @@ full_snapshots() {
         # allocator skip them one by one for a while (recently_deleted), which would be
         # measured as part of the snapshot. They are removed after the snapshot rounds.
         OLD_OBJECTS=$((OLD_OBJECTS + 1))
-        mv "$STORE_DIR/objects" "$WORK/old-objects.$OLD_OBJECTS"
+        if [ -e "$STORE_DIR/objects" ]; then
+            mv "$STORE_DIR/objects" "$WORK/old-objects.$OLD_OBJECTS"
+        fi
         $prep; snapshot "$ds" "empty-$cache" --rescan
         $prep; snapshot "$ds" "stored-$cache" --rescan
     done
