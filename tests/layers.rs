@@ -241,18 +241,7 @@ fn spawn(env: &CliEnv, args: &[&str]) -> Child {
 /// Waits for `child` at most `timeout`; kills it and panics past that.
 #[track_caller]
 fn wait_child(child: Child, timeout: Duration, what: &str) -> Output {
-    let pid = child.id();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    match rx.recv_timeout(timeout) {
-        Ok(out) => out.expect("wait"),
-        Err(_) => {
-            signal(pid, libc::SIGKILL);
-            panic!("{what} did not finish within {timeout:?}");
-        }
-    }
+    common::wait_with_timeout(child, timeout, what)
 }
 
 // ---------------------------------------------------------------------------------------------

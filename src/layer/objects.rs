@@ -508,3 +508,45 @@ impl Read for BlobReader {
 pub fn set_mode(f: &File, mode: u32) -> io::Result<()> {
     f.set_permissions(fs::Permissions::from_mode(mode))
 }
+
+/// Copies `len` bytes from the start of `from` to `to` in the kernel (by hand where the kernel
+/// cannot).
+pub(crate) fn copy_range(from: &File, to: &File, len: u64) -> io::Result<()> {
+    let (mut off_in, mut off_out) = (0u64, 0u64);
+    while off_in < len {
+        let want = usize::try_from(len - off_in)
+            .unwrap_or(usize::MAX)
+            .min(1 << 30);
+        match rustix::fs::copy_file_range(from, Some(&mut off_in), to, Some(&mut off_out), want) {
+            Ok(0) => {
+                return Err(io::Error::other(
+                    "the source is shorter than expected (changed while read?)",
+                ));
+            }
+            Ok(_) => {}
+            Err(rustix::io::Errno::INTR) => {}
+            Err(
+                rustix::io::Errno::XDEV
+                | rustix::io::Errno::INVAL
+                | rustix::io::Errno::NOSYS
+                | rustix::io::Errno::OPNOTSUPP,
+            ) => {
+                use std::os::unix::fs::FileExt;
+                let mut buf = vec![0u8; CHUNK];
+                while off_in < len {
+                    let n = from.read_at(&mut buf, off_in)?;
+                    if n == 0 {
+                        return Err(io::Error::other(
+                            "the source is shorter than expected (changed while read?)",
+                        ));
+                    }
+                    to.write_all_at(&buf[..n], off_out)?;
+                    off_in += n as u64;
+                    off_out += n as u64;
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}

@@ -332,7 +332,7 @@ fn write_blob(
     let len = blob.len().map_err(|e| WriteError::Object(blob.error(e)))?;
     if !cloned && len >= 4 * CHUNK as u64 {
         let (copied, verified) = rayon::join(
-            || copy_range(blob.file(), out, len),
+            || super::objects::copy_range(blob.file(), out, len),
             || objects.verify_blob(d),
         );
         verified.map_err(WriteError::Object)?;
@@ -356,42 +356,6 @@ fn write_blob(
         progress.inc(n as u64);
     }
     Ok(cloned)
-}
-
-/// Copies `len` bytes from the start of `from` to `to` in the kernel (by hand where the kernel
-/// cannot).
-fn copy_range(from: &File, to: &File, len: u64) -> io::Result<()> {
-    let (mut off_in, mut off_out) = (0u64, 0u64);
-    while off_in < len {
-        let want = usize::try_from(len - off_in)
-            .unwrap_or(usize::MAX)
-            .min(1 << 30);
-        match rustix::fs::copy_file_range(from, Some(&mut off_in), to, Some(&mut off_out), want) {
-            Ok(0) => return Err(io::Error::other("the blob is shorter than it was")),
-            Ok(_) => {}
-            Err(rustix::io::Errno::INTR) => {}
-            Err(
-                rustix::io::Errno::XDEV
-                | rustix::io::Errno::INVAL
-                | rustix::io::Errno::NOSYS
-                | rustix::io::Errno::OPNOTSUPP,
-            ) => {
-                use std::os::unix::fs::FileExt;
-                let mut buf = vec![0u8; CHUNK];
-                while off_in < len {
-                    let n = from.read_at(&mut buf, off_in)?;
-                    if n == 0 {
-                        return Err(io::Error::other("the blob is shorter than it was"));
-                    }
-                    to.write_all_at(&buf[..n], off_out)?;
-                    off_in += n as u64;
-                    off_out += n as u64;
-                }
-            }
-            Err(e) => return Err(e.into()),
-        }
-    }
-    Ok(())
 }
 
 /// A new, private work directory for a restore in `tmp` (the store's temp directory).

@@ -506,8 +506,11 @@ fn hash_and_store(
         if objects.has(ObjectKind::Blob, d) {
             return Ok((d, total, 0));
         }
-        let mut w = objects.writer().map_err(HashError::Store)?;
-        copy_into(&mut f, &mut w, total, &mut buf)?;
+        let w = objects.writer().map_err(HashError::Store)?;
+        let out = w
+            .file()
+            .ok_or_else(|| HashError::Read(io::Error::from_raw_os_error(libc::EBADF)))?;
+        super::objects::copy_range(&f, out, total).map_err(HashError::Read)?;
         let after = rustix::fs::fstat(&f).map_err(|e| HashError::Read(e.into()))?;
         if !same_key(&stat_key(&before), &stat_key(&after)) {
             return Err(HashError::Read(io::Error::other(
@@ -517,62 +520,4 @@ fn hash_and_store(
         w.commit(ObjectKind::Blob, d).map_err(HashError::Store)?;
         Ok((d, total, total))
     })
-}
-
-/// Copies the first `len` bytes of `f` into `w`: in the kernel when it can, else through `buf`.
-fn copy_into(
-    f: &mut File,
-    w: &mut super::objects::ObjectWriter,
-    len: u64,
-    buf: &mut [u8],
-) -> Result<(), HashError> {
-    use std::io::Seek;
-    let mut in_off = 0u64;
-    if let Some(out) = w.file() {
-        let mut out_off = 0u64;
-        while in_off < len {
-            let want = usize::try_from(len - in_off)
-                .unwrap_or(usize::MAX)
-                .min(1 << 30);
-            match rustix::fs::copy_file_range(&*f, Some(&mut in_off), out, Some(&mut out_off), want)
-            {
-                Ok(0) => break,
-                Ok(_) => {}
-                Err(rustix::io::Errno::INTR) => {}
-                // Not possible between these two files: copy by hand from where it stopped.
-                Err(
-                    rustix::io::Errno::XDEV
-                    | rustix::io::Errno::INVAL
-                    | rustix::io::Errno::NOSYS
-                    | rustix::io::Errno::OPNOTSUPP,
-                ) => break,
-                Err(e) => return Err(HashError::Read(e.into())),
-            }
-        }
-        if in_off < len {
-            use std::io::Seek as _;
-            let mut out: &File = out;
-            out.seek(io::SeekFrom::Start(in_off))
-                .map_err(HashError::Read)?;
-        }
-    }
-    if in_off >= len {
-        return Ok(());
-    }
-    f.seek(io::SeekFrom::Start(in_off))
-        .map_err(HashError::Read)?;
-    while in_off < len {
-        let want = usize::try_from(len - in_off)
-            .unwrap_or(usize::MAX)
-            .min(buf.len());
-        let n = fill(f, &mut buf[..want]).map_err(HashError::Read)?;
-        if n == 0 {
-            return Err(HashError::Read(io::Error::other(
-                "the file shrank while it was read",
-            )));
-        }
-        w.write_all(&buf[..n]).map_err(HashError::Store)?;
-        in_off += n as u64;
-    }
-    Ok(())
 }

@@ -857,6 +857,12 @@ pub fn spec(id: &str, target: &Path, extra: &str) -> String {
 pub fn output_with_timeout(mut cmd: Command, timeout: Duration) -> Output {
     cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
     let child = cmd.spawn().expect("spawn cachefs");
+    wait_with_timeout(child, timeout, &format!("{cmd:?}"))
+}
+
+/// Waits for `child` (and collects its output) at most `timeout`; kills it and fails past that.
+#[track_caller]
+pub fn wait_with_timeout(child: std::process::Child, timeout: Duration, what: &str) -> Output {
     let pid = child.id();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -866,7 +872,7 @@ pub fn output_with_timeout(mut cmd: Command, timeout: Duration) -> Output {
         Ok(out) => out.expect("wait"),
         Err(_) => {
             unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-            panic!("{cmd:?} did not finish within {timeout:?}");
+            panic!("{what} did not finish within {timeout:?}");
         }
     }
 }
