@@ -9,6 +9,7 @@ pub mod evict;
 pub mod fs;
 pub mod layer;
 pub mod lease;
+pub mod remote;
 pub mod spec;
 pub mod store;
 pub mod units;

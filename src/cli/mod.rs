@@ -25,6 +25,8 @@ pub mod layers;
 pub mod ls;
 pub mod mount;
 mod mounts;
+pub mod pull;
+pub mod push;
 mod reaper;
 pub mod restore;
 pub mod rm;
@@ -132,6 +134,10 @@ pub enum Command {
     Export(export::Args),
     /// Read a tar (plain or zstd) into the layer store, checking its digest
     Import(import::Args),
+    /// Snapshot a cache and upload what an OCI registry lacks of it
+    Push(push::Args),
+    /// Download a layer from an OCI registry, verify it, restore it (--into)
+    Pull(pull::Args),
 }
 
 /// Marks an error as the caller's to fix (bad input, unusable environment): exit code 2.
@@ -337,6 +343,8 @@ where
         Command::Diff(args) => diff::run(&cli.global, args),
         Command::Export(args) => export::run(&cli.global, args),
         Command::Import(args) => import::run(&cli.global, args),
+        Command::Push(args) => push::run(&cli.global, args),
+        Command::Pull(args) => pull::run(&cli.global, args),
     };
     match result {
         Ok(code) => code,

@@ -82,70 +82,21 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
         .map_err(|m| usage(anyhow!(m)))?;
     let digest = Digest::from_hex(&layer.digest)
         .ok_or_else(|| anyhow!("layer record {:?} is not a digest", layer.digest))?;
-    let cancel = supervisor.cancel_flag();
-    let lease = match take_instance_or_exit(
+    let started = Instant::now();
+    let report = match restore_into(
         &store,
+        digest,
+        &args.layer,
         &id,
         args.instance,
-        InstanceInit::default(),
-        "restore",
-        &format!("cachefs restore {} --into {}", args.layer, id.as_str()),
+        args.replace,
         args.lock_timeout,
-        cancel,
-        "nothing was restored",
+        !args.quiet && !args.json,
+        supervisor.cancel_flag(),
     )? {
-        Ok(l) => l,
+        Ok(r) => r,
         Err(code) => return Ok(code),
     };
-    let path = lease.instance().path.clone();
-    if !args.replace && !lease.instance().created && !is_empty_dir(&path).unwrap_or(false) {
-        let u = store
-            .instance_usages(Some(&id))?
-            .into_iter()
-            .find(|u| u.number == args.instance);
-        let what = u
-            .map(|u| {
-                format!(
-                    " ({} files, {})",
-                    u.usage.files,
-                    format_size(u.usage.size_bytes)
-                )
-            })
-            .unwrap_or_default();
-        return Err(usage(anyhow!(
-            "cache {:?} instance {} is not empty{what}: pass --replace to replace its contents with the layer's",
-            id.as_str(),
-            args.instance
-        )));
-    }
-    let started = Instant::now();
-    let objects = ObjectStore::open(&root)?;
-    let _objects_lock = objects.lock_shared()?;
-    let report = match restore_instance(
-        &store,
-        &objects,
-        digest,
-        &id,
-        args.instance,
-        &path,
-        &InstanceInit::default(),
-        !args.quiet && !args.json,
-        cancel,
-    ) {
-        Ok(r) => r,
-        Err(LayerError::Interrupted) => {
-            super::print_error("interrupted; the cache was left as it was");
-            return Ok(128 + cancel.load(std::sync::atomic::Ordering::Relaxed));
-        }
-        Err(e) => {
-            return Err(e).context(format!(
-                "cannot restore layer {} into cache {:?}; the cache was left as it was",
-                &layer.digest[..12],
-                id.as_str()
-            ));
-        }
-    };
-    lease.release()?;
     let elapsed = started.elapsed();
     if args.json {
         let out = Output {
@@ -169,4 +120,83 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
         );
     }
     Ok(0)
+}
+
+/// Restores the stored layer `digest` into instance `instance` of `id` (created when
+/// missing), under its locked lease. `Err(code)`: an exit code whose message was printed.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn restore_into(
+    store: &Store,
+    digest: Digest,
+    shown: &str,
+    id: &CacheId,
+    instance: u32,
+    replace: bool,
+    lock_timeout: Option<Duration>,
+    show_progress: bool,
+    cancel: &std::sync::atomic::AtomicI32,
+) -> anyhow::Result<Result<RestoreReport, i32>> {
+    let lease = match take_instance_or_exit(
+        store,
+        id,
+        instance,
+        InstanceInit::default(),
+        "restore",
+        &format!("cachefs restore {} --into {}", shown, id.as_str()),
+        lock_timeout,
+        cancel,
+        "nothing was restored",
+    )? {
+        Ok(l) => l,
+        Err(code) => return Ok(Err(code)),
+    };
+    let path = lease.instance().path.clone();
+    if !replace && !lease.instance().created && !is_empty_dir(&path).unwrap_or(false) {
+        let u = store
+            .instance_usages(Some(id))?
+            .into_iter()
+            .find(|u| u.number == instance);
+        let what = u
+            .map(|u| {
+                format!(
+                    " ({} files, {})",
+                    u.usage.files,
+                    format_size(u.usage.size_bytes)
+                )
+            })
+            .unwrap_or_default();
+        return Err(usage(anyhow!(
+            "cache {:?} instance {} is not empty{what}: pass --replace to replace its contents with the layer's",
+            id.as_str(),
+            instance
+        )));
+    }
+    let objects = ObjectStore::open(store.root())?;
+    let _objects_lock = objects.lock_shared()?;
+    let report = match restore_instance(
+        store,
+        &objects,
+        digest,
+        id,
+        instance,
+        &path,
+        &InstanceInit::default(),
+        show_progress,
+        cancel,
+    ) {
+        Ok(r) => r,
+        Err(LayerError::Interrupted) => {
+            super::print_error("interrupted; the cache was left as it was");
+            return Ok(Err(128 + cancel.load(std::sync::atomic::Ordering::Relaxed)));
+        }
+        Err(e) => {
+            return Err(e).context(format!(
+                "cannot restore layer {} into cache {:?}; the cache was left as it was",
+                &digest.to_hex()[..12],
+                id.as_str()
+            ));
+        }
+    };
+    lease.release()?;
+    Ok(Ok(report))
 }

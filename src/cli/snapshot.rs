@@ -83,14 +83,87 @@ struct Output<'a> {
     report: &'a HashReport,
 }
 
+/// A snapshot taken.
+pub(crate) struct Taken {
+    pub digest: String,
+    pub number: u32,
+    pub parent: Option<String>,
+    pub method: &'static str,
+    pub report: HashReport,
+    pub elapsed: std::time::Duration,
+}
+
 pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
+    let supervisor = Supervisor::start().context("cannot set up signal handling")?;
+    let root = Store::resolve_root(global.store.as_deref())?;
+    let store = Store::open(&root)?;
+    let id = args.id.as_str();
+    let Taken {
+        digest,
+        number,
+        parent,
+        method,
+        report,
+        elapsed,
+    } = match take(&store, &args, supervisor.cancel_flag())? {
+        Ok(t) => t,
+        Err(code) => return Ok(code),
+    };
+    let stats = report.stats;
+    if args.json {
+        let out = Output {
+            cache: id,
+            instance: number,
+            parent,
+            tag: args.tag.as_deref(),
+            method,
+            seconds: elapsed.as_secs_f64(),
+            report: &report,
+        };
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(0);
+    }
+    println!("{digest}");
+    if !args.quiet {
+        let r = &report;
+        eprintln!(
+            "cachefs: snapshot of {:?} (instance {number}, {method}): {} files, {} dirs, {} symlinks, {}; read {} files ({}), stored {} new, in {:.2}s{}",
+            id,
+            stats.files,
+            stats.dirs,
+            stats.symlinks,
+            format_size(stats.size_bytes),
+            r.hashed_files,
+            format_size(r.hashed_bytes),
+            format_size(r.stored_bytes),
+            elapsed.as_secs_f64(),
+            args.tag
+                .as_deref()
+                .map(|t| format!("; tagged {t}"))
+                .unwrap_or_default(),
+        );
+        if r.skipped > 0 {
+            super::print_warning(format_args!(
+                "{} entries (sockets, devices, other filesystems) are not in the layer",
+                r.skipped
+            ));
+        }
+    }
+    Ok(0)
+}
+
+/// Takes a snapshot as `args` say and records it; `Err(code)` is an exit code whose message
+/// was printed (a timeout, an interruption).
+pub(crate) fn take(
+    store: &Store,
+    args: &Args,
+    cancel: &std::sync::atomic::AtomicI32,
+) -> anyhow::Result<Result<Taken, i32>> {
     let id = CacheId::new(&args.id).map_err(|e| usage(anyhow!("{e}")))?;
     if let Some(t) = &args.tag {
         check_tag(t).map_err(|e| usage(anyhow!(e)))?;
     }
-    let supervisor = Supervisor::start().context("cannot set up signal handling")?;
-    let root = Store::resolve_root(global.store.as_deref())?;
-    let store = Store::open(&root)?;
+    let root = store.root().to_path_buf();
     let Some(cache) = store.get_cache(&id)? else {
         return Err(usage(anyhow!(
             "no cache with id {:?} in store {} (see cachefs du)",
@@ -114,9 +187,8 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
             .map(|i| i.number)
             .ok_or_else(|| anyhow!("cache {:?} has no instance yet", id.as_str()))?,
     };
-    let cancel = supervisor.cancel_flag();
     let lease = match take_instance_or_exit(
-        &store,
+        store,
         &id,
         number,
         InstanceInit::default(),
@@ -127,7 +199,7 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
         "no snapshot was taken",
     )? {
         Ok(l) => l,
-        Err(code) => return Ok(code),
+        Err(code) => return Ok(Err(code)),
     };
     let started = Instant::now();
     let objects = ObjectStore::open(&root)?;
@@ -136,14 +208,14 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
     let show_progress = !args.quiet && !args.json;
     let interrupted = |cancel: &std::sync::atomic::AtomicI32| {
         super::print_error("interrupted; no snapshot was taken");
-        Ok(128 + cancel.load(std::sync::atomic::Ordering::Relaxed))
+        Ok(Err(128 + cancel.load(std::sync::atomic::Ordering::Relaxed)))
     };
     let mut method = "full";
     let mut hashed = None;
     if !args.rescan
-        && let Some((log, base)) = usable_change_log(&store, &id, number)?
+        && let Some((log, base)) = usable_change_log(store, &id, number)?
     {
-        match hash_incremental(&store, &id, number, &objects, &path, &log, &base, cancel) {
+        match hash_incremental(store, &id, number, &objects, &path, &log, &base, cancel) {
             Ok(h) => {
                 method = "incremental";
                 hashed = Some(h);
@@ -205,47 +277,14 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
         &delta,
     )?;
     lease.release()?;
-    let elapsed = started.elapsed();
-    if args.json {
-        let out = Output {
-            cache: id.as_str(),
-            instance: number,
-            parent,
-            tag: args.tag.as_deref(),
-            method,
-            seconds: elapsed.as_secs_f64(),
-            report: &hashed.report,
-        };
-        println!("{}", serde_json::to_string_pretty(&out)?);
-        return Ok(0);
-    }
-    println!("{digest}");
-    if !args.quiet {
-        let r = &hashed.report;
-        eprintln!(
-            "cachefs: snapshot of {:?} (instance {number}, {method}): {} files, {} dirs, {} symlinks, {}; read {} files ({}), stored {} new, in {:.2}s{}",
-            id.as_str(),
-            stats.files,
-            stats.dirs,
-            stats.symlinks,
-            format_size(stats.size_bytes),
-            r.hashed_files,
-            format_size(r.hashed_bytes),
-            format_size(r.stored_bytes),
-            elapsed.as_secs_f64(),
-            args.tag
-                .as_deref()
-                .map(|t| format!("; tagged {t}"))
-                .unwrap_or_default(),
-        );
-        if r.skipped > 0 {
-            super::print_warning(format_args!(
-                "{} entries (sockets, devices, other filesystems) are not in the layer",
-                r.skipped
-            ));
-        }
-    }
-    Ok(0)
+    Ok(Ok(Taken {
+        digest,
+        number,
+        parent,
+        method,
+        report: hashed.report,
+        elapsed: started.elapsed(),
+    }))
 }
 
 /// The instance's change log and its base layer, when a snapshot can start from them: the log

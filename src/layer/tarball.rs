@@ -79,6 +79,9 @@ pub struct Options<'a> {
     pub cancel: Option<&'a AtomicI32>,
     /// Import: the input's size, for the progress bar.
     pub size_hint: Option<u64>,
+    /// Export: `.wh.` names are plain names, not OCI whiteouts (registry chunks, which are
+    /// never applied as image layers).
+    pub names_are_data: bool,
 }
 
 impl<'a> Options<'a> {
@@ -88,6 +91,7 @@ impl<'a> Options<'a> {
             show_progress: false,
             cancel: None,
             size_hint: None,
+            names_are_data: false,
         }
     }
 
@@ -330,12 +334,17 @@ fn show(path: &[u8]) -> String {
 
 /// The members for one directory's entries: whiteouts first, then the entries in name
 /// order. `lower` is the parent layer's directory (`None`: write everything).
-fn dir_items(prefix: &[u8], lower: Option<&Tree>, upper: &Tree) -> Result<Vec<Item>, LayerError> {
+fn dir_items(
+    prefix: &[u8],
+    lower: Option<&Tree>,
+    upper: &Tree,
+    names_are_data: bool,
+) -> Result<Vec<Item>, LayerError> {
     let mut whiteouts = Vec::new();
     let mut items = Vec::new();
     let new_item = |e: &Entry, lower: Option<Digest>| -> Result<Item, LayerError> {
         let path = child_path(prefix, &e.name);
-        if e.name.starts_with(WHITEOUT_PREFIX) {
+        if !names_are_data && e.name.starts_with(WHITEOUT_PREFIX) {
             return Err(LayerError::Invalid(format!(
                 "cannot export {}: names starting with .wh. mean whiteouts in a layer tar (OCI), so this layer has no tar form",
                 show(&path)
@@ -399,20 +408,17 @@ fn dir_items(prefix: &[u8], lower: Option<&Tree>, upper: &Tree) -> Result<Vec<It
     Ok(whiteouts)
 }
 
-/// Walks the members of the export of `root` (over `since`) in order.
-fn walk(
+/// Walks the members for the entries of `upper` (over `lower`), whose paths start with
+/// `prefix` (empty, or ending in `/`), and everything below them.
+fn walk_tree(
     objects: &ObjectStore,
-    root: Digest,
-    since: Option<Digest>,
+    prefix: &[u8],
+    upper: &Tree,
+    lower: Option<&Tree>,
     opts: &Options<'_>,
     visit: &mut dyn FnMut(&Item) -> Result<(), LayerError>,
 ) -> Result<(), LayerError> {
-    let upper = objects.read_tree(root)?;
-    let lower = match since {
-        Some(d) => Some(objects.read_tree(d)?),
-        None => None,
-    };
-    let mut stack = dir_items(b"", lower.as_ref(), &upper)?;
+    let mut stack = dir_items(prefix, lower, upper, opts.names_are_data)?;
     stack.reverse();
     while let Some(item) = stack.pop() {
         opts.check_cancel()?;
@@ -426,7 +432,7 @@ fn walk(
                 Some(d) => Some(objects.read_tree(d)?),
                 None => None,
             };
-            let mut kids = dir_items(&path, lower.as_ref(), &upper)?;
+            let mut kids = dir_items(&path, lower.as_ref(), &upper, opts.names_are_data)?;
             kids.reverse();
             stack.extend(kids);
         }
@@ -512,9 +518,53 @@ pub fn export(
     out: &mut dyn Write,
     opts: &Options<'_>,
 ) -> Result<ExportReport, LayerError> {
+    let upper = objects.read_tree(root)?;
+    let lower = match since {
+        Some(d) => Some(objects.read_tree(d)?),
+        None => None,
+    };
+    let comment = layer_comment(root, since);
+    let mut report = write_tar(
+        objects,
+        b"",
+        &upper,
+        lower.as_ref(),
+        Some(&comment),
+        out,
+        opts,
+    )?;
+    report.digest = root;
+    report.parent = since;
+    Ok(report)
+}
+
+/// Writes the entries of `members` (with everything below them) as a tar whose paths start
+/// with `prefix` (empty, or ending in `/`), by the export's rules but without the global
+/// header: the registry chunks of `remote`. The report's digest is that of `members`.
+pub fn export_entries(
+    objects: &ObjectStore,
+    prefix: &[u8],
+    members: &Tree,
+    out: &mut dyn Write,
+    opts: &Options<'_>,
+) -> Result<ExportReport, LayerError> {
+    let mut report = write_tar(objects, prefix, members, None, None, out, opts)?;
+    report.digest = members.encode_with_digest().1;
+    Ok(report)
+}
+
+fn write_tar(
+    objects: &ObjectStore,
+    prefix: &[u8],
+    upper: &Tree,
+    lower: Option<&Tree>,
+    comment: Option<&str>,
+    out: &mut dyn Write,
+    opts: &Options<'_>,
+) -> Result<ExportReport, LayerError> {
     let total = if opts.show_progress && io::stderr().is_terminal() {
         let mut sum = 0u64;
-        walk(objects, root, since, opts, &mut |item| {
+        walk_tree(objects, prefix, upper, lower, opts, &mut |item| {
             if let Item::Leaf(_, e) = item
                 && e.kind == Kind::File
             {
@@ -534,8 +584,8 @@ pub fn export(
         label: opts.label,
     };
     let mut report = ExportReport {
-        digest: root,
-        parent: since,
+        digest: Digest::ZERO,
+        parent: None,
         diff_id: String::new(),
         tar_bytes: 0,
         files: 0,
@@ -545,36 +595,45 @@ pub fn export(
         whiteouts: 0,
         file_bytes: 0,
     };
-    tar.global_header(&layer_comment(root, since))?;
+    if let Some(c) = comment {
+        tar.global_header(c)?;
+    }
     let mut bufs = [vec![0u8; CHUNK], vec![0u8; CHUNK]];
-    walk(objects, root, since, opts, &mut |item| match item {
-        Item::Whiteout(path) => {
-            report.whiteouts += 1;
-            tar.header(path, tar::EntryType::Regular, 0, 0, b"")
-        }
-        Item::Dir { path, entry, .. } => {
-            report.dirs += 1;
-            tar.header(path, tar::EntryType::Directory, entry.mode, 0, b"")
-        }
-        Item::Leaf(path, e) => match e.kind {
-            Kind::File => {
-                report.files += 1;
-                report.file_bytes += e.size;
-                write_file(objects, &mut tar, path, e, &mut bufs, &progress)
+    walk_tree(
+        objects,
+        prefix,
+        upper,
+        lower,
+        opts,
+        &mut |item| match item {
+            Item::Whiteout(path) => {
+                report.whiteouts += 1;
+                tar.header(path, tar::EntryType::Regular, 0, 0, b"")
             }
-            Kind::Symlink => {
-                report.symlinks += 1;
-                tar.header(path, tar::EntryType::Symlink, 0o777, 0, &e.target)
+            Item::Dir { path, entry, .. } => {
+                report.dirs += 1;
+                tar.header(path, tar::EntryType::Directory, entry.mode, 0, b"")
             }
-            Kind::Fifo => {
-                report.fifos += 1;
-                tar.header(path, tar::EntryType::Fifo, e.mode, 0, b"")
-            }
-            Kind::Dir => Err(LayerError::Invalid(
-                "internal: a directory listed as a leaf".into(),
-            )),
+            Item::Leaf(path, e) => match e.kind {
+                Kind::File => {
+                    report.files += 1;
+                    report.file_bytes += e.size;
+                    write_file(objects, &mut tar, path, e, &mut bufs, &progress)
+                }
+                Kind::Symlink => {
+                    report.symlinks += 1;
+                    tar.header(path, tar::EntryType::Symlink, 0o777, 0, &e.target)
+                }
+                Kind::Fifo => {
+                    report.fifos += 1;
+                    tar.header(path, tar::EntryType::Fifo, e.mode, 0, b"")
+                }
+                Kind::Dir => Err(LayerError::Invalid(
+                    "internal: a directory listed as a leaf".into(),
+                )),
+            },
         },
-    })?;
+    )?;
     progress.finish();
     tar.put(&ZEROS)?;
     tar.out

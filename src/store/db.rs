@@ -12,7 +12,7 @@ use rusqlite::{Connection, OpenFlags, Transaction, TransactionBehavior};
 use super::error::{StoreError, db_error};
 
 /// The newest schema this build reads and writes.
-pub const SCHEMA_VERSION: i64 = 4;
+pub const SCHEMA_VERSION: i64 = 5;
 
 /// How long a statement waits for another process's write lock before failing.
 pub(crate) const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -144,6 +144,7 @@ fn step(tx: &Transaction<'_>, version: i64) -> rusqlite::Result<()> {
         1 => tx.execute_batch(V2),
         2 => tx.execute_batch(V3),
         3 => tx.execute_batch(V4),
+        4 => tx.execute_batch(V5),
         // `migrate` never calls past the newest version.
         _ => Ok(()),
     }
@@ -286,6 +287,26 @@ CREATE TABLE changes (
     subtree  INTEGER NOT NULL,
     PRIMARY KEY (cache_id, instance, path),
     FOREIGN KEY (cache_id, instance) REFERENCES instances (cache_id, number) ON DELETE CASCADE
+) WITHOUT ROWID;
+";
+
+/// Schema 5: remote. `remote_chunks` remembers the sha256 digest and size of each registry
+/// chunk cachefs has built, by its key (a blake3 hash of what the chunk holds and how it is
+/// encoded), so that a push of an unchanged subtree asks the registry about the blob without
+/// compressing it again. `remote_blobs` remembers which repositories of which registries hold a
+/// blob (pushed or pulled there), for cross-repository mounts.
+const V5: &str = "
+CREATE TABLE remote_chunks (
+    key    TEXT    NOT NULL PRIMARY KEY,
+    digest TEXT    NOT NULL,
+    size   INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE remote_blobs (
+    registry   TEXT    NOT NULL,
+    digest     TEXT    NOT NULL,
+    repository TEXT    NOT NULL,
+    seen       INTEGER NOT NULL,
+    PRIMARY KEY (registry, digest, repository)
 ) WITHOUT ROWID;
 ";
 

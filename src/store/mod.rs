@@ -19,6 +19,7 @@ mod error;
 mod id;
 mod layers;
 mod leases;
+mod remote;
 mod usage;
 
 use std::ffi::OsString;

@@ -10,6 +10,8 @@
 //! Every test file includes this module with `mod common;`; not every file uses everything.
 #![allow(dead_code)]
 
+pub mod registry;
+
 use std::ffi::{CString, OsStr};
 use std::fs;
 use std::io::{self, Read, Write};

@@ -1,0 +1,364 @@
+//! Chunks: built from the object store into a temp file (hashed with sha256 on the way), and
+//! taken apart again into blobs, each verified against the tree index before it is stored.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{self, Read, Seek, Write};
+use std::path::Path;
+
+use sha2::{Digest as _, Sha256};
+
+use super::plan::{ChunkSpec, Plan};
+use super::{CHUNK_ZSTD_LEVEL, sha256_hex};
+use crate::layer::format::{Digest, Entry, Tree};
+use crate::layer::objects::{BlobReader, CHUNK};
+use crate::layer::tarball::{self, Options};
+use crate::layer::{LayerError, ObjectKind, ObjectStore};
+
+/// A chunk built into an unnamed temp file, ready to upload.
+pub struct Built {
+    pub file: File,
+    /// `sha256:<hex>` of the file's bytes.
+    pub digest: String,
+    pub size: u64,
+}
+
+/// Counts and hashes what passes through to the file.
+struct Sha256File {
+    file: File,
+    sha: Sha256,
+    bytes: u64,
+}
+
+impl Write for Sha256File {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.file.write(buf)?;
+        self.sha.update(&buf[..n]);
+        self.bytes += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.flush()
+    }
+}
+
+fn temp_in(tmp: &Path) -> Result<Sha256File, LayerError> {
+    let file =
+        tempfile::tempfile_in(tmp).map_err(|e| LayerError::io("create a temp file in", tmp, e))?;
+    Ok(Sha256File {
+        file,
+        sha: Sha256::new(),
+        bytes: 0,
+    })
+}
+
+fn finish(
+    enc: zstd::stream::write::Encoder<'static, Sha256File>,
+    tmp: &Path,
+) -> Result<Built, LayerError> {
+    let mut out = enc.finish().map_err(|e| LayerError::io("write", tmp, e))?;
+    out.file
+        .rewind()
+        .map_err(|e| LayerError::io("seek", tmp, e))?;
+    Ok(Built {
+        file: out.file,
+        digest: sha256_hex(out.sha.finalize().as_slice()),
+        size: out.bytes,
+    })
+}
+
+/// Builds an entries chunk: the members' tar (the export's rules), zstd at
+/// [`CHUNK_ZSTD_LEVEL`], single-threaded so that the same entries always give the same bytes.
+pub fn build_entries(
+    objects: &ObjectStore,
+    members: &Tree,
+    dir: &[u8],
+    tmp: &Path,
+) -> Result<Built, LayerError> {
+    let mut enc = tarball::zstd_writer(temp_in(tmp)?, CHUNK_ZSTD_LEVEL)
+        .map_err(|e| LayerError::io("compress into", tmp, e))?;
+    let mut prefix = dir.to_vec();
+    if !prefix.is_empty() {
+        prefix.push(b'/');
+    }
+    let mut opts = Options::new(tmp);
+    opts.names_are_data = true;
+    tarball::export_entries(objects, &prefix, members, &mut enc, &opts)?;
+    finish(enc, tmp)
+}
+
+/// Builds the parts of one big file, reading its blob once, in order; the blob is verified when
+/// the read reaches its end, so a corrupt blob fails before its last part is complete.
+/// `want(i)` says whether part `i` is needed (the others are read past, not compressed).
+pub fn build_parts(
+    objects: &ObjectStore,
+    blob: Digest,
+    parts: &[(u64, u64)],
+    tmp: &Path,
+    want: &dyn Fn(usize) -> bool,
+    done: &mut dyn FnMut(usize, Built) -> Result<(), LayerError>,
+) -> Result<(), LayerError> {
+    let mut reader = objects.open_blob(blob)?;
+    let mut buf = vec![0u8; CHUNK];
+    for (i, (_, len)) in parts.iter().enumerate() {
+        let mut enc = if want(i) {
+            Some(
+                tarball::zstd_writer(temp_in(tmp)?, CHUNK_ZSTD_LEVEL)
+                    .map_err(|e| LayerError::io("compress into", tmp, e))?,
+            )
+        } else {
+            None
+        };
+        let mut left = *len;
+        while left > 0 {
+            let n = read_some(&mut reader, &mut buf[..(left.min(CHUNK as u64)) as usize])?;
+            if n == 0 {
+                return Err(LayerError::corrupt(
+                    "blob",
+                    blob,
+                    &objects.path(ObjectKind::Blob, blob),
+                    "it is shorter than the layer records",
+                ));
+            }
+            if let Some(e) = enc.as_mut() {
+                e.write_all(&buf[..n])
+                    .map_err(|e| LayerError::io("write", tmp, e))?;
+            }
+            left -= n as u64;
+        }
+        if i + 1 == parts.len() {
+            // Reading to the end verifies the whole blob.
+            if read_some(&mut reader, &mut buf[..1])? != 0 {
+                return Err(LayerError::corrupt(
+                    "blob",
+                    blob,
+                    &objects.path(ObjectKind::Blob, blob),
+                    "it is longer than the layer records",
+                ));
+            }
+        }
+        if let Some(e) = enc {
+            done(i, finish(e, tmp)?)?;
+        }
+    }
+    Ok(())
+}
+
+fn read_some(r: &mut BlobReader, buf: &mut [u8]) -> Result<usize, LayerError> {
+    loop {
+        match r.read(buf) {
+            Ok(n) => return Ok(n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(r.error(e)),
+        }
+    }
+}
+
+/// What taking a chunk apart did.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Ingested {
+    pub blobs_stored: u64,
+    pub bytes_stored: u64,
+}
+
+/// Why a chunk was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    /// The chunk's bytes are not what the index says it holds.
+    #[error("{0}")]
+    Bad(String),
+    #[error(transparent)]
+    Layer(#[from] LayerError),
+}
+
+fn bad(msg: String) -> IngestError {
+    IngestError::Bad(msg)
+}
+
+fn shown(p: &[u8]) -> String {
+    format!("{:?}", String::from_utf8_lossy(p))
+}
+
+/// Takes an entries chunk apart: every regular file in it must be one the index places in the
+/// chunk, with the contents the index names; what the store lacks is stored. Directories,
+/// symlinks and fifos are skipped: the index has them. Files the store already has are read
+/// past. At the end, every file of the chunk must be in the store.
+pub fn ingest_entries<R: Read>(
+    objects: &ObjectStore,
+    plan: &Plan,
+    spec: &ChunkSpec,
+    decoded: &HashMap<Digest, Tree>,
+    input: R,
+    progress: &dyn Fn(u64),
+) -> Result<Ingested, IngestError> {
+    let files: HashMap<Vec<u8>, Entry> = plan.chunk_files(spec, decoded).into_iter().collect();
+    let zin =
+        zstd::stream::read::Decoder::new(input).map_err(|e| bad(format!("it is not zstd: {e}")))?;
+    let mut archive = tar::Archive::new(zin);
+    let mut report = Ingested::default();
+    let mut buf = vec![0u8; CHUNK];
+    let entries = archive
+        .entries()
+        .map_err(|e| bad(format!("it is not a tar: {e}")))?;
+    for entry in entries {
+        let mut entry = entry.map_err(|e| bad(format!("its tar is damaged: {e}")))?;
+        let kind = entry.header().entry_type();
+        let path = entry.path_bytes().into_owned();
+        match kind {
+            tar::EntryType::Regular | tar::EntryType::Continuous => {}
+            tar::EntryType::Directory | tar::EntryType::Symlink | tar::EntryType::Fifo => continue,
+            other => {
+                return Err(bad(format!(
+                    "it holds {} of a kind cachefs never writes ({other:?})",
+                    shown(&path)
+                )));
+            }
+        }
+        let Some(e) = files.get(&path) else {
+            return Err(bad(format!(
+                "it holds {}, which the index does not place in it",
+                shown(&path)
+            )));
+        };
+        let size = entry
+            .header()
+            .size()
+            .map_err(|e| bad(format!("its tar is damaged: {e}")))?;
+        if size != e.size {
+            return Err(bad(format!(
+                "{} holds {size} bytes where the index records {}",
+                shown(&path),
+                e.size
+            )));
+        }
+        if objects.has(ObjectKind::Blob, e.hash) {
+            let n = io::copy(&mut entry, &mut io::sink())
+                .map_err(|err| bad(format!("its tar is damaged: {err}")))?;
+            progress(n);
+            continue;
+        }
+        let mut w = objects.writer()?;
+        let mut h = blake3::Hasher::new();
+        loop {
+            let n = match entry.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
+                Err(err) => return Err(bad(format!("its tar is damaged: {err}"))),
+            };
+            h.update(&buf[..n]);
+            w.write_all(&buf[..n])?;
+            progress(n as u64);
+        }
+        if Digest(*h.finalize().as_bytes()) != e.hash {
+            return Err(bad(format!(
+                "the contents of {} do not match the index",
+                shown(&path)
+            )));
+        }
+        w.commit(ObjectKind::Blob, e.hash)?;
+        report.blobs_stored += 1;
+        report.bytes_stored += e.size;
+    }
+    for (p, e) in &files {
+        if !objects.has(ObjectKind::Blob, e.hash) {
+            return Err(bad(format!("it lacks {}", shown(p))));
+        }
+    }
+    Ok(report)
+}
+
+/// One big file being put together from its parts, in order.
+pub struct PartAssembly {
+    writer: crate::layer::objects::ObjectWriter,
+    hasher: blake3::Hasher,
+    blob: Digest,
+    written: u64,
+    /// Where the part being added started, and the hash state there: a part whose download
+    /// failed half-way is added again from its start.
+    part_start: (u64, blake3::Hasher),
+}
+
+impl PartAssembly {
+    pub fn new(objects: &ObjectStore, blob: Digest) -> Result<PartAssembly, LayerError> {
+        Ok(PartAssembly {
+            writer: objects.writer()?,
+            hasher: blake3::Hasher::new(),
+            blob,
+            written: 0,
+            part_start: (0, blake3::Hasher::new()),
+        })
+    }
+
+    /// Appends one part: the zstd of exactly `len` bytes, starting at `offset`.
+    pub fn add<R: Read>(
+        &mut self,
+        offset: u64,
+        len: u64,
+        input: R,
+        progress: &dyn Fn(u64),
+    ) -> Result<(), IngestError> {
+        if offset == self.part_start.0 && self.written != offset {
+            // A retry of a part that failed half-way.
+            let f = self.writer.file();
+            if let Some(mut f) = f {
+                f.set_len(offset)
+                    .and_then(|_| f.seek(io::SeekFrom::Start(offset)).map(|_| ()))
+                    .map_err(|e| LayerError::io("rewind", Path::new("objects/tmp"), e))?;
+            }
+            self.hasher = self.part_start.1.clone();
+            self.written = offset;
+        }
+        if offset != self.written {
+            return Err(bad(format!(
+                "a part starts at {offset} where {} bytes were written",
+                self.written
+            )));
+        }
+        self.part_start = (offset, self.hasher.clone());
+        let mut zin = zstd::stream::read::Decoder::new(input)
+            .map_err(|e| bad(format!("it is not zstd: {e}")))?;
+        let mut buf = vec![0u8; CHUNK];
+        let mut got = 0u64;
+        loop {
+            let want = ((len - got).min(CHUNK as u64) as usize).max(1);
+            let n = match zin.read(&mut buf[..want]) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(bad(format!("its zstd is damaged: {e}"))),
+            };
+            got += n as u64;
+            self.written += n as u64;
+            if got > len {
+                return Err(bad(format!(
+                    "it holds more than the {len} bytes the index records"
+                )));
+            }
+            self.hasher.update(&buf[..n]);
+            self.writer.write_all(&buf[..n])?;
+            progress(n as u64);
+        }
+        if got != len {
+            return Err(bad(format!(
+                "it holds {got} bytes where the index records {len}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Stores the file once all its parts are in, if they make the blob the index names.
+    pub fn commit(self, size: u64) -> Result<(), IngestError> {
+        if self.written != size {
+            return Err(bad(format!(
+                "its parts hold {} bytes of {size}",
+                self.written
+            )));
+        }
+        if Digest(*self.hasher.finalize().as_bytes()) != self.blob {
+            return Err(bad("its parts do not make the file the index names".into()));
+        }
+        self.writer.commit(ObjectKind::Blob, self.blob)?;
+        Ok(())
+    }
+}
