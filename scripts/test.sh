@@ -16,6 +16,8 @@ export DEBIAN_FRONTEND=noninteractive
 
 missing=()
 command -v fusermount3 >/dev/null || missing+=(fuse3)
+# The registry tests (tests/remote.rs) run Debian's CNCF distribution registry on 127.0.0.1.
+command -v docker-registry >/dev/null || missing+=(docker-registry)
 command -v cc >/dev/null || missing+=(gcc libc6-dev)
 if [ "${#missing[@]}" -gt 0 ]; then
     step "installing ${missing[*]} (apt-get)"

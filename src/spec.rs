@@ -86,6 +86,14 @@ pub struct MountSpec {
     /// A layer (tag, digest or digest prefix) to seed the cache with when it is empty,
     /// `from=` (BuildKit's `from` names a build stage; here it names a layer).
     pub from: Option<String>,
+    /// A registry reference to seed the cache from when it is empty, `cache-from=` (a
+    /// reference that is missing or unreachable is a warning, as in BuildKit).
+    pub cache_from: Option<String>,
+    /// A registry reference to push the cache to after the command succeeded, `cache-to=`.
+    pub cache_to: Option<String>,
+    /// Push to `cache_to` only when the tree differs from what the reference holds,
+    /// `cache-to-when=changed` (default `always`).
+    pub cache_to_if_changed: bool,
 }
 
 /// Keys accepted in a spec, in the order error messages list them.
@@ -106,6 +114,9 @@ pub const VALID_KEYS: &[&str] = &[
     "lock-timeout",
     "max-size",
     "from",
+    "cache-from",
+    "cache-to",
+    "cache-to-when",
 ];
 
 /// Why a mount spec was rejected. Each message is one line.
@@ -173,6 +184,9 @@ enum Slot {
     LockTimeout,
     MaxSize,
     From,
+    CacheFrom,
+    CacheTo,
+    CacheToWhen,
 }
 
 fn slot_of(key: &str) -> Option<Slot> {
@@ -188,6 +202,9 @@ fn slot_of(key: &str) -> Option<Slot> {
         "lock-timeout" => Slot::LockTimeout,
         "max-size" => Slot::MaxSize,
         "from" => Slot::From,
+        "cache-from" => Slot::CacheFrom,
+        "cache-to" => Slot::CacheTo,
+        "cache-to-when" => Slot::CacheToWhen,
         _ => return None,
     })
 }
@@ -218,6 +235,9 @@ impl MountSpec {
         let mut lock_timeout = None;
         let mut max_size = None;
         let mut from = None;
+        let mut cache_from = None;
+        let mut cache_to = None;
+        let mut cache_to_if_changed = false;
         let mut seen: Vec<(Slot, String)> = Vec::new();
 
         for (i, field) in split_fields(s)?.into_iter().enumerate() {
@@ -319,6 +339,27 @@ impl MountSpec {
                     }
                     from = Some(value.to_owned());
                 }
+                Slot::CacheFrom | Slot::CacheTo => {
+                    if value.is_empty()
+                        || value.chars().any(|c| c.is_whitespace() || c.is_control())
+                    {
+                        return Err(invalid(
+                            "a registry reference, e.g. registry.example.com/team/caches:apt",
+                        ));
+                    }
+                    if slot == Slot::CacheFrom {
+                        cache_from = Some(value.to_owned());
+                    } else {
+                        cache_to = Some(value.to_owned());
+                    }
+                }
+                Slot::CacheToWhen => {
+                    cache_to_if_changed = match value {
+                        "always" => false,
+                        "changed" => true,
+                        _ => return Err(invalid("always or changed")),
+                    };
+                }
             }
         }
 
@@ -346,6 +387,9 @@ impl MountSpec {
             lock_timeout,
             max_size,
             from,
+            cache_from,
+            cache_to,
+            cache_to_if_changed,
         })
     }
 }
@@ -393,6 +437,15 @@ impl fmt::Display for MountSpec {
         }
         if let Some(l) = &self.from {
             write!(f, ",from={l}")?;
+        }
+        if let Some(r) = &self.cache_from {
+            write!(f, ",cache-from={r}")?;
+        }
+        if let Some(r) = &self.cache_to {
+            write!(f, ",cache-to={r}")?;
+        }
+        if self.cache_to_if_changed {
+            write!(f, ",cache-to-when=changed")?;
         }
         Ok(())
     }
@@ -931,6 +984,9 @@ mod tests {
                         lock_timeout,
                         max_size,
                         from: None,
+                        cache_from: None,
+                        cache_to: None,
+                        cache_to_if_changed: false,
                     }
                 },
             )

@@ -28,6 +28,7 @@ mod mounts;
 pub mod pull;
 pub mod push;
 mod reaper;
+pub mod remote_cache;
 pub mod restore;
 pub mod rm;
 pub mod run;

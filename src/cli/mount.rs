@@ -116,6 +116,9 @@ pub struct Args {
     #[arg(long, value_name = "FILE")]
     pub log_file: Option<PathBuf>,
 
+    #[command(flatten)]
+    pub remote: super::remote_cache::Flags,
+
     /// Internal: the fd on which the background server reports that it is mounted.
     #[arg(long, hide = true, requires = "foreground")]
     pub ready_fd: Option<i32>,
@@ -135,7 +138,9 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
     let spec = spec_of(&args)?;
     let target = mounts::absolute(&spec.target, &cwd);
     fs::check_fuse_device().map_err(usage)?;
-    let plan = mounts::plan(vec![(spec, target)])?;
+    let mut plan = mounts::plan(vec![(spec, target)])?;
+    args.remote.apply(&mut plan)?;
+    super::remote_cache::check(&plan, &args.remote)?;
     let shown = args
         .shown_as
         .clone()
@@ -219,6 +224,9 @@ fn start_server(
     if args.no_passthrough {
         cmd.arg("--no-passthrough");
     }
+    if args.remote.insecure {
+        cmd.arg("--insecure");
+    }
     if let Some(log) = &args.log_file {
         cmd.arg("--log-file")
             .arg(mounts::absolute(log, &std::env::current_dir()?));
@@ -277,7 +285,7 @@ fn start_server(
 fn serve(
     global: &Global,
     args: &Args,
-    plan: Vec<mounts::Planned>,
+    mut plan: Vec<mounts::Planned>,
     shown: &str,
 ) -> anyhow::Result<i32> {
     // Take the ready fd first, so no other file can land on its number.
@@ -297,6 +305,11 @@ fn serve(
         lock_timeout: args.lock_timeout,
         max_instances: args.max_instances,
     };
+    if let Err(code) =
+        super::remote_cache::seed(&store, &mut plan, &args.remote, supervisor.cancel_flag())?
+    {
+        return Ok(code);
+    }
     if let Err(code) = mounts::pre_seed_shared(&store, &plan, supervisor.cancel_flag())? {
         return Ok(code);
     }
@@ -363,11 +376,15 @@ fn serve(
     }
     mounts::unmount_all(live);
     mounts::finish_counting(&store, flusher, &leases);
+    let used = mounts::instances_of(&leases);
     for lease in leases {
         if let Err(err) = lease.release() {
             print_warning(format_args!("cannot record the end of a lease: {err}"));
         }
     }
+    // Unmounted cleanly: the cache is pushed before `cachefs umount` returns (it waits for
+    // this process).
+    super::remote_cache::push_after(&store, &plan, &used, &args.remote, supervisor.cancel_flag());
     Ok(0)
 }
 

@@ -608,6 +608,14 @@ pub(crate) fn take_instance_or_exit<'s>(
     }
 }
 
+/// The cache and instance each lease holds, in plan order.
+pub(crate) fn instances_of(leases: &[Lease<'_>]) -> Vec<(crate::store::CacheId, u32)> {
+    leases
+        .iter()
+        .map(|l| (l.instance().id.clone(), l.instance().number))
+        .collect()
+}
+
 /// `from=`: seeds each empty cache of a planned mount from its layer, before it is mounted.
 ///
 /// Locked and private leases are exclusive, so the granted instance is seeded under the lease

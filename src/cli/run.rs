@@ -84,6 +84,9 @@ pub struct Args {
     pub max_instances: u32,
 
     /// The command to run and its arguments (put them after `--`)
+    #[command(flatten)]
+    pub remote: super::remote_cache::Flags,
+
     #[arg(
         value_name = "CMD",
         required = true,
@@ -105,7 +108,9 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
     // 1. Validation: nothing is created until all of this passes.
     let specs = mounts::parse_specs(&args.mounts, &cwd)?;
     fs::check_fuse_device().map_err(usage)?;
-    let plan = mounts::plan(specs)?;
+    let mut plan = mounts::plan(specs)?;
+    args.remote.apply(&mut plan)?;
+    super::remote_cache::check(&plan, &args.remote)?;
 
     // Read before mounting changes them for the FUSE server (umask 0, raised fd limit).
     let inherited = Inherited::capture();
@@ -123,6 +128,11 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
         max_instances: args.max_instances,
     };
     let not_started = format!("{} was not started", program.to_string_lossy());
+    if let Err(code) =
+        super::remote_cache::seed(&store, &mut plan, &args.remote, supervisor.cancel_flag())?
+    {
+        return Ok(code);
+    }
     if let Err(code) = mounts::pre_seed_shared(&store, &plan, supervisor.cancel_flag())? {
         return Ok(code);
     }
@@ -197,6 +207,7 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
 
     mounts::unmount_all(live);
     mounts::finish_counting(&store, flusher, &leases);
+    let used = mounts::instances_of(&leases);
     // After the unmounts: the next holder of a locked cache must find our mounts gone.
     for lease in leases {
         let id = lease.instance().id.clone();
@@ -205,6 +216,15 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
                 "cannot record the end of the lease on cache {id}: {err}"
             ));
         }
+    }
+    if matches!(outcome, Ok(0)) {
+        super::remote_cache::push_after(
+            &store,
+            &plan,
+            &used,
+            &args.remote,
+            supervisor.cancel_flag(),
+        );
     }
     outcome
 }

@@ -582,3 +582,18 @@ fn pull_unit(sh: &Shared<'_>, unit: &[usize]) -> Result<(), RemoteError> {
     }
     Ok(())
 }
+
+/// The layer root `target` names now, or `None` when the reference does not exist.
+pub fn current_root(target: &Target) -> Result<Option<Digest>, RemoteError> {
+    let rt = super::runtime()?;
+    let res = rt.block_on(with_retries("fetch manifest", || {
+        target
+            .client
+            .pull_manifest_raw(&target.reference, &target.auth, &[MANIFEST_MEDIA_TYPE])
+    }));
+    match res.map_err(|e| target.error(e)) {
+        Ok((body, _)) => Ok(Some(parse_manifest(target, &body)?.root)),
+        Err(RemoteError::NotFound { .. }) => Ok(None),
+        Err(e) => Err(e),
+    }
+}

@@ -320,6 +320,8 @@ pub fn push(
     let index_size = index.len() as u64;
     if shared.exists(&index_digest)? {
         shared.count(Moved::Reused);
+    } else if shared.try_mount(&index_digest) {
+        shared.count(Moved::Mounted);
     } else {
         rt.block_on(with_retries("upload index", || {
             target
