@@ -225,7 +225,6 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
         show_progress: !args.quiet && !args.json,
         cancel: Some(cancel),
         size_hint: None,
-        names_are_data: false,
     };
     let level = args.level.unwrap_or(DEFAULT_ZSTD_LEVEL);
     let result = if to_stdout {

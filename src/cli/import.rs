@@ -127,7 +127,6 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
         show_progress: !args.quiet && !args.json,
         cancel: Some(cancel),
         size_hint,
-        names_are_data: false,
     };
     let mut parent_known = |d: crate::layer::Digest| -> Result<bool, LayerError> {
         Ok(store.find_layer(&d.to_hex())?.is_ok())

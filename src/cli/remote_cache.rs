@@ -190,7 +190,7 @@ fn push_one(
     let digest = crate::layer::Digest::from_hex(&taken.digest)
         .ok_or_else(|| anyhow!("layer record {:?} is not a digest", taken.digest))?;
     if if_changed {
-        match crate::remote::pull::current_root(&target) {
+        match crate::remote::artifact::current_root(&target) {
             Ok(Some(d)) if d == digest => {
                 eprintln!(
                     "cachefs: cache {:?} is unchanged ({}): not pushed",

@@ -79,9 +79,6 @@ pub struct Options<'a> {
     pub cancel: Option<&'a AtomicI32>,
     /// Import: the input's size, for the progress bar.
     pub size_hint: Option<u64>,
-    /// Export: `.wh.` names are plain names, not OCI whiteouts (registry chunks, which are
-    /// never applied as image layers).
-    pub names_are_data: bool,
 }
 
 impl<'a> Options<'a> {
@@ -91,7 +88,6 @@ impl<'a> Options<'a> {
             show_progress: false,
             cancel: None,
             size_hint: None,
-            names_are_data: false,
         }
     }
 
@@ -334,17 +330,12 @@ fn show(path: &[u8]) -> String {
 
 /// The members for one directory's entries: whiteouts first, then the entries in name
 /// order. `lower` is the parent layer's directory (`None`: write everything).
-fn dir_items(
-    prefix: &[u8],
-    lower: Option<&Tree>,
-    upper: &Tree,
-    names_are_data: bool,
-) -> Result<Vec<Item>, LayerError> {
+fn dir_items(prefix: &[u8], lower: Option<&Tree>, upper: &Tree) -> Result<Vec<Item>, LayerError> {
     let mut whiteouts = Vec::new();
     let mut items = Vec::new();
     let new_item = |e: &Entry, lower: Option<Digest>| -> Result<Item, LayerError> {
         let path = child_path(prefix, &e.name);
-        if !names_are_data && e.name.starts_with(WHITEOUT_PREFIX) {
+        if e.name.starts_with(WHITEOUT_PREFIX) {
             return Err(LayerError::Invalid(format!(
                 "cannot export {}: names starting with .wh. mean whiteouts in a layer tar (OCI), so this layer has no tar form",
                 show(&path)
@@ -408,17 +399,20 @@ fn dir_items(
     Ok(whiteouts)
 }
 
-/// Walks the members for the entries of `upper` (over `lower`), whose paths start with
-/// `prefix` (empty, or ending in `/`), and everything below them.
-fn walk_tree(
+/// Walks the members of the export of `root` (over `since`) in order.
+fn walk(
     objects: &ObjectStore,
-    prefix: &[u8],
-    upper: &Tree,
-    lower: Option<&Tree>,
+    root: Digest,
+    since: Option<Digest>,
     opts: &Options<'_>,
     visit: &mut dyn FnMut(&Item) -> Result<(), LayerError>,
 ) -> Result<(), LayerError> {
-    let mut stack = dir_items(prefix, lower, upper, opts.names_are_data)?;
+    let upper = objects.read_tree(root)?;
+    let lower = match since {
+        Some(d) => Some(objects.read_tree(d)?),
+        None => None,
+    };
+    let mut stack = dir_items(b"", lower.as_ref(), &upper)?;
     stack.reverse();
     while let Some(item) = stack.pop() {
         opts.check_cancel()?;
@@ -432,7 +426,7 @@ fn walk_tree(
                 Some(d) => Some(objects.read_tree(d)?),
                 None => None,
             };
-            let mut kids = dir_items(&path, lower.as_ref(), &upper, opts.names_are_data)?;
+            let mut kids = dir_items(&path, lower.as_ref(), &upper)?;
             kids.reverse();
             stack.extend(kids);
         }
@@ -507,6 +501,35 @@ fn write_file(
     tar.pad(e.size)
 }
 
+/// Writes whole files (path, mode, size, blob) as a tar in the given order, by the export's
+/// rules but with no global header and no directories: the registry chunks of `remote`.
+/// Returns the number of tar bytes written.
+pub fn export_files<'a>(
+    objects: &ObjectStore,
+    files: impl Iterator<Item = (&'a [u8], u32, u64, Digest)>,
+    out: &mut dyn Write,
+    opts: &Options<'_>,
+) -> Result<u64, LayerError> {
+    let mut tar = TarOut {
+        out,
+        sha: Sha256::new(),
+        bytes: 0,
+        label: opts.label,
+    };
+    let mut bufs = [vec![0u8; CHUNK], vec![0u8; CHUNK]];
+    let progress = Progress::none();
+    for (path, mode, size, blob) in files {
+        opts.check_cancel()?;
+        let e = Entry::file(b"", mode, size, blob);
+        write_file(objects, &mut tar, path, &e, &mut bufs, &progress)?;
+    }
+    tar.put(&ZEROS)?;
+    tar.out
+        .flush()
+        .map_err(|e| LayerError::io("write", opts.label, e))?;
+    Ok(tar.bytes)
+}
+
 /// Writes the layer `root` as a tar to `out` (the whole tree, or with `since` only the
 /// changes from that parent layer, as an OCI changeset). The caller holds the objects' shared
 /// lock. On error, what was written is incomplete and must be thrown away (a corrupt blob is
@@ -518,53 +541,9 @@ pub fn export(
     out: &mut dyn Write,
     opts: &Options<'_>,
 ) -> Result<ExportReport, LayerError> {
-    let upper = objects.read_tree(root)?;
-    let lower = match since {
-        Some(d) => Some(objects.read_tree(d)?),
-        None => None,
-    };
-    let comment = layer_comment(root, since);
-    let mut report = write_tar(
-        objects,
-        b"",
-        &upper,
-        lower.as_ref(),
-        Some(&comment),
-        out,
-        opts,
-    )?;
-    report.digest = root;
-    report.parent = since;
-    Ok(report)
-}
-
-/// Writes the entries of `members` (with everything below them) as a tar whose paths start
-/// with `prefix` (empty, or ending in `/`), by the export's rules but without the global
-/// header: the registry chunks of `remote`. The report's digest is that of `members`.
-pub fn export_entries(
-    objects: &ObjectStore,
-    prefix: &[u8],
-    members: &Tree,
-    out: &mut dyn Write,
-    opts: &Options<'_>,
-) -> Result<ExportReport, LayerError> {
-    let mut report = write_tar(objects, prefix, members, None, None, out, opts)?;
-    report.digest = members.encode_with_digest().1;
-    Ok(report)
-}
-
-fn write_tar(
-    objects: &ObjectStore,
-    prefix: &[u8],
-    upper: &Tree,
-    lower: Option<&Tree>,
-    comment: Option<&str>,
-    out: &mut dyn Write,
-    opts: &Options<'_>,
-) -> Result<ExportReport, LayerError> {
     let total = if opts.show_progress && io::stderr().is_terminal() {
         let mut sum = 0u64;
-        walk_tree(objects, prefix, upper, lower, opts, &mut |item| {
+        walk(objects, root, since, opts, &mut |item| {
             if let Item::Leaf(_, e) = item
                 && e.kind == Kind::File
             {
@@ -584,8 +563,8 @@ fn write_tar(
         label: opts.label,
     };
     let mut report = ExportReport {
-        digest: Digest::ZERO,
-        parent: None,
+        digest: root,
+        parent: since,
         diff_id: String::new(),
         tar_bytes: 0,
         files: 0,
@@ -595,45 +574,36 @@ fn write_tar(
         whiteouts: 0,
         file_bytes: 0,
     };
-    if let Some(c) = comment {
-        tar.global_header(c)?;
-    }
+    tar.global_header(&layer_comment(root, since))?;
     let mut bufs = [vec![0u8; CHUNK], vec![0u8; CHUNK]];
-    walk_tree(
-        objects,
-        prefix,
-        upper,
-        lower,
-        opts,
-        &mut |item| match item {
-            Item::Whiteout(path) => {
-                report.whiteouts += 1;
-                tar.header(path, tar::EntryType::Regular, 0, 0, b"")
+    walk(objects, root, since, opts, &mut |item| match item {
+        Item::Whiteout(path) => {
+            report.whiteouts += 1;
+            tar.header(path, tar::EntryType::Regular, 0, 0, b"")
+        }
+        Item::Dir { path, entry, .. } => {
+            report.dirs += 1;
+            tar.header(path, tar::EntryType::Directory, entry.mode, 0, b"")
+        }
+        Item::Leaf(path, e) => match e.kind {
+            Kind::File => {
+                report.files += 1;
+                report.file_bytes += e.size;
+                write_file(objects, &mut tar, path, e, &mut bufs, &progress)
             }
-            Item::Dir { path, entry, .. } => {
-                report.dirs += 1;
-                tar.header(path, tar::EntryType::Directory, entry.mode, 0, b"")
+            Kind::Symlink => {
+                report.symlinks += 1;
+                tar.header(path, tar::EntryType::Symlink, 0o777, 0, &e.target)
             }
-            Item::Leaf(path, e) => match e.kind {
-                Kind::File => {
-                    report.files += 1;
-                    report.file_bytes += e.size;
-                    write_file(objects, &mut tar, path, e, &mut bufs, &progress)
-                }
-                Kind::Symlink => {
-                    report.symlinks += 1;
-                    tar.header(path, tar::EntryType::Symlink, 0o777, 0, &e.target)
-                }
-                Kind::Fifo => {
-                    report.fifos += 1;
-                    tar.header(path, tar::EntryType::Fifo, e.mode, 0, b"")
-                }
-                Kind::Dir => Err(LayerError::Invalid(
-                    "internal: a directory listed as a leaf".into(),
-                )),
-            },
+            Kind::Fifo => {
+                report.fifos += 1;
+                tar.header(path, tar::EntryType::Fifo, e.mode, 0, b"")
+            }
+            Kind::Dir => Err(LayerError::Invalid(
+                "internal: a directory listed as a leaf".into(),
+            )),
         },
-    )?;
+    })?;
     progress.finish();
     tar.put(&ZEROS)?;
     tar.out

@@ -1,16 +1,16 @@
 //! Chunks: built from the object store into a temp file (hashed with sha256 on the way), and
 //! taken apart again into blobs, each verified against the tree index before it is stored.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io::{self, Read, Seek, Write};
 use std::path::Path;
 
 use sha2::{Digest as _, Sha256};
 
-use super::plan::{ChunkSpec, Plan};
+use super::plan::FileRef;
 use super::{CHUNK_ZSTD_LEVEL, sha256_hex};
-use crate::layer::format::{Digest, Entry, Tree};
+use crate::layer::format::Digest;
 use crate::layer::objects::{BlobReader, CHUNK};
 use crate::layer::tarball::{self, Options};
 use crate::layer::{LayerError, ObjectKind, ObjectStore};
@@ -67,23 +67,24 @@ fn finish(
     })
 }
 
-/// Builds an entries chunk: the members' tar (the export's rules), zstd at
-/// [`CHUNK_ZSTD_LEVEL`], single-threaded so that the same entries always give the same bytes.
-pub fn build_entries(
+/// Builds a files chunk: their tar (the export's rules, no directories), zstd at
+/// [`CHUNK_ZSTD_LEVEL`], single-threaded so that the same files always give the same bytes.
+pub fn build_files(
     objects: &ObjectStore,
-    members: &Tree,
-    dir: &[u8],
+    files: &[FileRef],
     tmp: &Path,
 ) -> Result<Built, LayerError> {
     let mut enc = tarball::zstd_writer(temp_in(tmp)?, CHUNK_ZSTD_LEVEL)
         .map_err(|e| LayerError::io("compress into", tmp, e))?;
-    let mut prefix = dir.to_vec();
-    if !prefix.is_empty() {
-        prefix.push(b'/');
-    }
-    let mut opts = Options::new(tmp);
-    opts.names_are_data = true;
-    tarball::export_entries(objects, &prefix, members, &mut enc, &opts)?;
+    let opts = Options::new(tmp);
+    tarball::export_files(
+        objects,
+        files
+            .iter()
+            .map(|f| (f.path.as_slice(), f.mode, f.size, f.blob)),
+        &mut enc,
+        &opts,
+    )?;
     finish(enc, tmp)
 }
 
@@ -179,19 +180,18 @@ fn shown(p: &[u8]) -> String {
     format!("{:?}", String::from_utf8_lossy(p))
 }
 
-/// Takes an entries chunk apart: every regular file in it must be one the index places in the
-/// chunk, with the contents the index names; what the store lacks is stored. Directories,
-/// symlinks and fifos are skipped: the index has them. Files the store already has are read
-/// past. At the end, every file of the chunk must be in the store.
-pub fn ingest_entries<R: Read>(
+/// Takes a files chunk apart: every member must be a regular file the chunk's record lists,
+/// with the size and contents it names. Contents the layer needs (`needed`) and the store lacks
+/// are stored; the rest is read past (a kept chunk may carry files the layer no longer has).
+pub fn ingest_files<R: Read>(
     objects: &ObjectStore,
-    plan: &Plan,
-    spec: &ChunkSpec,
-    decoded: &HashMap<Digest, Tree>,
+    files: &[FileRef],
+    needed: &HashSet<Digest>,
     input: R,
     progress: &dyn Fn(u64),
 ) -> Result<Ingested, IngestError> {
-    let files: HashMap<Vec<u8>, Entry> = plan.chunk_files(spec, decoded).into_iter().collect();
+    let mut listed: HashMap<&[u8], &FileRef> =
+        files.iter().map(|f| (f.path.as_slice(), f)).collect();
     let zin =
         zstd::stream::read::Decoder::new(input).map_err(|e| bad(format!("it is not zstd: {e}")))?;
     let mut archive = tar::Archive::new(zin);
@@ -204,19 +204,15 @@ pub fn ingest_entries<R: Read>(
         let mut entry = entry.map_err(|e| bad(format!("its tar is damaged: {e}")))?;
         let kind = entry.header().entry_type();
         let path = entry.path_bytes().into_owned();
-        match kind {
-            tar::EntryType::Regular | tar::EntryType::Continuous => {}
-            tar::EntryType::Directory | tar::EntryType::Symlink | tar::EntryType::Fifo => continue,
-            other => {
-                return Err(bad(format!(
-                    "it holds {} of a kind cachefs never writes ({other:?})",
-                    shown(&path)
-                )));
-            }
-        }
-        let Some(e) = files.get(&path) else {
+        if !matches!(kind, tar::EntryType::Regular | tar::EntryType::Continuous) {
             return Err(bad(format!(
-                "it holds {}, which the index does not place in it",
+                "it holds {} of a kind cachefs never writes ({kind:?})",
+                shown(&path)
+            )));
+        }
+        let Some(f) = listed.remove(path.as_slice()) else {
+            return Err(bad(format!(
+                "it holds {}, which its record does not list (or lists once)",
                 shown(&path)
             )));
         };
@@ -224,20 +220,15 @@ pub fn ingest_entries<R: Read>(
             .header()
             .size()
             .map_err(|e| bad(format!("its tar is damaged: {e}")))?;
-        if size != e.size {
+        if size != f.size {
             return Err(bad(format!(
                 "{} holds {size} bytes where the index records {}",
                 shown(&path),
-                e.size
+                f.size
             )));
         }
-        if objects.has(ObjectKind::Blob, e.hash) {
-            let n = io::copy(&mut entry, &mut io::sink())
-                .map_err(|err| bad(format!("its tar is damaged: {err}")))?;
-            progress(n);
-            continue;
-        }
-        let mut w = objects.writer()?;
+        let store = needed.contains(&f.blob) && !objects.has(ObjectKind::Blob, f.blob);
+        let mut w = if store { Some(objects.writer()?) } else { None };
         let mut h = blake3::Hasher::new();
         loop {
             let n = match entry.read(&mut buf) {
@@ -247,23 +238,25 @@ pub fn ingest_entries<R: Read>(
                 Err(err) => return Err(bad(format!("its tar is damaged: {err}"))),
             };
             h.update(&buf[..n]);
-            w.write_all(&buf[..n])?;
+            if let Some(w) = w.as_mut() {
+                w.write_all(&buf[..n])?;
+            }
             progress(n as u64);
         }
-        if Digest(*h.finalize().as_bytes()) != e.hash {
+        if Digest(*h.finalize().as_bytes()) != f.blob {
             return Err(bad(format!(
                 "the contents of {} do not match the index",
                 shown(&path)
             )));
         }
-        w.commit(ObjectKind::Blob, e.hash)?;
-        report.blobs_stored += 1;
-        report.bytes_stored += e.size;
-    }
-    for (p, e) in &files {
-        if !objects.has(ObjectKind::Blob, e.hash) {
-            return Err(bad(format!("it lacks {}", shown(p))));
+        if let Some(w) = w {
+            w.commit(ObjectKind::Blob, f.blob)?;
+            report.blobs_stored += 1;
+            report.bytes_stored += f.size;
         }
+    }
+    if let Some(f) = listed.values().next() {
+        return Err(bad(format!("it lacks {}", shown(&f.path))));
     }
     Ok(report)
 }

@@ -10,6 +10,7 @@
 //! The artifact: an OCI 1.1 image manifest with `artifactType` [`ARTIFACT_TYPE`], its config
 //! the zstd of the tree index, its layers the chunks (docs/LAYER-FORMAT.md).
 
+pub mod artifact;
 pub mod chunk;
 pub mod plan;
 pub mod pull;
@@ -29,8 +30,8 @@ use crate::store::StoreError;
 pub const ARTIFACT_TYPE: &str = "application/vnd.cachefs.layer.v1";
 /// The config blob: the zstd of the tree index ([`plan::Plan::encode_index`]).
 pub const INDEX_MEDIA_TYPE: &str = "application/vnd.cachefs.index.v1+zstd";
-/// A chunk of whole entries: a tar (the export's rules, no global header), zstd.
-pub const ENTRIES_MEDIA_TYPE: &str = "application/vnd.cachefs.chunk.v1.tar+zstd";
+/// A chunk of whole files: a tar (the export's rules, no directories), zstd.
+pub const FILES_MEDIA_TYPE: &str = "application/vnd.cachefs.chunk.v1.tar+zstd";
 /// A chunk of a part of one big file: its bytes, zstd.
 pub const PART_MEDIA_TYPE: &str = "application/vnd.cachefs.part.v1+zstd";
 /// The OCI image manifest media type.
@@ -41,11 +42,13 @@ pub const ANN_ROOT: &str = "io.cachefs.layer.root";
 /// Annotation: totals of the layer (files, bytes), on the manifest.
 pub const ANN_FILES: &str = "io.cachefs.layer.files";
 pub const ANN_BYTES: &str = "io.cachefs.layer.bytes";
-/// Annotation on a chunk: the path it holds entries of (or the file it is a part of).
+/// Annotation on a chunk: the directory its files share (or the file it is a part of).
 pub const ANN_PATH: &str = "io.cachefs.chunk.path";
-/// Annotation on a chunk: `blake3:<hex>` of the entries it holds as one tree (an entries
-/// chunk), or of the whole file (a part).
-pub const ANN_SUBTREE: &str = "io.cachefs.chunk.subtree";
+/// Annotation on a chunk: `blake3:<hex>` of its record in the index (the paths and blake3
+/// hashes of the files it carries: the hash of its subtree's contents).
+pub const ANN_DIGEST: &str = "io.cachefs.chunk.digest";
+/// Annotation on a part: `blake3:<hex>` of the whole file.
+pub const ANN_BLOB: &str = "io.cachefs.chunk.blob";
 /// Annotation on a part: `<offset>+<length>` of the file.
 pub const ANN_RANGE: &str = "io.cachefs.chunk.range";
 

@@ -3,27 +3,22 @@
 //! tar straight into verified blobs (no temp copy, never whole in memory). The layer is recorded
 //! only when every blob is in the store; restoring it into a cache is the caller's next step.
 
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::io::{self, Read};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 
 use futures_util::StreamExt;
+use oci_client::Reference;
 use oci_client::errors::{DigestError, OciDistributionError};
-use oci_client::{Reference, RegistryOperation};
 use sha2::{Digest as _, Sha256};
 
+use super::artifact::{Artifact, fetch};
 use super::chunk::{self, IngestError, PartAssembly};
 use super::plan::{ChunkSpec, Plan};
-use super::{
-    ANN_ROOT, ARTIFACT_TYPE, CONCURRENCY, ENTRIES_MEDIA_TYPE, INDEX_MEDIA_TYPE,
-    MANIFEST_MEDIA_TYPE, MAX_INDEX_BYTES, MAX_MANIFEST_BYTES, PART_MEDIA_TYPE, RemoteError, Target,
-    sha256_digest, sha256_hex, transient, with_retries,
-};
+use super::{CONCURRENCY, RemoteError, Target, sha256_hex, transient};
 use crate::layer::progress::Progress;
-use crate::layer::{
-    Digest, Kind, LayerError, ObjectKind, ObjectStore, Tree, TreeStats, tree_stats,
-};
+use crate::layer::{Digest, LayerError, ObjectKind, ObjectStore, TreeStats, tree_stats};
 
 /// What a pull did.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -49,94 +44,13 @@ pub struct PullOptions<'a> {
     pub cancel: Option<&'a AtomicI32>,
 }
 
-/// The parsed manifest: the index's descriptor and the chunks'.
-struct Manifest {
-    root: Digest,
-    index: (String, u64),
-    layers: Vec<(String, String, u64)>,
-}
-
-fn foreign(t: &Target, detail: String) -> RemoteError {
-    RemoteError::Foreign {
-        reference: t.shown.clone(),
-        detail,
-    }
-}
-
-fn parse_manifest(t: &Target, body: &[u8]) -> Result<Manifest, RemoteError> {
-    let v: serde_json::Value = serde_json::from_slice(body)
-        .map_err(|e| foreign(t, format!("its manifest is not JSON ({e})")))?;
-    let s = |v: &serde_json::Value, k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_owned);
-    let media = s(&v, "mediaType").unwrap_or_default();
-    if !media.is_empty() && media != MANIFEST_MEDIA_TYPE {
-        return Err(foreign(
-            t,
-            format!("it is a {media}, not an OCI image manifest"),
-        ));
-    }
-    match s(&v, "artifactType") {
-        Some(a) if a == ARTIFACT_TYPE => {}
-        Some(a) => {
-            return Err(foreign(
-                t,
-                format!("its artifactType is {a}, not {ARTIFACT_TYPE}"),
-            ));
-        }
-        None => {
-            return Err(foreign(
-                t,
-                format!(
-                    "its manifest has no artifactType (an image?); cachefs pushes {ARTIFACT_TYPE}"
-                ),
-            ));
-        }
-    }
-    let desc = |d: &serde_json::Value| -> Result<(String, String, u64), RemoteError> {
-        let media = s(d, "mediaType").unwrap_or_default();
-        let digest = s(d, "digest").filter(|x| x.starts_with("sha256:") && x.len() == 71);
-        let size = d.get("size").and_then(|x| x.as_u64());
-        match (digest, size) {
-            (Some(digest), Some(size)) => Ok((media, digest, size)),
-            _ => Err(foreign(
-                t,
-                "a descriptor in its manifest has no sha256 digest or size".into(),
-            )),
-        }
-    };
-    let config = desc(v.get("config").unwrap_or(&serde_json::Value::Null))?;
-    if config.0 != INDEX_MEDIA_TYPE {
-        return Err(foreign(
-            t,
-            format!("its config is {}, not {INDEX_MEDIA_TYPE}", config.0),
-        ));
-    }
-    let layers = v
-        .get("layers")
-        .and_then(|l| l.as_array())
-        .ok_or_else(|| foreign(t, "its manifest has no layers".into()))?
-        .iter()
-        .map(desc)
-        .collect::<Result<Vec<_>, _>>()?;
-    let root = v
-        .get("annotations")
-        .and_then(|a| a.get(ANN_ROOT))
-        .and_then(|r| r.as_str())
-        .and_then(|r| r.strip_prefix("blake3:"))
-        .and_then(Digest::from_hex)
-        .ok_or_else(|| foreign(t, format!("its manifest has no {ANN_ROOT} annotation")))?;
-    Ok(Manifest {
-        root,
-        index: (config.1, config.2),
-        layers,
-    })
-}
-
 struct Shared<'a> {
     objects: &'a ObjectStore,
     target: &'a Target,
     handle: tokio::runtime::Handle,
     plan: &'a Plan,
-    decoded: &'a HashMap<Digest, Tree>,
+    /// The file contents the layer has.
+    needed: &'a HashSet<Digest>,
     layers: &'a [(String, String, u64)],
     progress: Progress,
     abort: AtomicBool,
@@ -148,24 +62,19 @@ struct Shared<'a> {
     bytes_stored: AtomicU64,
 }
 
-/// Reads what the download task sends.
-struct ChannelReader {
+/// Reads what the download task sends (on the thread that takes the chunk apart).
+struct ChannelReader<'a> {
     rx: tokio::sync::mpsc::Receiver<bytes::Bytes>,
     cur: bytes::Bytes,
-    cancel: Option<*const AtomicI32>,
+    cancel: Option<&'a AtomicI32>,
 }
 
-// The raw pointer is only a borrowed flag that outlives the reader (scoped threads).
-unsafe impl Send for ChannelReader {}
-
-impl Read for ChannelReader {
+impl Read for ChannelReader<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         while self.cur.is_empty() {
-            if let Some(c) = self.cancel
-                // SAFETY: the flag outlives every reader (see `Shared`).
-                && unsafe { (*c).load(Ordering::Relaxed) } != 0
-            {
-                return Err(io::Error::new(io::ErrorKind::Interrupted, "interrupted"));
+            if self.cancel.is_some_and(|c| c.load(Ordering::Relaxed) != 0) {
+                // Not ErrorKind::Interrupted: readers retry on that.
+                return Err(io::Error::other("interrupted"));
             }
             match self.rx.blocking_recv() {
                 Some(b) => self.cur = b,
@@ -255,10 +164,14 @@ impl Shared<'_> {
             let mut reader = ChannelReader {
                 rx,
                 cur: bytes::Bytes::new(),
-                cancel: self.cancel.map(|c| c as *const AtomicI32),
+                cancel: self.cancel,
             };
             let parsed = consume(&mut reader);
             drop(reader);
+            if self.cancel.is_some_and(|c| c.load(Ordering::Relaxed) != 0) {
+                task.abort();
+                return Err(RemoteError::Interrupted);
+            }
             let fetched = self.handle.block_on(task).unwrap_or_else(|e| {
                 Fetched::Failed(OciDistributionError::GenericError(Some(e.to_string())))
             });
@@ -297,18 +210,12 @@ impl Shared<'_> {
         }
     }
 
-    fn all_present(&self, spec: &ChunkSpec) -> (bool, u64) {
-        let files = self.plan.chunk_files(spec, self.decoded);
-        let bytes = match spec {
-            ChunkSpec::Part { len, .. } => *len,
-            _ => files.iter().map(|(_, e)| e.size).sum(),
-        };
-        (
-            files
-                .iter()
-                .all(|(_, e)| self.objects.has(ObjectKind::Blob, e.hash)),
-            bytes,
-        )
+    /// Whether the store has every needed file a chunk carries.
+    fn all_present(&self, files: &[super::plan::FileRef]) -> bool {
+        files
+            .iter()
+            .filter(|f| self.needed.contains(&f.blob))
+            .all(|f| self.objects.has(ObjectKind::Blob, f.blob))
     }
 }
 
@@ -320,133 +227,28 @@ pub fn pull(
     opts: &PullOptions<'_>,
 ) -> Result<PullReport, RemoteError> {
     let rt = super::runtime()?;
-    rt.block_on(with_retries("authenticate", || {
-        target
-            .client
-            .auth(&target.reference, &target.auth, RegistryOperation::Pull)
-    }))
-    .map_err(|e| target.error(e))?;
-    let accepted = [
-        MANIFEST_MEDIA_TYPE,
-        "application/vnd.oci.image.index.v1+json",
-        "application/vnd.docker.distribution.manifest.v2+json",
-        "application/vnd.docker.distribution.manifest.list.v2+json",
-    ];
-    let (body, _) = rt
-        .block_on(with_retries("fetch manifest", || {
-            target
-                .client
-                .pull_manifest_raw(&target.reference, &target.auth, &accepted)
-        }))
-        .map_err(|e| target.error(e))?;
-    if body.len() > MAX_MANIFEST_BYTES {
-        return Err(foreign(
-            target,
-            format!("its manifest is {} bytes", body.len()),
-        ));
-    }
-    let manifest_digest = sha256_digest(&body);
-    if let Some(want) = target.reference.digest()
-        && want != manifest_digest
-    {
-        return Err(RemoteError::Corrupt {
-            reference: target.shown.clone(),
-            digest: want.to_string(),
-            detail: format!("the registry sent a manifest with digest {manifest_digest}"),
-        });
-    }
-    let manifest = parse_manifest(target, &body)?;
-
-    // The index.
-    let (index_digest, index_size) = manifest.index.clone();
-    if index_size > MAX_INDEX_BYTES {
-        return Err(foreign(target, format!("its index is {index_size} bytes")));
-    }
-    let index = rt
-        .block_on(with_retries("fetch index", || async {
-            let mut buf = Vec::new();
-            target
-                .client
-                .pull_blob(&target.reference, index_digest.as_str(), &mut buf)
-                .await
-                .map(|_| buf)
-        }))
-        .map_err(|e| match e {
-            OciDistributionError::DigestError(d) => RemoteError::Corrupt {
-                reference: target.shown.clone(),
-                digest: index_digest.clone(),
-                detail: d.to_string(),
-            },
-            e => target.error(e),
-        })?;
-    let mut raw = Vec::new();
-    zstd::stream::read::Decoder::new(index.as_slice())
-        .and_then(|d| d.take(16 * MAX_INDEX_BYTES).read_to_end(&mut raw))
-        .map_err(|e| RemoteError::Corrupt {
-            reference: target.shown.clone(),
-            digest: index_digest.clone(),
-            detail: format!("its index is not zstd ({e})"),
-        })?;
-    let plan = Plan::decode_index(&raw).map_err(|m| RemoteError::Corrupt {
-        reference: target.shown.clone(),
-        digest: index_digest.clone(),
-        detail: format!("its index is invalid: {m}"),
-    })?;
-    if plan.root != manifest.root {
-        return Err(RemoteError::Corrupt {
-            reference: target.shown.clone(),
-            digest: index_digest.clone(),
-            detail: format!(
-                "its index is of layer {}, the manifest names {}",
-                plan.root, manifest.root
-            ),
-        });
-    }
-    let layers: Vec<(String, String, u64)> = if plan.chunks.is_empty() {
-        Vec::new()
-    } else {
-        manifest.layers.clone()
-    };
-    if layers.len() != plan.chunks.len() {
-        return Err(foreign(
-            target,
-            format!(
-                "its manifest lists {} chunks where its index has {}",
-                layers.len(),
-                plan.chunks.len()
-            ),
-        ));
-    }
-    for (l, c) in layers.iter().zip(&plan.chunks) {
-        let want = match c {
-            ChunkSpec::Entries { .. } => ENTRIES_MEDIA_TYPE,
-            ChunkSpec::Part { .. } => PART_MEDIA_TYPE,
-        };
-        if l.0 != want {
-            return Err(foreign(
-                target,
-                format!("a chunk is {}, where its index says {want}", l.0),
-            ));
-        }
-    }
+    let Artifact {
+        manifest_digest,
+        plan,
+        layers,
+        index_size,
+        ..
+    } = fetch(&rt, target)?;
     let decoded = plan.decoded();
     // Trees are small: store them all now (each is named by its own hash).
     for t in decoded.values() {
         objects.put_tree(t)?;
     }
-    let total: u64 = decoded
-        .values()
-        .flat_map(|t| t.entries.iter())
-        .filter(|e| e.kind == Kind::File)
-        .map(|e| e.size)
-        .sum();
+    let files = super::plan::files_of(plan.root, &decoded);
+    let total: u64 = files.iter().map(|f| f.size).sum();
+    let needed: HashSet<Digest> = files.iter().map(|f| f.blob).collect();
 
     let shared = Shared {
         objects,
         target,
         handle: rt.handle().clone(),
         plan: &plan,
-        decoded: &decoded,
+        needed: &needed,
         layers: &layers,
         progress: Progress::bytes("pulling", total, opts.show_progress),
         abort: AtomicBool::new(false),
@@ -458,7 +260,7 @@ pub fn pull(
         bytes_stored: AtomicU64::new(0),
     };
 
-    // Work: entries chunks one by one; the parts of a file together, in order.
+    // Work: files chunks one by one; the parts of a file together, in order.
     let mut work: Vec<Vec<usize>> = Vec::new();
     for (i, c) in plan.chunks.iter().enumerate() {
         let continues = matches!(c, ChunkSpec::Part { offset, .. } if *offset > 0);
@@ -492,17 +294,17 @@ pub fn pull(
     if let Some(e) = first_error.into_inner().ok().flatten() {
         return Err(e);
     }
-    // Every file of the layer must now be in the store.
-    for t in decoded.values() {
-        for e in &t.entries {
-            if e.kind == Kind::File && !objects.has(ObjectKind::Blob, e.hash) {
-                return Err(RemoteError::Corrupt {
-                    reference: target.shown.clone(),
-                    digest: index_digest.clone(),
-                    detail: format!("no chunk carries blob {}", e.hash),
-                });
-            }
-        }
+    // Every file of the layer must now be in the store (the index said which chunk carries
+    // it; this is the check that they all did).
+    if let Some(f) = files
+        .iter()
+        .find(|f| !objects.has(ObjectKind::Blob, f.blob))
+    {
+        return Err(RemoteError::Corrupt {
+            reference: target.shown.clone(),
+            digest: manifest_digest.clone(),
+            detail: format!("no chunk delivered {}", String::from_utf8_lossy(&f.path)),
+        });
     }
     let stats = tree_stats(objects, plan.root)?;
     Ok(PullReport {
@@ -525,17 +327,21 @@ fn pull_unit(sh: &Shared<'_>, unit: &[usize]) -> Result<(), RemoteError> {
     };
     let progress = |n: u64| sh.progress.inc(n);
     match &sh.plan.chunks[first] {
-        ChunkSpec::Entries { .. } => {
-            let spec = &sh.plan.chunks[first];
-            let (present, bytes) = sh.all_present(spec);
-            if present {
+        ChunkSpec::Files(files) => {
+            if sh.all_present(files) {
                 sh.skipped.fetch_add(1, Ordering::Relaxed);
-                sh.progress.inc(bytes);
+                sh.progress.inc(
+                    files
+                        .iter()
+                        .filter(|f| sh.needed.contains(&f.blob))
+                        .map(|f| f.size)
+                        .sum(),
+                );
                 return Ok(());
             }
             let (_, digest, size) = &sh.layers[first];
             let got = sh.fetch(digest, *size, &mut |r| {
-                chunk::ingest_entries(sh.objects, sh.plan, spec, sh.decoded, r, &progress)
+                chunk::ingest_files(sh.objects, files, sh.needed, r, &progress)
             })?;
             sh.downloaded.fetch_add(1, Ordering::Relaxed);
             sh.blobs_stored
@@ -581,19 +387,4 @@ fn pull_unit(sh: &Shared<'_>, unit: &[usize]) -> Result<(), RemoteError> {
         }
     }
     Ok(())
-}
-
-/// The layer root `target` names now, or `None` when the reference does not exist.
-pub fn current_root(target: &Target) -> Result<Option<Digest>, RemoteError> {
-    let rt = super::runtime()?;
-    let res = rt.block_on(with_retries("fetch manifest", || {
-        target
-            .client
-            .pull_manifest_raw(&target.reference, &target.auth, &[MANIFEST_MEDIA_TYPE])
-    }));
-    match res.map_err(|e| target.error(e)) {
-        Ok((body, _)) => Ok(Some(parse_manifest(target, &body)?.root)),
-        Err(RemoteError::NotFound { .. }) => Ok(None),
-        Err(e) => Err(e),
-    }
 }

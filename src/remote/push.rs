@@ -15,10 +15,10 @@ use oci_client::errors::OciDistributionError;
 use oci_client::{Client, Reference, RegistryOperation};
 
 use super::chunk::{self, Built};
-use super::plan::{ChunkSpec, Plan};
+use super::plan::{Base, ChunkSpec, Plan};
 use super::{
-    ANN_BYTES, ANN_FILES, ANN_PATH, ANN_RANGE, ANN_ROOT, ANN_SUBTREE, ARTIFACT_TYPE,
-    CHUNK_ZSTD_LEVEL, CONCURRENCY, ENTRIES_MEDIA_TYPE, INDEX_MEDIA_TYPE, MANIFEST_MEDIA_TYPE,
+    ANN_BLOB, ANN_BYTES, ANN_DIGEST, ANN_FILES, ANN_PATH, ANN_RANGE, ANN_ROOT, ARTIFACT_TYPE,
+    CHUNK_ZSTD_LEVEL, CONCURRENCY, FILES_MEDIA_TYPE, INDEX_MEDIA_TYPE, MANIFEST_MEDIA_TYPE,
     PART_MEDIA_TYPE, RemoteError, Target, sha256_digest, with_retries,
 };
 use crate::layer::progress::Progress;
@@ -185,10 +185,85 @@ impl Shared<'_> {
     }
 }
 
-/// One unit of work: an entries chunk, or all the parts of one big file (read in order).
+/// One unit of work: a chunk kept from the base artifact (its digest and size), a new files
+/// chunk, or the new parts of one big file (read in order).
 enum Work {
-    Entries(usize),
+    Reused(usize, String, u64),
+    Files(usize),
     Parts(Vec<usize>),
+}
+
+/// The artifact the reference holds now, to keep its chunks; `None` when there is none (or
+/// it cannot be read: the push then cuts afresh).
+fn fetch_base(rt: &tokio::runtime::Runtime, target: &Target) -> Option<Base> {
+    if target.reference.tag().is_none() && target.reference.digest().is_some() {
+        return None;
+    }
+    match super::artifact::fetch(rt, target) {
+        Ok(a) => Some(Base {
+            plan: a.plan,
+            layers: a.layers.into_iter().map(|(_, d, s)| (d, s)).collect(),
+        }),
+        Err(RemoteError::NotFound { .. }) => None,
+        Err(e) => {
+            tracing::info!(error = %e, "the reference's artifact cannot be used as a base");
+            None
+        }
+    }
+}
+
+/// The first kept chunk the registry no longer has, if any (HEADs, a few at a time).
+fn missing_reused(
+    rt: &tokio::runtime::Runtime,
+    target: &Target,
+    reuse: &[Option<(String, u64)>],
+) -> Result<Option<String>, RemoteError> {
+    use futures_util::StreamExt;
+    let digests: Vec<&String> = reuse.iter().flatten().map(|(d, _)| d).collect();
+    let results: Vec<(String, Result<bool, OciDistributionError>)> = rt.block_on(
+        futures_util::stream::iter(digests)
+            .map(|d| async move {
+                let r = with_retries("HEAD blob", || {
+                    target.client.blob_exists(&target.reference, d)
+                })
+                .await;
+                (d.clone(), r)
+            })
+            .buffer_unordered(8)
+            .collect(),
+    );
+    for (d, r) in results {
+        if !r.map_err(|e| target.error(e))? {
+            return Ok(Some(d));
+        }
+    }
+    Ok(None)
+}
+
+/// A chunk's descriptor.
+fn describe(c: &ChunkSpec, digest: String, size: u64) -> Desc {
+    let mut annotations = BTreeMap::new();
+    annotations.insert(ANN_PATH.to_string(), show_path(&c.path()));
+    annotations.insert(
+        ANN_DIGEST.to_string(),
+        format!("blake3:{}", c.content_digest().to_hex()),
+    );
+    let media_type = match c {
+        ChunkSpec::Files(_) => FILES_MEDIA_TYPE,
+        ChunkSpec::Part {
+            blob, offset, len, ..
+        } => {
+            annotations.insert(ANN_BLOB.to_string(), format!("blake3:{}", blob.to_hex()));
+            annotations.insert(ANN_RANGE.to_string(), format!("{offset}+{len}"));
+            PART_MEDIA_TYPE
+        }
+    };
+    Desc {
+        media_type,
+        digest,
+        size,
+        annotations,
+    }
 }
 
 /// Pushes the stored layer `root` to `target`. The caller holds the objects' shared lock.
@@ -208,22 +283,37 @@ pub fn push(
     }))
     .map_err(|e| target.error(e))?;
 
-    let plan = Plan::of_layer(objects, root)?;
-    let decoded = plan.decoded();
+    let (trees, decoded) = Plan::read_trees(objects, root)?;
     let stats = tree_stats(objects, root)?;
+    let base = fetch_base(&rt, target);
+    let (mut plan, mut reuse) = Plan::build(root, trees.clone(), &decoded, base.as_ref());
+    // A kept chunk must still be in the registry (its files are not all in this store, so it
+    // could not be built again): if one is gone, plan afresh.
+    if let Some(gone) = missing_reused(&rt, target, &reuse)? {
+        tracing::info!(
+            digest = gone,
+            "a chunk of the reference's artifact is gone; cutting afresh"
+        );
+        (plan, reuse) = Plan::build(root, trees, &decoded, None);
+    }
     let encoding = format!("zstd-{CHUNK_ZSTD_LEVEL}");
     let keys: Vec<String> = plan
         .chunks
         .iter()
-        .map(|c| plan.chunk_key(c, &decoded, &encoding))
+        .map(|c| Plan::chunk_key(c, &encoding))
         .collect();
 
     let mut work = Vec::new();
     let mut i = 0;
     while i < plan.chunks.len() {
+        if let Some((digest, size)) = &reuse[i] {
+            work.push(Work::Reused(i, digest.clone(), *size));
+            i += 1;
+            continue;
+        }
         match &plan.chunks[i] {
-            ChunkSpec::Entries { .. } => {
-                work.push(Work::Entries(i));
+            ChunkSpec::Files(_) => {
+                work.push(Work::Files(i));
                 i += 1;
             }
             ChunkSpec::Part { blob, .. } => {
@@ -233,7 +323,7 @@ pub fn push(
                     blob: b, offset, ..
                 }) = plan.chunks.get(i)
                 {
-                    if b != blob || *offset == 0 {
+                    if b != blob || *offset == 0 || reuse[i].is_some() {
                         break;
                     }
                     parts.push(i);
@@ -270,7 +360,12 @@ pub fn push(
                     let next = queue.lock().ok().and_then(|mut q| q.next());
                     let Some(w) = next else { break };
                     let res = shared.check().and_then(|_| match w {
-                        Work::Entries(i) => push_entries(&shared, &plan, &decoded, i, &keys[i]),
+                        Work::Reused(i, ref digest, size) => {
+                            shared.count(Moved::Reused);
+                            shared.progress.inc(plan.chunks[i].bytes());
+                            Ok(vec![(i, describe(&plan.chunks[i], digest.clone(), size))])
+                        }
+                        Work::Files(i) => push_files(&shared, &plan, i, &keys[i]),
                         Work::Parts(ref idx) => push_parts(&shared, &plan, idx, &keys),
                     });
                     match res {
@@ -414,51 +509,33 @@ fn show_path(p: &[u8]) -> String {
     String::from_utf8_lossy(p).into_owned()
 }
 
-fn push_entries(
+fn push_files(
     sh: &Shared<'_>,
     plan: &Plan,
-    decoded: &std::collections::HashMap<Digest, crate::layer::Tree>,
     i: usize,
     key: &str,
 ) -> Result<Vec<(usize, Desc)>, RemoteError> {
-    let ChunkSpec::Entries { dir, names } = &plan.chunks[i] else {
+    let spec = &plan.chunks[i];
+    let ChunkSpec::Files(files) = spec else {
         return Err(RemoteError::Layer(LayerError::Invalid(
-            "internal: not an entries chunk".into(),
+            "internal: not a files chunk".into(),
         )));
-    };
-    let members = plan.members(dir, names, decoded);
-    let weight: u64 = plan
-        .chunk_files(&plan.chunks[i], decoded)
-        .iter()
-        .map(|(_, e)| e.size)
-        .sum();
-    let mut annotations = BTreeMap::new();
-    annotations.insert(ANN_PATH.to_string(), show_path(dir));
-    annotations.insert(
-        ANN_SUBTREE.to_string(),
-        format!("blake3:{}", members.encode_with_digest().1.to_hex()),
-    );
-    let desc = |digest: String, size: u64| Desc {
-        media_type: ENTRIES_MEDIA_TYPE,
-        digest,
-        size,
-        annotations: annotations.clone(),
     };
     if let Some((digest, size)) = sh.store.remote_chunk(key)?
         && sh.exists(&digest)?
     {
         sh.count(Moved::Reused);
-        sh.progress.inc(weight);
-        return Ok(vec![(i, desc(digest, size))]);
+        sh.progress.inc(spec.bytes());
+        return Ok(vec![(i, describe(spec, digest, size))]);
     }
-    let built = chunk::build_entries(sh.objects, &members, dir, &sh.tmp)?;
+    let built = chunk::build_files(sh.objects, files, &sh.tmp)?;
     sh.built.fetch_add(1, Ordering::Relaxed);
     sh.store.set_remote_chunk(key, &built.digest, built.size)?;
     sh.check()?;
     let moved = sh.place(&built, false)?;
     sh.count(moved);
-    sh.progress.inc(weight);
-    Ok(vec![(i, desc(built.digest.clone(), built.size))])
+    sh.progress.inc(spec.bytes());
+    Ok(vec![(i, describe(spec, built.digest.clone(), built.size))])
 }
 
 fn push_parts(
@@ -479,22 +556,10 @@ fn push_parts(
             _ => None,
         })
         .collect();
-    let Some(&(path, blob, _, _)) = specs.first() else {
+    let Some(&(_, blob, _, _)) = specs.first() else {
         return Ok(Vec::new());
     };
-    let desc = |k: usize, digest: String, size: u64| {
-        let (_, _, offset, len) = specs[k];
-        let mut annotations = BTreeMap::new();
-        annotations.insert(ANN_PATH.to_string(), show_path(path));
-        annotations.insert(ANN_SUBTREE.to_string(), format!("blake3:{}", blob.to_hex()));
-        annotations.insert(ANN_RANGE.to_string(), format!("{offset}+{len}"));
-        Desc {
-            media_type: PART_MEDIA_TYPE,
-            digest,
-            size,
-            annotations,
-        }
-    };
+    let desc = |k: usize, digest: String, size: u64| describe(&plan.chunks[idx[k]], digest, size);
     // Parts known by their key and present in the registry need nothing.
     let mut out: Vec<Option<Desc>> = vec![None; idx.len()];
     for (k, i) in idx.iter().enumerate() {
