@@ -14,10 +14,12 @@ use crate::units::format_size;
 
 const AFTER_HELP: &str = "\
 The layer goes to the registry as an OCI artifact (artifactType application/vnd.cachefs.layer.v1):
-its tree index as the config blob and its files in chunks of at most 64 MiB, cut along the
-tree so that an unchanged subtree gives the same chunk again. Only chunks the registry lacks are
-uploaded (a HEAD first; a blob another repository of the registry holds is mounted from it), so
-a second push of an unchanged cache uploads nothing. Then the manifest is put under the tag.
+its tree index as the config blob and its files in tar+zstd chunks of at most 64 MiB. Chunks of
+the artifact the tag names now are kept while most of their files are still in the cache, and
+new ones are cut by content, so only chunks the registry lacks are uploaded (a HEAD first; a
+blob another repository of the registry holds is mounted from it): a second push of an
+unchanged cache uploads nothing, and a few changed files make one new chunk. The manifest is
+put under the tag last, so a failed push leaves the tag as it was.
 
 Credentials: CACHEFS_REGISTRY_USER and CACHEFS_REGISTRY_PASSWORD, else ~/.docker/config.json
 ($DOCKER_CONFIG) with its credential helpers, else none. Bearer-token registries are handled.

@@ -39,6 +39,10 @@ SPEC is Dockerfile's cache-mount syntax, comma-separated key=value pairs:
   uid=N,gid=N       owner of the cache root when the cache is created (default 0)
   mode=OCTAL        mode of the cache root when the cache is created (default 0755)
   ro / readonly     mount read-only (also ro=true|false; rw / readwrite: the default)
+  from=LAYER        seed an empty cache from a stored layer (tag or digest)
+  cache-from=REF    seed an empty cache from a registry reference (missing: a warning)
+  cache-to=REF      push the cache to a registry reference after CMD succeeded
+  cache-to-when=W   always (default) or changed: push only if the tree differs from REF's
 
 CMD runs with cachefs's stdio, environment, working directory and umask. SIGINT, SIGTERM, SIGHUP
 and SIGQUIT are forwarded to it; a second SIGINT/SIGTERM kills it with SIGKILL. When it ends,
