@@ -140,7 +140,7 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
     fs::check_fuse_device().map_err(usage)?;
     let mut plan = mounts::plan(vec![(spec, target)])?;
     args.remote.apply(&mut plan)?;
-    super::remote_cache::check(&plan, &args.remote)?;
+    super::remote_cache::check(&plan)?;
     let shown = args
         .shown_as
         .clone()

@@ -97,6 +97,24 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
     let supervisor = Supervisor::start().context("cannot set up signal handling")?;
     let root = Store::resolve_root(global.store.as_deref())?;
     let store = Store::open(&root)?;
+    if let Some(id) = &id
+        && !args.replace
+    {
+        // Refused now rather than after the download (restore checks again under the lease).
+        let busy = store.get_cache(id)?.and_then(|c| {
+            c.instances
+                .into_iter()
+                .find(|i| i.number == args.instance)
+                .filter(|i| !crate::layer::restore::is_empty_dir(&i.path).unwrap_or(true))
+        });
+        if busy.is_some() {
+            return Err(usage(anyhow!(
+                "cache {:?} instance {} is not empty: pass --replace to replace its contents with the layer's",
+                id.as_str(),
+                args.instance
+            )));
+        }
+    }
     let cancel = supervisor.cancel_flag();
     let started = Instant::now();
     let show = !args.quiet && !args.json;

@@ -72,10 +72,10 @@ impl Flags {
 
 /// Checks the references of every mount before anything starts: a malformed one is a usage
 /// error (exit 2), unlike an unreachable one.
-pub(crate) fn check(plan: &[Planned], flags: &Flags) -> anyhow::Result<()> {
+pub(crate) fn check(plan: &[Planned]) -> anyhow::Result<()> {
     for p in plan {
         for r in [&p.spec.cache_from, &p.spec.cache_to].into_iter().flatten() {
-            Target::new(r, &flags.connect()).map_err(|e| usage(anyhow!("{e}")))?;
+            crate::remote::parse_reference(r).map_err(|e| usage(anyhow!("{e}")))?;
         }
     }
     Ok(())

@@ -114,7 +114,7 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
     fs::check_fuse_device().map_err(usage)?;
     let mut plan = mounts::plan(specs)?;
     args.remote.apply(&mut plan)?;
-    super::remote_cache::check(&plan, &args.remote)?;
+    super::remote_cache::check(&plan)?;
 
     // Read before mounting changes them for the FUSE server (umask 0, raised fd limit).
     let inherited = Inherited::capture();

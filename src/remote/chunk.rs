@@ -355,3 +355,171 @@ impl PartAssembly {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> (tempfile::TempDir, ObjectStore) {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("tmp")).unwrap();
+        let objects = ObjectStore::open(dir.path()).unwrap();
+        (dir, objects)
+    }
+
+    fn put(objects: &ObjectStore, data: &[u8]) -> Digest {
+        let d = Digest::of(data);
+        let mut w = objects.writer().unwrap();
+        w.write_all(data).unwrap();
+        w.commit(ObjectKind::Blob, d).unwrap();
+        d
+    }
+
+    fn file(path: &str, data: &[u8], objects: &ObjectStore) -> FileRef {
+        FileRef {
+            path: path.as_bytes().to_vec(),
+            blob: put(objects, data),
+            size: data.len() as u64,
+            mode: 0o644,
+        }
+    }
+
+    fn bytes_of(mut b: Built) -> Vec<u8> {
+        let mut v = Vec::new();
+        b.file.read_to_end(&mut v).unwrap();
+        assert_eq!(v.len() as u64, b.size);
+        assert_eq!(super::super::sha256_digest(&v), b.digest);
+        v
+    }
+
+    #[test]
+    fn files_round_trip_through_a_chunk_and_only_needed_blobs_are_stored() {
+        let (dir, src) = store();
+        let big: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let files = vec![
+            file("a/one", b"first", &src),
+            file("a/b/two", &big, &src),
+            file("three", b"", &src),
+            file(&format!("deep/{}", "n".repeat(150)), b"long name", &src),
+        ];
+        let built = build_files(&src, &files, &dir.path().join("tmp")).unwrap();
+        let bytes = bytes_of(built);
+        // The same files give the same bytes.
+        let again = bytes_of(build_files(&src, &files, &dir.path().join("tmp")).unwrap());
+        assert_eq!(bytes, again);
+
+        let (_d2, dst) = store();
+        let needed: HashSet<Digest> = files[..3].iter().map(|f| f.blob).collect();
+        let got = ingest_files(&dst, &files, &needed, bytes.as_slice(), &|_| {}).unwrap();
+        assert_eq!(got.blobs_stored, 3);
+        for f in &files[..3] {
+            assert!(dst.has(ObjectKind::Blob, f.blob));
+        }
+        // Not needed: read past, not stored.
+        assert!(!dst.has(ObjectKind::Blob, files[3].blob));
+    }
+
+    #[test]
+    fn a_chunk_that_disagrees_with_its_record_is_refused() {
+        let (dir, src) = store();
+        let files = vec![file("x", b"hello", &src), file("y", b"world", &src)];
+        let bytes = bytes_of(build_files(&src, &files, &dir.path().join("tmp")).unwrap());
+        let needed: HashSet<Digest> = files.iter().map(|f| f.blob).collect();
+        let refused = |record: &[FileRef], input: &[u8]| {
+            let (_d, dst) = store();
+            match ingest_files(&dst, record, &needed, input, &|_| {}) {
+                Err(IngestError::Bad(m)) => m,
+                other => panic!("accepted: {other:?}"),
+            }
+        };
+        // A member the record does not list.
+        assert!(refused(&files[..1], &bytes).contains("does not list"));
+        // A member missing.
+        let mut more = files.clone();
+        more.push(FileRef {
+            path: b"z".to_vec(),
+            blob: Digest::of(b"z"),
+            size: 1,
+            mode: 0o644,
+        });
+        assert!(refused(&more, &bytes).contains("lacks"));
+        // Other contents than recorded.
+        let mut wrong = files.clone();
+        wrong[1].blob = Digest::of(b"WORLD");
+        assert!(refused(&wrong, &bytes).contains("do not match"));
+        // Not zstd / truncated.
+        assert!(!refused(&files, b"garbage").is_empty());
+        assert!(!refused(&files, &bytes[..bytes.len() / 2]).is_empty());
+    }
+
+    #[test]
+    fn parts_assemble_a_file_and_a_failed_part_is_added_again() {
+        let (dir, src) = store();
+        let data: Vec<u8> = (0..(3 * CHUNK as u32 + 123))
+            .map(|i| (i % 253) as u8)
+            .collect();
+        let blob = put(&src, &data);
+        let third = data.len() as u64 / 3;
+        let ranges = [
+            (0, third),
+            (third, third),
+            (2 * third, data.len() as u64 - 2 * third),
+        ];
+        let mut parts = Vec::new();
+        build_parts(
+            &src,
+            blob,
+            &ranges,
+            &dir.path().join("tmp"),
+            &|_| true,
+            &mut |_, b| {
+                parts.push(bytes_of(b));
+                Ok(())
+            },
+        )
+        .unwrap();
+        assert_eq!(parts.len(), 3);
+
+        let (_d, dst) = store();
+        let mut a = PartAssembly::new(&dst, blob).unwrap();
+        a.add(0, third, parts[0].as_slice(), &|_| {}).unwrap();
+        // The second part breaks off half-way, then arrives whole.
+        let half = &parts[1][..parts[1].len() / 2];
+        assert!(a.add(third, third, half, &|_| {}).is_err());
+        a.add(third, third, parts[1].as_slice(), &|_| {}).unwrap();
+        // Out of order is refused.
+        assert!(a.add(0, third, parts[0].as_slice(), &|_| {}).is_err());
+        a.add(2 * third, ranges[2].1, parts[2].as_slice(), &|_| {})
+            .unwrap();
+        a.commit(data.len() as u64).unwrap();
+        assert_eq!(dst.verify_blob(blob).unwrap(), data.len() as u64);
+    }
+
+    #[test]
+    fn parts_of_a_corrupt_blob_fail_before_the_last_is_complete() {
+        let (dir, src) = store();
+        let data = vec![7u8; 200_000];
+        let blob = put(&src, &data);
+        let p = src.path(ObjectKind::Blob, blob);
+        let mut perm = std::fs::metadata(&p).unwrap().permissions();
+        std::os::unix::fs::PermissionsExt::set_mode(&mut perm, 0o644);
+        std::fs::set_permissions(&p, perm).unwrap();
+        let mut bad = data.clone();
+        bad[150_000] ^= 1;
+        std::fs::write(&p, &bad).unwrap();
+        let mut done = 0;
+        let r = build_parts(
+            &src,
+            blob,
+            &[(0, 100_000), (100_000, 100_000)],
+            &dir.path().join("tmp"),
+            &|_| true,
+            &mut |_, _| {
+                done += 1;
+                Ok(())
+            },
+        );
+        assert!(r.is_err());
+        assert_eq!(done, 1, "the last part must not be handed out");
+    }
+}

@@ -133,16 +133,21 @@ pub fn is_loopback(registry: &str) -> bool {
     matches!(host, "127.0.0.1" | "localhost" | "::1")
 }
 
+/// Parses a registry reference (`host[:port]/repository[:tag|@sha256:…]`).
+pub fn parse_reference(reference: &str) -> Result<Reference, RemoteError> {
+    if reference.contains("://") {
+        return Err(RemoteError::Usage(format!(
+            "invalid registry reference {reference:?}: write it without a scheme (host[:port]/repository[:tag]); use --insecure for plain http"
+        )));
+    }
+    reference
+        .parse()
+        .map_err(|e| RemoteError::Usage(format!("invalid registry reference {reference:?}: {e}")))
+}
+
 impl Target {
     pub fn new(reference: &str, connect: &Connect) -> Result<Target, RemoteError> {
-        let parsed: Reference = reference.parse().map_err(|e| {
-            RemoteError::Usage(format!("invalid registry reference {reference:?}: {e}"))
-        })?;
-        if reference.contains("://") {
-            return Err(RemoteError::Usage(format!(
-                "invalid registry reference {reference:?}: write it without a scheme (host[:port]/repository[:tag]); use --insecure for plain http"
-            )));
-        }
+        let parsed = parse_reference(reference)?;
         let registry = parsed.resolve_registry().to_string();
         let insecure = connect.insecure || is_loopback(&registry);
         let config = oci_client::client::ClientConfig {
