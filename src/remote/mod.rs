@@ -252,7 +252,7 @@ fn classify(t: &Target, e: OciDistributionError) -> RemoteError {
             }
         }
         OciDistributionError::UnauthorizedError { .. } => denied("HTTP 401".into()),
-        OciDistributionError::AuthenticationFailure(m) => denied(first_line(&m)),
+        OciDistributionError::AuthenticationFailure(m) => denied(auth_detail(&m)),
         OciDistributionError::RegistryError { envelope, .. } => {
             let code = envelope.errors.first().map(|e| &e.code);
             let msg = envelope
@@ -307,6 +307,25 @@ fn classify(t: &Target, e: OciDistributionError) -> RemoteError {
             registry,
             detail: first_line(&other.to_string()),
         },
+    }
+}
+
+/// What a token server said, without its JSON: `{"errors":[{"message":"…"}]}` or
+/// `{"details":"…"}` gives the message; an empty answer says so.
+fn auth_detail(body: &str) -> String {
+    if let Ok(v) = serde_json::from_str::<serde_json::Value>(body) {
+        let msg = v
+            .pointer("/errors/0/message")
+            .or_else(|| v.get("details"))
+            .or_else(|| v.get("message"))
+            .and_then(|m| m.as_str());
+        if let Some(m) = msg {
+            return first_line(m);
+        }
+    }
+    match first_line(body) {
+        s if s.is_empty() => "the token server refused the credentials".into(),
+        s => s,
     }
 }
 
@@ -413,6 +432,17 @@ pub fn sha256_hex(out: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn token_server_answers_become_plain_words() {
+        assert_eq!(
+            auth_detail(r#"{"errors":[{"code":"UNAUTHORIZED","message":"invalid username or password"}]}"#),
+            "invalid username or password"
+        );
+        assert_eq!(auth_detail(r#"{"details":"no such user"}"#), "no such user");
+        assert_eq!(auth_detail(""), "the token server refused the credentials");
+        assert_eq!(auth_detail("denied\nmore"), "denied");
+    }
 
     #[test]
     fn loopback_hosts_imply_plain_http() {
