@@ -436,7 +436,9 @@ mod tests {
     #[test]
     fn token_server_answers_become_plain_words() {
         assert_eq!(
-            auth_detail(r#"{"errors":[{"code":"UNAUTHORIZED","message":"invalid username or password"}]}"#),
+            auth_detail(
+                r#"{"errors":[{"code":"UNAUTHORIZED","message":"invalid username or password"}]}"#
+            ),
             "invalid username or password"
         );
         assert_eq!(auth_detail(r#"{"details":"no such user"}"#), "no such user");
