@@ -2,15 +2,21 @@
 //! (CNCF distribution from tests/common/registry.rs), through the real binary:
 //!
 //! - a round trip into an empty store is bit-exact (every kind of entry, odd modes and names,
-//!   a file big enough to be cut into parts), and the pulled layer is the pushed one;
+//!   a file big enough to be cut into parts; also an empty cache), the pulled layer is the
+//!   pushed one, and the artifact reads with zstd and tar;
 //! - what moves: a second push of an unchanged cache uploads nothing and leaves the registry's
-//!   blob set as it was; a one-file change re-uploads (and rebuilds) one chunk; a pull skips
-//!   chunks whose files the store holds; a push to another repository mounts blobs;
-//! - failures are one line and change nothing: a corrupt blob or index, an unreachable
-//!   registry, an unknown tag, refused credentials, an artifact that is not a cachefs layer,
-//!   a malformed reference (exit 2), a non-empty cache without --replace (exit 2);
-//! - credentials from the environment and from $DOCKER_CONFIG/config.json;
-//! - `run` / `mount` with --cache-from / --cache-to / --cache-to-when (and the spec keys).
+//!   blob set as it was; a one-file (or a few scattered files) change uploads one new chunk
+//!   and the index; a pull skips chunks whose files the store holds; a push to another
+//!   repository mounts blobs; a base artifact that lost a chunk or whose index is corrupt
+//!   does not spoil the next push;
+//! - failures are one line and change nothing: a corrupt chunk, part, index or manifest, an
+//!   unreachable registry, an unknown tag, refused credentials, an artifact that is not a
+//!   cachefs layer, a malformed reference or bad arguments (exit 2), a non-empty cache
+//!   without --replace (exit 2, before any download);
+//! - credentials from the environment and from $DOCKER_CONFIG/config.json; references without
+//!   a tag, and localhost;
+//! - `run` with --cache-from / --cache-to / --cache-to-when (and the spec keys), `mount` with
+//!   --cache-from and --cache-to.
 //!
 //! Every command runs with DOCKER_CONFIG pointing at a directory of the test (empty unless the
 //! test writes a config.json) and without CACHEFS_REGISTRY_*, so the machine's own
@@ -37,7 +43,7 @@ const CMD_T: Duration = Duration::from_secs(120);
 
 const ARTIFACT_TYPE: &str = "application/vnd.cachefs.layer.v1";
 const INDEX_MEDIA_TYPE: &str = "application/vnd.cachefs.index.v1+zstd";
-const ENTRIES_MEDIA_TYPE: &str = "application/vnd.cachefs.chunk.v1.tar+zstd";
+const FILES_MEDIA_TYPE: &str = "application/vnd.cachefs.chunk.v1.tar+zstd";
 const PART_MEDIA_TYPE: &str = "application/vnd.cachefs.part.v1+zstd";
 const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 const MIB: usize = 1 << 20;
@@ -273,8 +279,8 @@ fn mkdir(p: &Path, mode: u32) {
 /// Size of the file that is cut into parts (more than one 64 MiB chunk).
 const BIG: usize = 70 * MIB + 12345;
 
-/// Every kind of entry: nested and empty directories, odd modes (0600, 0755, 01777, 0700,
-/// 02755), files from empty to [`BIG`], symlinks (one dangling, one absolute), a fifo, a
+/// Every kind of entry: nested and empty directories, odd modes (0600, 0755, 01777, 0700;
+/// 02755 and 04755, whose setgid/setuid bits a layer drops), files from empty to [`BIG`], symlinks (one dangling, one absolute), a fifo, a
 /// non-UTF-8 name, whiteout-like names.
 fn build_rich_tree(root: &Path) {
     mkdir(&root.join("a/b/c"), 0o755);
@@ -298,13 +304,27 @@ fn build_rich_tree(root: &Path) {
     put_file(&root.join("files/zero"), "zero", 0, 0o644);
     put_file(&root.join("files/small"), "small", 100, 0o600);
     put_file(&root.join("files/exec.sh"), "exec", 3000, 0o755);
+    put_file(&root.join("files/suid"), "suid", 30, 0o4755);
     put_file(&root.join("files/mid"), "mid", 3 * MIB + 3, 0o644);
     put_file(&root.join("files/.wh.x"), "whiteout-like", 5, 0o644);
     put_file(&root.join(".wh..wh..opq"), "opaque-like", 6, 0o644);
     let odd = root.join(OsStr::from_bytes(b"caf\xe9 \x01name"));
     put_file(&odd, "non-utf8", 42, 0o644);
-    put_file(&root.join("big.bin"), "big", BIG, 0o644);
+    // Names and targets past tar's 100-byte fields, a hard link (restored as a copy).
+    let long = root.join("n".repeat(150)).join("m".repeat(200));
+    mkdir(&long, 0o750);
+    put_file(&long.join("x".repeat(255)), "long", 1000, 0o644);
+    symlink("t".repeat(300), root.join("a/long-target")).unwrap();
+    fs::hard_link(root.join("files/small"), root.join("a/hardlink")).unwrap();
+    // The big file, in a directory with a non-UTF-8 name that is cut into its own chunks.
+    let big_dir = root.join(OsStr::from_bytes(BIG_DIR));
+    mkdir(&big_dir, 0o755);
+    put_file(&big_dir.join("big.bin"), "big", BIG, 0o644);
+    put_file(&big_dir.join("beside"), "beside", 2000, 0o644);
 }
+
+/// The directory holding the big file (not UTF-8).
+const BIG_DIR: &[u8] = b"big\xff dir";
 
 /// A name or path as raw bytes.
 type Name = Vec<u8>;
@@ -359,10 +379,34 @@ fn scan(root: &Path) -> BTreeMap<Name, Meta> {
     out
 }
 
-/// Asserts two trees hold the same entries, naming the first paths that differ.
+/// What a layer keeps of `m`: setuid and setgid are not recorded (docs/LAYER-FORMAT.md).
+fn as_layered(m: Meta) -> Meta {
+    match m {
+        Meta::File { mode, len, hash } => Meta::File {
+            mode: mode & 0o1777,
+            len,
+            hash,
+        },
+        Meta::Dir { mode } => Meta::Dir {
+            mode: mode & 0o1777,
+        },
+        Meta::Fifo { mode } => Meta::Fifo {
+            mode: mode & 0o1777,
+        },
+        m => m,
+    }
+}
+
+/// Asserts the tree at `got` is what a layer of the tree at `want` restores: the same
+/// entries, kinds, modes (less setuid/setgid), contents and symlink targets. Names the
+/// first paths that differ.
 #[track_caller]
 fn assert_same_tree(got: &Path, want: &Path) {
-    let (g, w) = (scan(got), scan(want));
+    let g = scan(got);
+    let w: BTreeMap<Name, Meta> = scan(want)
+        .into_iter()
+        .map(|(p, m)| (p, as_layered(m)))
+        .collect();
     if g == w {
         return;
     }
@@ -394,12 +438,14 @@ fn assert_same_tree(got: &Path, want: &Path) {
     );
 }
 
-/// `n` directories `dNN`, each with one file `f.bin` of `size` bytes (seeded by `salt`).
+/// `n` directories `dNN`, each with a file `f.bin` of `size` bytes (seeded by `salt`) and a
+/// file `same` whose contents are the same everywhere (so several chunks carry one blob).
 fn build_many_dirs(root: &Path, n: usize, size: usize, salt: &str) {
     for i in 0..n {
         let d = root.join(format!("d{i:02}"));
         mkdir(&d, 0o755);
         put_file(&d.join("f.bin"), &format!("{salt}-{i}"), size, 0o644);
+        put_file(&d.join("same"), &format!("{salt}-same"), 40_000, 0o644);
     }
 }
 
@@ -426,6 +472,68 @@ fn small_cache(env: &CliEnv, id: &str) -> PathBuf {
 // ---------------------------------------------------------------------------------------------
 // Round trips and what moves
 // ---------------------------------------------------------------------------------------------
+
+/// The artifact `m` (in `repo`) of the tree at `src` reads with standard tools, as
+/// docs/LAYER-FORMAT.md says: `zstd -d | tar -x` of every files chunk gives files of the tree
+/// (regular files only, with the tree's contents), and the parts of a file, decompressed and
+/// concatenated, give the file.
+fn check_with_standard_tools(reg: &Registry, repo: &str, m: &Value, src: &Path) {
+    let dir = common::tempdir();
+    let out = dir.path().join("x");
+    fs::create_dir(&out).unwrap();
+    let mut parts: BTreeMap<String, Vec<PathBuf>> = BTreeMap::new();
+    let mut extracted = 0;
+    for (i, l) in m["layers"].as_array().unwrap().iter().enumerate() {
+        let (status, body) = reg.get(&format!("/v2/{repo}/blobs/{}", text(l, "digest")));
+        assert_eq!(status, 200);
+        let blob = dir.path().join(format!("blob-{i}"));
+        fs::write(&blob, body).unwrap();
+        if l["mediaType"] == FILES_MEDIA_TYPE {
+            common::sh(&format!(
+                "zstd -q -d -c '{}' | tar -x -C '{}'",
+                blob.display(),
+                out.display()
+            ));
+            extracted += 1;
+        } else {
+            let path = text(&l["annotations"], "io.cachefs.chunk.path").to_owned();
+            parts.entry(path).or_default().push(blob);
+        }
+    }
+    assert!(extracted > 0);
+    let mut files = 0;
+    for (rel, m) in scan(&out) {
+        let shown = rel.escape_ascii().to_string();
+        let (hash, len) = match m {
+            Meta::File { hash, len, .. } => (hash, len),
+            // Made by tar -x for the files' paths.
+            Meta::Dir { .. } => continue,
+            m => panic!("{shown:?} in a chunk is not a regular file: {m:?}"),
+        };
+        let (want, want_len) = hash_file(&src.join(OsStr::from_bytes(&rel)));
+        assert_eq!(
+            (hash, len),
+            (want.to_hex().to_string(), want_len),
+            "{shown:?}"
+        );
+        files += 1;
+    }
+    assert!(files >= 10, "{files} files in the chunks");
+    let big = dir.path().join("big");
+    let blobs: Vec<String> = parts[&format!("{}/big.bin", String::from_utf8_lossy(BIG_DIR))]
+        .iter()
+        .map(|p| format!("'{}'", p.display()))
+        .collect();
+    common::sh(&format!(
+        "zstd -q -d -c {} > '{}'",
+        blobs.join(" "),
+        big.display()
+    ));
+    assert_eq!(
+        hash_file(&big),
+        hash_file(&src.join(OsStr::from_bytes(BIG_DIR)).join("big.bin"))
+    );
+}
 
 #[test]
 fn round_trip_into_an_empty_store_is_bit_exact() {
@@ -482,8 +590,9 @@ fn round_trip_into_an_empty_store_is_bit_exact() {
         .filter(|l| l["mediaType"] == PART_MEDIA_TYPE)
         .collect();
     assert_eq!(parts.len(), 2, "a 70 MiB file is two parts: {m}");
+    let big_path = format!("{}/big.bin", String::from_utf8_lossy(BIG_DIR));
     for p in &parts {
-        assert_eq!(p["annotations"]["io.cachefs.chunk.path"], "big.bin", "{m}");
+        assert_eq!(p["annotations"]["io.cachefs.chunk.path"], big_path, "{m}");
     }
     assert_eq!(
         parts[0]["annotations"]["io.cachefs.chunk.range"],
@@ -493,7 +602,8 @@ fn round_trip_into_an_empty_store_is_bit_exact() {
         parts[1]["annotations"]["io.cachefs.chunk.range"],
         format!("{}+{}", 64 * MIB, BIG - 64 * MIB)
     );
-    assert!(chunks.iter().any(|(t, _)| t == ENTRIES_MEDIA_TYPE), "{m}");
+    assert!(chunks.iter().any(|(t, _)| t == FILES_MEDIA_TYPE), "{m}");
+    check_with_standard_tools(&reg, "team/caches", &m, &src);
     // Every blob the manifest names is in the registry, and nothing else besides the manifest.
     let mut want: BTreeSet<String> = chunks.iter().map(|(_, d)| d.clone()).collect();
     want.insert(text(&m["config"], "digest").to_owned());
@@ -517,9 +627,9 @@ fn round_trip_into_an_empty_store_is_bit_exact() {
         num(&pushed, "artifact_bytes")
     );
     assert_eq!(num(&pulled, "fifos"), 1, "{pulled}");
-    assert_eq!(num(&pulled, "symlinks"), 3, "{pulled}");
-    assert_eq!(num(&pulled, "files"), 11, "{pulled}");
-    assert_eq!(num(&pulled, "dirs"), 8, "{pulled}");
+    assert_eq!(num(&pulled, "symlinks"), 4, "{pulled}");
+    assert_eq!(num(&pulled, "files"), 15, "{pulled}");
+    assert_eq!(num(&pulled, "dirs"), 11, "{pulled}");
     assert!(num(&pulled, "size_bytes") > BIG as u64, "{pulled}");
     assert_same_tree(&instance_dir(&b, "dst"), &src);
 
@@ -602,6 +712,50 @@ fn a_second_push_of_an_unchanged_cache_uploads_nothing() {
 }
 
 #[test]
+fn an_empty_cache_round_trips() {
+    let reg = Registry::start();
+    let a = CliEnv::new();
+    new_cache(&a, "empty");
+    let reference = reg.reference("r:empty");
+    let pushed = push(&a, "empty", &reference);
+    assert_eq!(num(&pushed, "chunks"), 0, "{pushed}");
+    let m = manifest(&reg, "r", "empty");
+    assert_eq!(m["artifactType"], ARTIFACT_TYPE, "{m}");
+    let again = push(&a, "empty", &reference);
+    assert_eq!(num(&again, "blobs_uploaded"), 0, "{again}");
+    assert_eq!(again["manifest_digest"], pushed["manifest_digest"]);
+
+    let b = CliEnv::new();
+    let pulled = pull(&b, &reference, Some("e"));
+    assert_eq!(pulled["layer"], pushed["layer"]);
+    assert_eq!(num(&pulled, "files"), 0, "{pulled}");
+    assert_eq!(num(&pulled, "chunks"), 0, "{pulled}");
+    assert_eq!(scan(&instance_dir(&b, "e")), BTreeMap::new());
+}
+
+#[test]
+fn a_reference_without_a_tag_is_latest_and_localhost_is_plain_http() {
+    let reg = Registry::start();
+    let a = CliEnv::new();
+    let src = small_cache(&a, "c");
+    let untagged = reg.reference("r");
+    let out = cfs(&a, &["push", "c", &untagged, "-q"]);
+    let line = ok(&out, "push without a tag");
+    assert!(line.starts_with(&format!("{untagged}@sha256:")), "{line}");
+    let (status, body) = reg.get("/v2/r/manifests/latest");
+    assert_eq!(status, 200);
+    assert_eq!(line, format!("{untagged}@{}\n", sha256_digest(&body)));
+
+    let b = CliEnv::new();
+    let localhost = format!("localhost:{}/r:latest", reg.port());
+    let pulled = pull(&b, &localhost, Some("c"));
+    assert_same_tree(&instance_dir(&b, "c"), &src);
+    let pushed = push(&b, "c", &format!("localhost:{}/r:again", reg.port()));
+    assert_eq!(pushed["layer"], pulled["layer"]);
+    assert_eq!(num(&pushed, "blobs_uploaded"), 0, "{pushed}");
+}
+
+#[test]
 fn a_changed_file_re_uploads_only_its_chunk() {
     let reg = Registry::start();
     let a = CliEnv::new();
@@ -628,7 +782,7 @@ fn a_changed_file_re_uploads_only_its_chunk() {
     );
     assert_eq!(
         num(&second, "blobs_reused") + uploaded,
-        chunks + 1,
+        num(&second, "chunks") + 1,
         "{second}"
     );
     let after = reg.blob_digests();
@@ -650,6 +804,70 @@ fn a_changed_file_re_uploads_only_its_chunk() {
         changed_bytes + num(&new_m["config"], "size"),
         "{second}"
     );
+
+    // Changes scattered over the tree: still one new chunk (at most two, should a cut fall
+    // among the changed files) and the index.
+    for d in ["d03", "d21", "d38"] {
+        change_through_mount(&a, "c", &format!("{d}/f.bin"), "scattered");
+    }
+    let third = push(&a, "c", &reference);
+    assert!((2..=3).contains(&num(&third, "blobs_uploaded")), "{third}");
+    assert!(num(&third, "chunks_built") <= 2, "{third}");
+    assert!(
+        num(&third, "bytes_uploaded") < 10 * MIB as u64,
+        "about the three changed files: {third}"
+    );
+
+    // Kept chunks carry stale files now; a pull into a fresh store reads past them and
+    // restores exactly the current tree.
+    let b = CliEnv::new();
+    let pulled = pull(&b, &reference, Some("c"));
+    assert_eq!(pulled["layer"], third["layer"]);
+    assert_same_tree(&instance_dir(&b, "c"), &src);
+    assert_eq!(
+        num(&pulled, "blobs_stored"),
+        41,
+        "every f.bin and one `same`: {pulled}"
+    );
+}
+
+#[test]
+fn a_push_over_a_damaged_base_artifact_still_gives_a_whole_layer() {
+    let reg = Registry::start();
+    let a = CliEnv::new();
+    let src = new_cache(&a, "c");
+    build_many_dirs(&src, 30, 2 * MIB, "damaged-base");
+    let reference = reg.reference("r:t");
+    let first = push(&a, "c", &reference);
+    assert!(num(&first, "chunks") >= 2, "{first}");
+
+    // The registry lost a chunk (its own gc, say): the next push must not keep it.
+    let m = manifest(&reg, "r", "t");
+    let lost = manifest_layers(&m)[0].1.clone();
+    fs::remove_file(reg.blob_path(&lost)).unwrap();
+    change_through_mount(&a, "c", "d29/f.bin", "lost");
+    push(&a, "c", &reference);
+    let now = manifest(&reg, "r", "t");
+    let stored = reg.blob_digests();
+    for (_, d) in manifest_layers(&now) {
+        assert!(
+            stored.contains(&d),
+            "the manifest names {d}, which the registry lacks"
+        );
+    }
+    let b = CliEnv::new();
+    pull(&b, &reference, Some("c"));
+    assert_same_tree(&instance_dir(&b, "c"), &src);
+
+    // The base's index is corrupt: the push still succeeds, and what it pushed pulls whole.
+    let index = text(&manifest(&reg, "r", "t")["config"], "digest").to_owned();
+    reg.tamper_blob(&index);
+    change_through_mount(&a, "c", "d28/f.bin", "corrupt-base");
+    let pushed = push(&a, "c", &reference);
+    let c = CliEnv::new();
+    let pulled = pull(&c, &reference, Some("c"));
+    assert_eq!(pulled["layer"], pushed["layer"]);
+    assert_same_tree(&instance_dir(&c, "c"), &src);
 }
 
 #[test]
@@ -769,36 +987,118 @@ fn assert_nothing_restored(env: &CliEnv, id: &str) {
     assert_eq!(layers(env), Vec::<Value>::new(), "no layer is recorded");
 }
 
+/// Changes a stored manifest so that it is still valid JSON the registry serves (the
+/// registry parses a manifest before serving it) but no longer has its digest: the first
+/// digit of its layer-bytes annotation changes.
+fn tamper_manifest(reg: &Registry, digest: &str) {
+    let path = reg.blob_path(digest);
+    let mut data = fs::read(&path).unwrap();
+    let key = b"\"io.cachefs.layer.bytes\":\"";
+    let at = data
+        .windows(key.len())
+        .position(|w| w == key)
+        .unwrap_or_else(|| panic!("no bytes annotation in {}", String::from_utf8_lossy(&data)))
+        + key.len();
+    data[at] = if data[at] == b'9' { b'8' } else { b'9' };
+    fs::write(&path, data).unwrap();
+}
+
+/// Every blob in the store's objects is named by its blake3: a failed pull stored nothing
+/// damaged. Returns how many there are.
+#[track_caller]
+fn assert_objects_valid(env: &CliEnv) -> usize {
+    let mut n = 0;
+    let Ok(prefixes) = fs::read_dir(env.store.join("objects/blobs")) else {
+        return 0;
+    };
+    for prefix in prefixes {
+        for blob in fs::read_dir(prefix.unwrap().path()).unwrap() {
+            let p = blob.unwrap().path();
+            let (hash, _) = hash_file(&p);
+            assert_eq!(
+                p.file_name().unwrap().to_string_lossy(),
+                hash.to_hex().as_str(),
+                "{} does not hold what its name says",
+                p.display()
+            );
+            n += 1;
+        }
+    }
+    n
+}
+
+/// Pulls `reference --into c` into a fresh store, twice (the second time with whatever the
+/// first left in the store): each must fail with exit 1 in one line mentioning every one of
+/// `mentions`, restore nothing, record nothing, and store nothing damaged.
+#[track_caller]
+fn assert_failed_pull(reference: &str, mentions: &[&str]) {
+    let env = CliEnv::new();
+    for _ in 0..2 {
+        let out = cfs(&env, &["pull", reference, "--into", "c", "--tag", "x"]);
+        assert_fails(&out, 1, mentions);
+        assert_nothing_restored(&env, "c");
+        assert_objects_valid(&env);
+    }
+}
+
+/// [`assert_failed_pull`], the line naming `digest` as corrupt.
+#[track_caller]
+fn assert_corrupt_pull(reference: &str, digest: &str) {
+    assert_failed_pull(reference, &["corrupt", digest, "nothing was restored"]);
+}
+
 #[test]
-fn a_corrupt_blob_or_index_fails_the_pull_and_restores_nothing() {
+fn a_corrupt_blob_index_or_manifest_fails_the_pull_and_restores_nothing() {
     let reg = Registry::start();
     let a = CliEnv::new();
-    let src = new_cache(&a, "c");
-    build_many_dirs(&src, 3, 200_000, "corrupt");
-    let reference = reg.reference("r:t");
-    push(&a, "c", &reference);
-    let m = manifest(&reg, "r", "t");
-    let chunks = manifest_layers(&m);
-    assert_eq!(chunks[0].0, ENTRIES_MEDIA_TYPE);
+    let small = new_cache(&a, "small");
+    build_many_dirs(&small, 3, 200_000, "corrupt");
+    let small_ref = reg.reference("r:small");
+    push(&a, "small", &small_ref);
+    let big = new_cache(&a, "big");
+    put_file(&big.join("big"), "corrupt-big", 65 * MIB, 0o644);
+    let big_ref = reg.reference("r:big");
+    let pushed_big = push(&a, "big", &big_ref);
 
-    // A chunk.
+    // A chunk of entries.
+    let m = manifest(&reg, "r", "small");
+    let chunks = manifest_layers(&m);
+    assert_eq!(chunks.len(), 1, "{m}");
+    assert_eq!(chunks[0].0, FILES_MEDIA_TYPE);
     reg.tamper_blob(&chunks[0].1);
-    let b = CliEnv::new();
-    let out = cfs(&b, &["pull", &reference, "--into", "c"]);
-    assert_fails(&out, 1, &["corrupt", &chunks[0].1]);
-    assert_nothing_restored(&b, "c");
-    // Again, into the same store (which may hold some of the files now): the same.
-    let out = cfs(&b, &["pull", &reference, "--into", "c", "--tag", "x"]);
-    assert_fails(&out, 1, &["corrupt", &chunks[0].1]);
-    assert_nothing_restored(&b, "c");
+    assert_corrupt_pull(&small_ref, &chunks[0].1);
+
+    // The second part of a big file.
+    let parts = manifest_layers(&manifest(&reg, "r", "big"));
+    assert_eq!(parts.len(), 2, "{parts:?}");
+    assert!(parts.iter().all(|(t, _)| t == PART_MEDIA_TYPE), "{parts:?}");
+    reg.tamper_blob(&parts[1].1);
+    assert_corrupt_pull(&big_ref, &parts[1].1);
 
     // The index (the config blob).
     let index = text(&m["config"], "digest").to_owned();
     reg.tamper_blob(&index);
-    let c = CliEnv::new();
-    let out = cfs(&c, &["pull", &reference, "--into", "c"]);
-    assert_fails(&out, 1, &["corrupt", &index]);
-    assert_nothing_restored(&c, "c");
+    assert_corrupt_pull(&small_ref, &index);
+
+    // The manifest, by tag or by digest. (The line does not say "corrupt": see
+    // a_corrupt_manifest_is_called_corrupt.)
+    let digest = text(&pushed_big, "manifest_digest");
+    tamper_manifest(&reg, digest);
+    assert_failed_pull(&big_ref, &[digest]);
+    assert_failed_pull(&reg.reference(&format!("r@{digest}")), &[digest]);
+}
+
+#[test]
+fn a_corrupt_manifest_is_called_corrupt() {
+    let reg = Registry::start();
+    let a = CliEnv::new();
+    small_cache(&a, "c");
+    let reference = reg.reference("r:t");
+    let pushed = push(&a, "c", &reference);
+    let digest = text(&pushed, "manifest_digest");
+    tamper_manifest(&reg, digest);
+    assert_corrupt_pull(&reference, digest);
+    assert_corrupt_pull(&reg.reference(&format!("r@{digest}")), digest);
 }
 
 #[test]
@@ -818,7 +1118,7 @@ fn an_unreachable_registry_fails_fast_in_one_line() {
         assert!(took < Duration::from_secs(10), "{args:?} took {took:?}");
     }
     assert!(try_instance_dir(&env, "d").is_none());
-    assert_eq!(layers(&env).len(), 1, "only the snapshot push took");
+    assert!(layers(&env).len() <= 1, "at most the snapshot push took");
 }
 
 #[test]
@@ -951,7 +1251,7 @@ fn an_artifact_that_is_not_a_cachefs_layer_is_refused() {
             "mediaType": OCI_MANIFEST,
             "artifactType": ARTIFACT_TYPE,
             "config": { "mediaType": "application/vnd.oci.empty.v1+json", "digest": empty, "size": 2 },
-            "layers": layers_of(ENTRIES_MEDIA_TYPE),
+            "layers": layers_of(FILES_MEDIA_TYPE),
         }),
     );
     let docker = "application/vnd.docker.distribution.manifest.v2+json";
@@ -991,10 +1291,17 @@ fn an_artifact_that_is_not_a_cachefs_layer_is_refused() {
     ] {
         let reference = reg.reference(&format!("{repo}:{tag}"));
         let out = cfs(&env, &["pull", &reference, "--into", "c"]);
-        let line = assert_fails(&out, 1, &["is not a cachefs layer", &reference]);
-        eprintln!("{tag}: {line}");
+        assert_fails(&out, 1, &["is not a cachefs layer", &reference]);
     }
     assert_nothing_restored(&env, "c");
+
+    // A push may take over a tag that holds something else.
+    let src = small_cache(&env, "mine");
+    let reference = reg.reference(&format!("{repo}:image"));
+    push(&env, "mine", &reference);
+    let b = CliEnv::new();
+    pull(&b, &reference, Some("mine"));
+    assert_same_tree(&instance_dir(&b, "mine"), &src);
 }
 
 /// Size in bytes of a stored manifest.
@@ -1017,6 +1324,9 @@ fn pull_into_a_cache_with_contents_needs_replace() {
     put_file(&mine.join("mine"), "mine", 10, 0o644);
     let out = cfs(&b, &["pull", &reference, "--into", "c"]);
     assert_fails(&out, 2, &["--replace"]);
+    // Refused before anything was downloaded.
+    assert_eq!(layers(&b), Vec::<Value>::new());
+    assert_eq!(assert_objects_valid(&b), 0);
     assert_eq!(
         scan(&instance_dir(&b, "c"))
             .keys()
@@ -1037,7 +1347,7 @@ fn pull_into_a_cache_with_contents_needs_replace() {
 }
 
 #[test]
-fn a_malformed_reference_is_a_usage_error() {
+fn malformed_references_and_bad_arguments_are_usage_errors() {
     let env = CliEnv::new();
     small_cache(&env, "c");
     let t = env.path("t");
@@ -1055,9 +1365,6 @@ fn a_malformed_reference_is_a_usage_error() {
             (vec![], "cache-from"),
             (vec![], "cache-to"),
         ] {
-            if key.is_empty() && bad.is_empty() {
-                continue;
-            }
             let spec_extra = if key.is_empty() {
                 String::new()
             } else {
@@ -1073,6 +1380,17 @@ fn a_malformed_reference_is_a_usage_error() {
             assert_eq!(stdout_of(&out), "", "nothing ran");
             assert_eq!(stderr_of(&out).lines().count(), 1, "{}", stderr_of(&out));
         }
+    }
+    // Bad arguments around a good reference: exit 2 before anything moves.
+    let good = format!("127.0.0.1:{}/r:t", free_port());
+    for args in [
+        vec!["push", "no-such-cache", good.as_str()],
+        vec!["push", "--layer", "no-such-layer", good.as_str()],
+        vec!["push", "c", "--layer", "x", good.as_str()],
+        vec!["pull", good.as_str(), "--into", "c", "--instance", "0"],
+        vec!["pull", good.as_str(), "--tag", "bad tag"],
+    ] {
+        assert_fails(&cfs(&env, &args), 2, &[]);
     }
     assert_eq!(layers(&env), Vec::<Value>::new(), "nothing was snapshotted");
 }
@@ -1275,19 +1593,28 @@ fn mount_seeds_from_a_registry() {
     fs::create_dir_all(&target).unwrap();
     let out = cfs(
         &c,
-        &["mount", "--id", "m", "--cache-from", &missing, target.to_str().unwrap()],
+        &[
+            "mount",
+            "--id",
+            "m",
+            "--cache-from",
+            &missing,
+            target.to_str().unwrap(),
+        ],
     );
     ok(&out, "mount");
     let names = fs::read_dir(&target).map(|rd| rd.count());
     umount_m(&c, &target);
     assert_eq!(names.unwrap(), 0);
-    assert_eq!(stderr_lines_with(&out, "starts empty").len(), 1, "{}", stderr_of(&out));
+    assert_eq!(
+        stderr_lines_with(&out, "starts empty").len(),
+        1,
+        "{}",
+        stderr_of(&out)
+    );
 }
 
 #[test]
-#[ignore = "bug: the server's stop signal (SIGTERM from the unmount watch) sets the cancel flag \
-            that the push after the unmount then sees, so the snapshot is 'interrupted' and \
-            `cachefs mount --cache-to` never pushes"]
 fn mount_pushes_when_unmounted() {
     let reg = Registry::start();
     let b = CliEnv::new();

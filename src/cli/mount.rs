@@ -384,7 +384,9 @@ fn serve(
     }
     // Unmounted cleanly: the cache is pushed before `cachefs umount` returns (it waits for
     // this process).
-    super::remote_cache::push_after(&store, &plan, &used, &args.remote, supervisor.cancel_flag());
+    // The signal that stopped the server is not one to stop this push: it gets its own flag.
+    let push_cancel = std::sync::atomic::AtomicI32::new(0);
+    super::remote_cache::push_after(&store, &plan, &used, &args.remote, &push_cancel);
     Ok(0)
 }
 

@@ -138,10 +138,9 @@ pub fn fetch(rt: &tokio::runtime::Runtime, target: &Target) -> Result<Artifact, 
     if let Some(want) = target.reference.digest()
         && want != manifest_digest
     {
-        return Err(RemoteError::Corrupt {
+        return Err(RemoteError::CorruptManifest {
             reference: target.shown.clone(),
-            digest: want.to_string(),
-            detail: format!("the registry sent a manifest with digest {manifest_digest}"),
+            detail: format!("the registry sent one with digest {manifest_digest}"),
         });
     }
     let manifest = parse_manifest(target, &body)?;

@@ -81,6 +81,8 @@ pub enum RemoteError {
     NotFound { reference: String, detail: String },
     #[error("{reference} is not a cachefs layer: {detail}")]
     Foreign { reference: String, detail: String },
+    #[error("the manifest of {reference} is corrupt: {detail}; nothing was restored")]
+    CorruptManifest { reference: String, detail: String },
     #[error("blob {digest} of {reference} is corrupt: {detail}; nothing was restored")]
     Corrupt {
         reference: String,
@@ -140,9 +142,17 @@ pub fn parse_reference(reference: &str) -> Result<Reference, RemoteError> {
             "invalid registry reference {reference:?}: write it without a scheme (host[:port]/repository[:tag]); use --insecure for plain http"
         )));
     }
-    reference
-        .parse()
-        .map_err(|e| RemoteError::Usage(format!("invalid registry reference {reference:?}: {e}")))
+    let parsed: Reference = reference.parse().map_err(|e| {
+        RemoteError::Usage(format!("invalid registry reference {reference:?}: {e}"))
+    })?;
+    // The distribution spec's repository names are lowercase; a registry would refuse it later,
+    // after a DNS lookup of docker.io for a first component taken as a path.
+    if parsed.repository().bytes().any(|b| b.is_ascii_uppercase()) {
+        return Err(RemoteError::Usage(format!(
+            "invalid registry reference {reference:?}: repository names are lowercase"
+        )));
+    }
+    Ok(parsed)
 }
 
 impl Target {
@@ -299,6 +309,12 @@ fn classify(t: &Target, e: OciDistributionError) -> RemoteError {
                 }
             }
         }
+        // Only manifests reach here with a digest error (blobs are checked where they are
+        // fetched): the registry sent other bytes than the digest names.
+        OciDistributionError::DigestError(d) => RemoteError::CorruptManifest {
+            reference: t.shown.clone(),
+            detail: first_line(&d.to_string()),
+        },
         OciDistributionError::IoError(io) => RemoteError::Unreachable {
             registry,
             detail: io.to_string(),
@@ -465,7 +481,7 @@ mod tests {
         assert!(t.insecure);
         let t = Target::new("ghcr.io/o/c:t", &Connect::default()).unwrap();
         assert!(!t.insecure);
-        for bad in ["", "http://127.0.0.1:5000/a:b", "a:b:c:d"] {
+        for bad in ["", "http://127.0.0.1:5000/a:b", "a:b:c:d", "UPPER/x:t"] {
             let e = Target::new(bad, &Connect::default())
                 .err()
                 .unwrap()
