@@ -812,6 +812,25 @@ mod tests {
     }
 
     #[test]
+    fn registry_keys() {
+        let m = parse(
+            "target=/x,cache-from=ghcr.io/o/c:apt,cache-to=127.0.0.1:5000/c:apt,cache-to-when=changed",
+        );
+        assert_eq!(m.cache_from.as_deref(), Some("ghcr.io/o/c:apt"));
+        assert_eq!(m.cache_to.as_deref(), Some("127.0.0.1:5000/c:apt"));
+        assert!(m.cache_to_if_changed);
+        // Display writes them back.
+        assert_eq!(MountSpec::parse(&m.to_string()).unwrap(), m);
+        assert!(!parse("target=/x,cache-to=r/c:t,cache-to-when=always").cache_to_if_changed);
+        assert_eq!(
+            err("target=/x,cache-to-when=sometimes"),
+            "mount spec: invalid cache-to-when 'sometimes': expected always or changed"
+        );
+        assert!(err("target=/x,cache-from=").contains("empty value"));
+        assert!(err("target=/x,cache-to=a b").contains("expected a registry reference"));
+    }
+
+    #[test]
     fn unsupported_and_unknown() {
         assert_eq!(
             err("type=bind,target=/x"),
@@ -838,7 +857,7 @@ mod tests {
         assert!(err("target=/x,src=/sub").starts_with("mount spec: 'src' is not supported: "));
         assert_eq!(
             err("target=/x,foo=1"),
-            "mount spec: unknown key 'foo' (valid keys: type, id, target, dst, destination, sharing, uid, gid, mode, ro, readonly, rw, readwrite, lock-timeout, max-size, from)"
+            "mount spec: unknown key 'foo' (valid keys: type, id, target, dst, destination, sharing, uid, gid, mode, ro, readonly, rw, readwrite, lock-timeout, max-size, from, cache-from, cache-to, cache-to-when)"
         );
         assert!(err("target=/x,Size=1").contains("unknown key 'Size'"));
         assert_eq!(err("target=/x,id=a,id=b"), "mount spec: 'id' given twice");
