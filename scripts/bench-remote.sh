@@ -10,10 +10,11 @@
 # Figures, each the median of ROUNDS rounds (every round runs every variant in turn):
 #   1. Push of the stored layer into an empty registry, nothing known of earlier pushes
 #      (`push --layer`; the store's remote tables are emptied and the registry restarted on
-#      fresh storage before each run), against
+#      fresh storage before each run), so every chunk is built and uploaded, against
 #        - tar -C INST -cf - . | zstd -3 -T0 -q -o FILE      (pack the same tree)
 #        - curl -T BLOB (one PUT of a blob of SIZE_MB MiB into the same registry)
-#   2. Re-push of the unchanged cache to the same tag: time; blobs uploaded (must be 0).
+#   2. Re-push of the unchanged cache to the same tag (`cachefs push ID REF`: snapshot
+#      included): time; blobs uploaded (must be 0).
 #   3. Re-push after rewriting 10 random small files through a `cachefs run` mount (scattered
 #      over the tree, like new package versions): `cachefs push ID REF` (snapshot included):
 #      time, chunks uploaded (blobs uploaded less the index), bytes uploaded.
@@ -182,12 +183,11 @@ python3 "$ROOT/scripts/dataset.py" file "$WORK/blob.bin" "$BYTES" "$((SEED + 7))
 BLOB_DIGEST="sha256:$(sha256sum "$WORK/blob.bin" | cut -d' ' -f1)"
 LAYER=$("$CACHEFS" snapshot bench --quiet)
 log "layer $LAYER"
-cp -a "$STORE" "$WORK/store.pristine"    # the store before any push (no remote records)
 
 for r in $(seq 1 "$ROUNDS"); do
     log "round $r of $ROUNDS"
-    rm -rf "$STORE" "$WORK/pulled" "$WORK/x" "$WORK/base.tar.zst" "$WORK/dl.bin"
-    cp -a "$WORK/store.pristine" "$STORE"
+    rm -rf "$WORK/pulled" "$WORK/x" "$WORK/base.tar.zst" "$WORK/dl.bin"
+    forget_pushes "$STORE"    # nothing known of earlier pushes: every chunk is compressed
     read_all "$INST"
     start_registry
 

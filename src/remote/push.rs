@@ -138,7 +138,6 @@ impl Shared<'_> {
 
     /// Uploads a built blob, streaming it from its file.
     fn upload(&self, built: &Built) -> Result<(), RemoteError> {
-        let progress = self.progress.clone();
         self.handle
             .block_on(with_retries("upload blob", || {
                 let file = built.file.try_clone().and_then(|mut f| {
@@ -157,13 +156,12 @@ impl Shared<'_> {
                 }
             }))
             .map_err(|e| self.target.error(e))?;
-        progress.inc(0);
         Ok(())
     }
 
     /// Puts a built blob in the registry unless it is there: HEAD, mount, else upload.
-    fn place(&self, built: &Built, known_missing: bool) -> Result<Moved, RemoteError> {
-        if !known_missing && self.exists(&built.digest)? {
+    fn place(&self, built: &Built) -> Result<Moved, RemoteError> {
+        if self.exists(&built.digest)? {
             return Ok(Moved::Reused);
         }
         if self.try_mount(&built.digest) {
@@ -532,7 +530,7 @@ fn push_files(
     sh.built.fetch_add(1, Ordering::Relaxed);
     sh.store.set_remote_chunk(key, &built.digest, built.size)?;
     sh.check()?;
-    let moved = sh.place(&built, false)?;
+    let moved = sh.place(&built)?;
     sh.count(moved);
     sh.progress.inc(spec.bytes());
     Ok(vec![(i, describe(spec, built.digest.clone(), built.size))])
@@ -587,7 +585,7 @@ fn push_parts(
                     sh.store
                         .set_remote_chunk(&keys[idx[k]], &built.digest, built.size)?;
                     sh.check()?;
-                    let moved = sh.place(&built, false)?;
+                    let moved = sh.place(&built)?;
                     sh.count(moved);
                     sh.progress.inc(specs[k].3);
                     out[k] = Some(desc(k, built.digest.clone(), built.size));
