@@ -94,6 +94,7 @@ impl ChunkSpec {
                 out.push(1);
                 out.extend_from_slice(&(files.len() as u32).to_le_bytes());
                 for f in files {
+                    out.push(1);
                     put_bytes(out, &f.path);
                     out.extend_from_slice(&f.blob.0);
                     out.extend_from_slice(&f.size.to_le_bytes());
@@ -115,8 +116,9 @@ impl ChunkSpec {
         }
     }
 
-    /// The blake3 of this chunk's record: it names exactly the bytes of the chunk's tar (or
-    /// part) before compression. The `io.cachefs.chunk.digest` annotation.
+    /// The blake3 of this chunk's record with every file spelled out (the `0x01` form): it
+    /// names exactly the bytes of the chunk's tar (or part) before compression. The
+    /// `io.cachefs.chunk.digest` annotation.
     pub fn content_digest(&self) -> Digest {
         let mut b = Vec::new();
         self.encode_into(&mut b);
@@ -317,8 +319,37 @@ impl Plan {
             put_bytes(&mut out, bytes);
         }
         out.extend_from_slice(&(self.chunks.len() as u32).to_le_bytes());
+        // A file of the tree is written as its number in tree order: a chunk's record then
+        // costs a few bytes a file instead of its path and blake3 again.
+        let decoded = self.decoded();
+        let tree_files = files_of(self.root, &decoded);
+        let numbers: HashMap<&[u8], (u32, &FileRef)> = tree_files
+            .iter()
+            .enumerate()
+            .map(|(i, f)| (f.path.as_slice(), (i as u32, f)))
+            .collect();
         for c in &self.chunks {
-            c.encode_into(&mut out);
+            let ChunkSpec::Files(files) = c else {
+                c.encode_into(&mut out);
+                continue;
+            };
+            out.push(1);
+            out.extend_from_slice(&(files.len() as u32).to_le_bytes());
+            for f in files {
+                match numbers.get(f.path.as_slice()) {
+                    Some((i, t)) if *t == f => {
+                        out.push(0);
+                        out.extend_from_slice(&i.to_le_bytes());
+                    }
+                    _ => {
+                        out.push(1);
+                        put_bytes(&mut out, &f.path);
+                        out.extend_from_slice(&f.blob.0);
+                        out.extend_from_slice(&f.size.to_le_bytes());
+                        out.extend_from_slice(&f.mode.to_le_bytes());
+                    }
+                }
+            }
         }
         out
     }
@@ -366,6 +397,9 @@ impl Plan {
         if reached.len() != decoded.len() {
             return Err("it holds tree objects its root does not reach".into());
         }
+        let tree_files = files_of(root, &decoded);
+        let by_path: HashMap<&[u8], &FileRef> =
+            tree_files.iter().map(|f| (f.path.as_slice(), f)).collect();
         let n = r.u32()? as usize;
         let mut chunks = Vec::with_capacity(n.min(1 << 16));
         for _ in 0..n {
@@ -375,11 +409,29 @@ impl Plan {
                     let mut files = Vec::with_capacity(k.min(1 << 16));
                     let mut paths = HashSet::new();
                     for _ in 0..k {
-                        let f = FileRef {
-                            path: clean_path(r.bytes()?)?,
-                            blob: Digest(r.array()?),
-                            size: r.u64()?,
-                            mode: r.u32()?,
+                        let f = match r.u8()? {
+                            0 => {
+                                let i = r.u32()? as usize;
+                                tree_files.get(i).cloned().ok_or_else(|| {
+                                    format!("a chunk names file number {i} of {}", tree_files.len())
+                                })?
+                            }
+                            1 => {
+                                let f = FileRef {
+                                    path: clean_path(r.bytes()?)?,
+                                    blob: Digest(r.array()?),
+                                    size: r.u64()?,
+                                    mode: r.u32()?,
+                                };
+                                if by_path.get(f.path.as_slice()) == Some(&&f) {
+                                    return Err(
+                                        "a chunk spells out a file of the tree (not canonical)"
+                                            .into(),
+                                    );
+                                }
+                                f
+                            }
+                            t => return Err(format!("unknown file record {t}")),
                         };
                         if !paths.insert(f.path.clone()) {
                             return Err("a chunk lists one path twice".into());
@@ -819,6 +871,25 @@ mod tests {
             }
         }
         assert!(Plan::decode_index(&bad.encode_index()).is_err());
+    }
+
+    #[test]
+    fn files_of_the_tree_are_numbered_and_stale_ones_spelled_out() {
+        let (first, _) = plan_of(&sample(), None);
+        let mut files = sample();
+        change(&mut files, &["d03/f007"]);
+        let (plan, reuse) = plan_of(&files, Some(&as_base(&first)));
+        assert!(reuse.iter().any(|r| r.is_some()));
+        let bytes = plan.encode_index();
+        // The kept chunk carrying the old d03/f007 spells it out; it decodes back the same.
+        assert_eq!(Plan::decode_index(&bytes).unwrap(), plan);
+        // About 5 bytes per file in chunk records, on top of the trees.
+        let trees: usize = plan.trees.values().map(|t| t.len() + 4).sum();
+        let records = bytes.len() - 16 - 32 - 4 - trees;
+        assert!(
+            records < 2001 * 5 + 2 * 80 + plan.chunks.len() * 64,
+            "{records} bytes of records"
+        );
     }
 
     #[test]
