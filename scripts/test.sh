@@ -42,6 +42,8 @@ fi
 if cargo clippy --version >/dev/null 2>&1; then
     step "cargo clippy --all-targets -- -D warnings"
     cargo clippy --all-targets -- -D warnings
+    step "cargo clippy --no-default-features --all-targets -- -D warnings (no registry support)"
+    cargo clippy --no-default-features --all-targets -- -D warnings
 else
     step "skipping cargo clippy (not installed: rustup component add clippy)"
 fi

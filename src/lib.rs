@@ -9,6 +9,7 @@ pub mod evict;
 pub mod fs;
 pub mod layer;
 pub mod lease;
+#[cfg(feature = "registry")]
 pub mod remote;
 pub mod spec;
 pub mod store;

@@ -17,6 +17,7 @@
 //! Every command runs with DOCKER_CONFIG pointing at a directory of the test (empty unless the
 //! test writes a config.json) and without CACHEFS_REGISTRY_*, so the machine's own
 //! credentials never leak in; every command is bounded by a timeout.
+#![cfg(feature = "registry")]
 
 mod common;
 

@@ -247,6 +247,14 @@ pub fn print_error(msg: impl fmt::Display) {
     eprintln!("cachefs: {msg}");
 }
 
+/// The error of a registry command in a build without the `registry` feature.
+#[cfg(not(feature = "registry"))]
+pub(crate) fn no_registry() -> anyhow::Error {
+    usage(anyhow::anyhow!(
+        "this cachefs was built without registry support (cargo feature \"registry\")"
+    ))
+}
+
 /// Prints a one-line warning on stderr (cachefs goes on).
 pub fn print_warning(msg: impl fmt::Display) {
     eprintln!("cachefs: warning: {msg}");

@@ -10,9 +10,13 @@ use std::sync::atomic::AtomicI32;
 use anyhow::anyhow;
 
 use super::mounts::Planned;
-use super::{print_warning, usage};
-use crate::remote::{Connect, Target};
+use super::usage;
 use crate::store::{CacheId, Store};
+#[cfg(feature = "registry")]
+use {
+    super::print_warning,
+    crate::remote::{Connect, Target},
+};
 
 /// The registry options of `run` and `mount`.
 #[derive(Debug, Clone, Default, clap::Args)]
@@ -63,6 +67,7 @@ impl Flags {
         Ok(())
     }
 
+    #[cfg(feature = "registry")]
     fn connect(&self) -> Connect {
         Connect {
             insecure: self.insecure,
@@ -73,14 +78,22 @@ impl Flags {
 /// Checks the references of every mount before anything starts: a malformed one is a usage
 /// error (exit 2), unlike an unreachable one.
 pub(crate) fn check(plan: &[Planned]) -> anyhow::Result<()> {
-    for p in plan {
-        for r in [&p.spec.cache_from, &p.spec.cache_to].into_iter().flatten() {
-            crate::remote::parse_reference(r).map_err(|e| usage(anyhow!("{e}")))?;
-        }
+    let references = plan
+        .iter()
+        .flat_map(|p| [&p.spec.cache_from, &p.spec.cache_to])
+        .flatten();
+    #[cfg(feature = "registry")]
+    for r in references {
+        crate::remote::parse_reference(r).map_err(|e| usage(anyhow!("{e}")))?;
+    }
+    #[cfg(not(feature = "registry"))]
+    if references.count() > 0 {
+        return Err(super::no_registry());
     }
     Ok(())
 }
 
+#[cfg(feature = "registry")]
 /// Whether the cache has something in its most recently used instance.
 fn has_contents(store: &Store, id: &CacheId) -> bool {
     let Ok(Some(cache)) = store.get_cache(id) else {
@@ -93,6 +106,7 @@ fn has_contents(store: &Store, id: &CacheId) -> bool {
         .is_some_and(|i| !crate::layer::restore::is_empty_dir(&i.path).unwrap_or(true))
 }
 
+#[cfg(feature = "registry")]
 /// `cache-from=`: pulls the reference into the object store when the cache is empty and
 /// makes it the mount's `from=` layer, which the lease-holding seeding then restores.
 pub(crate) fn seed(
@@ -133,6 +147,7 @@ pub(crate) fn seed(
     Ok(Ok(()))
 }
 
+#[cfg(feature = "registry")]
 /// `cache-to=`: after the command succeeded, snapshots the instance each mount used and pushes
 /// it (with `cache-to-when=changed`, only when it differs from what the reference holds).
 /// Failures are warnings: the command's own result stands.
@@ -164,6 +179,7 @@ pub(crate) fn push_after(
     }
 }
 
+#[cfg(feature = "registry")]
 fn push_one(
     store: &Store,
     id: &CacheId,
@@ -209,4 +225,19 @@ fn push_one(
         Err(code) => return Err(anyhow!("interrupted (exit code {code})")),
     }
     Ok(())
+}
+
+/// Without registry support `check` refuses every reference first; these never act.
+#[cfg(not(feature = "registry"))]
+pub(crate) fn seed(
+    _: &Store,
+    _: &mut [Planned],
+    _: &Flags,
+    _: &AtomicI32,
+) -> anyhow::Result<Result<(), i32>> {
+    Ok(Ok(()))
+}
+
+#[cfg(not(feature = "registry"))]
+pub(crate) fn push_after(_: &Store, _: &[Planned], _: &[(CacheId, u32)], _: &Flags, _: &AtomicI32) {
 }
