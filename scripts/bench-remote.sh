@@ -286,6 +286,7 @@ for j in js.get("pull-changed", []):
     print(f"  chunks downloaded {j['chunks_downloaded']} of {j['chunks']}, {j['bytes_downloaded']} bytes")
 for j in js.get("push-cold", [])[:1]:
     print(f"artifact: {j['chunks']} chunks, {j['artifact_bytes']} bytes compressed")
+print("rounds (s): " + "; ".join(f"{k} " + " ".join(f"{t:.2f}" for t in v) for k, v in times.items()))
 print("peak RSS (MiB): " + ", ".join(f"{k} {max(v) / 1024:.0f}" for k, v in sorted(rss.items()) if k.startswith(("push", "pull"))))
 checks += [f"check: push-again uploaded {j['blobs_uploaded']} blobs" for j in js.get("push-again", []) if j["blobs_uploaded"] != 0]
 print("checks: " + ("all passed" if not checks else "; ".join(checks)))

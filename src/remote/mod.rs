@@ -17,6 +17,8 @@ pub mod pull;
 pub mod push;
 
 use std::future::Future;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use oci_client::errors::{OciDistributionError, OciErrorCode};
@@ -415,6 +417,49 @@ fn refused(e: &OciDistributionError) -> bool {
         return s.contains("refused") || s.contains("dns error") || s.contains("resolve");
     }
     false
+}
+
+/// Runs `work` on every item, [`CONCURRENCY`] threads taking them in order, and hands each
+/// result to `done`. The first error raises `stop` (the other threads finish the item in hand
+/// and take no more: `work` should check `stop` too) and is returned; an interruption only
+/// when nothing else failed.
+pub(crate) fn for_each_parallel<W: Send, R>(
+    items: Vec<W>,
+    stop: &AtomicBool,
+    work: impl Fn(W) -> Result<R, RemoteError> + Sync,
+    done: impl Fn(R) + Sync,
+) -> Result<(), RemoteError> {
+    let queue = Mutex::new(items.into_iter());
+    let first_error: Mutex<Option<RemoteError>> = Mutex::new(None);
+    std::thread::scope(|s| {
+        for _ in 0..CONCURRENCY {
+            s.spawn(|| {
+                loop {
+                    let next = queue.lock().ok().and_then(|mut q| q.next());
+                    let Some(w) = next else { break };
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    match work(w) {
+                        Ok(r) => done(r),
+                        Err(e) => {
+                            stop.store(true, Ordering::Relaxed);
+                            if let Ok(mut f) = first_error.lock()
+                                && (f.is_none() || matches!(*f, Some(RemoteError::Interrupted)))
+                            {
+                                *f = Some(e);
+                            }
+                            break;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    match first_error.into_inner().ok().flatten() {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
 }
 
 /// A small runtime for one transfer.

@@ -5,7 +5,6 @@
 
 use std::collections::HashSet;
 use std::io::{self, Read};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 
 use futures_util::StreamExt;
@@ -16,7 +15,7 @@ use sha2::{Digest as _, Sha256};
 use super::artifact::{Artifact, fetch};
 use super::chunk::{self, IngestError, PartAssembly};
 use super::plan::{ChunkSpec, Plan};
-use super::{CONCURRENCY, RemoteError, Target, sha256_hex, transient};
+use super::{RemoteError, Target, sha256_hex, transient};
 use crate::layer::progress::Progress;
 use crate::layer::{Digest, LayerError, ObjectKind, ObjectStore, TreeStats, tree_stats};
 
@@ -269,31 +268,14 @@ pub fn pull(
             _ => work.push(vec![i]),
         }
     }
-    let queue = Mutex::new(work.into_iter());
-    let first_error: Mutex<Option<RemoteError>> = Mutex::new(None);
-    std::thread::scope(|s| {
-        for _ in 0..CONCURRENCY {
-            s.spawn(|| {
-                loop {
-                    let next = queue.lock().ok().and_then(|mut q| q.next());
-                    let Some(w) = next else { break };
-                    if let Err(e) = shared.check().and_then(|_| pull_unit(&shared, &w)) {
-                        shared.abort.store(true, Ordering::Relaxed);
-                        if let Ok(mut f) = first_error.lock()
-                            && (f.is_none() || matches!(*f, Some(RemoteError::Interrupted)))
-                        {
-                            *f = Some(e);
-                        }
-                        break;
-                    }
-                }
-            });
-        }
-    });
+    let result = super::for_each_parallel(
+        work,
+        &shared.abort,
+        |w| shared.check().and_then(|_| pull_unit(&shared, &w)),
+        |_| {},
+    );
     shared.progress.finish();
-    if let Some(e) = first_error.into_inner().ok().flatten() {
-        return Err(e);
-    }
+    result?;
     // Every file of the layer must now be in the store (the index said which chunk carries
     // it; this is the check that they all did).
     if let Some(f) = files

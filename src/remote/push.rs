@@ -18,8 +18,8 @@ use super::chunk::{self, Built};
 use super::plan::{Base, ChunkSpec, Plan};
 use super::{
     ANN_BLOB, ANN_BYTES, ANN_DIGEST, ANN_FILES, ANN_PATH, ANN_RANGE, ANN_ROOT, ARTIFACT_TYPE,
-    CHUNK_ZSTD_LEVEL, CONCURRENCY, FILES_MEDIA_TYPE, INDEX_MEDIA_TYPE, MANIFEST_MEDIA_TYPE,
-    PART_MEDIA_TYPE, RemoteError, Target, sha256_digest, with_retries,
+    CHUNK_ZSTD_LEVEL, FILES_MEDIA_TYPE, INDEX_MEDIA_TYPE, MANIFEST_MEDIA_TYPE, PART_MEDIA_TYPE,
+    RemoteError, Target, sha256_digest, with_retries,
 };
 use crate::layer::progress::Progress;
 use crate::layer::{Digest, LayerError, ObjectStore, tree_stats};
@@ -348,50 +348,31 @@ pub fn push(
         built: AtomicU64::new(0),
     };
     let descs: Mutex<Vec<Option<Desc>>> = Mutex::new(vec![None; plan.chunks.len()]);
-    let queue = Mutex::new(work.into_iter());
-    let first_error: Mutex<Option<RemoteError>> = Mutex::new(None);
-
-    std::thread::scope(|s| {
-        for _ in 0..CONCURRENCY {
-            s.spawn(|| {
-                loop {
-                    let next = queue.lock().ok().and_then(|mut q| q.next());
-                    let Some(w) = next else { break };
-                    let res = shared.check().and_then(|_| match w {
-                        Work::Reused(i, ref digest, size) => {
-                            shared.count(Moved::Reused);
-                            shared.progress.inc(plan.chunks[i].bytes());
-                            Ok(vec![(i, describe(&plan.chunks[i], digest.clone(), size))])
-                        }
-                        Work::Files(i) => push_files(&shared, &plan, i, &keys[i]),
-                        Work::Parts(ref idx) => push_parts(&shared, &plan, idx, &keys),
-                    });
-                    match res {
-                        Ok(done) => {
-                            if let Ok(mut d) = descs.lock() {
-                                for (i, desc) in done {
-                                    d[i] = Some(desc);
-                                }
-                            }
-                        }
-                        Err(e) => {
-                            shared.abort.store(true, Ordering::Relaxed);
-                            if let Ok(mut f) = first_error.lock()
-                                && (f.is_none() || matches!(*f, Some(RemoteError::Interrupted)))
-                            {
-                                *f = Some(e);
-                            }
-                            break;
-                        }
-                    }
+    let result = super::for_each_parallel(
+        work,
+        &shared.abort,
+        |w| {
+            shared.check()?;
+            match w {
+                Work::Reused(i, digest, size) => {
+                    shared.count(Moved::Reused);
+                    shared.progress.inc(plan.chunks[i].bytes());
+                    Ok(vec![(i, describe(&plan.chunks[i], digest, size))])
                 }
-            });
-        }
-    });
+                Work::Files(i) => push_files(&shared, &plan, i, &keys[i]),
+                Work::Parts(idx) => push_parts(&shared, &plan, &idx, &keys),
+            }
+        },
+        |done| {
+            if let Ok(mut d) = descs.lock() {
+                for (i, desc) in done {
+                    d[i] = Some(desc);
+                }
+            }
+        },
+    );
     shared.progress.finish();
-    if let Some(e) = first_error.into_inner().ok().flatten() {
-        return Err(e);
-    }
+    result?;
     let descs: Vec<Desc> = descs
         .into_inner()
         .unwrap_or_default()
