@@ -114,6 +114,11 @@ mod imp {
         };
         let target =
             Target::new(&reference, &connect).map_err(|e| remote_failure(e, "cannot push"))?;
+        if target.reference.digest().is_some() {
+            return Err(usage(anyhow!(
+                "cannot push to {reference}: a push names a tag (host/repository:tag), not a digest"
+            )));
+        }
         let supervisor = Supervisor::start().context("cannot set up signal handling")?;
         let root = Store::resolve_root(global.store.as_deref())?;
         let store = Store::open(&root)?;

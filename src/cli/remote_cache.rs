@@ -86,6 +86,14 @@ pub(crate) fn check(plan: &[Planned]) -> anyhow::Result<()> {
     for r in references {
         crate::remote::parse_reference(r).map_err(|e| usage(anyhow!("{e}")))?;
     }
+    #[cfg(feature = "registry")]
+    for r in plan.iter().filter_map(|p| p.spec.cache_to.as_ref()) {
+        if crate::remote::parse_reference(r).is_ok_and(|p| p.digest().is_some()) {
+            return Err(usage(anyhow!(
+                "cache-to={r}: a push names a tag (host/repository:tag), not a digest"
+            )));
+        }
+    }
     #[cfg(not(feature = "registry"))]
     if references.count() > 0 {
         return Err(super::no_registry());

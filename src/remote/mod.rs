@@ -507,6 +507,53 @@ mod tests {
         assert_eq!(auth_detail("denied\nmore"), "denied");
     }
 
+    fn server_error(code: u16) -> OciDistributionError {
+        OciDistributionError::ServerError {
+            code,
+            url: "http://r/v2/".into(),
+            message: String::new(),
+        }
+    }
+
+    #[test]
+    fn transient_errors_are_retried_with_backoff_and_others_are_not() {
+        let rt = runtime().unwrap();
+        // 503, 429 and 502, then success: four attempts, waiting 0.2 + 0.4 + 0.8 s.
+        let calls = std::sync::atomic::AtomicU32::new(0);
+        let started = std::time::Instant::now();
+        let r = rt.block_on(with_retries("test", || {
+            let n = calls.fetch_add(1, Ordering::Relaxed);
+            async move {
+                match n {
+                    0 => Err(server_error(503)),
+                    1 => Err(server_error(429)),
+                    2 => Err(server_error(502)),
+                    _ => Ok(n),
+                }
+            }
+        }));
+        assert_eq!(r.unwrap(), 3);
+        assert!(started.elapsed() >= Duration::from_millis(1400));
+        // A 404 or 401 is final at once.
+        for code in [404, 401] {
+            let calls = std::sync::atomic::AtomicU32::new(0);
+            let r: Result<(), _> = rt.block_on(with_retries("test", || {
+                calls.fetch_add(1, Ordering::Relaxed);
+                async { Err(server_error(code)) }
+            }));
+            assert!(r.is_err());
+            assert_eq!(calls.load(Ordering::Relaxed), 1);
+        }
+        // A registry that stays down: ATTEMPTS tries, then the error.
+        let calls = std::sync::atomic::AtomicU32::new(0);
+        let r: Result<(), _> = rt.block_on(with_retries("test", || {
+            calls.fetch_add(1, Ordering::Relaxed);
+            async { Err(server_error(500)) }
+        }));
+        assert!(r.is_err());
+        assert_eq!(calls.load(Ordering::Relaxed), ATTEMPTS);
+    }
+
     #[test]
     fn loopback_hosts_imply_plain_http() {
         assert!(is_loopback("127.0.0.1:5000"));
