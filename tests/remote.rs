@@ -29,18 +29,19 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsStr;
 use std::fs;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt, symlink};
+use std::os::unix::fs::{PermissionsExt, symlink};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use common::registry::{self, Registry, free_port, sha256_digest};
-use common::{CliEnv, content, hash_file, mkfifo, output_with_timeout, spec, stderr_of, stdout_of};
+use common::registry::{Registry, free_port, sha256_digest};
+use common::remote::{
+    Meta, assert_fails, assert_nothing_restored, assert_same_tree, cfs, cfs_with, code, exec,
+    instance_dir, json_of, layers, ok, scan, try_instance_dir, write_docker_config,
+};
+use common::{CliEnv, content, hash_file, mkfifo, spec, stderr_of, stdout_of};
 use serde_json::{Value, json};
-
-/// Bound on one cachefs command.
-const CMD_T: Duration = Duration::from_secs(120);
 
 const ARTIFACT_TYPE: &str = "application/vnd.cachefs.layer.v1";
 const INDEX_MEDIA_TYPE: &str = "application/vnd.cachefs.index.v1+zstd";
@@ -53,81 +54,9 @@ const MIB: usize = 1 << 20;
 // Running the binary with a clean registry environment
 // ---------------------------------------------------------------------------------------------
 
-/// The DOCKER_CONFIG directory of `env`'s commands (created empty; a test may put a
-/// config.json in it).
-fn docker_config(env: &CliEnv) -> PathBuf {
-    let d = env.path("docker-config");
-    fs::create_dir_all(&d).unwrap();
-    d
-}
-
-/// Runs `c` (a command from `env.cmd()` or `env.run_cmd()`) with DOCKER_CONFIG set to the
-/// test's own directory, no CACHEFS_REGISTRY_*, then `vars`; bounded by [`CMD_T`].
-fn exec(env: &CliEnv, mut c: Command, vars: &[(&str, &str)]) -> Output {
-    c.env("DOCKER_CONFIG", docker_config(env))
-        .env_remove("CACHEFS_REGISTRY_USER")
-        .env_remove("CACHEFS_REGISTRY_PASSWORD");
-    for (k, v) in vars {
-        c.env(k, v);
-    }
-    output_with_timeout(c, CMD_T)
-}
-
-/// `cachefs --store S ARGS...`
-fn cfs(env: &CliEnv, args: &[&str]) -> Output {
-    cfs_with(env, args, &[])
-}
-
-/// `cachefs --store S ARGS...` with extra environment variables.
-fn cfs_with(env: &CliEnv, args: &[&str], vars: &[(&str, &str)]) -> Output {
-    let mut c = env.cmd();
-    c.args(args);
-    exec(env, c, vars)
-}
-
 /// `cachefs --store S run EXTRA... --mount SPEC... -- sh -c SCRIPT`
 fn run_sh(env: &CliEnv, extra: &[&str], specs: &[String], script: &str) -> Output {
     exec(env, env.run_cmd(extra, specs, &["sh", "-c", script]), &[])
-}
-
-fn code(out: &Output) -> i32 {
-    out.status
-        .code()
-        .unwrap_or_else(|| panic!("cachefs itself died: {:?}\n{}", out.status, stderr_of(out)))
-}
-
-/// Asserts exit 0; returns stdout.
-#[track_caller]
-fn ok(out: &Output, what: &str) -> String {
-    assert_eq!(
-        code(out),
-        0,
-        "{what}\nstdout: {}\nstderr: {}",
-        stdout_of(out),
-        stderr_of(out)
-    );
-    stdout_of(out)
-}
-
-#[track_caller]
-fn json_of(out: &Output, what: &str) -> Value {
-    let text = ok(out, what);
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{what}: not JSON ({e}): {text}"))
-}
-
-/// Asserts a failure with exit `expect`: exactly one line on stderr, starting `cachefs: ` and
-/// containing every `mention`; nothing on stdout. Returns the line.
-#[track_caller]
-fn assert_fails(out: &Output, expect: i32, mentions: &[&str]) -> String {
-    let err = stderr_of(out);
-    assert_eq!(code(out), expect, "exit code; stderr: {err}");
-    assert_eq!(stdout_of(out), "", "stdout of a failure (stderr: {err})");
-    assert_eq!(err.lines().count(), 1, "one line on stderr: {err:?}");
-    assert!(err.starts_with("cachefs: "), "{err}");
-    for m in mentions {
-        assert!(err.contains(m), "{err:?} does not mention {m:?}");
-    }
-    err
 }
 
 fn num(v: &Value, k: &str) -> u64 {
@@ -182,21 +111,6 @@ fn unique(prefix: &str) -> String {
     format!("{prefix}{}", N.fetch_add(1, Ordering::Relaxed))
 }
 
-/// The directory of instance 1 of cache `id`, or `None` when the cache does not exist.
-fn try_instance_dir(env: &CliEnv, id: &str) -> Option<PathBuf> {
-    let out = cfs(env, &["inspect", "--json", id]);
-    if code(&out) != 0 {
-        return None;
-    }
-    let v: Value = serde_json::from_slice(&out.stdout).expect("inspect --json");
-    v["instances"][0]["path"].as_str().map(PathBuf::from)
-}
-
-#[track_caller]
-fn instance_dir(env: &CliEnv, id: &str) -> PathBuf {
-    try_instance_dir(env, id).unwrap_or_else(|| panic!("cache {id} has no instance"))
-}
-
 /// A new, empty cache made by a `cachefs run` that does nothing; returns its instance
 /// directory, which the test then writes into directly (nothing mounts it).
 #[track_caller]
@@ -204,14 +118,6 @@ fn new_cache(env: &CliEnv, id: &str) -> PathBuf {
     let t = env.path(&unique("t-"));
     ok(&run_sh(env, &[], &[spec(id, &t, "")], "true"), "create");
     instance_dir(env, id)
-}
-
-/// `cachefs layers --json` as a list.
-fn layers(env: &CliEnv) -> Vec<Value> {
-    match json_of(&cfs(env, &["layers", "--json"]), "layers") {
-        Value::Array(v) => v,
-        v => panic!("layers --json is not a list: {v}"),
-    }
 }
 
 /// The manifest `repo:tag` (or `repo@digest`) holds, read with the harness's own client.
@@ -326,118 +232,6 @@ fn build_rich_tree(root: &Path) {
 
 /// The directory holding the big file (not UTF-8).
 const BIG_DIR: &[u8] = b"big\xff dir";
-
-/// A name or path as raw bytes.
-type Name = Vec<u8>;
-
-/// What a tree holds at one path.
-#[derive(Clone, Debug, PartialEq, Eq)]
-enum Meta {
-    File { mode: u32, len: u64, hash: String },
-    Dir { mode: u32 },
-    Link(Name),
-    Fifo { mode: u32 },
-    Other { mode: u32 },
-}
-
-/// Every path below `root` (not following symlinks) with its kind, permission bits (with
-/// setuid/setgid/sticky), contents and symlink target.
-fn scan(root: &Path) -> BTreeMap<Name, Meta> {
-    fn walk(dir: &Path, prefix: &[u8], out: &mut BTreeMap<Name, Meta>) {
-        for e in fs::read_dir(dir).unwrap_or_else(|e| panic!("read_dir {}: {e}", dir.display())) {
-            let e = e.unwrap();
-            let mut rel = prefix.to_vec();
-            if !rel.is_empty() {
-                rel.push(b'/');
-            }
-            rel.extend_from_slice(e.file_name().as_bytes());
-            let p = e.path();
-            let md = fs::symlink_metadata(&p).unwrap();
-            let mode = md.mode() & 0o7777;
-            let ft = md.file_type();
-            let m = if ft.is_file() {
-                let (h, len) = hash_file(&p);
-                Meta::File {
-                    mode,
-                    len,
-                    hash: h.to_hex().to_string(),
-                }
-            } else if ft.is_dir() {
-                walk(&p, &rel, out);
-                Meta::Dir { mode }
-            } else if ft.is_symlink() {
-                Meta::Link(fs::read_link(&p).unwrap().as_os_str().as_bytes().to_vec())
-            } else if ft.is_fifo() {
-                Meta::Fifo { mode }
-            } else {
-                Meta::Other { mode }
-            };
-            out.insert(rel, m);
-        }
-    }
-    let mut out = BTreeMap::new();
-    walk(root, b"", &mut out);
-    out
-}
-
-/// What a layer keeps of `m`: setuid and setgid are not recorded (docs/LAYER-FORMAT.md).
-fn as_layered(m: Meta) -> Meta {
-    match m {
-        Meta::File { mode, len, hash } => Meta::File {
-            mode: mode & 0o1777,
-            len,
-            hash,
-        },
-        Meta::Dir { mode } => Meta::Dir {
-            mode: mode & 0o1777,
-        },
-        Meta::Fifo { mode } => Meta::Fifo {
-            mode: mode & 0o1777,
-        },
-        m => m,
-    }
-}
-
-/// Asserts the tree at `got` is what a layer of the tree at `want` restores: the same
-/// entries, kinds, modes (less setuid/setgid), contents and symlink targets. Names the
-/// first paths that differ.
-#[track_caller]
-fn assert_same_tree(got: &Path, want: &Path) {
-    let g = scan(got);
-    let w: BTreeMap<Name, Meta> = scan(want)
-        .into_iter()
-        .map(|(p, m)| (p, as_layered(m)))
-        .collect();
-    if g == w {
-        return;
-    }
-    let mut diffs = Vec::new();
-    for (p, m) in &w {
-        match g.get(p) {
-            None => diffs.push(format!(
-                "missing {:?} ({m:?})",
-                p.escape_ascii().to_string()
-            )),
-            Some(x) if x != m => diffs.push(format!(
-                "{:?}: got {x:?}, want {m:?}",
-                p.escape_ascii().to_string()
-            )),
-            _ => {}
-        }
-    }
-    for (p, x) in &g {
-        if !w.contains_key(p) {
-            diffs.push(format!("extra {:?} ({x:?})", p.escape_ascii().to_string()));
-        }
-    }
-    diffs.truncate(20);
-    panic!(
-        "{} differs from {}:\n  {}",
-        got.display(),
-        want.display(),
-        diffs.join("\n  ")
-    );
-}
 
 /// `n` directories `dNN`, each with a file `f.bin` of `size` bytes (seeded by `salt`) and a
 /// file `same` whose contents are the same everywhere (so several chunks carry one blob).
@@ -976,18 +770,6 @@ fn a_push_to_another_repository_mounts_the_blobs() {
 // Failures: one line, nothing restored
 // ---------------------------------------------------------------------------------------------
 
-/// Cache `id` does not exist or is empty, and no layer is recorded.
-#[track_caller]
-fn assert_nothing_restored(env: &CliEnv, id: &str) {
-    if let Some(dir) = try_instance_dir(env, id) {
-        let left: Vec<_> = fs::read_dir(&dir)
-            .map(|rd| rd.flatten().map(|e| e.file_name()).collect())
-            .unwrap_or_default();
-        assert!(left.is_empty(), "cache {id} holds {left:?}");
-    }
-    assert_eq!(layers(env), Vec::<Value>::new(), "no layer is recorded");
-}
-
 /// Changes a stored manifest so that it is still valid JSON the registry serves (the
 /// registry parses a manifest before serving it) but no longer has its digest: the first
 /// digit of its layer-bytes annotation changes.
@@ -1175,13 +957,7 @@ fn credentials_come_from_the_environment_or_docker_config() {
 
     // From $DOCKER_CONFIG/config.json (auths), both ways.
     let c = CliEnv::new();
-    let auth = registry::base64(format!("{}:{}", Registry::USER, Registry::PASSWORD).as_bytes());
-    let config = json!({ "auths": { reg.host(): { "auth": auth } } });
-    fs::write(
-        docker_config(&c).join("config.json"),
-        serde_json::to_vec(&config).unwrap(),
-    )
-    .unwrap();
+    write_docker_config(&c, &reg.host(), Registry::USER, Registry::PASSWORD);
     let pulled = pull(&c, &reference, Some("c"));
     assert_eq!(pulled["layer"], pushed["layer"]);
     assert_same_tree(&instance_dir(&c, "c"), &src);
@@ -1190,13 +966,7 @@ fn credentials_come_from_the_environment_or_docker_config() {
 
     // A wrong password in config.json is refused like any other.
     let d = CliEnv::new();
-    let auth = registry::base64(format!("{}:nope", Registry::USER).as_bytes());
-    let config = json!({ "auths": { reg.host(): { "auth": auth } } });
-    fs::write(
-        docker_config(&d).join("config.json"),
-        serde_json::to_vec(&config).unwrap(),
-    )
-    .unwrap();
+    write_docker_config(&d, &reg.host(), Registry::USER, "nope");
     assert_fails(&cfs(&d, &pull_args), 1, &["refused access"]);
 }
 

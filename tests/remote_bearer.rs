@@ -21,25 +21,23 @@
 
 mod common;
 
-use std::collections::BTreeMap;
-use std::fs;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::PathBuf;
+use std::process::Output;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use common::registry::{self, Registry};
-use common::{CliEnv, hash_file, output_with_timeout, spec, stderr_of, stdout_of};
+use common::remote::{
+    assert_fails, assert_nothing_restored, assert_same_tree, cfs, cfs_with, code, exec,
+    instance_dir, write_docker_config,
+};
+use common::{CliEnv, spec, stderr_of, stdout_of};
 use serde_json::{Value, json};
 
-/// Bound on one cachefs command.
-const CMD_T: Duration = Duration::from_secs(120);
 /// The only credentials the proxy's token endpoint accepts.
 const USER: &str = "bearer-user";
 const PASSWORD: &str = "bearer-s3cret";
@@ -47,7 +45,8 @@ const PASSWORD: &str = "bearer-s3cret";
 const SERVICE: &str = "cachefs-test";
 /// Longest request head the proxy reads.
 const MAX_HEAD: usize = 64 * 1024;
-/// Bound on every read and write of the proxy (cachefs's commands are bounded by [`CMD_T`]).
+/// Bound on every read and write of the proxy (cachefs's commands are bounded by
+/// [`common::remote::CMD_T`]).
 const PROXY_IO_T: Duration = Duration::from_secs(120);
 
 // ---------------------------------------------------------------------------------------------
@@ -550,44 +549,11 @@ fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
 // Running the binary with a clean registry environment
 // ---------------------------------------------------------------------------------------------
 
-/// The DOCKER_CONFIG directory of `env`'s commands (created empty; a test may put a
-/// config.json in it).
-fn docker_config(env: &CliEnv) -> PathBuf {
-    let d = env.path("docker-config");
-    fs::create_dir_all(&d).unwrap();
-    d
-}
-
-/// Runs `c` with DOCKER_CONFIG set to the test's own directory, no CACHEFS_REGISTRY_*, then
-/// `vars`; bounded by [`CMD_T`].
-fn exec(env: &CliEnv, mut c: Command, vars: &[(&str, &str)]) -> Output {
-    c.env("DOCKER_CONFIG", docker_config(env))
-        .env_remove("CACHEFS_REGISTRY_USER")
-        .env_remove("CACHEFS_REGISTRY_PASSWORD");
-    for (k, v) in vars {
-        c.env(k, v);
-    }
-    output_with_timeout(c, CMD_T)
-}
-
-/// `cachefs --store S ARGS...` with extra environment variables.
-fn cfs(env: &CliEnv, args: &[&str], vars: &[(&str, &str)]) -> Output {
-    let mut c = env.cmd();
-    c.args(args);
-    exec(env, c, vars)
-}
-
 fn good_env() -> [(&'static str, &'static str); 2] {
     [
         ("CACHEFS_REGISTRY_USER", USER),
         ("CACHEFS_REGISTRY_PASSWORD", PASSWORD),
     ]
-}
-
-fn code(out: &Output) -> i32 {
-    out.status
-        .code()
-        .unwrap_or_else(|| panic!("cachefs itself died: {:?}\n{}", out.status, stderr_of(out)))
 }
 
 /// Asserts exit 0 and parses stdout as JSON.
@@ -605,18 +571,10 @@ fn json_of(out: &Output, what: &str, proxy: &TokenProxy) -> Value {
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{what}: not JSON ({e}): {text}"))
 }
 
-/// Asserts a failure with exit 1: exactly one line on stderr, starting `cachefs: ` and
-/// containing every `mention`; nothing on stdout. Returns the line.
+/// [`assert_fails`] with exit 1.
 #[track_caller]
 fn assert_refused(out: &Output, mentions: &[&str]) -> String {
-    let err = stderr_of(out);
-    assert_eq!(code(out), 1, "exit code; stderr: {err}");
-    assert_eq!(stdout_of(out), "", "stdout of a failure (stderr: {err})");
-    assert_eq!(err.lines().count(), 1, "one line on stderr: {err:?}");
-    assert!(err.starts_with("cachefs: "), "{err}");
-    for m in mentions {
-        assert!(err.contains(m), "{err:?} does not mention {m:?}");
-    }
+    let err = assert_fails(out, 1, mentions);
     // Shown with --nocapture, for whoever reads the wording.
     eprintln!("refused as expected: {}", err.trim_end());
     err
@@ -632,7 +590,7 @@ fn push(
     vars: &[(&str, &str)],
 ) -> Value {
     let v = json_of(
-        &cfs(env, &["push", id, reference, "--json"], vars),
+        &cfs_with(env, &["push", id, reference, "--json"], vars),
         &format!("push {id} {reference}"),
         proxy,
     );
@@ -651,27 +609,12 @@ fn pull(
     vars: &[(&str, &str)],
 ) -> Value {
     let v = json_of(
-        &cfs(env, &["pull", reference, "--into", id, "--json"], vars),
+        &cfs_with(env, &["pull", reference, "--into", id, "--json"], vars),
         &format!("pull {reference} --into {id}"),
         proxy,
     );
     assert_eq!(v["reference"], reference, "{v}");
     v
-}
-
-/// The directory of instance 1 of cache `id`, or `None` when the cache does not exist.
-fn try_instance_dir(env: &CliEnv, id: &str) -> Option<PathBuf> {
-    let out = cfs(env, &["inspect", "--json", id], &[]);
-    if code(&out) != 0 {
-        return None;
-    }
-    let v: Value = serde_json::from_slice(&out.stdout).expect("inspect --json");
-    v["instances"][0]["path"].as_str().map(PathBuf::from)
-}
-
-#[track_caller]
-fn instance_dir(env: &CliEnv, id: &str) -> PathBuf {
-    try_instance_dir(env, id).unwrap_or_else(|| panic!("cache {id} has no instance"))
 }
 
 /// Cache `id`, filled by a `cachefs run` through its mount: nested directories, files of a few
@@ -694,71 +637,6 @@ fn filled_cache(env: &CliEnv, id: &str) -> PathBuf {
     );
     assert_eq!(code(&out), 0, "fill {id}: {}", stderr_of(&out));
     instance_dir(env, id)
-}
-
-/// Every path below `root` with its kind, permission bits, content hash and symlink target.
-fn scan(root: &Path) -> BTreeMap<Vec<u8>, String> {
-    fn walk(dir: &Path, prefix: &[u8], out: &mut BTreeMap<Vec<u8>, String>) {
-        for e in fs::read_dir(dir).unwrap_or_else(|e| panic!("read_dir {}: {e}", dir.display())) {
-            let e = e.unwrap();
-            let mut rel = prefix.to_vec();
-            if !rel.is_empty() {
-                rel.push(b'/');
-            }
-            rel.extend_from_slice(e.file_name().as_bytes());
-            let p = e.path();
-            let md = fs::symlink_metadata(&p).unwrap();
-            let mode = md.mode() & 0o1777;
-            let ft = md.file_type();
-            let what = if ft.is_file() {
-                let (h, len) = hash_file(&p);
-                format!("file {mode:o} {len} {}", h.to_hex())
-            } else if ft.is_dir() {
-                walk(&p, &rel, out);
-                format!("dir {mode:o}")
-            } else if ft.is_symlink() {
-                format!("link {:?}", fs::read_link(&p).unwrap())
-            } else {
-                format!("other {:o}", md.mode())
-            };
-            out.insert(rel, what);
-        }
-    }
-    let mut out = BTreeMap::new();
-    walk(root, b"", &mut out);
-    out
-}
-
-#[track_caller]
-fn assert_same_tree(got: &Path, want: &Path) {
-    let (g, w) = (scan(got), scan(want));
-    assert!(!w.is_empty(), "{} is empty", want.display());
-    assert_eq!(g, w, "{} vs {}", got.display(), want.display());
-}
-
-/// The cache is absent or empty and the store records no layer.
-#[track_caller]
-fn assert_nothing_restored(env: &CliEnv, id: &str) {
-    if let Some(dir) = try_instance_dir(env, id) {
-        let left: Vec<_> = fs::read_dir(&dir)
-            .map(|rd| rd.flatten().map(|e| e.file_name()).collect())
-            .unwrap_or_default();
-        assert!(left.is_empty(), "cache {id} holds {left:?}");
-    }
-    let out = cfs(env, &["layers", "--json"], &[]);
-    assert_eq!(code(&out), 0, "layers: {}", stderr_of(&out));
-    let layers: Value = serde_json::from_slice(&out.stdout).expect("layers --json");
-    assert_eq!(layers, json!([]), "no layer is recorded");
-}
-
-fn write_docker_config(env: &CliEnv, host: &str, user: &str, password: &str) {
-    let auth = registry::base64(format!("{user}:{password}").as_bytes());
-    let config = json!({ "auths": { host: { "auth": auth } } });
-    fs::write(
-        docker_config(env).join("config.json"),
-        serde_json::to_vec(&config).unwrap(),
-    )
-    .unwrap();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -917,22 +795,22 @@ fn a_wrong_password_or_none_is_refused_in_one_line() {
     let a = CliEnv::new();
     let src = filled_cache(&a, "c");
     let push_args = ["push", "c", reference.as_str()];
-    let line = assert_refused(&cfs(&a, &push_args, &wrong), &["refused access"]);
+    let line = assert_refused(&cfs_with(&a, &push_args, &wrong), &["refused access"]);
     assert!(line.contains("team/caches"), "{line}");
     assert!(
         proxy.tokens().iter().any(|t| t.basic && !t.granted),
         "{}",
         proxy.log()
     );
-    assert_refused(&cfs(&a, &push_args, &[]), &["refused access"]);
+    assert_refused(&cfs(&a, &push_args), &["refused access"]);
     assert_eq!(reg.blob_count(), 0, "a refused push left blobs");
 
     // Pulls of a tag that exists: the same.
     push(&a, &proxy, "c", &reference, &good_env());
     let b = CliEnv::new();
     let pull_args = ["pull", reference.as_str(), "--into", "c"];
-    assert_refused(&cfs(&b, &pull_args, &wrong), &["refused access"]);
-    assert_refused(&cfs(&b, &pull_args, &[]), &["refused access"]);
+    assert_refused(&cfs_with(&b, &pull_args, &wrong), &["refused access"]);
+    assert_refused(&cfs(&b, &pull_args), &["refused access"]);
     assert_nothing_restored(&b, "c");
     pull(&b, &proxy, &reference, "c", &good_env());
     assert_same_tree(&instance_dir(&b, "c"), &src);
@@ -966,7 +844,7 @@ fn credentials_from_docker_config_work() {
     let d = CliEnv::new();
     write_docker_config(&d, &proxy.host(), USER, "nope");
     assert_refused(
-        &cfs(&d, &["pull", &reference, "--into", "c"], &[]),
+        &cfs(&d, &["pull", &reference, "--into", "c"]),
         &["refused access"],
     );
     assert_nothing_restored(&d, "c");

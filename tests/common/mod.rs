@@ -11,6 +11,7 @@
 #![allow(dead_code)]
 
 pub mod registry;
+pub mod remote;
 
 use std::ffi::{CString, OsStr};
 use std::fs;
