@@ -764,6 +764,14 @@ fn a_push_to_another_repository_mounts_the_blobs() {
     let pulled = pull(&b, &reg.reference("repo-b:t"), Some("c"));
     assert_eq!(pulled["layer"], first["layer"]);
     assert_same_tree(&instance_dir(&b, "c"), &src);
+
+    // Another store that pulled from repo-b mounts from there: it builds the same chunks
+    // (same bytes, so same digests) and learned from its pull where they are.
+    let third = push(&b, "c", &reg.reference("repo-c:t"));
+    assert_eq!(num(&third, "blobs_uploaded"), 0, "{third}");
+    assert_eq!(num(&third, "blobs_mounted"), blobs, "{third}");
+    assert_eq!(third["manifest_digest"], first["manifest_digest"]);
+    assert_eq!(reg.blob_digests(), before);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -194,6 +194,12 @@ mod imp {
         };
         // The blobs must be on disk before a record points at them.
         objects.sync()?;
+        // A push of this cache to another repository of the registry can mount them from here.
+        if let Err(e) =
+            store.note_remote_blobs(target.registry(), target.repository(), &report.blobs)
+        {
+            tracing::warn!(error = %e, "cannot remember where the blobs were pulled from");
+        }
         let s = report.stats;
         store.record_layer(
             &NewLayer {

@@ -36,6 +36,9 @@ pub struct PullReport {
     pub bytes_stored: u64,
     #[serde(flatten)]
     pub stats: TreeStats,
+    /// The artifact's blobs (index and chunks), for later cross-repository mounts.
+    #[serde(skip)]
+    pub blobs: Vec<String>,
 }
 
 pub struct PullOptions<'a> {
@@ -228,11 +231,13 @@ pub fn pull(
     let rt = super::runtime()?;
     let Artifact {
         manifest_digest,
+        manifest,
         plan,
         layers,
         index_size,
-        ..
     } = fetch(&rt, target)?;
+    let mut blobs: Vec<String> = layers.iter().map(|(_, d, _)| d.clone()).collect();
+    blobs.push(manifest.index.0.clone());
     let decoded = plan.decoded();
     // Trees are small: store them all now (each is named by its own hash).
     for t in decoded.values() {
@@ -300,6 +305,7 @@ pub fn pull(
         blobs_stored: shared.blobs_stored.load(Ordering::Relaxed),
         bytes_stored: shared.bytes_stored.load(Ordering::Relaxed),
         stats,
+        blobs,
     })
 }
 
