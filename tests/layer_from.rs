@@ -5,19 +5,8 @@
 mod common;
 
 use std::fs;
-use std::process::Output;
 
-use common::{CliEnv, spec};
-
-fn ok(out: &Output, what: &str) -> String {
-    assert!(
-        out.status.success(),
-        "{what} failed ({:?}): {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
+use common::{CliEnv, ok, spec};
 
 /// A store with a layer tagged `seed` holding `a/x` ("seeded\n") and `y` (mode 0600).
 fn env_with_layer() -> CliEnv {

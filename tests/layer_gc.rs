@@ -6,20 +6,9 @@ mod common;
 use std::collections::BTreeSet;
 use std::fs;
 use std::path::Path;
-use std::process::Output;
 
-use common::{CliEnv, spec};
+use common::{CliEnv, ok, spec};
 use serde_json::Value;
-
-fn ok(out: &Output, what: &str) -> String {
-    assert!(
-        out.status.success(),
-        "{what} failed ({:?}): {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 /// Every object file name (kind/hex) in the store.
 fn objects(store: &Path) -> BTreeSet<String> {

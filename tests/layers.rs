@@ -44,54 +44,16 @@ const CMD_T: Duration = Duration::from_secs(180);
 // Running the binary
 // ---------------------------------------------------------------------------------------------
 
-fn code(out: &Output) -> i32 {
-    out.status
-        .code()
-        .unwrap_or_else(|| panic!("cachefs itself died: {:?}\n{}", out.status, stderr_of(out)))
-}
-
 fn cfs(env: &CliEnv, args: &[&str]) -> Output {
     let mut c = env.cmd();
     c.args(args);
     output_with_timeout(c, CMD_T)
 }
 
-/// Asserts exit 0; returns stdout.
-#[track_caller]
-fn ok(out: &Output, what: &str) -> String {
-    assert_eq!(
-        code(out),
-        0,
-        "{what}\nstdout: {}\nstderr: {}",
-        stdout_of(out),
-        stderr_of(out)
-    );
-    stdout_of(out)
-}
-
 #[track_caller]
 fn ok_json(env: &CliEnv, args: &[&str]) -> Value {
     let text = ok(&cfs(env, args), &format!("{args:?}"));
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{args:?}: not JSON ({e}): {text}"))
-}
-
-/// Asserts a failure with exit `expect` (any non-zero one when `None`): exactly one line on
-/// stderr, starting `cachefs: ` and containing every `mention`; nothing on stdout.
-#[track_caller]
-fn assert_fails(out: &Output, expect: Option<i32>, mentions: &[&str]) -> String {
-    let err = stderr_of(out);
-    let c = code(out);
-    match expect {
-        Some(e) => assert_eq!(c, e, "exit code; stderr: {err}"),
-        None => assert_ne!(c, 0, "should fail; stderr: {err}"),
-    }
-    assert_eq!(stdout_of(out), "", "stdout of a failure (stderr: {err})");
-    assert_eq!(err.lines().count(), 1, "one line on stderr: {err:?}");
-    assert!(err.starts_with("cachefs: "), "{err}");
-    for m in mentions {
-        assert!(err.contains(m), "{err:?} does not mention {m:?}");
-    }
-    err
 }
 
 /// `snapshot ID --json EXTRA...`, which must succeed.
@@ -1471,13 +1433,13 @@ fn damaged_objects_stop_a_restore_and_change_nothing() {
         damage(path, how);
         let fresh = format!("cor-fresh-{}", unique(""));
         let out = restore(&env, &layer, &fresh, &["--quiet"]);
-        let line = assert_fails(&out, None, &[name]);
+        let line = assert_failure(&out, None, &[name]);
         assert!(
             fresh_is_empty(&env, &fresh),
             "{what}: the fresh cache holds something after a failed restore"
         );
         let out = restore(&env, "cor", "cor-full", &["--replace"]);
-        assert_fails(&out, None, &[name]);
+        assert_failure(&out, None, &[name]);
         assert_same_map(
             &scan(&full_dir),
             &old_map,
@@ -1905,7 +1867,7 @@ fn bad_input_is_one_line_and_changes_nothing() {
 
     let check = |args: &[&str], expect: i32, mentions: &[&str]| {
         let out = cfs(&env, args);
-        assert_fails(&out, Some(expect), mentions);
+        assert_failure(&out, Some(expect), mentions);
         assert!(fingerprint(&env) == before, "{args:?} changed the store");
     };
     check(&["snapshot", "nope"], 2, &["nope"]);
@@ -1962,7 +1924,7 @@ fn bad_input_is_one_line_and_changes_nothing() {
     let before = fingerprint(&env);
     let check = |args: &[&str], expect: i32, mentions: &[&str]| {
         let out = cfs(&env, args);
-        assert_fails(&out, Some(expect), mentions);
+        assert_failure(&out, Some(expect), mentions);
         assert!(fingerprint(&env) == before, "{args:?} changed the store");
     };
     check(
@@ -1975,7 +1937,7 @@ fn bad_input_is_one_line_and_changes_nothing() {
     assert_same_map(&scan(&dir), &model_map(&tree), "contents kept");
     // A layer whose objects are missing is an error naming it, not a crash.
     let out = restore(&env, &format!("deadbeef{}1", "0".repeat(55)), "ghost", &[]);
-    assert_fails(&out, None, &["deadbeef"]);
+    assert_failure(&out, None, &["deadbeef"]);
 }
 
 /// The ids of the design are text, never paths: `--into ../../etc` is a cache like any other,
@@ -2101,8 +2063,8 @@ fn layer_records_parents_tags_and_rm() {
     ok(&out, "layers rm keep");
     assert!(layer_rec(&env, &d2).is_none(), "layer 2 forgotten");
     assert!(layer_rec(&env, &d1).is_some(), "layer 1 kept");
-    assert_fails(&restore(&env, "keep", "rec-x", &[]), Some(2), &["keep"]);
-    assert_fails(&restore(&env, &d2, "rec-x", &[]), Some(2), &[&d2]);
+    assert_failure(&restore(&env, "keep", "rec-x", &[]), Some(2), &["keep"]);
+    assert_failure(&restore(&env, &d2, "rec-x", &[]), Some(2), &[&d2]);
     // Its parent is gone: the next snapshot has none.
     let mut v3 = v2.clone();
     v3.insert(Name::of("newer"), file(0o644, 6, 3));
@@ -2236,7 +2198,7 @@ fn a_removed_blob_is_stored_again_by_the_next_snapshot() {
     let sb = blob_path(&env, &small);
     damage(&sb, &Damage::Flip(1));
     let out = restore(&env, &layer, "fix-dst", &[]);
-    let line = assert_fails(&out, None, &[&small]);
+    let line = assert_failure(&out, None, &[&small]);
     assert!(line.contains("remove that file"), "{line}");
     // Follow the advice.
     fs::remove_file(&sb).unwrap();
@@ -2335,7 +2297,7 @@ fn io_errors_name_the_os_error_once() {
     let hex = blake3::hash(&file_data(10, 1)).to_hex().to_string();
     damage(&blob_path(&env, &hex), &Damage::Symlink);
     let out = restore(&env, &layer, "io-dst", &[]);
-    let line = assert_fails(&out, None, &[&hex]);
+    let line = assert_failure(&out, None, &[&hex]);
     let os = "Too many levels of symbolic links (os error 40)";
     assert_eq!(line.matches(os).count(), 1, "{line}");
 }

@@ -37,10 +37,10 @@ use std::time::{Duration, Instant};
 
 use common::registry::{Registry, free_port, sha256_digest};
 use common::remote::{
-    Meta, assert_fails, assert_nothing_restored, assert_same_tree, cfs, cfs_with, code, exec,
-    instance_dir, json_of, layers, ok, scan, try_instance_dir, write_docker_config,
+    Meta, assert_fails, assert_nothing_restored, assert_same_tree, cfs, cfs_with, exec,
+    instance_dir, json_of, layers, scan, try_instance_dir, write_docker_config,
 };
-use common::{CliEnv, content, hash_file, mkfifo, spec, stderr_of, stdout_of};
+use common::{CliEnv, code, content, hash_file, mkfifo, ok, spec, stderr_of, stdout_of};
 use serde_json::{Value, json};
 
 const ARTIFACT_TYPE: &str = "application/vnd.cachefs.layer.v1";

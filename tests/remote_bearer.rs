@@ -32,10 +32,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use common::registry::{self, Registry};
 use common::remote::{
-    assert_fails, assert_nothing_restored, assert_same_tree, cfs, cfs_with, code, exec,
-    instance_dir, write_docker_config,
+    assert_fails, assert_nothing_restored, assert_same_tree, cfs, cfs_with, exec, instance_dir,
+    write_docker_config,
 };
-use common::{CliEnv, spec, stderr_of, stdout_of};
+use common::{CliEnv, code, spec, stderr_of, stdout_of};
 use serde_json::{Value, json};
 
 /// The only credentials the proxy's token endpoint accepts.

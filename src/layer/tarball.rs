@@ -99,8 +99,8 @@ impl<'a> Options<'a> {
     }
 }
 
-/// `sha256:<hex>` of the bytes a hasher saw.
-fn diff_id(sha: Sha256) -> String {
+/// `sha256:<hex>` of the bytes a hasher saw: an OCI digest (a DiffID, a registry blob's name).
+pub fn sha256_name(sha: Sha256) -> String {
     let out = sha.finalize();
     let mut s = String::with_capacity(7 + 64);
     s.push_str("sha256:");
@@ -610,7 +610,7 @@ pub fn export(
         .flush()
         .map_err(|e| LayerError::io("write", opts.label, e))?;
     report.tar_bytes = tar.bytes;
-    report.diff_id = diff_id(tar.sha);
+    report.diff_id = sha256_name(tar.sha);
     Ok(report)
 }
 
@@ -1241,7 +1241,7 @@ pub fn import<R: Read>(
         parent,
         verified: named.is_some(),
         stats,
-        diff_id: diff_id(sha),
+        diff_id: sha256_name(sha),
         tar_bytes: state.tar_bytes.get(),
         input_bytes: state.raw_bytes.get(),
         compressed,

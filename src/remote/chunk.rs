@@ -8,10 +8,11 @@ use std::path::Path;
 
 use sha2::{Digest as _, Sha256};
 
+use super::CHUNK_ZSTD_LEVEL;
 use super::plan::FileRef;
-use super::{CHUNK_ZSTD_LEVEL, sha256_hex};
 use crate::layer::format::Digest;
 use crate::layer::objects::{BlobReader, CHUNK};
+use crate::layer::tarball::sha256_name;
 use crate::layer::tarball::{self, Options};
 use crate::layer::{LayerError, ObjectKind, ObjectStore};
 
@@ -62,7 +63,7 @@ fn finish(
         .map_err(|e| LayerError::io("seek", tmp, e))?;
     Ok(Built {
         file: out.file,
-        digest: sha256_hex(out.sha.finalize().as_slice()),
+        digest: sha256_name(out.sha),
         size: out.bytes,
     })
 }

@@ -478,16 +478,7 @@ pub fn runtime() -> Result<tokio::runtime::Runtime, RemoteError> {
 /// `sha256:<hex>` of bytes.
 pub fn sha256_digest(bytes: &[u8]) -> String {
     use sha2::Digest as _;
-    sha256_hex(sha2::Sha256::digest(bytes).as_slice())
-}
-
-pub fn sha256_hex(out: &[u8]) -> String {
-    let mut s = String::with_capacity(71);
-    s.push_str("sha256:");
-    for b in out {
-        s.push_str(&format!("{b:02x}"));
-    }
-    s
+    crate::layer::tarball::sha256_name(sha2::Sha256::new_with_prefix(bytes))
 }
 
 #[cfg(test)]

@@ -15,8 +15,9 @@ use sha2::{Digest as _, Sha256};
 use super::artifact::{Artifact, fetch};
 use super::chunk::{self, IngestError, PartAssembly};
 use super::plan::{ChunkSpec, Plan};
-use super::{RemoteError, Target, sha256_hex, transient};
+use super::{RemoteError, Target, transient};
 use crate::layer::progress::Progress;
+use crate::layer::tarball::sha256_name;
 use crate::layer::{Digest, LayerError, ObjectKind, ObjectStore, TreeStats, tree_stats};
 
 /// What a pull did.
@@ -155,13 +156,13 @@ impl Shared<'_> {
                         }
                         Err(e) => {
                             if e.get_ref().is_some_and(|i| i.is::<DigestError>()) {
-                                return Fetched::Mismatch(sha256_hex(sha.finalize().as_slice()));
+                                return Fetched::Mismatch(sha256_name(sha));
                             }
                             return Fetched::Failed(OciDistributionError::IoError(e));
                         }
                     }
                 }
-                Fetched::Done(sha256_hex(sha.finalize().as_slice()), n)
+                Fetched::Done(sha256_name(sha), n)
             });
             let mut reader = ChannelReader {
                 rx,

@@ -888,6 +888,47 @@ pub fn stdout_of(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// The exit code of a cachefs command (a death by signal fails the test).
+#[track_caller]
+pub fn code(out: &Output) -> i32 {
+    out.status
+        .code()
+        .unwrap_or_else(|| panic!("cachefs itself died: {:?}\n{}", out.status, stderr_of(out)))
+}
+
+/// Asserts exit 0; returns stdout.
+#[track_caller]
+pub fn ok(out: &Output, what: &str) -> String {
+    assert_eq!(
+        code(out),
+        0,
+        "{what}\nstdout: {}\nstderr: {}",
+        stdout_of(out),
+        stderr_of(out)
+    );
+    stdout_of(out)
+}
+
+/// Asserts a failure (with exit `expect` when given, else any non-zero): exactly one line on
+/// stderr, starting `cachefs: ` and containing every `mention`; nothing on stdout. Returns the
+/// line.
+#[track_caller]
+pub fn assert_failure(out: &Output, expect: Option<i32>, mentions: &[&str]) -> String {
+    let err = stderr_of(out);
+    let c = code(out);
+    match expect {
+        Some(e) => assert_eq!(c, e, "exit code; stderr: {err}"),
+        None => assert_ne!(c, 0, "should fail; stderr: {err}"),
+    }
+    assert_eq!(stdout_of(out), "", "stdout of a failure (stderr: {err})");
+    assert_eq!(err.lines().count(), 1, "one line on stderr: {err:?}");
+    assert!(err.starts_with("cachefs: "), "{err}");
+    for m in mentions {
+        assert!(err.contains(m), "{err:?} does not mention {m:?}");
+    }
+    err
+}
+
 /// `cachefs run --mount type=cache,id=ID,target=TARGET,sharing=locked -- sleep 30` in the
 /// background. Dropping it (also when a test fails) stops cachefs, then any process it left.
 pub struct BgRun {

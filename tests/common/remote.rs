@@ -13,7 +13,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use super::registry;
-use super::{CliEnv, hash_file, output_with_timeout, stderr_of, stdout_of};
+use super::{CliEnv, assert_failure, code, hash_file, ok, output_with_timeout};
 
 /// Bound on one cachefs command.
 pub const CMD_T: Duration = Duration::from_secs(120);
@@ -66,44 +66,16 @@ pub fn cfs_with(env: &CliEnv, args: &[&str], vars: &[(&str, &str)]) -> Output {
     exec(env, c, vars)
 }
 
-pub fn code(out: &Output) -> i32 {
-    out.status
-        .code()
-        .unwrap_or_else(|| panic!("cachefs itself died: {:?}\n{}", out.status, stderr_of(out)))
-}
-
-/// Asserts exit 0; returns stdout.
-#[track_caller]
-pub fn ok(out: &Output, what: &str) -> String {
-    assert_eq!(
-        code(out),
-        0,
-        "{what}\nstdout: {}\nstderr: {}",
-        stdout_of(out),
-        stderr_of(out)
-    );
-    stdout_of(out)
-}
-
 #[track_caller]
 pub fn json_of(out: &Output, what: &str) -> Value {
     let text = ok(out, what);
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{what}: not JSON ({e}): {text}"))
 }
 
-/// Asserts a failure with exit `expect`: exactly one line on stderr, starting `cachefs: ` and
-/// containing every `mention`; nothing on stdout. Returns the line.
+/// [`assert_failure`] with exit code `expect`.
 #[track_caller]
 pub fn assert_fails(out: &Output, expect: i32, mentions: &[&str]) -> String {
-    let err = stderr_of(out);
-    assert_eq!(code(out), expect, "exit code; stderr: {err}");
-    assert_eq!(stdout_of(out), "", "stdout of a failure (stderr: {err})");
-    assert_eq!(err.lines().count(), 1, "one line on stderr: {err:?}");
-    assert!(err.starts_with("cachefs: "), "{err}");
-    for m in mentions {
-        assert!(err.contains(m), "{err:?} does not mention {m:?}");
-    }
-    err
+    assert_failure(out, Some(expect), mentions)
 }
 
 /// The directory of instance 1 of cache `id`, or `None` when the cache does not exist.
