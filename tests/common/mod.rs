@@ -553,6 +553,22 @@ pub fn geteuid() -> u32 {
     unsafe { libc::geteuid() }
 }
 
+/// The unprivileged identity of the attack tests: `nobody`/`nogroup` on Debian.
+pub const NOBODY: u32 = 65534;
+
+/// `program` run as `uid:gid` through `setpriv`: no supplementary groups, no capabilities
+/// (needs root to start).
+pub fn command_as(uid: u32, gid: u32, program: impl AsRef<OsStr>) -> Command {
+    let mut c = Command::new("setpriv");
+    c.arg(format!("--reuid={uid}"))
+        .arg(format!("--regid={gid}"))
+        .arg("--clear-groups")
+        .arg("--inh-caps=-all")
+        .arg("--")
+        .arg(program);
+    c
+}
+
 /// Returns true (and says so) when the test needs root and we are not root.
 pub fn skip_unless_root(test: &str) -> bool {
     if geteuid() != 0 {

@@ -1,0 +1,4 @@
+//! Attacks: layer (see tests/attacks.rs).
+
+#[allow(unused_imports)]
+use crate::common::*;

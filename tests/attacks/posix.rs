@@ -1,0 +1,4 @@
+//! Attacks: posix (see tests/attacks.rs).
+
+#[allow(unused_imports)]
+use crate::common::*;
