@@ -8,6 +8,7 @@
 mod evict;
 mod inode;
 mod ops;
+mod reserve;
 mod sys;
 
 pub use evict::{EvictOutcome, Evicted, Evictor};
@@ -565,6 +566,7 @@ pub fn mount(source: &Path, target: &Path, opts: &FsOptions) -> Result<MountedFs
     // A quarter of the fd limit for cached O_PATH fds leaves room for open files and the
     // rest of the process.
     let budget = (nofile / 4).clamp(64, 16384) as usize;
+    reserve::configure(nofile, budget);
     let table = Arc::new(
         inode::InodeTable::new(root_fd, budget, opts.file_handles)
             .map_err(|e| FsError::Source(source.to_path_buf(), e))?,

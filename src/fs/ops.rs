@@ -25,12 +25,19 @@ use tracing::debug;
 
 use super::FsOptions;
 use super::inode::{Inode, InodeTable, ROOT};
+use super::reserve::{self, CountedFd};
 use super::sys::{self, errno};
 
 /// One open regular file.
 struct OpenFile {
     inode: Arc<Inode>,
-    fd: OwnedFd,
+    /// Counted against the fd reserve (see `reserve`) while the file is open.
+    fd: CountedFd,
+    /// Opened by root: its lock owners' fds are not refused for the reserve.
+    by_root: bool,
+    /// The backing fd has O_APPEND (it follows the kernel file's flags, which fcntl(F_SETFL)
+    /// can change after the open: see `write`).
+    append: AtomicBool,
     /// Served by kernel passthrough: holds one use of the inode's backing id.
     passthrough: bool,
     /// Opened for writing: its size is taken at release, for accounting.
@@ -61,7 +68,7 @@ pub(crate) struct CacheFs {
     files: DashMap<u64, Arc<OpenFile>>,
     dirs: DashMap<u64, Arc<OpenDir>>,
     /// Backing fds carrying the locks of one lock owner on one inode, keyed (node, owner).
-    locks: DashMap<(u64, u64), Arc<OwnedFd>>,
+    locks: DashMap<(u64, u64), Arc<CountedFd>>,
     next_fh: AtomicU64,
     /// Running as root: new objects are given to the caller, as a local filesystem would.
     as_root: bool,
@@ -263,28 +270,24 @@ impl CacheFs {
         self.next_fh.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Gives a new object to the caller when we create it as root; in a set-group-id
-    /// directory the group stays the one the kernel inherited.
-    fn give_to_caller(&self, req: &Request, pfd: &OwnedFd, name: &std::ffi::CStr) -> Res<()> {
-        if !self.as_root || (req.uid() == 0 && req.gid() == 0) {
-            return Ok(());
+    /// Whether a request's new entries must be given to its caller: we serve as root for
+    /// someone else.
+    fn acts_for(&self, req: &Request) -> bool {
+        self.as_root && !(req.uid() == 0 && req.gid() == 0)
+    }
+
+    /// Runs `make` (the syscall that creates an entry) with the caller's uid and gid as this
+    /// thread's filesystem identity when we serve as root for someone else, so the entry is
+    /// the caller's from the start: never created as root and chowned afterwards by name,
+    /// which a rename in the instance directory could redirect to another file. In a
+    /// set-group-id directory the kernel gives the entry the directory's group, as on a local
+    /// filesystem.
+    fn as_caller<T>(&self, req: &Request, make: impl FnOnce() -> Res<T>) -> Res<T> {
+        if !self.acts_for(req) {
+            return make();
         }
-        let parent = sys::fstat(pfd.as_fd())?;
-        let gid = if parent.st_mode & libc::S_ISGID != 0 {
-            u32::MAX
-        } else {
-            req.gid()
-        };
-        sys::cvt(unsafe {
-            libc::fchownat(
-                pfd.as_raw_fd(),
-                name.as_ptr(),
-                req.uid(),
-                gid,
-                libc::AT_SYMLINK_NOFOLLOW,
-            )
-        })
-        .map(drop)
+        let _creds = sys::CallerCreds::enter(req.uid(), req.gid(), true)?;
+        make()
     }
 
     /// Accounting: a regular file seen with its current size (gone, if it has no link left:
@@ -387,6 +390,8 @@ impl CacheFs {
         inode: &Arc<Inode>,
         fd: OwnedFd,
         writable: bool,
+        by_root: bool,
+        append: bool,
         make_backing: impl FnOnce(&OwnedFd) -> io::Result<fuser::BackingId>,
     ) -> (u64, Option<Arc<fuser::BackingId>>) {
         let fh = self.new_fh();
@@ -415,7 +420,9 @@ impl CacheFs {
             fh,
             Arc::new(OpenFile {
                 inode: inode.clone(),
-                fd,
+                fd: CountedFd::new(fd),
+                by_root,
+                append: AtomicBool::new(append),
                 passthrough: backing.is_some(),
                 writable,
                 lock_owners: Mutex::new(Vec::new()),
@@ -521,6 +528,45 @@ impl CacheFs {
         sys::fstat(fd.as_fd())
     }
 
+    /// The open of a CREATE request. Serving as root for someone else, the file is created
+    /// with the caller's identity (see `as_caller`) and O_EXCL: the kernel asks to create
+    /// only a name it found missing, and our privileges must not open whatever a rename put
+    /// there since. If the name exists after all (another mount of the instance made it, or a
+    /// rename in the instance directory) and the caller did not ask for O_EXCL, the existing
+    /// file is opened as the caller without our privileges or groups: the kernel has not
+    /// checked that open for the caller (a member of the file's group through a
+    /// supplementary group is refused then: FUSE does not carry those).
+    fn create_file(
+        &self,
+        req: &Request,
+        pfd: &OwnedFd,
+        cname: &std::ffi::CStr,
+        oflags: i32,
+        mode: u32,
+    ) -> Res<OwnedFd> {
+        if !self.acts_for(req) {
+            return sys::openat(pfd.as_fd(), cname, oflags, mode);
+        }
+        let made = self.as_caller(req, || {
+            sys::openat(pfd.as_fd(), cname, oflags | libc::O_EXCL, mode)
+        });
+        match made {
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) && oflags & libc::O_EXCL == 0 => {
+                let existing = sys::open_path_at(pfd.as_fd(), cname)?;
+                match sys::fstat(existing.as_fd())?.st_mode & libc::S_IFMT {
+                    libc::S_IFREG => {}
+                    libc::S_IFDIR => return Err(io::Error::from_raw_os_error(libc::EISDIR)),
+                    libc::S_IFLNK => return Err(io::Error::from_raw_os_error(libc::ELOOP)),
+                    // A FIFO would block this thread; a device is refused by nodev anyway.
+                    _ => return Err(e),
+                }
+                let _creds = sys::CallerCreds::enter(req.uid(), req.gid(), false)?;
+                sys::reopen(existing.as_fd(), oflags)
+            }
+            r => r,
+        }
+    }
+
     fn create_node(
         &self,
         req: &Request,
@@ -533,12 +579,9 @@ impl CacheFs {
             let cname = sys::component(name)?;
             let (pinode, pfd) = self.inode_fd(parent)?;
             let lock = self.acct_lock();
-            make(&pfd, &cname)?;
+            self.as_caller(req, || make(&pfd, &cname))?;
             drop(lock);
             self.note_changed(parent.0);
-            if let Err(e) = self.give_to_caller(req, &pfd, &cname) {
-                debug!("chown of new node failed: {e}");
-            }
             Ok::<_, io::Error>(pinode)
         })();
         match res {
@@ -551,11 +594,13 @@ impl CacheFs {
     /// process for fcntl locks, an open file for flock) gets its own open file description,
     /// so OFD locks of different owners conflict exactly as the owners' locks should, across
     /// mounts and processes, while one owner's locks through several fds merge.
-    fn lock_fd(&self, file: &OpenFile, owner: LockOwner) -> Res<Arc<OwnedFd>> {
+    fn lock_fd(&self, file: &OpenFile, owner: LockOwner) -> Res<Arc<CountedFd>> {
         let key = (file.inode.node, owner.0);
         if let Some(fd) = self.locks.get(&key) {
             return Ok(fd.clone());
         }
+        // A new owner fd: one user's processes could otherwise make many per open file.
+        reserve::admit(if file.by_root { 0 } else { u32::MAX })?;
         // Write locks need a writable description; a file being executed or not writable
         // by us still takes read locks.
         let fd = self
@@ -563,7 +608,11 @@ impl CacheFs {
             .open_file(&file.inode, libc::O_RDWR)
             .or_else(|_| self.table.open_file(&file.inode, libc::O_RDONLY))?;
         file.inode.state.lock().has_lock_fds = true;
-        Ok(self.locks.entry(key).or_insert(Arc::new(fd)).clone())
+        Ok(self
+            .locks
+            .entry(key)
+            .or_insert_with(|| Arc::new(CountedFd::new(fd)))
+            .clone())
     }
 
     /// Ends `owner`'s locks on `node`. The locks are removed explicitly before the fd is
@@ -649,7 +698,9 @@ impl fuser::Filesystem for CacheFs {
             | InitFlags::FUSE_FLOCK_LOCKS
             | InitFlags::FUSE_ATOMIC_O_TRUNC
             | InitFlags::FUSE_CACHE_SYMLINKS
-            | InitFlags::FUSE_ASYNC_DIO;
+            | InitFlags::FUSE_ASYNC_DIO
+            // Shared mmap of a file opened O_APPEND (direct I/O, see `append_fopen`).
+            | InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP;
         let have = config.capabilities();
         let _ = config.add_capabilities(wanted & have);
         if self.want_passthrough && have.contains(InitFlags::FUSE_PASSTHROUGH) {
@@ -924,8 +975,9 @@ impl fuser::Filesystem for CacheFs {
         }
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let res = (|| {
+            reserve::admit(req.uid())?;
             let inode = self.table.get(ino.0)?;
             let file = self.open_backing_fd(&inode, flags.0)?;
             Ok::<_, io::Error>((inode, file))
@@ -937,8 +989,12 @@ impl fuser::Filesystem for CacheFs {
         // O_TRUNC truncates even a read-only open: its size must be taken at release too.
         let writable = flags.0 & libc::O_ACCMODE != libc::O_RDONLY || flags.0 & libc::O_TRUNC != 0;
         self.note_use(inode.node);
-        let (fh, backing) = self.register_open(&inode, file, writable, |f| reply.open_backing(f));
-        let mut fopen = FopenFlags::empty();
+        let append = flags.0 & libc::O_APPEND != 0;
+        let (fh, backing) =
+            self.register_open(&inode, file, writable, req.uid() == 0, append, |f| {
+                reply.open_backing(f)
+            });
+        let mut fopen = append_fopen(append, backing.is_some());
         if flags.0 & libc::O_ACCMODE == libc::O_RDONLY {
             // Nothing to flush for a read-only open: saves a round trip per close. Locks
             // taken through it are released with it at RELEASE instead of at close().
@@ -984,13 +1040,34 @@ impl fuser::Filesystem for CacheFs {
         fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _write_flags: WriteFlags,
-        _flags: OpenFlags,
+        write_flags: WriteFlags,
+        flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
         let res = self.file(fh).and_then(|f| {
-            let n = sys::pwrite(f.fd.as_fd(), data, offset)?;
+            let n = if write_flags.contains(WriteFlags::FUSE_WRITE_CACHE) {
+                // Page cache writeback (a shared mmap) goes to its exact offset, whichever
+                // open the kernel sends it through.
+                if f.append.load(Ordering::Relaxed) {
+                    let w = self.table.open_file(&f.inode, libc::O_WRONLY)?;
+                    sys::pwrite(w.as_fd(), data, offset)?
+                } else {
+                    sys::pwrite(f.fd.as_fd(), data, offset)?
+                }
+            } else {
+                // An append goes to the backing file's end, not to the offset the kernel
+                // computed from its own idea of the size, which another mount of the instance
+                // may have made stale (pwrite on an O_APPEND fd appends, on Linux). The kernel
+                // sends the file's current flags: fcntl(F_SETFL) may have changed O_APPEND
+                // since the open.
+                let append = flags.0 & libc::O_APPEND != 0;
+                if f.append.load(Ordering::Relaxed) != append {
+                    sys::set_append(f.fd.as_fd(), append)?;
+                    f.append.store(append, Ordering::Relaxed);
+                }
+                sys::pwrite(f.fd.as_fd(), data, offset)?
+            };
             // Userspace writes are seen here: a write past the end changes the size now,
             // not only at release (passthrough writes are only seen at release).
             self.note_size_of(&f);
@@ -1302,15 +1379,13 @@ impl fuser::Filesystem for CacheFs {
     ) {
         let t0 = crate::accounting::now_ns();
         let res = (|| {
+            reserve::admit(req.uid())?;
             let cname = sys::component(name)?;
             let (pinode, pfd) = self.inode_fd(parent)?;
             let _lock = self.acct_lock();
             let oflags = (flags | libc::O_CREAT) & !(libc::O_NOCTTY | libc::O_DIRECT);
-            let file = sys::openat(pfd.as_fd(), &cname, oflags, mode & 0o7777)?;
+            let file = self.create_file(req, &pfd, &cname, oflags, mode & 0o7777)?;
             self.note_changed(parent.0);
-            if let Err(e) = self.give_to_caller(req, &pfd, &cname) {
-                debug!("chown of new file failed: {e}");
-            }
             // The inode's own fd must be O_PATH (an fd open for writing would make exec of the
             // file fail with ETXTBSY); reopen the created file itself, not its name.
             let opath = sys::reopen(file.as_fd(), libc::O_PATH)?;
@@ -1323,24 +1398,22 @@ impl fuser::Filesystem for CacheFs {
         };
         let attr = self.attr(&looked.st);
         self.note_size(&looked.st, true, t0);
+        let append = flags & libc::O_APPEND != 0;
         let (fh, backing) =
-            self.register_open(&looked.inode, file, true, |f| reply.open_backing(f));
+            self.register_open(&looked.inode, file, true, req.uid() == 0, append, |f| {
+                reply.open_backing(f)
+            });
+        let fopen = append_fopen(append, backing.is_some());
         match backing {
             Some(id) => reply.created_passthrough(
                 &self.entry_ttl,
                 &attr,
                 Generation(0),
                 FileHandle(fh),
-                FopenFlags::empty(),
+                fopen,
                 &id,
             ),
-            None => reply.created(
-                &self.entry_ttl,
-                &attr,
-                Generation(0),
-                FileHandle(fh),
-                FopenFlags::empty(),
-            ),
+            None => reply.created(&self.entry_ttl, &attr, Generation(0), FileHandle(fh), fopen),
         }
     }
 
@@ -1551,6 +1624,20 @@ impl fuser::Filesystem for CacheFs {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(errno(&e)),
         }
+    }
+}
+
+/// The open flags for an open with or without O_APPEND. Without passthrough, an O_APPEND open
+/// is served with direct I/O: the kernel's cached write path cuts a write at the end of a page
+/// it does not have, and the two pieces, each appended whole on its own, could then be
+/// separated by another mount's append. Direct I/O sends each write (up to max_write) in one
+/// request. (Passthrough appends on the backing file itself, where the file system keeps each
+/// write whole.)
+fn append_fopen(append: bool, passthrough: bool) -> FopenFlags {
+    if append && !passthrough {
+        FopenFlags::FOPEN_DIRECT_IO
+    } else {
+        FopenFlags::empty()
     }
 }
 

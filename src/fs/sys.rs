@@ -514,3 +514,175 @@ pub(crate) fn ofd_getlk(
 pub(crate) fn errno(e: &io::Error) -> fuser::Errno {
     fuser::Errno::from_i32(e.raw_os_error().unwrap_or(libc::EIO))
 }
+
+// ---------------------------------------------------------------------------------------------
+// Per-thread credentials: creating entries with the caller's identity
+// ---------------------------------------------------------------------------------------------
+
+/// `struct __user_cap_header_struct` (linux/capability.h).
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: libc::c_int,
+}
+
+/// `struct __user_cap_data_struct`; version 3 takes two of them (capabilities 0-31, 32-63).
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+
+/// The calling thread's capability sets.
+fn thread_caps() -> io::Result<[CapData; 2]> {
+    let mut hdr = CapHeader {
+        version: LINUX_CAPABILITY_VERSION_3,
+        pid: 0,
+    };
+    let mut data = [CapData::default(); 2];
+    // SAFETY: capget writes two `CapData` (version 3) into `data`, which has room for them;
+    // pid 0 is the calling thread. It only reads credentials.
+    cvt(unsafe {
+        libc::syscall(
+            libc::SYS_capget,
+            &mut hdr as *mut CapHeader,
+            data.as_mut_ptr(),
+        ) as libc::c_int
+    })?;
+    Ok(data)
+}
+
+/// Sets the calling thread's capability sets (and only its own: credentials are per thread
+/// in Linux; this is the raw syscall, which libc does not broadcast to other threads).
+fn set_thread_caps(data: &[CapData; 2]) -> io::Result<()> {
+    let mut hdr = CapHeader {
+        version: LINUX_CAPABILITY_VERSION_3,
+        pid: 0,
+    };
+    // SAFETY: capset reads two `CapData` (version 3) from `data`; pid 0 is the calling
+    // thread. Raising effective capabilities within the permitted set is all it can do here.
+    cvt(unsafe {
+        libc::syscall(libc::SYS_capset, &mut hdr as *mut CapHeader, data.as_ptr()) as libc::c_int
+    })
+    .map(drop)
+}
+
+/// setfsuid(2) on the calling thread; returns the previous fsuid. The raw syscall: it changes
+/// only this thread (glibc's setfsuid is the raw syscall too, unlike setuid/setresuid, which
+/// glibc broadcasts to every thread of the process).
+fn setfsuid(uid: u32) -> u32 {
+    // SAFETY: no memory is involved; an id that cannot be set leaves the fsuid unchanged
+    // (callers check the result by reading it back).
+    unsafe { libc::syscall(libc::SYS_setfsuid, uid) as u32 }
+}
+
+fn setfsgid(gid: u32) -> u32 {
+    // SAFETY: as for setfsuid.
+    unsafe { libc::syscall(libc::SYS_setfsgid, gid) as u32 }
+}
+
+/// The calling thread's supplementary groups.
+fn thread_groups() -> io::Result<Vec<libc::gid_t>> {
+    // SAFETY: size 0 only asks for the count.
+    let n = cvt(unsafe { libc::getgroups(0, std::ptr::null_mut()) })?;
+    let mut groups = vec![0 as libc::gid_t; n as usize];
+    // SAFETY: `groups` has room for `n` entries.
+    let n = cvt(unsafe { libc::getgroups(n, groups.as_mut_ptr()) })?;
+    groups.truncate(n as usize);
+    Ok(groups)
+}
+
+/// setgroups(2) on the calling thread only: the raw syscall (glibc's setgroups broadcasts
+/// the change to every thread of the process).
+fn set_thread_groups(groups: &[libc::gid_t]) -> io::Result<()> {
+    // SAFETY: the kernel reads `groups.len()` entries from the slice.
+    cvt(unsafe { libc::syscall(libc::SYS_setgroups, groups.len(), groups.as_ptr()) as libc::c_int })
+        .map(drop)
+}
+
+/// The calling thread acts with a request's uid/gid for filesystem access, until dropped.
+///
+/// Used by a root server for the syscall that creates an entry, so the entry is the caller's
+/// from the start (no chown afterwards, which by name would be raceable). Setting a non-zero
+/// fsuid clears the filesystem capabilities from the effective set (CAP_DAC_OVERRIDE,
+/// CAP_FOWNER, CAP_FSETID, CAP_MKNOD, ...); `privileged` raises them again from the permitted
+/// set: the kernel has already checked the request against the attributes we return
+/// (default_permissions), and FUSE does not carry the caller's supplementary groups, so our
+/// own check would refuse what the kernel allowed. Unprivileged, the thread has the caller's
+/// uid and gid and no supplementary group and no filesystem capability: to open an existing
+/// file the kernel did not check for the caller.
+///
+/// Dropping restores the thread's fsuid, fsgid, groups and capabilities, also on error paths.
+/// A thread that cannot get its own identity back must not serve anyone else: that aborts.
+pub(crate) struct CallerCreds {
+    fsuid: u32,
+    fsgid: u32,
+    caps: [CapData; 2],
+    groups: Option<Vec<libc::gid_t>>,
+}
+
+impl CallerCreds {
+    pub(crate) fn enter(uid: u32, gid: u32, privileged: bool) -> io::Result<CallerCreds> {
+        let caps = thread_caps()?;
+        let groups = if privileged {
+            None
+        } else {
+            let saved = thread_groups()?;
+            set_thread_groups(&[])?;
+            Some(saved)
+        };
+        let mut guard = CallerCreds {
+            // Filled in below; until then Drop restores to what these say (root's ids are
+            // what a root server runs with).
+            fsuid: 0,
+            fsgid: 0,
+            caps,
+            groups,
+        };
+        guard.fsgid = setfsgid(gid);
+        guard.fsuid = setfsuid(uid);
+        // setfsuid/setfsgid report no error: read back (an invalid id sets nothing and
+        // returns the current one).
+        if setfsgid(u32::MAX) != gid || setfsuid(u32::MAX) != uid {
+            return Err(io::Error::from_raw_os_error(libc::EPERM));
+        }
+        if privileged {
+            set_thread_caps(&guard.caps)?;
+        }
+        Ok(guard)
+    }
+}
+
+impl Drop for CallerCreds {
+    fn drop(&mut self) {
+        // fsuid back to 0 raises the filesystem capabilities again; capset then restores the
+        // sets exactly as they were.
+        setfsuid(self.fsuid);
+        setfsgid(self.fsgid);
+        let mut ok = setfsuid(u32::MAX) == self.fsuid && setfsgid(u32::MAX) == self.fsgid;
+        ok &= set_thread_caps(&self.caps).is_ok();
+        if let Some(groups) = &self.groups {
+            ok &= set_thread_groups(groups).is_ok();
+        }
+        if !ok {
+            tracing::error!("cannot restore a worker thread's credentials: aborting");
+            std::process::abort();
+        }
+    }
+}
+
+/// Sets or clears O_APPEND on an open fd (its other status flags kept).
+pub(crate) fn set_append(fd: BorrowedFd<'_>, append: bool) -> io::Result<()> {
+    // SAFETY: F_GETFL/F_SETFL on an fd we hold; no memory is passed.
+    let fl = cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) })?;
+    let fl = if append {
+        fl | libc::O_APPEND
+    } else {
+        fl & !libc::O_APPEND
+    };
+    cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, fl) }).map(drop)
+}
