@@ -600,7 +600,7 @@ impl CacheFs {
             return Ok(fd.clone());
         }
         // A new owner fd: one user's processes could otherwise make many per open file.
-        reserve::admit(if file.by_root { 0 } else { u32::MAX })?;
+        reserve::admit(file.by_root)?;
         // Write locks need a writable description; a file being executed or not writable
         // by us still takes read locks.
         let fd = self
@@ -977,7 +977,7 @@ impl fuser::Filesystem for CacheFs {
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let res = (|| {
-            reserve::admit(req.uid())?;
+            reserve::admit(req.uid() == 0)?;
             let inode = self.table.get(ino.0)?;
             let file = self.open_backing_fd(&inode, flags.0)?;
             Ok::<_, io::Error>((inode, file))
@@ -1379,7 +1379,7 @@ impl fuser::Filesystem for CacheFs {
     ) {
         let t0 = crate::accounting::now_ns();
         let res = (|| {
-            reserve::admit(req.uid())?;
+            reserve::admit(req.uid() == 0)?;
             let cname = sys::component(name)?;
             let (pinode, pfd) = self.inode_fd(parent)?;
             let _lock = self.acct_lock();

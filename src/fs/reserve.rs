@@ -35,9 +35,9 @@ pub(crate) fn configure(nofile: u64, opath_budget: usize) {
     );
 }
 
-/// Whether a request of `uid` may make the server hold one more fd.
-pub(crate) fn admit(uid: u32) -> std::io::Result<()> {
-    if uid != 0 && HELD.load(Ordering::Relaxed) >= USER_LIMIT.load(Ordering::Relaxed) {
+/// Whether a request (of root or not) may make the server hold one more fd.
+pub(crate) fn admit(root: bool) -> std::io::Result<()> {
+    if !root && HELD.load(Ordering::Relaxed) >= USER_LIMIT.load(Ordering::Relaxed) {
         return Err(std::io::Error::from_raw_os_error(libc::ENFILE));
     }
     Ok(())
