@@ -53,6 +53,22 @@ os.mkfifo(d + "/fifo", 0o644)
 os.mknod(d + "/sock", 0o644 | 0o140000)
 "#;
 
+/// Creates that fail, many times over (so every worker thread serves some).
+const FAIL_ALL: &str = r#"
+import os, sys
+d = sys.argv[1]
+for i in range(64):
+    for f in (lambda: os.close(os.open(d + "/file", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)),
+              lambda: os.mkdir(d + "/dir", 0o755),
+              lambda: os.symlink("file", d + "/link"),
+              lambda: os.mkfifo(d + "/fifo", 0o644)):
+        try:
+            f()
+            sys.exit("created an existing name")
+        except FileExistsError:
+            pass
+"#;
+
 #[test]
 fn new_entries_belong_to_their_caller() {
     if skip_unless_root("new_entries_belong_to_their_caller") {
@@ -96,10 +112,24 @@ fn new_entries_belong_to_their_caller() {
                 "set-group-id bit of a new directory in {dir:?}"
             );
         }
-        // Root's own entries stay root's.
-        fs::write(tm.m("rootfile"), b"x").unwrap();
-        let st = lstat(&tm.b("rootfile")).unwrap();
-        assert_eq!((st.st_uid, st.st_gid), (0, 0));
+        // Failing creates (the names exist) on every worker thread: each thread gets its own
+        // identity back on error paths too.
+        let out = run_as_nobody(FAIL_ALL, &[tm.m("").to_str().unwrap()]);
+        assert!(out.status.success(), "{}", stderr_of(&out));
+        // Root's own entries stay root's, with root's privileges (a directory only root may
+        // write to).
+        let private = tm.b("private");
+        fs::create_dir(&private).unwrap();
+        fs::set_permissions(&private, fs::Permissions::from_mode(0o500)).unwrap();
+        for i in 0..32 {
+            let f = tm.m(&format!("private/rootfile{i}"));
+            fs::write(&f, b"x").unwrap();
+            fs::create_dir(tm.m(&format!("private/rootdir{i}"))).unwrap();
+            let st = lstat(&tm.b(&format!("private/rootfile{i}"))).unwrap();
+            assert_eq!((st.st_uid, st.st_gid), (0, 0));
+            let st = lstat(&tm.b(&format!("private/rootdir{i}"))).unwrap();
+            assert_eq!((st.st_uid, st.st_gid), (0, 0));
+        }
     }
 }
 
