@@ -19,6 +19,8 @@ command -v fusermount3 >/dev/null || missing+=(fuse3)
 # The registry tests (tests/remote.rs) run Debian's CNCF distribution registry on 127.0.0.1.
 command -v docker-registry >/dev/null || missing+=(docker-registry)
 command -v cc >/dev/null || missing+=(gcc libc6-dev)
+# The POSIX ACL attack tests (tests/attacks/posix.rs) set and read ACLs with setfacl/getfacl.
+command -v setfacl >/dev/null || missing+=(acl)
 if [ "${#missing[@]}" -gt 0 ]; then
     step "installing ${missing[*]} (apt-get)"
     "${SUDO[@]}" apt-get update -q
