@@ -45,8 +45,12 @@ fn pipe() -> (OwnedFd, OwnedFd) {
 ///
 /// # Safety
 /// Only async-signal-safe calls, as required after fork in a multithreaded process.
-unsafe fn child_body(path: &CStr, op: Op, out: RawFd, hold: Option<RawFd>) -> ! {
+unsafe fn child_body(path: &CStr, op: Op, out: RawFd, hold: Option<(RawFd, RawFd)>) -> ! {
     unsafe {
+        if let Some((_, parents_end)) = hold {
+            // Our copy of the parent's end would keep the pipe open forever.
+            libc::close(parents_end);
+        }
         let mut r: Report = [0; 5];
         let fd = libc::open(path.as_ptr(), libc::O_RDWR);
         let lk = |cmd: i32, typ: i32, start: i64, len: i64, r: &mut Report| {
@@ -84,7 +88,7 @@ unsafe fn child_body(path: &CStr, op: Op, out: RawFd, hold: Option<RawFd>) -> ! 
             }
         }
         libc::write(out, r.as_ptr().cast(), std::mem::size_of::<Report>());
-        if let Some(h) = hold {
+        if let Some((h, _)) = hold {
             // Keep the file (and its locks) until the parent closes its end.
             let mut b = 0u8;
             libc::read(h, (&mut b as *mut u8).cast(), 1);
@@ -110,7 +114,10 @@ impl Child {
         } else {
             (None, None)
         };
-        let hold_raw = hold_r.as_ref().map(|f| f.as_raw_fd());
+        let hold_raw = hold_r
+            .as_ref()
+            .zip(hold_w.as_ref())
+            .map(|(r, w)| (r.as_raw_fd(), w.as_raw_fd()));
         // SAFETY: the child runs child_body only (system calls, no allocation, no locks).
         let pid = unsafe { libc::fork() };
         assert!(pid >= 0, "fork: {}", std::io::Error::last_os_error());
