@@ -112,12 +112,9 @@ impl Locks {
             .collect();
         candidates.into_iter().find_map(|o| {
             let pid = o.pid.load(Ordering::Relaxed);
-            let info = std::fs::read_to_string(format!(
-                "/proc/self/fdinfo/{}",
-                o.fd.as_raw_fd()
-            ))
-            .map_err(|e| debug!("F_GETLK: no fdinfo of an owner fd: {e}"))
-            .ok()?;
+            let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", o.fd.as_raw_fd()))
+                .map_err(|e| debug!("F_GETLK: no fdinfo of an owner fd: {e}"))
+                .ok()?;
             (pid != 0 && holds(&info, typ, start, end)).then_some(pid)
         })
     }
@@ -133,23 +130,20 @@ fn holds(fdinfo: &str, typ: i32, start: u64, end: u64) -> bool {
         libc::F_RDLCK => "READ",
         _ => return false,
     };
-    fdinfo
-        .lines()
-        .filter(|l| l.starts_with("lock:"))
-        .any(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            let n = f.len();
-            if n < 3 || !f.contains(&want) {
-                return false;
-            }
-            let s = f[n - 2].parse::<u64>().ok();
-            let e = if f[n - 1] == "EOF" {
-                Some(i64::MAX as u64)
-            } else {
-                f[n - 1].parse::<u64>().ok()
-            };
-            s == Some(start) && e == Some(end)
-        })
+    fdinfo.lines().filter(|l| l.starts_with("lock:")).any(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        let n = f.len();
+        if n < 3 || !f.contains(&want) {
+            return false;
+        }
+        let s = f[n - 2].parse::<u64>().ok();
+        let e = if f[n - 1] == "EOF" {
+            Some(i64::MAX as u64)
+        } else {
+            f[n - 1].parse::<u64>().ok()
+        };
+        s == Some(start) && e == Some(end)
+    })
 }
 
 fn unlock_all(fd: &OwnedFd) {

@@ -1246,10 +1246,7 @@ impl fuser::Filesystem for CacheFs {
                 // The kernel reads ACLs to check permissions (FUSE_POSIX_ACL) and takes
                 // EOPNOTSUPP for an error, refusing every access: a backing filesystem without
                 // ACLs has none, which is ENODATA.
-                Err(e)
-                    if e.raw_os_error() == Some(libc::EOPNOTSUPP)
-                        && is_posix_acl(&cname) =>
-                {
+                Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) && is_posix_acl(&cname) => {
                     return Err(io::Error::from_raw_os_error(libc::ENODATA));
                 }
                 r => r?,
@@ -1437,12 +1434,12 @@ impl fuser::Filesystem for CacheFs {
                 // A waiting lock must not hold one of the few worker threads.
                 let spawned = std::thread::Builder::new()
                     .name("cachefs-lockwait".into())
-                    .spawn(
-                        move || match sys::ofd_lock(owner.fd().as_fd(), typ, start, end, true) {
+                    .spawn(move || {
+                        match sys::ofd_lock(owner.fd().as_fd(), typ, start, end, true) {
                             Ok(()) => reply.ok(),
                             Err(e) => reply.error(errno(&e)),
-                        },
-                    );
+                        }
+                    });
                 if let Err(e) = spawned {
                     debug!("cannot start a lock waiter: {e}");
                 }

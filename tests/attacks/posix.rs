@@ -220,7 +220,10 @@ fn read_only_close(pt: bool, exclusive: bool) {
     let rw = OpenOptions::new().read(true).write(true).open(&p).unwrap();
     setlk(&rw, libc::F_WRLCK, 0, 0).unwrap();
     let rc = Child::run(&p, Op::SetLk(libc::F_WRLCK, 0, 0))[0];
-    assert!(refused(rc), "{what}: control: the lock is held (child got {rc})");
+    assert!(
+        refused(rc),
+        "{what}: control: the lock is held (child got {rc})"
+    );
     let ro = File::open(&p).unwrap();
     let mut buf = Vec::new();
     (&ro).read_to_end(&mut buf).unwrap();
@@ -325,12 +328,19 @@ fn getlk_pid(pt: bool, exclusive: bool) {
     let r = Child::run(&p, Op::GetLk(libc::F_WRLCK, 300, 0));
     assert_eq!(r[..2], [0, i64::from(libc::F_UNLCK)], "{what}: free range");
 
-    // Through another mount of the instance the holder cannot be named (its lock owners live
-    // in the other mount): the lock is reported with pid 0 ("unknown"), never a wrong pid.
-    // (An exclusive mount has no other mount.)
     if exclusive {
+        // The kernel keeps an exclusive mount's locks itself: the backing file carries none
+        // (and an exclusive mount has no other mount to look through).
+        let r = Child::run(&m.b("lock"), Op::GetLk(libc::F_WRLCK, 0, 0));
+        assert_eq!(
+            r[..2],
+            [0, i64::from(libc::F_UNLCK)],
+            "{what}: backing file"
+        );
         return;
     }
+    // Through another mount of the instance the holder cannot be named (its lock owners live
+    // in the other mount): the lock is reported with pid 0 ("unknown"), never a wrong pid.
     let b = m.second_mount(opts(pt));
     let r = Child::run(&b.m("lock"), Op::GetLk(libc::F_WRLCK, 0, 0));
     assert_eq!(
@@ -341,7 +351,10 @@ fn getlk_pid(pt: bool, exclusive: bool) {
     drop(rw);
 }
 
-crate::both_modes!(read_only_close_releases_fcntl_locks, getlk_reports_holder_pid);
+crate::both_modes!(
+    read_only_close_releases_fcntl_locks,
+    getlk_reports_holder_pid
+);
 
 // ---------------------------------------------------------------------------------------------
 // Item 15: POSIX ACLs
@@ -382,11 +395,15 @@ fn acl_access(dir: &Path) -> (bool, bool) {
     fs::set_permissions(&granted, fs::Permissions::from_mode(0o640)).unwrap();
     fs::set_permissions(&denied, fs::Permissions::from_mode(0o644)).unwrap();
     run_ok(
-        Command::new("setfacl").args(["-m", "u:nobody:r"]).arg(&granted),
+        Command::new("setfacl")
+            .args(["-m", "u:nobody:r"])
+            .arg(&granted),
         "setfacl grant",
     );
     run_ok(
-        Command::new("setfacl").args(["-m", "u:nobody:-"]).arg(&denied),
+        Command::new("setfacl")
+            .args(["-m", "u:nobody:-"])
+            .arg(&denied),
         "setfacl deny",
     );
     (nobody_reads(&granted), nobody_reads(&denied))
@@ -421,7 +438,10 @@ fn acl_inheritance(dir: &Path) -> String {
                     .current_dir(dir),
                 "getfacl",
             );
-            let mode = fs::symlink_metadata(dir.join(&rel)).unwrap().permissions().mode();
+            let mode = fs::symlink_metadata(dir.join(&rel))
+                .unwrap()
+                .permissions()
+                .mode();
             out += &format!("{rel} {:o}\n{acl}", mode & 0o7777);
         }
     }
