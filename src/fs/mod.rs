@@ -7,6 +7,7 @@
 
 mod evict;
 mod inode;
+mod locks;
 mod ops;
 mod reserve;
 mod sys;
@@ -69,7 +70,7 @@ pub struct FsOptions {
     /// Where the mount reports sizes and uses (None: it does not count).
     pub accounting: Option<Arc<crate::accounting::Accountant>>,
     /// No other mount serves the instance meanwhile (an exclusive lease): accounting needs
-    /// no cross-mount lock.
+    /// no cross-mount lock, and the kernel keeps the mount's file locks itself.
     pub exclusive: bool,
 }
 
@@ -576,8 +577,8 @@ pub fn mount(source: &Path, target: &Path, opts: &FsOptions) -> Result<MountedFs
         source.display(),
         table.uses_handles()
     );
-    // The kernel applies the caller's umask before a create reaches us; ours must not apply
-    // a second time.
+    // Ours must not apply to what we create: a create applies the caller's umask (ops.rs,
+    // CallerUmask), or the kernel has already applied it.
     unsafe { libc::umask(0) };
     let passthrough = Arc::new(AtomicBool::new(false));
     let ended = Arc::new(SessionEnd::default());

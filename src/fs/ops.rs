@@ -25,6 +25,7 @@ use tracing::debug;
 
 use super::FsOptions;
 use super::inode::{Inode, InodeTable, ROOT};
+use super::locks::{Locks, OwnerFd};
 use super::reserve::{self, CountedFd};
 use super::sys::{self, errno};
 
@@ -42,8 +43,8 @@ struct OpenFile {
     passthrough: bool,
     /// Opened for writing: its size is taken at release, for accounting.
     writable: bool,
-    /// Lock owners that took locks through this open file: released with it. (Read-only
-    /// opens get no FLUSH, so their close is seen only here.)
+    /// Lock owners that took locks through this open file: released with it (a safety net;
+    /// FLUSH and the RELEASE of a flock's file normally end them first).
     lock_owners: Mutex<Vec<u64>>,
 }
 
@@ -64,11 +65,15 @@ pub(crate) struct CacheFs {
     entry_ttl: Duration,
     attr_ttl: Duration,
     want_passthrough: bool,
+    /// No other mount serves the instance: the kernel may keep the locks itself.
+    exclusive: bool,
+    /// Locks are forwarded to us (FUSE_POSIX_LOCKS granted), not kept by the kernel.
+    server_locks: bool,
     passthrough: Arc<AtomicBool>,
     files: DashMap<u64, Arc<OpenFile>>,
     dirs: DashMap<u64, Arc<OpenDir>>,
-    /// Backing fds carrying the locks of one lock owner on one inode, keyed (node, owner).
-    locks: DashMap<(u64, u64), Arc<CountedFd>>,
+    /// Backing fds carrying the locks of one lock owner on one inode.
+    locks: Locks,
     next_fh: AtomicU64,
     /// Running as root: new objects are given to the caller, as a local filesystem would.
     as_root: bool,
@@ -189,10 +194,12 @@ impl CacheFs {
             entry_ttl: opts.entry_ttl,
             attr_ttl: opts.attr_ttl,
             want_passthrough: opts.passthrough,
+            exclusive: opts.exclusive,
+            server_locks: false,
             passthrough,
             files: DashMap::new(),
             dirs: DashMap::new(),
-            locks: DashMap::new(),
+            locks: Locks::default(),
             next_fh: AtomicU64::new(1),
             as_root: rustix::process::geteuid().is_root(),
             _end: end,
@@ -590,38 +597,19 @@ impl CacheFs {
         }
     }
 
-    /// The backing fd that carries `owner`'s locks on the file's inode. Each lock owner (a
-    /// process for fcntl locks, an open file for flock) gets its own open file description,
-    /// so OFD locks of different owners conflict exactly as the owners' locks should, across
-    /// mounts and processes, while one owner's locks through several fds merge.
-    fn lock_fd(&self, file: &OpenFile, owner: LockOwner) -> Res<Arc<CountedFd>> {
-        let key = (file.inode.node, owner.0);
-        if let Some(fd) = self.locks.get(&key) {
-            return Ok(fd.clone());
-        }
-        // A new owner fd: one user's processes could otherwise make many per open file.
-        reserve::admit(file.by_root)?;
-        // Write locks need a writable description; a file being executed or not writable
-        // by us still takes read locks.
-        let fd = self
-            .table
-            .open_file(&file.inode, libc::O_RDWR)
-            .or_else(|_| self.table.open_file(&file.inode, libc::O_RDONLY))?;
+    /// The backing fd that carries `owner`'s locks on the file's inode (see `locks`).
+    fn lock_fd(&self, file: &OpenFile, owner: LockOwner) -> Res<Arc<OwnerFd>> {
+        let fd = self.locks.get_or_open(file.inode.node, owner.0, || {
+            // A new owner fd: one user's processes could otherwise make many per open file.
+            reserve::admit(file.by_root)?;
+            // Write locks need a writable description; a file being executed or not
+            // writable by us still takes read locks.
+            self.table
+                .open_file(&file.inode, libc::O_RDWR)
+                .or_else(|_| self.table.open_file(&file.inode, libc::O_RDONLY))
+        })?;
         file.inode.state.lock().has_lock_fds = true;
-        Ok(self
-            .locks
-            .entry(key)
-            .or_insert_with(|| Arc::new(CountedFd::new(fd)))
-            .clone())
-    }
-
-    /// Ends `owner`'s locks on `node`. The locks are removed explicitly before the fd is
-    /// closed: a process forking at that moment holds a copy of the fd until its exec, and
-    /// must not keep the locks alive meanwhile.
-    fn drop_lock_fd(&self, node: u64, owner: u64) {
-        if let Some((_, fd)) = self.locks.remove(&(node, owner)) {
-            unlock_all(&fd);
-        }
+        Ok(fd)
     }
 
     fn release_file(&self, fh: FileHandle) {
@@ -642,7 +630,7 @@ impl CacheFs {
             }
         }
         for owner in std::mem::take(&mut *file.lock_owners.lock()) {
-            self.drop_lock_fd(node, owner);
+            self.locks.drop_owner(node, owner);
         }
         let mut st = file.inode.state.lock();
         st.opens = st.opens.saturating_sub(1);
@@ -664,14 +652,7 @@ impl CacheFs {
             // With no open file left nobody can hold a lock on the inode. This also catches
             // the FLUSH the kernel drops when a multithreaded process exits with a fatal
             // signal pending (the close is then never announced with its lock owner).
-            self.locks.retain(|k, fd| {
-                if k.0 == node {
-                    unlock_all(fd);
-                    false
-                } else {
-                    true
-                }
-            });
+            self.locks.drop_node(node);
         }
         if gone {
             self.table.forget(node, 0);
@@ -691,18 +672,28 @@ impl fuser::Filesystem for CacheFs {
     }
 
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
-        let wanted = InitFlags::FUSE_DO_READDIRPLUS
+        // FUSE_POSIX_ACL: the kernel enforces POSIX ACLs (read through GETXATTR, cached per
+        // inode until its attributes are refreshed); FUSE_DONT_MASK: it leaves the caller's
+        // umask to us, since a default ACL on the parent overrides it (see CallerUmask).
+        let mut wanted = InitFlags::FUSE_POSIX_ACL
+            | InitFlags::FUSE_DONT_MASK
+            | InitFlags::FUSE_DO_READDIRPLUS
             | InitFlags::FUSE_READDIRPLUS_AUTO
             | InitFlags::FUSE_PARALLEL_DIROPS
-            | InitFlags::FUSE_POSIX_LOCKS
-            | InitFlags::FUSE_FLOCK_LOCKS
             | InitFlags::FUSE_ATOMIC_O_TRUNC
             | InitFlags::FUSE_CACHE_SYMLINKS
             | InitFlags::FUSE_ASYNC_DIO
             // Shared mmap of a file opened O_APPEND (direct I/O, see `append_fopen`).
             | InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP;
+        if !self.exclusive {
+            // Other mounts may serve the instance: locks must reach the backing file to
+            // exclude their users. A mount alone on its instance leaves them to the kernel,
+            // which then implements them exactly (docs/ARCHITECTURE.md, "Locks").
+            wanted |= InitFlags::FUSE_POSIX_LOCKS | InitFlags::FUSE_FLOCK_LOCKS;
+        }
         let have = config.capabilities();
         let _ = config.add_capabilities(wanted & have);
+        self.server_locks = !self.exclusive && have.contains(InitFlags::FUSE_POSIX_LOCKS);
         if self.want_passthrough && have.contains(InitFlags::FUSE_PASSTHROUGH) {
             // Depth 2 lets the store live on overlayfs (containers); never combined with the
             // writeback cache, which silently disables passthrough.
@@ -816,10 +807,11 @@ impl fuser::Filesystem for CacheFs {
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
-        _umask: u32,
+        umask: u32,
         rdev: u32,
         reply: ReplyEntry,
     ) {
+        let (_umask, mode) = sys::CallerUmask::set(umask, mode);
         self.create_node(
             req,
             parent,
@@ -835,9 +827,10 @@ impl fuser::Filesystem for CacheFs {
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
-        _umask: u32,
+        umask: u32,
         reply: ReplyEntry,
     ) {
+        let (_umask, mode) = sys::CallerUmask::set(umask, mode);
         self.create_node(
             req,
             parent,
@@ -995,9 +988,11 @@ impl fuser::Filesystem for CacheFs {
                 reply.open_backing(f)
             });
         let mut fopen = append_fopen(append, backing.is_some());
-        if flags.0 & libc::O_ACCMODE == libc::O_RDONLY {
-            // Nothing to flush for a read-only open: saves a round trip per close. Locks
-            // taken through it are released with it at RELEASE instead of at close().
+        if !self.server_locks && flags.0 & libc::O_ACCMODE == libc::O_RDONLY {
+            // Nothing to flush for a read-only open, and no lock of ours to end at close():
+            // the kernel keeps the locks of this mount. Where we keep them, FLUSH is the only
+            // way we learn that a process closed a descriptor, which ends its fcntl locks on
+            // the file whichever descriptor took them: then never NOFLUSH.
             fopen |= FopenFlags::FOPEN_NOFLUSH;
         }
         match backing {
@@ -1089,7 +1084,7 @@ impl fuser::Filesystem for CacheFs {
     ) {
         // Nothing is buffered here. A close by a process drops all its fcntl locks on the
         // file (POSIX): the kernel sends its lock owner here, synchronously with close().
-        self.drop_lock_fd(ino.0, lock_owner.0);
+        self.locks.drop_owner(ino.0, lock_owner.0);
         match self.file(fh) {
             Ok(_) => reply.ok(),
             Err(e) => reply.error(errno(&e)),
@@ -1108,7 +1103,7 @@ impl fuser::Filesystem for CacheFs {
     ) {
         // The owner is set when the kernel drops a flock held by this open file.
         if let Some(owner) = lock_owner {
-            self.drop_lock_fd(ino.0, owner.0);
+            self.locks.drop_owner(ino.0, owner.0);
         }
         self.release_file(fh);
         reply.ok();
@@ -1320,7 +1315,15 @@ impl fuser::Filesystem for CacheFs {
                 return Err(io::Error::from_raw_os_error(libc::ENODATA));
             }
             let mut buf = vec![0u8; size as usize];
-            let n = sys::getxattr(fd.as_fd(), &cname, &mut buf)?;
+            let n = match sys::getxattr(fd.as_fd(), &cname, &mut buf) {
+                // The kernel reads ACLs to check permissions (FUSE_POSIX_ACL) and takes
+                // EOPNOTSUPP for an error, refusing every access: a backing filesystem without
+                // ACLs has none, which is ENODATA.
+                Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) && is_posix_acl(&cname) => {
+                    return Err(io::Error::from_raw_os_error(libc::ENODATA));
+                }
+                r => r?,
+            };
             buf.truncate(n);
             Ok((n, buf))
         });
@@ -1373,11 +1376,12 @@ impl fuser::Filesystem for CacheFs {
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
-        _umask: u32,
+        umask: u32,
         flags: i32,
         reply: ReplyCreate,
     ) {
         let t0 = crate::accounting::now_ns();
+        let (umask_guard, mode) = sys::CallerUmask::set(umask, mode);
         let res = (|| {
             reserve::admit(req.uid() == 0)?;
             let cname = sys::component(name)?;
@@ -1392,6 +1396,7 @@ impl fuser::Filesystem for CacheFs {
             let looked = self.table.adopt(pinode.node, name, opath, true)?;
             Ok::<_, io::Error>((looked, file))
         })();
+        drop(umask_guard);
         let (looked, file) = match res {
             Ok(v) => v,
             Err(e) => return reply.error(errno(&e)),
@@ -1430,11 +1435,23 @@ impl fuser::Filesystem for CacheFs {
         reply: ReplyLock,
     ) {
         let res = self.file(fh).and_then(|f| {
+            let node = f.inode.node;
             // Test from the owner's own description, so its own locks are not conflicts.
-            match self.locks.get(&(f.inode.node, lock_owner.0)) {
-                Some(fd) => sys::ofd_getlk(fd.as_fd(), typ, start, end),
-                None => sys::ofd_getlk(f.fd.as_fd(), typ, start, end),
-            }
+            let (t, s, e, pid) = match self.locks.get(node, lock_owner.0) {
+                Some(o) => sys::ofd_getlk(o.fd().as_fd(), typ, start, end)?,
+                None => sys::ofd_getlk(f.fd.as_fd(), typ, start, end)?,
+            };
+            // An OFD lock names no process; the holder's pid is known when the holder is one
+            // of this mount's lock owners. Otherwise the pid F_OFD_GETLK gave: a classic
+            // lock's holder on the backing file, or 0 (unknown: another mount's owner).
+            let pid = match t {
+                libc::F_UNLCK => 0,
+                _ => self
+                    .locks
+                    .holder_pid(node, lock_owner.0, t, s, e)
+                    .unwrap_or(pid),
+            };
+            Ok((t, s, e, pid))
         });
         match res {
             Ok((t, s, e, pid)) => reply.locked(s, e, t, pid),
@@ -1451,7 +1468,7 @@ impl fuser::Filesystem for CacheFs {
         start: u64,
         end: u64,
         typ: i32,
-        _pid: u32,
+        pid: u32,
         sleep: bool,
         reply: ReplyEmpty,
     ) {
@@ -1459,21 +1476,26 @@ impl fuser::Filesystem for CacheFs {
             Ok(f) => f,
             Err(e) => return reply.error(errno(&e)),
         };
-        if typ == libc::F_UNLCK && !self.locks.contains_key(&(file.inode.node, lock_owner.0)) {
+        if typ == libc::F_UNLCK && self.locks.get(file.inode.node, lock_owner.0).is_none() {
             // This owner holds nothing here.
             return reply.ok();
         }
-        let fd = match self.lock_fd(&file, lock_owner) {
-            Ok(fd) => fd,
+        let owner = match self.lock_fd(&file, lock_owner) {
+            Ok(o) => o,
             Err(e) => return reply.error(errno(&e)),
         };
+        if typ != libc::F_UNLCK {
+            // The locking process (thread group id in the connection's pid namespace, which
+            // is the namespace the kernel reads a reply's pid in): F_GETLK reports it.
+            owner.set_pid(pid);
+        }
         {
             let mut owners = file.lock_owners.lock();
             if !owners.contains(&lock_owner.0) {
                 owners.push(lock_owner.0);
             }
         }
-        match sys::ofd_lock(fd.as_fd(), typ, start, end, false) {
+        match sys::ofd_lock(owner.fd().as_fd(), typ, start, end, false) {
             Ok(()) => reply.ok(),
             Err(e)
                 if sleep && matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EACCES)) =>
@@ -1481,12 +1503,12 @@ impl fuser::Filesystem for CacheFs {
                 // A waiting lock must not hold one of the few worker threads.
                 let spawned = std::thread::Builder::new()
                     .name("cachefs-lockwait".into())
-                    .spawn(
-                        move || match sys::ofd_lock(fd.as_fd(), typ, start, end, true) {
+                    .spawn(move || {
+                        match sys::ofd_lock(owner.fd().as_fd(), typ, start, end, true) {
                             Ok(()) => reply.ok(),
                             Err(e) => reply.error(errno(&e)),
-                        },
-                    );
+                        }
+                    });
                 if let Err(e) = spawned {
                     debug!("cannot start a lock waiter: {e}");
                 }
@@ -1641,13 +1663,12 @@ fn append_fopen(append: bool, passthrough: bool) -> FopenFlags {
     }
 }
 
-fn unlock_all(fd: &OwnedFd) {
-    if let Err(e) = sys::ofd_lock(fd.as_fd(), libc::F_UNLCK, 0, u64::MAX, false) {
-        debug!("unlock before close: {e}");
-    }
-}
-
 fn xattr_name(name: &OsStr) -> io::Result<std::ffi::CString> {
     use std::os::unix::ffi::OsStrExt;
     std::ffi::CString::new(name.as_bytes()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+}
+
+/// `system.posix_acl_access` or `system.posix_acl_default`.
+fn is_posix_acl(name: &std::ffi::CStr) -> bool {
+    name.to_bytes().starts_with(b"system.posix_acl_")
 }

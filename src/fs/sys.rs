@@ -686,3 +686,57 @@ pub(crate) fn set_append(fd: BorrowedFd<'_>, append: bool) -> io::Result<()> {
     };
     cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, fl) }).map(drop)
 }
+
+thread_local! {
+    /// Whether this thread has a filesystem context (umask) of its own: None until tried.
+    static OWN_UMASK: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
+}
+
+/// The caller's umask, applied by the backing filesystem to what this thread creates while the
+/// guard lives (with FUSE_DONT_MASK the kernel leaves it to us). The backing filesystem then
+/// does what a local one does for the caller: the umask applies, unless the parent directory
+/// has a default ACL, which then decides the new entry's permissions instead.
+pub(crate) struct CallerUmask {
+    set: bool,
+}
+
+impl CallerUmask {
+    /// Returns the guard and the mode to create with: `mode` itself, or `mode & !umask` when
+    /// this thread cannot have a umask of its own (the default ACL rule is then lost: the
+    /// umask also applies under a default ACL).
+    pub(crate) fn set(umask: u32, mode: u32) -> (CallerUmask, u32) {
+        let umask = umask & 0o777;
+        let own = OWN_UMASK.with(|c| match c.get() {
+            Some(own) => own,
+            None => {
+                // The umask belongs to the process's fs context, shared by all threads; a
+                // worker gets a copy of its own once, so one request's umask never applies to
+                // another thread's work. SAFETY: unshare(CLONE_FS) touches no memory of ours.
+                let own = unsafe { libc::unshare(libc::CLONE_FS) } == 0;
+                if !own {
+                    tracing::debug!(
+                        "no per-thread umask: {}; default ACLs then lose to the umask",
+                        io::Error::last_os_error()
+                    );
+                }
+                c.set(Some(own));
+                own
+            }
+        });
+        if !own {
+            return (CallerUmask { set: false }, mode & !umask);
+        }
+        // SAFETY: umask cannot fail and touches no memory; this thread's context is its own.
+        unsafe { libc::umask(umask as libc::mode_t) };
+        (CallerUmask { set: true }, mode)
+    }
+}
+
+impl Drop for CallerUmask {
+    fn drop(&mut self) {
+        if self.set {
+            // Back to the server's own umask (0: see fs::mount). SAFETY: as above.
+            unsafe { libc::umask(0) };
+        }
+    }
+}
