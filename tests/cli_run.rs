@@ -311,7 +311,10 @@ fn sigkill_to_cachefs_leaves_no_mount() {
     let gone = wait_until(Duration::from_secs(15), || !process_alive(cmd_pid));
     // An orphaned command is ours to end.
     unsafe { libc::kill(cmd_pid, libc::SIGKILL) };
-    assert!(gone, "the command still runs 15 s after cachefs was SIGKILLed");
+    assert!(
+        gone,
+        "the command still runs 15 s after cachefs was SIGKILLed"
+    );
     assert!(!is_mounted(&t), "a mount in the caller's namespace");
     assert!(fs::read_dir(&t).is_ok(), "target readable (no ENOTCONN)");
 }
@@ -825,11 +828,19 @@ fn target_already_mounted_exits_2() {
     let count_before = env.cache_count();
     let out = env.run(
         &[spec("other", &t2, "")],
-        &["sh", "-c", &format!("[ ! -e '{}/mark' ] && echo ran", t2.display())],
+        &[
+            "sh",
+            "-c",
+            &format!("[ ! -e '{}/mark' ] && echo ran", t2.display()),
+        ],
     );
     assert_ok(&out);
     assert_eq!(stdout_of(&out), "ran\n");
-    assert_eq!(env.cache_count(), count_before + 1, "a cache for the second run");
+    assert_eq!(
+        env.cache_count(),
+        count_before + 1,
+        "a cache for the second run"
+    );
     kill(holder.id(), libc::SIGTERM);
     wait_child(&mut holder, "holder");
     assert!(!is_mounted(&t2));

@@ -1418,7 +1418,11 @@ fn umount_refuses_a_run_mount_of(multi_line: bool) {
     let outside = is_mounted(&t);
     fs::write(env.path("go"), b"").unwrap();
     job.assert_success();
-    assert_eq!(job.stdout(), "still mounted\n", "the run's mount was not left alone");
+    assert_eq!(
+        job.stdout(),
+        "still mounted\n",
+        "the run's mount was not left alone"
+    );
     assert_no_mounts_under(env.dir.path());
 
     assert_code(&out, 2, "umount of a run's mount");

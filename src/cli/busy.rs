@@ -77,7 +77,11 @@ pub struct Holder {
 pub fn holders_elsewhere(dev: (u32, u32), limit: usize) -> Vec<Holder> {
     use std::collections::HashMap;
     use std::os::unix::fs::MetadataExt;
-    let ns_of = |pid: &str| fs::metadata(format!("/proc/{pid}/ns/mnt")).ok().map(|m| m.ino());
+    let ns_of = |pid: &str| {
+        fs::metadata(format!("/proc/{pid}/ns/mnt"))
+            .ok()
+            .map(|m| m.ino())
+    };
     let Some(ours) = ns_of("self") else {
         return Vec::new();
     };
@@ -172,9 +176,7 @@ pub fn unmount_in_namespace_of(pid: u32, mount_point: &Path) -> std::io::Result<
             }
             match libc::WIFEXITED(status).then(|| libc::WEXITSTATUS(status)) {
                 Some(0) => Ok(()),
-                Some(255) | None => Err(std::io::Error::other(
-                    "cannot enter the mount namespace",
-                )),
+                Some(255) | None => Err(std::io::Error::other("cannot enter the mount namespace")),
                 Some(errno) => Err(std::io::Error::from_raw_os_error(errno)),
             }
         }

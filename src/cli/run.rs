@@ -44,6 +44,12 @@ SPEC is Dockerfile's cache-mount syntax, comma-separated key=value pairs:
   cache-to=REF      push the cache to a registry reference after CMD succeeded
   cache-to-when=W   always (default) or changed: push only if the tree differs from REF's
 
+As root, the caches are mounted in a mount namespace of cachefs's own, as a container runtime
+does: they exist only for CMD and its processes, never in the caller's namespace (look inside
+with nsenter --mount --target PID). Without root they are mounted where the caller's other
+processes can see them. Either way CMD is killed if cachefs dies, and a cache whose cachefs
+died stays mounted dead (ENOTCONN) rather than reveal the directory it hides.
+
 CMD runs with cachefs's stdio, environment, working directory and umask. SIGINT, SIGTERM, SIGHUP
 and SIGQUIT are forwarded to it; a second SIGINT/SIGTERM kills it with SIGKILL. When it ends,
 processes it left running are stopped (SIGTERM, SIGKILL after 3s), everything is unmounted, and

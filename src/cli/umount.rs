@@ -268,8 +268,7 @@ fn force_end(
     if dev.0 == 0 {
         if let Err(e) = fs::abort_connection(dev.1) {
             // Already gone (the server exited meanwhile) is what we want.
-            if !holder.is_some_and(|h| wait_for_exit_quietly(h.pid, Duration::from_millis(200)))
-            {
+            if !holder.is_some_and(|h| wait_for_exit_quietly(h.pid, Duration::from_millis(200))) {
                 return Err(anyhow!(
                     "cannot abort the FUSE connection of {} (/sys/fs/fuse/connections/{}): {e}",
                     target.display(),

@@ -752,3 +752,35 @@ pub fn mount(source: &Path, target: &Path, opts: &FsOptions) -> Result<MountedFs
         evictor,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_in_pseudo_filesystems() {
+        for t in ["/proc", "/proc/self", "/sys/kernel", "/dev/shm/x", "/dev"] {
+            assert!(
+                matches!(
+                    check_target_path(Path::new(t)),
+                    Err(FsError::TargetPseudo(..))
+                ),
+                "{t}"
+            );
+        }
+        // `..` is resolved before the check.
+        assert!(matches!(
+            check_target_path(Path::new("/tmp/../proc/1")),
+            Err(FsError::TargetPseudo(..))
+        ));
+        // Through a symlink to /sys, also for a path below it that does not exist yet.
+        let dir = tempfile::tempdir().unwrap();
+        let link = dir.path().join("sys");
+        std::os::unix::fs::symlink("/sys", &link).unwrap();
+        let err = check_target_path(&link.join("kernel/not-there")).unwrap_err();
+        assert!(err.to_string().contains("/sys (through"), "{err}");
+        // Names that merely start alike are fine.
+        assert_eq!(pseudo_filesystem_of(Path::new("/procs/x")), None);
+        assert_eq!(pseudo_filesystem_of(dir.path()), None);
+    }
+}

@@ -34,8 +34,7 @@ fn alive(pid: i32) -> bool {
 }
 
 fn read_pid(p: &Path) -> i32 {
-    assert!(wait_until(T, || fs::read_to_string(p)
-        .is_ok_and(|s| s.ends_with('\n'))));
+    assert!(wait_until(T, || fs::read_to_string(p).is_ok_and(|s| s.ends_with('\n'))));
     fs::read_to_string(p).unwrap().trim().parse().unwrap()
 }
 
@@ -94,13 +93,19 @@ fn sigkill_of_run_kills_its_command_and_nothing_lands_in_the_host_dir() {
         rd.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect::<Vec<_>>()
     });
-    assert!(gone, "the command still runs 5 s after cachefs was SIGKILLed");
+    assert!(
+        gone,
+        "the command still runs 5 s after cachefs was SIGKILLed"
+    );
     assert_eq!(
         names.unwrap(),
         vec!["host-file".to_string()],
         "the host's directory changed"
     );
-    assert!(!is_mounted(&t), "a mount at the target in the host's namespace");
+    assert!(
+        !is_mounted(&t),
+        "a mount at the target in the host's namespace"
+    );
 }
 
 /// Item 2 (b): while the run is live, the cache exists for the command only: the host's
@@ -130,14 +135,21 @@ fn a_live_run_mounts_only_in_its_own_namespace() {
         wait_until(T, || ready.exists()),
         "the command does not see the cache at its target"
     );
-    assert!(!is_mounted(&t), "the run's mount is in the host's namespace");
+    assert!(
+        !is_mounted(&t),
+        "the run's mount is in the host's namespace"
+    );
     assert_eq!(dir_names(&t), ["host-file"], "the host's directory changed");
     assert_ne!(
         mnt_ns(&cmd_pid.to_string()),
         mnt_ns("self"),
         "the command runs in the host's mount namespace"
     );
-    assert_eq!(env.find_in_caches("inside").len(), 1, "written to the cache");
+    assert_eq!(
+        env.find_in_caches("inside").len(),
+        1,
+        "written to the cache"
+    );
     signal(run.0.id(), libc::SIGTERM);
     let status = run.0.wait().unwrap();
     assert_eq!(status.code(), Some(143));
@@ -199,7 +211,8 @@ fn sigkill_of_a_non_root_run_kills_its_command() {
     );
     // unshare, sh and setpriv exec each other: the child is cachefs by now.
     assert!(
-        fs::read_to_string(format!("/proc/{}/comm", run.0.id())).is_ok_and(|c| c.trim() == "cachefs")
+        fs::read_to_string(format!("/proc/{}/comm", run.0.id()))
+            .is_ok_and(|c| c.trim() == "cachefs")
     );
     signal(run.0.id(), libc::SIGKILL);
     run.0.wait().unwrap();
@@ -208,7 +221,10 @@ fn sigkill_of_a_non_root_run_kills_its_command() {
         signal(cmd_pid as u32, libc::SIGKILL);
     }
     let names = dir_names(&t);
-    assert!(gone, "the command still runs 5 s after cachefs was SIGKILLed");
+    assert!(
+        gone,
+        "the command still runs 5 s after cachefs was SIGKILLed"
+    );
     assert_eq!(names, ["host-file"], "the host's directory changed");
 }
 
@@ -257,7 +273,14 @@ fn umount_of_a_mount_pinned_by_another_namespace() {
     }
     let env = CliEnv::new();
     let t = env.path("t");
-    let out = env.cachefs(&["mount", "--id", "pin", "--sharing", "locked", t.to_str().unwrap()]);
+    let out = env.cachefs(&[
+        "mount",
+        "--id",
+        "pin",
+        "--sharing",
+        "locked",
+        t.to_str().unwrap(),
+    ]);
     ok(&out, "cachefs mount");
     let pinner = Guard(
         Command::new("unshare")
@@ -267,8 +290,10 @@ fn umount_of_a_mount_pinned_by_another_namespace() {
             .unwrap(),
     );
     let pid = pinner.0.id().to_string();
-    assert!(wait_until(T, || fs::read_to_string(format!("/proc/{pid}/comm"))
-        .is_ok_and(|c| c.trim() == "sleep")));
+    assert!(wait_until(T, || fs::read_to_string(format!(
+        "/proc/{pid}/comm"
+    ))
+    .is_ok_and(|c| c.trim() == "sleep")));
     assert_ne!(mnt_ns(&pid), mnt_ns("self"));
 
     let out = env.cachefs(&["umount", "--timeout", "2s", t.to_str().unwrap()]);
@@ -280,7 +305,11 @@ fn umount_of_a_mount_pinned_by_another_namespace() {
     ok(&out, "cachefs umount --force");
     // The lease is free: a locked mount gets the cache without waiting.
     let out = env.run(
-        &[spec("pin", &env.path("t2"), "sharing=locked,lock-timeout=5s")],
+        &[spec(
+            "pin",
+            &env.path("t2"),
+            "sharing=locked,lock-timeout=5s",
+        )],
         &["true"],
     );
     ok(&out, "a locked run after umount --force");
@@ -310,7 +339,11 @@ fn a_run_does_not_pin_another_mount() {
     let mut c = env.run_cmd(
         &[],
         &[spec("r", &t2, "")],
-        &["sh", "-c", &format!("touch '{}'; exec sleep 60", ready.display())],
+        &[
+            "sh",
+            "-c",
+            &format!("touch '{}'; exec sleep 60", ready.display()),
+        ],
     );
     c.stdout(Stdio::null()).stderr(Stdio::null());
     let mut run = Guard(c.spawn().unwrap());
