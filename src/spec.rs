@@ -693,7 +693,15 @@ mod tests {
         );
         // Surrounding whitespace is dropped (see whitespace_around_unquoted_values_is_dropped).
         assert_eq!(parse("target=/x,gid= 1").gid, 1);
-        for bad in ["-1", "+1", "1.0", "1 2", "4294967295", "99999999999", "0x10"] {
+        for bad in [
+            "-1",
+            "+1",
+            "1.0",
+            "1 2",
+            "4294967295",
+            "99999999999",
+            "0x10",
+        ] {
             let e = err(&format!("target=/x,gid={bad}"));
             assert!(
                 e.starts_with(&format!("mount spec: invalid gid '{bad}'")),

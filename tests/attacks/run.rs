@@ -324,6 +324,43 @@ fn umount_of_a_mount_pinned_by_another_namespace() {
     assert!(!left.status.success(), "the pinned copy still serves");
 }
 
+/// `--force` straight away (the mount still up here, a copy pinned elsewhere): exit 0 only once
+/// the server is gone and its lease free.
+#[test]
+fn umount_force_ends_a_pinned_mount_at_once() {
+    if skip_unless_root("umount_force_ends_a_pinned_mount_at_once") {
+        return;
+    }
+    let env = CliEnv::new();
+    let t = env.path("t");
+    let out = env.cachefs(&[
+        "mount",
+        "--id",
+        "pin2",
+        "--sharing",
+        "locked",
+        t.to_str().unwrap(),
+    ]);
+    ok(&out, "cachefs mount");
+    let pinner = Guard(
+        Command::new("unshare")
+            .args(["-m", "sleep", "1000"])
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let pid = pinner.0.id().to_string();
+    assert!(wait_until(T, || fs::read_to_string(format!(
+        "/proc/{pid}/comm"
+    ))
+    .is_ok_and(|c| c.trim() == "sleep")));
+    let out = env.cachefs(&["umount", "--force", t.to_str().unwrap()]);
+    ok(&out, "cachefs umount --force");
+    let ls = ok(&env.cachefs(&["ls", "--json"]), "ls");
+    assert_eq!(ls.trim(), "[]", "the lease is free when umount returns");
+    assert!(!is_mounted(&t));
+}
+
 /// A `cachefs run` started while a `cachefs mount` is up holds a copy of it in its namespace:
 /// that copy must not keep the mount's server alive after `cachefs umount` (a run is not a
 /// stranger's namespace: its copy is unmounted, as propagation would).
