@@ -159,17 +159,12 @@ fn not_mounted_here(global: &Global, args: &Args, target: &Path) -> anyhow::Resu
             lease::one_line_command(&h.command, 80)
         )));
     }
-    let Some(dev) = copy_elsewhere(&canon, &h) else {
-        // Its server is on its way out (or holds the lease for a mount it has not made yet).
-        if wait_for_exit_quietly(h.pid, args.timeout) {
-            return Ok(0);
-        }
-        return Err(usage(anyhow!(
-            "{} is not mounted (its server, pid {}, still holds cache {:?})",
-            target.display(),
-            h.pid,
-            h.id
-        )));
+    // A server still waiting for its lease has mounted nothing yet.
+    let copy = (h.state == crate::store::LeaseState::Held)
+        .then(|| copy_elsewhere(&canon, &h))
+        .flatten();
+    let Some(dev) = copy else {
+        return Err(usage(anyhow!("{} is not mounted", target.display())));
     };
     if args.force {
         return force_end(&canon, dev, Some(&h), args.timeout);
