@@ -214,12 +214,14 @@ impl MountedFs {
                     }
                     _ => result = Err(FsError::Unmount(target.clone(), e)),
                 }
-            } else if !self.end_watch().wait(PINNED_GRACE) {
-                // Gone from our namespace, but the session goes on: a copy of the mount in
-                // another mount namespace (one made while it was mounted) keeps the
-                // connection alive, and would keep it for as long as that namespace lives.
-                // We were asked to stop serving: end the connection (the copies answer
-                // ENOTCONN) rather than hang.
+            } else if !self.end_watch().wait(PINNED_GRACE)
+                && self.connection.is_some_and(connection_exists)
+            {
+                // Gone from our namespace, but the connection lives on: a copy of the mount
+                // in another mount namespace (one made while it was mounted) keeps it, and
+                // would for as long as that namespace lives. We were asked to stop serving:
+                // end the connection (the copies answer ENOTCONN) rather than hang. (A
+                // connection already gone only has its threads finishing: join them.)
                 debug!(
                     "{} is held in another mount namespace; aborting its connection",
                     target.display()
@@ -269,17 +271,36 @@ pub fn connection_of(dev: u64) -> u32 {
 /// fusectl there first if it is not (as root; harmless and idempotent). The server then sees
 /// its session end, and every mount of the connection, in any namespace, answers ENOTCONN.
 pub fn abort_connection(n: u32) -> io::Result<()> {
-    let dir = Path::new("/sys/fs/fuse/connections");
-    if !dir.join(n.to_string()).exists() {
+    mount_fusectl();
+    std::fs::write(Path::new(FUSECTL).join(n.to_string()).join("abort"), b"1")
+}
+
+/// Where the kernel's fusectl filesystem lists FUSE connections.
+const FUSECTL: &str = "/sys/fs/fuse/connections";
+
+/// Whether fusectl is mounted at [`FUSECTL`].
+fn fusectl_mounted() -> bool {
+    const FUSECTL_MAGIC: i64 = 0x6573_5543;
+    rustix::fs::statfs(FUSECTL).is_ok_and(|st| st.f_type == FUSECTL_MAGIC)
+}
+
+/// Mounts fusectl at [`FUSECTL`] unless it is there (it often is not).
+fn mount_fusectl() {
+    if !fusectl_mounted() {
         let _ = std::process::Command::new("mount")
-            .args(["-t", "fusectl", "fusectl"])
-            .arg(dir)
+            .args(["-t", "fusectl", "fusectl", FUSECTL])
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .status();
     }
-    std::fs::write(dir.join(n.to_string()).join("abort"), b"1")
+}
+
+/// Whether FUSE connection `n` still exists (its last mount, in any namespace, keeps it).
+/// When fusectl cannot be mounted, assumes it does.
+fn connection_exists(n: u32) -> bool {
+    mount_fusectl();
+    !fusectl_mounted() || Path::new(FUSECTL).join(n.to_string()).exists()
 }
 
 impl Drop for MountedFs {
