@@ -414,3 +414,38 @@ fn whitespace_around_spec_values_is_dropped() {
     assert!(ls.contains("\"a\""), "{ls}");
     assert!(!ls.contains("\"a \""), "{ls}");
 }
+
+/// A server asked to unmount (here the in-process one of the tests; `cachefs mount` on SIGTERM
+/// and `cachefs run` at its end do the same) must not hang because another mount namespace,
+/// a run's or a stranger's, still holds a copy of its mount: it ends the connection. Before:
+/// `unmount()` waited for the serving threads as long as the copy lived.
+#[test]
+fn unmount_returns_while_another_namespace_holds_a_copy() {
+    if skip_unless_root("unmount_returns_while_another_namespace_holds_a_copy") {
+        return;
+    }
+    let mut tm = TestMount::new();
+    fs::write(tm.m("f"), b"x").unwrap();
+    let pinner = Guard(
+        Command::new("unshare")
+            .args(["-m", "sleep", "1000"])
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let pid = pinner.0.id().to_string();
+    assert!(wait_until(T, || fs::read_to_string(format!(
+        "/proc/{pid}/comm"
+    ))
+    .is_ok_and(|c| c.trim() == "sleep")));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let started = std::time::Instant::now();
+    std::thread::spawn(move || {
+        tm.unmount();
+        let _ = tx.send(());
+    });
+    let done = rx.recv_timeout(Duration::from_secs(20)).is_ok();
+    drop(pinner);
+    assert!(done, "unmount() hangs while another namespace holds a copy");
+    assert!(started.elapsed() < Duration::from_secs(10));
+}
