@@ -71,12 +71,12 @@ drop_caches() {
 
 # --- scratch space and cleanup -----------------------------------------------------------
 
-declare -A PIDS    # configuration -> pid of its `cachefs run`
+declare -A MOUNTED    # configuration -> target of its `cachefs mount`
 declare -A DIRS    # configuration -> directory the workloads run in
 BINDFS_MNT=""
 cleanup() {
     set +e
-    for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null; wait "$pid" 2>/dev/null; done
+    for t in "${MOUNTED[@]}"; do "$CACHEFS" --store "$WORK/store" umount --force "$t" 2>/dev/null; done
     if [ -n "$BINDFS_MNT" ] && mountpoint -q "$BINDFS_MNT"; then
         fusermount3 -u "$BINDFS_MNT" 2>/dev/null || umount -l "$BINDFS_MNT"
     fi
@@ -139,9 +139,12 @@ setup() {
             local extra=() env=()
             if [ "$config" = userspace ]; then extra=(--no-passthrough); fi
             if [ "$config" = nocount ]; then env=(CACHEFS_NO_ACCOUNTING=1); fi
-            env "${env[@]}" "$CACHEFS" --store "$WORK/store" run "${extra[@]}" \
-                --mount "type=cache,id=bench-$config,target=$dir" -- sleep infinity &
-            PIDS[$config]=$!
+            # `cachefs mount`, not `cachefs run -- sleep`: a run's mount exists only in its
+            # command's mount namespace, and the workloads run from here. The same filesystem
+            # serves both. (The server inherits the environment, CACHEFS_NO_ACCOUNTING too.)
+            env "${env[@]}" "$CACHEFS" --store "$WORK/store" mount "${extra[@]}" \
+                --id "bench-$config" "$dir" || die "cachefs mount $dir failed"
+            MOUNTED[$config]=$dir
             wait_mounted "$dir"
             ;;
         bindfs)
@@ -160,9 +163,8 @@ teardown() {
     local config=$1 dir=${DIRS[$1]}
     case "$config" in
         passthrough|userspace|nocount)
-            kill -TERM "${PIDS[$config]}"
-            wait "${PIDS[$config]}" 2>/dev/null || true
-            unset "PIDS[$config]"
+            "$CACHEFS" --store "$WORK/store" umount "${MOUNTED[$config]}" || die "cachefs umount $dir failed"
+            unset "MOUNTED[$config]"
             ! mountpoint -q "$dir" || die "cachefs left $dir mounted"
             ;;
         bindfs)

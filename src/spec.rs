@@ -240,10 +240,14 @@ impl MountSpec {
         let mut cache_to_if_changed = false;
         let mut seen: Vec<(Slot, String)> = Vec::new();
 
-        for (i, field) in split_fields(s)?.into_iter().enumerate() {
+        for (i, (field, quoted)) in split_fields(s)?.into_iter().enumerate() {
             let position = i + 1;
+            // Whitespace around an unquoted value is dropped, as around keys: `target=/x ,id=a`
+            // means /x (a space pasted before a comma or from a wrapped line is never meant as
+            // part of a path). A quoted value keeps everything: `target="/x "`.
             let (raw_key, value) = match field.split_once('=') {
-                Some((k, v)) => (k, Some(v)),
+                Some((k, v)) if quoted => (k, Some(v)),
+                Some((k, v)) => (k, Some(v.trim())),
                 None => (field.as_str(), None),
             };
             let key_trimmed = raw_key.trim();
@@ -511,7 +515,8 @@ fn parse_bool(s: &str) -> Option<bool> {
 /// it) or the whole value (`id="a,b"`, which reads more naturally). Inside quotes `""`
 /// is a literal quote. A quote anywhere else, or text after a closing quote, is an
 /// error rather than a guess.
-fn split_fields(s: &str) -> Result<Vec<String>, SpecError> {
+/// Each field comes with whether any of it was quoted.
+fn split_fields(s: &str) -> Result<Vec<(String, bool)>, SpecError> {
     let mut fields = Vec::new();
     let mut chars = s.chars().peekable();
     loop {
@@ -571,7 +576,7 @@ fn split_fields(s: &str) -> Result<Vec<String>, SpecError> {
                 }
             }
         };
-        fields.push(field);
+        fields.push((field, quoted_once));
         // After a trailing comma the loop runs once more and yields an empty field,
         // which the caller reports.
         if !more {
@@ -686,7 +691,17 @@ mod tests {
             err("target=/x,uid=abc"),
             "mount spec: invalid uid 'abc': expected a decimal number from 0 to 4294967294"
         );
-        for bad in ["-1", "+1", "1.0", " 1", "4294967295", "99999999999", "0x10"] {
+        // Surrounding whitespace is dropped (see whitespace_around_unquoted_values_is_dropped).
+        assert_eq!(parse("target=/x,gid= 1").gid, 1);
+        for bad in [
+            "-1",
+            "+1",
+            "1.0",
+            "1 2",
+            "4294967295",
+            "99999999999",
+            "0x10",
+        ] {
             let e = err(&format!("target=/x,gid={bad}"));
             assert!(
                 e.starts_with(&format!("mount spec: invalid gid '{bad}'")),
@@ -939,6 +954,26 @@ mod tests {
         assert!(err("target=/x,\"id\"=a").contains("text after a closing"));
         // A quoted empty value is still empty.
         assert_eq!(err("target=/x,id=\"\""), "mount spec: empty value for 'id'");
+    }
+
+    #[test]
+    fn whitespace_around_unquoted_values_is_dropped() {
+        let m = parse("target=/x/t ,id=a");
+        assert_eq!(m.target, PathBuf::from("/x/t"));
+        assert_eq!(m.id.as_str(), "a");
+        let m = parse(" type = cache , id = apt ,target=\t/var/cache/apt\t, sharing= locked ");
+        assert_eq!(m.target, PathBuf::from("/var/cache/apt"));
+        assert_eq!(m.id.as_str(), "apt");
+        assert_eq!(m.sharing, Sharing::Locked);
+        // Inner spaces stay; quoted values keep their edges.
+        assert_eq!(parse("target=/x/a b ").target, PathBuf::from("/x/a b"));
+        assert_eq!(parse("target=\"/x/t \"").target, PathBuf::from("/x/t "));
+        assert_eq!(parse("\"target=/x/t \"").target, PathBuf::from("/x/t "));
+        // Nothing but whitespace is an empty value.
+        assert_eq!(err("target=/x,id=  "), "mount spec: empty value for 'id'");
+        // What Display writes (edge whitespace quoted) still parses back.
+        let m = parse("target=\" /x \",id=\" a\"");
+        assert_eq!(parse(&m.to_string()), m);
     }
 
     #[test]

@@ -448,9 +448,8 @@ fn wait_lease(env: &CliEnv, id: &str, job: &mut Bg, state: &str) -> Value {
 /// granted.
 #[track_caller]
 fn wait_mounted(job: &mut Bg, target: &Path) {
-    let ok = wait_until(T, || {
-        mount_fstype(target).as_deref() == Some("fuse.cachefs")
-    });
+    let pid = job.pid() as u32;
+    let ok = wait_until(T, || cachefs_mounted_for(pid, target));
     if !ok {
         let running = job.running();
         panic!(
@@ -1392,11 +1391,13 @@ fn umount_refuses_a_run_mount_of(multi_line: bool) {
     let env = CliEnv::new();
     let t = env.path("r");
     let ready = env.path("ready");
+    // The run's mount exists only in its command's namespace: the command itself writes and,
+    // after the umount attempt, checks that its mount is still there.
     let script = format!(
-        "touch '{}'; i=0; while [ ! -e '{}' ] && [ $i -lt 1200 ]; do i=$((i+1)); sleep 0.05; done; cat '{}/x'",
+        "echo still mounted > '{t}/x'; touch '{}'; i=0; while [ ! -e '{}' ] && [ $i -lt 1200 ]; do i=$((i+1)); sleep 0.05; done; mountpoint -q '{t}' && cat '{t}/x'",
         p(&ready),
         p(&env.path("go")),
-        p(&t)
+        t = p(&t)
     );
     let script = if multi_line {
         script.replace("; ", "\n")
@@ -1414,15 +1415,18 @@ fn umount_refuses_a_run_mount_of(multi_line: bool) {
     let out = cachefs(&env, &["umount", p(&t)]);
     let err = stderr_of(&out);
     // Let the run end normally before asserting anything.
-    let alone = mount_fstype(&t).as_deref() == Some("fuse.cachefs");
-    let _ = fs::write(t.join("x"), b"still mounted");
+    let outside = is_mounted(&t);
     fs::write(env.path("go"), b"").unwrap();
     job.assert_success();
-    assert_eq!(job.stdout(), "still mounted");
+    assert_eq!(
+        job.stdout(),
+        "still mounted\n",
+        "the run's mount was not left alone"
+    );
     assert_no_mounts_under(env.dir.path());
 
     assert_code(&out, 2, "umount of a run's mount");
-    assert!(alone, "the run's mount was not left alone");
+    assert!(!outside, "the run's mount is in the caller's namespace");
     assert!(
         err.starts_with(&format!(
             "cachefs: {} belongs to `cachefs run` (pid {}",

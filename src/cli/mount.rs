@@ -255,7 +255,8 @@ fn start_server(
     }
     let inherited = Inherited::capture();
     let supervisor = Supervisor::start().context("cannot set up signal forwarding")?;
-    let child = match supervisor.spawn(&mut cmd, &inherited) {
+    // Not tied: the server outlives this command.
+    let child = match supervisor.spawn(&mut cmd, &inherited, false) {
         Started::Running(child) => child,
         Started::Interrupted(sig) => return Ok(128 + sig as i32),
         Started::Failed(err) => return Err(anyhow!("cannot start the mount server: {err}")),
@@ -329,8 +330,16 @@ fn serve(
         return Ok(code);
     }
     mounts::prepare_counting(&store, &plan, &leases)?;
-    let (live, flusher) =
-        mounts::mount_all(&store, &plan, &leases, !args.no_passthrough, &inherited)?;
+    // auto_unmount: a server killed by SIGKILL leaves no dead mount in the namespace of
+    // everyone (nothing of ours writes there once the server is gone).
+    let (live, flusher) = mounts::mount_all(
+        &store,
+        &plan,
+        &leases,
+        !args.no_passthrough,
+        true,
+        &inherited,
+    )?;
     if let Some(fd) = ready {
         let mut pipe = File::from(fd);
         if let Err(e) = pipe.write_all(READY) {

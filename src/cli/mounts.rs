@@ -162,7 +162,7 @@ pub(crate) fn precheck_targets(store: &Store, plan: &[Planned]) -> anyhow::Resul
 }
 
 /// Clears a dead cachefs mount at `target`, saying so. Returns whether there was one.
-fn clear_if_dead(target: &Path) -> anyhow::Result<bool> {
+pub(crate) fn clear_if_dead(target: &Path) -> anyhow::Result<bool> {
     let cleared = fs::clear_dead_mount(target)
         .with_context(|| format!("cannot clear the dead mount at {}", target.display()))?;
     if cleared {
@@ -360,6 +360,7 @@ pub(crate) fn mount_all(
     plan: &[Planned],
     leases: &[Lease<'_>],
     passthrough: bool,
+    auto_unmount: bool,
     inherited: &Inherited,
 ) -> anyhow::Result<(Vec<Live>, Flusher)> {
     let mut live: Vec<Live> = Vec::with_capacity(plan.len());
@@ -372,6 +373,7 @@ pub(crate) fn mount_all(
             planned,
             lease.instance().clone(),
             passthrough,
+            auto_unmount,
             inherited,
             accountant.clone(),
         ) {
@@ -399,6 +401,7 @@ fn mount_one(
     planned: &Planned,
     instance: Instance,
     passthrough: bool,
+    auto_unmount: bool,
     inherited: &Inherited,
     accountant: Option<Arc<Accountant>>,
 ) -> anyhow::Result<Live> {
@@ -422,6 +425,7 @@ fn mount_one(
         read_only: spec.read_only,
         fsname: fsname_for(spec.id.as_str()),
         accounting: accountant,
+        auto_unmount,
         ..FsOptions::default()
     };
     if spec.sharing != Sharing::Shared {

@@ -44,6 +44,12 @@ SPEC is Dockerfile's cache-mount syntax, comma-separated key=value pairs:
   cache-to=REF      push the cache to a registry reference after CMD succeeded
   cache-to-when=W   always (default) or changed: push only if the tree differs from REF's
 
+As root, the caches are mounted in a mount namespace of cachefs's own, as a container runtime
+does: they exist only for CMD and its processes, never in the caller's namespace (look inside
+with nsenter --mount --target PID). Without root they are mounted where the caller's other
+processes can see them. Either way CMD is killed if cachefs dies, and a cache whose cachefs
+died stays mounted dead (ENOTCONN) rather than reveal the directory it hides.
+
 CMD runs with cachefs's stdio, environment, working directory and umask. SIGINT, SIGTERM, SIGHUP
 and SIGQUIT are forwarded to it; a second SIGINT/SIGTERM kills it with SIGKILL. When it ends,
 processes it left running are stopped (SIGTERM, SIGKILL after 3s), everything is unmounted, and
@@ -119,6 +125,10 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
     // Read before mounting changes them for the FUSE server (umask 0, raised fd limit).
     let inherited = Inherited::capture();
 
+    // As root, the mounts live in a mount namespace of the command's own, made while cachefs
+    // is still single-threaded so every thread it starts is in it (see `private_namespace`).
+    let isolated = rustix::process::geteuid().is_root() && enter_private_namespace(&plan)?;
+
     // 2. From here on a signal must not kill cachefs with its mounts up.
     let supervisor = Supervisor::start().context("cannot set up signal forwarding")?;
 
@@ -156,8 +166,17 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
         return Ok(code);
     }
     mounts::prepare_counting(&store, &plan, &leases)?;
-    let (live, flusher) =
-        mounts::mount_all(&store, &plan, &leases, !args.no_passthrough, &inherited)?;
+    // No auto_unmount (fusermount3): if cachefs dies, its mounts must stay dead (ENOTCONN)
+    // rather than reveal the directories they hide to a command still writing there.
+    let (live, flusher) = mounts::mount_all(
+        &store,
+        &plan,
+        &leases,
+        !args.no_passthrough,
+        false,
+        &inherited,
+    )?;
+    tracing::debug!(isolated, "mounted");
 
     // 4. The command.
     let mut cmd = Command::new(program);
@@ -174,7 +193,9 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
         tracing::warn!(%err, "cannot become a child subreaper; leftover processes are not stopped");
     }
     let helpers: HashSet<_> = reaper::children().into_iter().collect();
-    let outcome = match supervisor.spawn(&mut cmd, &inherited) {
+    // Tied: the command gets SIGKILL if cachefs dies (this is the main thread, which lives as
+    // long as cachefs does).
+    let outcome = match supervisor.spawn(&mut cmd, &inherited, true) {
         Started::Running(child) => {
             let pid = child.id();
             tracing::info!(pid, command = ?args.command, "command started");
@@ -231,6 +252,50 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
         );
     }
     outcome
+}
+
+/// Gives this process a mount namespace of its own, as a container runtime does, so the caches
+/// (and the hiding of a non-empty target) exist only for cachefs and the command's process
+/// tree: nothing the command writes can land in the directory a mount hides from everyone
+/// else, even after cachefs was killed (a mount whose server died stays there, dead).
+///
+/// Every mount becomes a slave of the caller's: mounts and unmounts there still reach the
+/// command (where the caller's mounts are shared, as systemd makes them), ours never go back.
+/// Dead cachefs mounts at the targets are cleared in the caller's namespace first. Returns
+/// false (with a warning) when the kernel refuses a namespace: the mounts are then made here,
+/// visible to others, as without root.
+fn enter_private_namespace(plan: &[Planned]) -> anyhow::Result<bool> {
+    for p in plan {
+        mounts::clear_if_dead(&p.target)?;
+    }
+    // SAFETY: unshare(2) with a flag constant; it changes only this process's namespaces.
+    if unsafe { libc::unshare(libc::CLONE_NEWNS) } != 0 {
+        let err = std::io::Error::last_os_error();
+        print_warning(format_args!(
+            "cannot make a mount namespace for the command ({err}); its caches are mounted where other processes see them"
+        ));
+        return Ok(false);
+    }
+    // SAFETY: mount(2) with a valid C string for the target and null pointers where the call
+    // allows them (a propagation change takes no source, type or data).
+    let rc = unsafe {
+        libc::mount(
+            std::ptr::null(),
+            c"/".as_ptr(),
+            std::ptr::null(),
+            libc::MS_REC | libc::MS_SLAVE,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        // With the caller's propagation, our mounts could appear in the caller's namespace:
+        // not a state to run in.
+        return Err(anyhow!(
+            "cannot make the mounts of the command's namespace private: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(true)
 }
 
 /// If the caller's working directory is inside a mount target, the inherited directory is the

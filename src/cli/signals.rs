@@ -156,15 +156,32 @@ impl Supervisor {
 
     /// Starts `cmd` with the process state captured in `inherited` and an empty signal mask,
     /// unless a signal already asked cachefs to stop.
-    pub fn spawn(&self, cmd: &mut Command, inherited: &Inherited) -> Started {
+    ///
+    /// With `tied`, the command gets SIGKILL when cachefs dies (PR_SET_PDEATHSIG): a command
+    /// must never outlive the mounts it runs with. The kernel sends it when the *thread* that
+    /// forked exits, so call this from the main thread, which lives as long as cachefs.
+    pub fn spawn(&self, cmd: &mut Command, inherited: &Inherited, tied: bool) -> Started {
         let inherited = *inherited;
+        // SAFETY: getpid(2) cannot fail and touches no memory.
+        let parent = unsafe { libc::getpid() };
         // SAFETY: the closure runs in the forked child before exec and only makes the
-        // umask(2), setrlimit(2) and sigprocmask(2) system calls, which take no locks and
-        // allocate nothing; the signal set is built before the fork.
+        // umask(2), setrlimit(2), sigprocmask(2), prctl(2), getppid(2) and _exit(2) system
+        // calls, which take no locks and allocate nothing; the signal set is built before the
+        // fork.
         unsafe {
             let mut empty: libc::sigset_t = std::mem::zeroed();
             libc::sigemptyset(&mut empty);
             cmd.pre_exec(move || {
+                if tied {
+                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                    // cachefs died between the fork and the prctl: the signal will never
+                    // come, so end here.
+                    if libc::getppid() != parent {
+                        libc::_exit(128 + libc::SIGKILL);
+                    }
+                }
                 // The FUSE threads run with umask 0 (they apply each caller's umask
                 // themselves), so the child would otherwise inherit 0.
                 libc::umask(inherited.umask);

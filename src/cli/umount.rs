@@ -4,6 +4,11 @@
 //! ended, releases its lease and exits; this command waits for that, so the lease is free
 //! when it returns. A mount whose server died ("Transport endpoint is not connected") is
 //! detached. Mounts made by `cachefs run` belong to their command and are refused.
+//!
+//! A mount namespace made while the mount was up holds a copy of it, and the FUSE connection
+//! lives as long as any copy: the server then never learns of the unmount. Copies in `cachefs
+//! run` namespaces are unmounted too (as propagation would on a host with shared mounts);
+//! others are named in the error, and `--force` aborts the connection through fusectl.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -17,13 +22,18 @@ use crate::lease;
 use crate::store::{LeaseRow, Store};
 
 const AFTER_HELP: &str = "\
-Exit codes: 0 unmounted (or a dead mount cleared); 2 not a cachefs mount, or a mount that
-belongs to a running `cachefs run`; 1 the mount is busy (see --lazy) or unmounting failed.
+Exit codes: 0 unmounted and its server gone, its lease free (or a dead mount cleared); 2 not a
+cachefs mount, or a mount that belongs to a running `cachefs run`; 1 the mount is busy (see
+--lazy), unmounting failed, or its server still holds the lease: a mount namespace made while
+it was mounted (e.g. by `unshare -m`) holds a copy of it; the message names those processes.
+End them, or end the mount everywhere with --force.
 
 Examples:
   cachefs umount ~/.cargo/registry
   # Detach even while processes still use it (they keep what they have open)
-  cachefs umount --lazy /var/cache/apt";
+  cachefs umount --lazy /var/cache/apt
+  # End it even where other mount namespaces hold it (their users get ENOTCONN)
+  cachefs umount --force /var/cache/apt";
 
 /// `cachefs umount` arguments.
 #[derive(Debug, clap::Args)]
@@ -40,15 +50,21 @@ pub struct Args {
     /// How long to wait for the server to release its lease
     #[arg(long, value_name = "DUR", default_value = "10s", value_parser = super::parse_duration_arg)]
     pub timeout: Duration,
+
+    /// End the mount everywhere: abort its FUSE connection, also when copies of it in other
+    /// mount namespaces keep it alive (processes using it there get ENOTCONN)
+    #[arg(long, conflicts_with = "lazy")]
+    pub force: bool,
 }
 
 pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
     let cwd = std::env::current_dir()
         .map_err(|e| usage(anyhow!("cannot determine the current directory: {e}")))?;
     let target = fs::normalize(&mounts::absolute(&args.target, &cwd));
-    let entry = fs::mount_at(&target)
-        .map_err(|e| anyhow!("cannot read the mount table: {e}"))?
-        .ok_or_else(|| usage(anyhow!("{} is not mounted", target.display())))?;
+    let entry = fs::mount_at(&target).map_err(|e| anyhow!("cannot read the mount table: {e}"))?;
+    let Some(entry) = entry else {
+        return not_mounted_here(global, &args, &target);
+    };
     if !entry.is_cachefs() {
         return Err(usage(anyhow!(
             "{} is not a cachefs mount (it is {} from {})",
@@ -80,6 +96,12 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
             lease::one_line_command(&h.command, 80)
         )));
     }
+    if args.force {
+        // Detach it here whatever holds it, then end the connection everywhere.
+        fs::unmount_path(&target, true)
+            .map_err(|e| anyhow!("cannot unmount {}: {e}", target.display()))?;
+        return force_end(&target, entry.dev, holder.as_ref(), args.timeout);
+    }
     if let Err(e) = fs::unmount_path(&target, args.lazy) {
         if e.raw_os_error() == Some(libc::EBUSY) {
             let users = busy::users_of(entry.mount_id, 5);
@@ -104,12 +126,161 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
                 target.display(),
                 h.pid
             ));
+            Ok(0)
         }
-        Some(_) if args.lazy => {}
-        Some(h) => wait_for_exit(h.pid, args.timeout, &target),
-        None => {}
+        Some(_) if args.lazy => Ok(0),
+        Some(h) => {
+            unpin_runs(entry.dev);
+            if wait_for_exit_quietly(h.pid, args.timeout) {
+                Ok(0)
+            } else {
+                Err(still_held(&target, &h, entry.dev, args.timeout))
+            }
+        }
+        None => Ok(0),
     }
-    Ok(0)
+}
+
+/// TARGET is not a mount in this namespace. It may still be a cache: a `cachefs run`'s (in
+/// that command's own namespace), or a `cachefs mount` unmounted here whose server lives on
+/// because a copy of the mount in another namespace holds it (the second try after a failed
+/// umount, with --force).
+fn not_mounted_here(global: &Global, args: &Args, target: &Path) -> anyhow::Result<i32> {
+    let canon = std::fs::canonicalize(target).unwrap_or_else(|_| target.to_path_buf());
+    let holder = holder_of(global, &canon).or_else(|| holder_of(global, target));
+    let Some(h) = holder else {
+        return Err(usage(anyhow!("{} is not mounted", target.display())));
+    };
+    if h.kind == "run" {
+        return Err(usage(anyhow!(
+            "{} belongs to `cachefs run` (pid {}, running {}); it exists only in that command's mount namespace and is unmounted when the command ends",
+            target.display(),
+            h.pid,
+            lease::one_line_command(&h.command, 80)
+        )));
+    }
+    // A server still waiting for its lease has mounted nothing yet.
+    let copy = (h.state == crate::store::LeaseState::Held)
+        .then(|| copy_elsewhere(&canon, &h))
+        .flatten();
+    let Some(dev) = copy else {
+        return Err(usage(anyhow!("{} is not mounted", target.display())));
+    };
+    if args.force {
+        return force_end(&canon, dev, Some(&h), args.timeout);
+    }
+    unpin_runs(dev);
+    if wait_for_exit_quietly(h.pid, args.timeout) {
+        return Ok(0);
+    }
+    Err(still_held(&canon, &h, dev, args.timeout))
+}
+
+/// The device of the mount `h`'s server made at `target`, found in another mount namespace
+/// (the server's own no longer has it).
+fn copy_elsewhere(target: &Path, h: &LeaseRow) -> Option<(u32, u32)> {
+    let fsname = mounts::fsname_for(&h.id);
+    let procs = std::fs::read_dir("/proc").ok()?;
+    let mut seen = std::collections::HashSet::new();
+    for entry in procs.flatten() {
+        use std::os::unix::fs::MetadataExt;
+        let Some(ns) = std::fs::metadata(entry.path().join("ns/mnt"))
+            .ok()
+            .map(|m| m.ino())
+        else {
+            continue;
+        };
+        if !seen.insert(ns) {
+            continue;
+        }
+        let Ok(info) = std::fs::read(entry.path().join("mountinfo")) else {
+            continue;
+        };
+        if let Some(e) = fs::parse_mountinfo(&info)
+            .into_iter()
+            .find(|e| e.is_cachefs() && e.mount_point == target && e.source == fsname)
+        {
+            return Some(e.dev);
+        }
+    }
+    None
+}
+
+/// Copies of the mount in the namespaces of `cachefs run` commands (made while it was
+/// mounted) are unmounted there, as mount propagation would do on a host whose mounts are
+/// shared: a run must not keep another cache's server alive. A copy the command uses stays
+/// (and is reported by [`still_held`]).
+fn unpin_runs(dev: (u32, u32)) {
+    for h in busy::holders_elsewhere(dev, 1) {
+        if !h.cachefs_run {
+            continue;
+        }
+        if let Err(e) = busy::unmount_in_namespace_of(h.any_pid, &h.mount_point) {
+            tracing::info!(pid = h.any_pid, error = %e, "cannot unmount the copy in a run's namespace");
+        }
+    }
+}
+
+/// The error for a server that still runs after its mount was unmounted here.
+fn still_held(target: &Path, h: &LeaseRow, dev: (u32, u32), waited: Duration) -> anyhow::Error {
+    let holders = busy::holders_elsewhere(dev, 3);
+    let mut pids: Vec<String> = holders.iter().flat_map(|h| h.pids.clone()).collect();
+    let more = pids.len().saturating_sub(5);
+    pids.truncate(5);
+    let why = if pids.is_empty() {
+        format!(
+            "did not exit within {}",
+            crate::units::format_duration(waited)
+        )
+    } else {
+        format!(
+            "is kept alive by copies of the mount in other mount namespaces, held by {}{}",
+            pids.join(", "),
+            if more > 0 {
+                format!(" and {more} more")
+            } else {
+                String::new()
+            }
+        )
+    };
+    anyhow!(
+        "{} is unmounted here, but its server (pid {}) still holds cache {:?}: it {why}; end those processes, or end the mount everywhere with `cachefs umount --force {}`",
+        target.display(),
+        h.pid,
+        h.id,
+        target.display()
+    )
+}
+
+/// --force: aborts the FUSE connection (every copy of the mount, in every namespace, then
+/// answers ENOTCONN), so the server sees its session end, releases its lease and exits.
+fn force_end(
+    target: &Path,
+    dev: (u32, u32),
+    holder: Option<&LeaseRow>,
+    timeout: Duration,
+) -> anyhow::Result<i32> {
+    if dev.0 == 0 {
+        if let Err(e) = fs::abort_connection(dev.1) {
+            // Already gone (the server exited meanwhile) is what we want.
+            if !holder.is_some_and(|h| wait_for_exit_quietly(h.pid, Duration::from_millis(200))) {
+                return Err(anyhow!(
+                    "cannot abort the FUSE connection of {} (/sys/fs/fuse/connections/{}): {e}",
+                    target.display(),
+                    dev.1
+                ));
+            }
+        }
+    }
+    match holder {
+        Some(h) if !wait_for_exit_quietly(h.pid, timeout) => Err(anyhow!(
+            "the connection of {} is aborted, but its server (pid {}) is still running after {}",
+            target.display(),
+            h.pid,
+            crate::units::format_duration(timeout)
+        )),
+        _ => Ok(0),
+    }
 }
 
 /// The live lease row of the mount at `target` in this store, if any.
@@ -154,26 +325,4 @@ fn wait_for_exit_quietly(pid: u32, timeout: Duration) -> bool {
         std::thread::sleep(Duration::from_millis(10));
     }
     true
-}
-
-/// Waits (bounded) for the server to release its lease and exit.
-fn wait_for_exit(pid: u32, timeout: Duration, target: &Path) {
-    let deadline = Instant::now() + timeout;
-    let Ok(pid) = i32::try_from(pid) else {
-        return;
-    };
-    loop {
-        if !is_running(pid) {
-            return;
-        }
-        if Instant::now() >= deadline {
-            print_warning(format_args!(
-                "{} is unmounted, but its server (pid {pid}) is still running after {}",
-                target.display(),
-                crate::units::format_duration(timeout)
-            ));
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
 }

@@ -42,6 +42,10 @@ pub enum FsError {
     TargetMounted(PathBuf),
     #[error("target path {0} is not valid: {1}")]
     TargetInvalid(PathBuf, String),
+    #[error(
+        "target {0} is in {1}, a kernel pseudo-filesystem: a cache cannot be mounted there; choose a directory on a real filesystem"
+    )]
+    TargetPseudo(PathBuf, String),
     #[error("cannot open the instance directory {0}: {1}")]
     Source(PathBuf, std::io::Error),
     #[error("mounting {0} failed: {1}")]
@@ -72,6 +76,10 @@ pub struct FsOptions {
     /// No other mount serves the instance meanwhile (an exclusive lease): accounting needs
     /// no cross-mount lock, and the kernel keeps the mount's file locks itself.
     pub exclusive: bool,
+    /// As root, have fusermount3 unmount the filesystem if this process dies. Off for mounts
+    /// in a private mount namespace (`cachefs run`): there a mount whose server died must
+    /// stay dead (ENOTCONN) rather than reveal the directory it hides.
+    pub auto_unmount: bool,
 }
 
 impl Default for FsOptions {
@@ -86,6 +94,7 @@ impl Default for FsOptions {
             file_handles: true,
             accounting: None,
             exclusive: false,
+            auto_unmount: true,
         }
     }
 }
@@ -101,6 +110,10 @@ pub struct MountedFs {
     ended: Arc<SessionEnd>,
     evictor: Evictor,
 }
+
+/// How long an unmounted filesystem's session may take to end before it is taken to be held
+/// by another mount namespace.
+const PINNED_GRACE: Duration = Duration::from_secs(2);
 
 /// Set when a session's filesystem is dropped, i.e. its serving threads are done.
 #[derive(Default)]
@@ -203,6 +216,22 @@ impl MountedFs {
                     }
                     _ => result = Err(FsError::Unmount(target.clone(), e)),
                 }
+            } else if !self.end_watch().wait(PINNED_GRACE)
+                && self.connection.is_some_and(connection_exists)
+            {
+                // Gone from our namespace, but the connection lives on: a copy of the mount
+                // in another mount namespace (one made while it was mounted) keeps it, and
+                // would for as long as that namespace lives. We were asked to stop serving:
+                // end the connection (the copies answer ENOTCONN) rather than hang. (A
+                // connection already gone only has its threads finishing: join them.)
+                debug!(
+                    "{} is held in another mount namespace; aborting its connection",
+                    target.display()
+                );
+                if !self.abort_connection() {
+                    drop(session);
+                    return Ok(());
+                }
             }
         }
         match session.umount_and_join() {
@@ -224,17 +253,7 @@ impl MountedFs {
         let Some(n) = self.connection else {
             return false;
         };
-        let dir = Path::new("/sys/fs/fuse/connections");
-        if !dir.join(n.to_string()).exists() {
-            // fusectl is often not mounted; as root we can mount it (harmless, idempotent).
-            let _ = std::process::Command::new("mount")
-                .args(["-t", "fusectl", "fusectl"])
-                .arg(dir)
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .status();
-        }
-        match std::fs::write(dir.join(n.to_string()).join("abort"), b"1") {
+        match abort_connection(n) {
             Ok(()) => true,
             Err(e) => {
                 debug!("cannot abort FUSE connection {n}: {e}");
@@ -242,6 +261,48 @@ impl MountedFs {
             }
         }
     }
+}
+
+/// The FUSE connection number of a mount: the minor of its st_dev (fusectl names its
+/// directories by it).
+pub fn connection_of(dev: u64) -> u32 {
+    (((dev >> 12) & 0xfff00) | (dev & 0xff)) as u32
+}
+
+/// Aborts FUSE connection `n` through fusectl (`/sys/fs/fuse/connections/N/abort`), mounting
+/// fusectl there first if it is not (as root; harmless and idempotent). The server then sees
+/// its session end, and every mount of the connection, in any namespace, answers ENOTCONN.
+pub fn abort_connection(n: u32) -> io::Result<()> {
+    mount_fusectl();
+    std::fs::write(Path::new(FUSECTL).join(n.to_string()).join("abort"), b"1")
+}
+
+/// Where the kernel's fusectl filesystem lists FUSE connections.
+const FUSECTL: &str = "/sys/fs/fuse/connections";
+
+/// Whether fusectl is mounted at [`FUSECTL`].
+fn fusectl_mounted() -> bool {
+    const FUSECTL_MAGIC: i64 = 0x6573_5543;
+    rustix::fs::statfs(FUSECTL).is_ok_and(|st| st.f_type == FUSECTL_MAGIC)
+}
+
+/// Mounts fusectl at [`FUSECTL`] unless it is there (it often is not).
+fn mount_fusectl() {
+    if !fusectl_mounted() {
+        let _ = std::process::Command::new("mount")
+            .args(["-t", "fusectl", "fusectl", FUSECTL])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+}
+
+/// Whether FUSE connection `n` still exists (its last mount, in any namespace, keeps it).
+/// When fusectl cannot be mounted, assumes it does.
+fn connection_exists(n: u32) -> bool {
+    mount_fusectl();
+    !fusectl_mounted() || Path::new(FUSECTL).join(n.to_string()).exists()
 }
 
 impl Drop for MountedFs {
@@ -285,6 +346,9 @@ pub fn check_target_path(target: &Path) -> Result<PathBuf, FsError> {
     if abs.as_os_str().as_bytes().contains(&0) {
         return Err(FsError::TargetInvalid(abs, "contains a NUL byte".into()));
     }
+    if let Some(fs) = pseudo_filesystem_of(&abs) {
+        return Err(FsError::TargetPseudo(abs, fs));
+    }
     match std::fs::symlink_metadata(&abs) {
         Ok(m) if m.is_dir() => {}
         Ok(m) if m.file_type().is_symlink() => match std::fs::metadata(&abs) {
@@ -299,6 +363,62 @@ pub fn check_target_path(target: &Path) -> Result<PathBuf, FsError> {
         Err(e) => return Err(FsError::TargetInvalid(abs, e.to_string())),
     }
     Ok(abs)
+}
+
+/// Directories whose trees are the kernel's: a cache mounted there would hide the kernel's
+/// interfaces (or land in a tmpfs of device nodes).
+const PSEUDO_ROOTS: [&str; 3] = ["/proc", "/sys", "/dev"];
+
+/// statfs magic numbers of the kernel's pseudo-filesystems, with their names.
+const PSEUDO_MAGICS: [(i64, &str); 12] = [
+    (0x9fa0, "proc"),
+    (0x6265_6572, "sysfs"),
+    (0x1cd1, "devpts"),
+    (0x0027_e0eb, "cgroup"),
+    (0x6367_7270, "cgroup2"),
+    (0x6462_6720, "debugfs"),
+    (0x7472_6163, "tracefs"),
+    (0x7363_6673, "securityfs"),
+    (0xcafe_4a11, "bpf"),
+    (0x6265_6570, "configfs"),
+    (0x6573_5543, "fusectl"),
+    (0x4249_4e4d, "binfmt_misc"),
+];
+
+/// Whether the absolute, normalised `abs` is in one of the kernel's pseudo-filesystems: under
+/// /proc, /sys or /dev as written, or once the symlinks of its longest existing prefix are
+/// resolved, or on a filesystem of such a type mounted elsewhere. Returns where, for the
+/// message.
+fn pseudo_filesystem_of(abs: &Path) -> Option<String> {
+    let under = |p: &Path| {
+        PSEUDO_ROOTS
+            .iter()
+            .find(|r| p.starts_with(r))
+            .map(|r| (*r).to_owned())
+    };
+    if let Some(r) = under(abs) {
+        return Some(r);
+    }
+    // The longest prefix that exists (a target may be created later, below it).
+    let mut existing = abs;
+    let canon = loop {
+        match std::fs::canonicalize(existing) {
+            Ok(c) => break Some(c),
+            Err(_) => match existing.parent() {
+                Some(p) => existing = p,
+                None => break None,
+            },
+        }
+    };
+    let canon = canon?;
+    if let Some(r) = under(&canon) {
+        return Some(format!("{r} (through {})", existing.display()));
+    }
+    let magic = rustix::fs::statfs(&canon).ok()?.f_type as i64;
+    PSEUDO_MAGICS
+        .iter()
+        .find(|(m, _)| *m == magic)
+        .map(|(_, name)| format!("a {name} filesystem ({})", canon.display()))
 }
 
 /// [`check_target_path`], and the target must not be a mount point (dead or alive).
@@ -335,6 +455,9 @@ pub const FSTYPE: &str = "fuse.cachefs";
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MountEntry {
     pub mount_id: u64,
+    /// The filesystem's device (`major:minor` in mountinfo); for FUSE, the minor is the
+    /// connection number. Copies of one mount in other namespaces share it.
+    pub dev: (u32, u32),
     pub mount_point: PathBuf,
     /// e.g. `fuse.cachefs`, `ext4`.
     pub fstype: String,
@@ -361,7 +484,8 @@ pub fn mount_at(path: &Path) -> io::Result<Option<MountEntry>> {
         .find(|e| e.mount_point == wanted))
 }
 
-fn parse_mountinfo(info: &[u8]) -> Vec<MountEntry> {
+/// Parses a mountinfo file (/proc/PID/mountinfo).
+pub fn parse_mountinfo(info: &[u8]) -> Vec<MountEntry> {
     let mut out = Vec::new();
     for line in info.split(|&b| b == b'\n') {
         let fields: Vec<&[u8]> = line.split(|&b| b == b' ').collect();
@@ -378,8 +502,14 @@ fn parse_mountinfo(info: &[u8]) -> Vec<MountEntry> {
         else {
             continue;
         };
+        let dev = std::str::from_utf8(fields[2])
+            .ok()
+            .and_then(|d| d.split_once(':'))
+            .and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?)))
+            .unwrap_or((0, 0));
         out.push(MountEntry {
             mount_id,
+            dev,
             mount_point: PathBuf::from(std::ffi::OsString::from_vec(unescape_mountinfo(fields[4]))),
             fstype: String::from_utf8_lossy(&unescape_mountinfo(fields[dash + 1])).into_owned(),
             source: String::from_utf8_lossy(&unescape_mountinfo(fields[dash + 2])).into_owned(),
@@ -615,7 +745,7 @@ pub fn mount(source: &Path, target: &Path, opts: &FsOptions) -> Result<MountedFs
     if as_root {
         // Build users other than root can use a cache root mounted for them.
         config.acl = SessionACL::All;
-        if fusermount3_available() {
+        if opts.auto_unmount && fusermount3_available() {
             // fusermount3 unmounts for us if this process dies, even by SIGKILL.
             options.push(MountOption::AutoUnmount);
         }
@@ -630,8 +760,7 @@ pub fn mount(source: &Path, target: &Path, opts: &FsOptions) -> Result<MountedFs
         .map_err(|e| FsError::Mount(target.to_path_buf(), e))?;
     let connection = std::fs::metadata(target).ok().map(|m| {
         use std::os::unix::fs::MetadataExt;
-        let dev = m.dev();
-        (((dev >> 12) & 0xfff00) | (dev & 0xff)) as u32
+        connection_of(m.dev())
     });
     let evictor = Evictor {
         root: table.root_fd().clone(),
@@ -646,4 +775,36 @@ pub fn mount(source: &Path, target: &Path, opts: &FsOptions) -> Result<MountedFs
         ended,
         evictor,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_in_pseudo_filesystems() {
+        for t in ["/proc", "/proc/self", "/sys/kernel", "/dev/shm/x", "/dev"] {
+            assert!(
+                matches!(
+                    check_target_path(Path::new(t)),
+                    Err(FsError::TargetPseudo(..))
+                ),
+                "{t}"
+            );
+        }
+        // `..` is resolved before the check.
+        assert!(matches!(
+            check_target_path(Path::new("/tmp/../proc/1")),
+            Err(FsError::TargetPseudo(..))
+        ));
+        // Through a symlink to /sys, also for a path below it that does not exist yet.
+        let dir = tempfile::tempdir().unwrap();
+        let link = dir.path().join("sys");
+        std::os::unix::fs::symlink("/sys", &link).unwrap();
+        let err = check_target_path(&link.join("kernel/not-there")).unwrap_err();
+        assert!(err.to_string().contains("/sys (through"), "{err}");
+        // Names that merely start alike are fine.
+        assert_eq!(pseudo_filesystem_of(Path::new("/procs/x")), None);
+        assert_eq!(pseudo_filesystem_of(dir.path()), None);
+    }
 }

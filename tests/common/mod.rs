@@ -1036,3 +1036,24 @@ pub fn children_of(parent: u32) -> Vec<u32> {
         })
         .collect()
 }
+
+/// The filesystem type of the mount at `path` as process `pid` sees it (its mount namespace:
+/// a `cachefs run` mounts in one of its own, invisible to the test's).
+pub fn mount_fstype_in(pid: u32, path: &Path) -> Option<String> {
+    let text = fs::read_to_string(format!("/proc/{pid}/mountinfo")).ok()?;
+    text.lines().rev().find_map(|l| {
+        let mp = unescape_mountinfo(l.split(' ').nth(4)?);
+        if mp != path {
+            return None;
+        }
+        let (_, rest) = l.split_once(" - ")?;
+        Some(rest.split(' ').next()?.to_string())
+    })
+}
+
+/// Whether `path` is a cachefs mount for process `pid` or in the test's own namespace (where
+/// `cachefs mount` mounts).
+pub fn cachefs_mounted_for(pid: u32, path: &Path) -> bool {
+    let cachefs = |t: Option<String>| t.is_some_and(|t| t == "fuse.cachefs" || t == "fuse");
+    cachefs(mount_fstype(path)) || cachefs(mount_fstype_in(pid, path))
+}
