@@ -13,10 +13,15 @@
 #   FILES     files in the small-file tree (default 20000, sizes 1-64 KiB)
 #   BIG_MIB   size of the sequential file in MiB (default 1024)
 #   WORK      scratch directory on the disk under test (default /var/tmp/cachefs-bench)
-#   CONFIGS   subset of: native passthrough userspace bindfs nocount
+#   CONFIGS   subset of: native passthrough userspace locked bindfs nocount, and
+#             base-passthrough base-userspace base-locked (the same with $CACHEFS_BASE)
 #             (nocount: passthrough with size accounting off, CACHEFS_NO_ACCOUNTING=1, to
-#             measure what accounting costs: CONFIGS="native passthrough nocount")
+#             measure what accounting costs: CONFIGS="native passthrough nocount";
+#             locked: passthrough under a sharing=locked lease, i.e. an exclusive mount)
 #   CACHEFS   the cachefs binary (default: cargo build --release, target/release/cachefs)
+#   CACHEFS_BASE  a second cachefs binary for the base-* configurations: before and after a
+#             change in one run, e.g. CACHEFS_BASE=/tmp/cachefs-before
+#             CONFIGS="native base-passthrough passthrough base-userspace userspace"
 #   RUN_OVERHEAD_RUNS  hyperfine runs for the `cachefs run` overhead (default 30)
 #
 # Workloads, each timed on its own (setup and `sync` between them are not timed):
@@ -57,6 +62,13 @@ if [ -z "${CACHEFS:-}" ]; then
     CACHEFS=${target_dir:-$ROOT/target}/release/cachefs
 fi
 [ -x "$CACHEFS" ] || die "no cachefs binary at $CACHEFS"
+case " $CONFIGS " in *" base-"*)
+    [ -x "${CACHEFS_BASE:-}" ] || die "the base-* configurations need CACHEFS_BASE=/path/to/cachefs";;
+esac
+
+# The binary and store of a configuration: base-* run $CACHEFS_BASE on a store of its own.
+bin_of() { case "$1" in base-*) echo "$CACHEFS_BASE";; *) echo "$CACHEFS";; esac; }
+store_of() { case "$1" in base-*) echo "$WORK/store-base";; *) echo "$WORK/store";; esac; }
 
 can_drop_caches=1
 sync
@@ -76,7 +88,10 @@ declare -A DIRS    # configuration -> directory the workloads run in
 BINDFS_MNT=""
 cleanup() {
     set +e
-    for t in "${MOUNTED[@]}"; do "$CACHEFS" --store "$WORK/store" umount --force "$t" 2>/dev/null; done
+    for c in "${!MOUNTED[@]}"; do
+        "$(bin_of "$c")" --store "$(store_of "$c")" umount "${MOUNTED[$c]}" 2>/dev/null \
+            || umount -l "${MOUNTED[$c]}" 2>/dev/null
+    done
     if [ -n "$BINDFS_MNT" ] && mountpoint -q "$BINDFS_MNT"; then
         fusermount3 -u "$BINDFS_MNT" 2>/dev/null || umount -l "$BINDFS_MNT"
     fi
@@ -133,16 +148,19 @@ setup() {
             dir=$WORK/native
             mkdir -p "$dir"
             ;;
-        passthrough|userspace|nocount)
+        passthrough|userspace|nocount|locked|base-passthrough|base-userspace|base-locked)
             dir=$WORK/mnt-$config
             mkdir -p "$dir"
             local extra=() env=()
-            if [ "$config" = userspace ]; then extra=(--no-passthrough); fi
+            case "$config" in
+                *userspace) extra=(--no-passthrough);;
+                *locked) extra=(--sharing locked);;
+            esac
             if [ "$config" = nocount ]; then env=(CACHEFS_NO_ACCOUNTING=1); fi
             # `cachefs mount`, not `cachefs run -- sleep`: a run's mount exists only in its
             # command's mount namespace, and the workloads run from here. The same filesystem
             # serves both. (The server inherits the environment, CACHEFS_NO_ACCOUNTING too.)
-            env "${env[@]}" "$CACHEFS" --store "$WORK/store" mount "${extra[@]}" \
+            env "${env[@]}" "$(bin_of "$config")" --store "$(store_of "$config")" mount "${extra[@]}" \
                 --id "bench-$config" "$dir" || die "cachefs mount $dir failed"
             MOUNTED[$config]=$dir
             wait_mounted "$dir"
@@ -162,8 +180,9 @@ setup() {
 teardown() {
     local config=$1 dir=${DIRS[$1]}
     case "$config" in
-        passthrough|userspace|nocount)
-            "$CACHEFS" --store "$WORK/store" umount "${MOUNTED[$config]}" || die "cachefs umount $dir failed"
+        passthrough|userspace|nocount|locked|base-passthrough|base-userspace|base-locked)
+            "$(bin_of "$config")" --store "$(store_of "$config")" umount "${MOUNTED[$config]}" \
+                || die "cachefs umount $dir failed"
             unset "MOUNTED[$config]"
             ! mountpoint -q "$dir" || die "cachefs left $dir mounted"
             ;;
@@ -255,25 +274,35 @@ done
 
 # --- `cachefs run` overhead --------------------------------------------------------------
 
-RUN_TRUE="" RUN_CACHEFS=""
+RUN_TRUE="" RUN_CACHEFS="" RUN_BASE=""
 mkdir -p "$WORK/ovh-target"
 ovh_cmd=("$CACHEFS" --store "$WORK/ovh-store" run --mount "type=cache,id=ovh,target=$WORK/ovh-target" -- true)
 "${ovh_cmd[@]}" || die "cachefs run ... -- true failed"
+ovh_base=()
+if [ -n "${CACHEFS_BASE:-}" ]; then
+    ovh_base=("$CACHEFS_BASE" --store "$WORK/ovh-store-base" run --mount "type=cache,id=ovh,target=$WORK/ovh-target" -- true)
+    "${ovh_base[@]}" || die "$CACHEFS_BASE run ... -- true failed"
+fi
 if command -v hyperfine >/dev/null; then
     log "run overhead: hyperfine, $RUN_OVERHEAD_RUNS runs each"
+    base_arg=()
+    if [ "${#ovh_base[@]}" -gt 0 ]; then base_arg=("${ovh_base[*]}"); fi
     hyperfine -N --warmup 3 --runs "$RUN_OVERHEAD_RUNS" --style none \
-        --export-csv "$WORK/ovh.csv" true "${ovh_cmd[*]}" >/dev/null
+        --export-csv "$WORK/ovh.csv" true "${ovh_cmd[*]}" "${base_arg[@]}" >/dev/null
     # columns: command,mean,stddev,median,user,system,min,max
     RUN_TRUE=$(awk -F, 'NR == 2 { print $4 }' "$WORK/ovh.csv")
     RUN_CACHEFS=$(awk -F, 'NR == 3 { print $4 }' "$WORK/ovh.csv")
+    RUN_BASE=$(awk -F, 'NR == 4 { print $4 }' "$WORK/ovh.csv")
 else
     log "run overhead: no hyperfine, timing $RUN_OVERHEAD_RUNS runs with date"
     for _ in $(seq 1 "$RUN_OVERHEAD_RUNS"); do
         timed ovh true true
         timed ovh cachefs "${ovh_cmd[@]}"
+        if [ "${#ovh_base[@]}" -gt 0 ]; then timed ovh base "${ovh_base[@]}"; fi
     done
     RUN_TRUE=$(echo "${RESULTS[ovh,true]}" | median)
     RUN_CACHEFS=$(echo "${RESULTS[ovh,cachefs]}" | median)
+    if [ "${#ovh_base[@]}" -gt 0 ]; then RUN_BASE=$(echo "${RESULTS[ovh,base]}" | median); fi
 fi
 
 # --- report ------------------------------------------------------------------------------
@@ -325,3 +354,8 @@ echo
 awk -v t="$RUN_TRUE" -v c="$RUN_CACHEFS" 'BEGIN {
     printf "cachefs run --mount ... -- true: median %.1f ms; plain true: %.1f ms; overhead %.1f ms\n",
         c * 1000, t * 1000, (c - t) * 1000 }'
+if [ -n "$RUN_BASE" ]; then
+    awk -v t="$RUN_TRUE" -v c="$RUN_BASE" 'BEGIN {
+        printf "CACHEFS_BASE run --mount ... -- true: median %.1f ms; overhead %.1f ms\n",
+            c * 1000, (c - t) * 1000 }'
+fi
