@@ -3,7 +3,8 @@
 use std::fs::File;
 use std::io::{self, IsTerminal, Read};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
+use std::os::fd::{AsFd, AsRawFd};
+use std::sync::atomic::{AtomicI32, Ordering};
 
 use anyhow::{Context, anyhow};
 
@@ -27,7 +28,10 @@ contents).
 Refused as bad input (exit 2, no layer recorded, nothing written outside the store): absolute
 paths, `..` components, paths through a symlink or file, hard links to anything but an
 earlier file of the same tar (those become copies), device nodes and other special files,
-duplicate paths, a digest mismatch, and truncated or corrupt tar or zstd data. Symlink
+duplicate paths, a digest mismatch, truncated or corrupt tar or zstd data, names over 255
+bytes, symlink targets over 4095 bytes, paths over 16 KiB, pax headers over 64 KiB (checked
+before they are read: memory stays small whatever the input), and more than 1 MiB after the
+end-of-archive blocks. SIGINT/SIGTERM end an import (exit 130/143), recording nothing. Symlink
 targets are stored as they are and never followed. setuid/setgid bits, owners and times are
 not part of a layer and are dropped.
 
@@ -85,13 +89,23 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
         check_tag(t).map_err(|e| usage(anyhow!(e)))?;
     }
     let from_stdin = args.file.as_os_str() == "-";
+    // Signals are taken from the start: reading an endless or stalled input must end on one.
+    let supervisor = Supervisor::start().context("cannot set up signal handling")?;
+    let cancel = supervisor.cancel_flag();
     let (input, size_hint, label): (Box<dyn Read>, Option<u64>, &Path) = if from_stdin {
         if io::stdin().is_terminal() {
             return Err(usage(anyhow!(
                 "refusing to read a tar from a terminal: pipe one in or give FILE"
             )));
         }
-        (Box::new(io::stdin().lock()), None, Path::new("stdin"))
+        (
+            Box::new(Polled {
+                inner: io::stdin().lock(),
+                cancel,
+            }),
+            None,
+            Path::new("stdin"),
+        )
     } else {
         let f = match File::open(&args.file) {
             Ok(f) => f,
@@ -113,15 +127,18 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
                 path_line(&args.file)
             )));
         }
-        (Box::new(f), Some(meta.len()), args.file.as_path())
+        if meta.is_file() {
+            (Box::new(f), Some(meta.len()), args.file.as_path())
+        } else {
+            // A FIFO or a device: it may block for ever.
+            (Box::new(Polled { inner: f, cancel }), None, args.file.as_path())
+        }
     };
-    let supervisor = Supervisor::start().context("cannot set up signal handling")?;
     let root = Store::resolve_root(global.store.as_deref())?;
     let store = Store::open(&root)?;
     let objects = ObjectStore::open(&root)?;
     // Held until the layer is recorded: gc must not sweep the new objects before that.
     let _lock = objects.lock_shared()?;
-    let cancel = supervisor.cancel_flag();
     let opts = Options {
         label,
         show_progress: !args.quiet && !args.json,
@@ -133,6 +150,11 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
     };
     let report = match tarball::import(&objects, input, &mut parent_known, &opts) {
         Ok(r) => r,
+        // A signal can also surface as a failed read of the input.
+        Err(_) if cancel.load(Ordering::Relaxed) != 0 => {
+            print_error("interrupted; no layer was imported");
+            return Ok(128 + cancel.load(Ordering::Relaxed));
+        }
         Err(LayerError::Interrupted) => {
             print_error("interrupted; no layer was imported");
             return Ok(128 + cancel.load(Ordering::Relaxed));
@@ -170,6 +192,42 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
     )?;
     print_result(&args, &report, label)?;
     Ok(0)
+}
+
+/// An input that may block (a pipe, a FIFO, a terminal), read so that a signal ends the wait:
+/// the signals are taken by the supervisor's thread, so a blocked read(2) would never return.
+struct Polled<'a, R> {
+    inner: R,
+    cancel: &'a AtomicI32,
+}
+
+impl<R: Read + AsFd> Read for Polled<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            if self.cancel.load(Ordering::Relaxed) != 0 {
+                return Err(io::Error::other("interrupted"));
+            }
+            let mut pfd = libc::pollfd {
+                fd: self.inner.as_fd().as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd, for the length given; the fd is open (borrowed from
+            // `inner`) for the whole call.
+            let n = unsafe { libc::poll(&mut pfd, 1, 100) };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            if n > 0 {
+                // Readable, at its end, or in error: read(2) says which.
+                return self.inner.read(buf);
+            }
+        }
+    }
 }
 
 fn print_result(args: &Args, report: &ImportReport, label: &Path) -> anyhow::Result<()> {
