@@ -31,14 +31,34 @@ pub fn path_line(p: &Path) -> String {
     one_line(&p.to_string_lossy()).into_owned()
 }
 
-/// [`one_line`] for raw name bytes (a tree entry, a tar member; invalid UTF-8 shows as U+FFFD).
+/// [`one_line`] for raw name bytes (a tree entry, a tar member). Bytes that are not UTF-8
+/// make the name quoted too, each shown as `\xNN`: two different names never look the same.
 pub fn bytes_line(b: &[u8]) -> String {
-    one_line(&String::from_utf8_lossy(b)).into_owned()
+    match std::str::from_utf8(b) {
+        Ok(s) => one_line(s).into_owned(),
+        Err(_) => quoted(b),
+    }
 }
 
-/// Raw name bytes always quoted and escaped (`"a\nb"`), for messages that quote the name.
+/// Raw name bytes always quoted and escaped (`"a\nb"`, `"\xff"`), for messages that quote
+/// the name.
 pub fn quoted(b: &[u8]) -> String {
-    format!("{:?}", String::from_utf8_lossy(b))
+    let mut out = String::with_capacity(b.len() + 2);
+    out.push('"');
+    for chunk in b.utf8_chunks() {
+        for c in chunk.valid().chars() {
+            if needs_escape(c) || c == '"' || c == '\\' {
+                out.extend(c.escape_debug());
+            } else {
+                out.push(c);
+            }
+        }
+        for x in chunk.invalid() {
+            out.push_str(&format!("\\x{x:02x}"));
+        }
+    }
+    out.push('"');
+    out
 }
 
 /// The longest name or path a message shows whole; longer ones lose their middle.
@@ -97,6 +117,9 @@ mod tests {
         assert_eq!(one_line("plain"), "plain");
         assert_eq!(one_line("a\nb"), "\"a\\nb\"");
         assert_eq!(bytes_line(b"\x1b[2Jx"), "\"\\u{1b}[2Jx\"");
+        assert_eq!(bytes_line(b"\xff\xfe-x\n"), "\"\\xff\\xfe-x\\n\"");
+        assert_eq!(bytes_line("é".as_bytes()), "é");
+        assert_eq!(quoted(b"a\"b\\"), "\"a\\\"b\\\\\"");
         assert_eq!(escape_controls("x\x1b[31my\n"), "x\\u{1b}[31my\\n");
         let long = "a/".repeat(3000);
         let cut = cut_middle(&long, 50);

@@ -2,8 +2,8 @@
 
 use std::fs::File;
 use std::io::{self, IsTerminal, Read};
-use std::path::{Path, PathBuf};
 use std::os::fd::{AsFd, AsRawFd};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI32, Ordering};
 
 use anyhow::{Context, anyhow};
@@ -131,7 +131,11 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
             (Box::new(f), Some(meta.len()), args.file.as_path())
         } else {
             // A FIFO or a device: it may block for ever.
-            (Box::new(Polled { inner: f, cancel }), None, args.file.as_path())
+            (
+                Box::new(Polled { inner: f, cancel }),
+                None,
+                args.file.as_path(),
+            )
         }
     };
     let root = Store::resolve_root(global.store.as_deref())?;

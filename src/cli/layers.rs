@@ -75,7 +75,9 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
             let store = if root.join(crate::store::DB_FILE).exists() {
                 Store::open_read_only(&root)
                     .or_else(|_| Store::open(&root))
-                    .with_context(|| format!("cannot read store {}", crate::text::path_line(&root)))?
+                    .with_context(|| {
+                        format!("cannot read store {}", crate::text::path_line(&root))
+                    })?
             } else {
                 Store::open(&root)?
             };

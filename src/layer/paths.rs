@@ -120,8 +120,8 @@ mod tests {
         // A path longer than PATH_MAX, with a symlink deep inside: opened piece by piece,
         // still never through the link.
         let mut deep = Vec::new();
-        let mut at = rustix::fs::open(&root, OFlags::DIRECTORY | OFlags::RDONLY, Mode::empty())
-            .unwrap();
+        let mut at =
+            rustix::fs::open(&root, OFlags::DIRECTORY | OFlags::RDONLY, Mode::empty()).unwrap();
         for _ in 0..1500 {
             rustix::fs::mkdirat(&at, "dd", Mode::from_raw_mode(0o755)).unwrap();
             at = rustix::fs::openat(&at, "dd", OFlags::DIRECTORY | OFlags::RDONLY, Mode::empty())

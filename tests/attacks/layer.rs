@@ -125,7 +125,11 @@ fn layer_count(env: &CliEnv) -> usize {
     if !env.store.exists() {
         return 0;
     }
-    Store::open(&env.store).unwrap().list_layers().unwrap().len()
+    Store::open(&env.store)
+        .unwrap()
+        .list_layers()
+        .unwrap()
+        .len()
 }
 
 /// A `.tar.zst` of one bomb member: `head` (its header), then `size` bytes of `fill`, then a
@@ -376,19 +380,31 @@ fn a_tree_deeper_than_path_max_round_trips() {
         "import os\nos.chdir({:?})\nfor _ in range({DEPTH}):\n    os.mkdir('d')\n    os.chdir('d')\nopen('f', 'w').write('deep')\n",
         target.display().to_string()
     );
-    let out = env.run(
-        &[spec("deep", &target, "")],
-        &["python3", "-c", &script],
-    );
+    let out = env.run(&[spec("deep", &target, "")], &["python3", "-c", &script]);
     ok(&out, "make the deep tree through the mount");
 
+    let out = env.cachefs(&["snapshot", "deep", "--quiet"]);
+    let first = ok(&out, "snapshot of a deep tree").trim().to_string();
+    // A change at the bottom, then an incremental snapshot (hash cache, change log).
+    let script = format!(
+        "import os\nos.chdir({:?})\nfor _ in range({DEPTH}):\n    os.chdir('d')\nopen('g', 'w').write('deeper')\n",
+        target.display().to_string()
+    );
+    ok(
+        &env.run(&[spec("deep", &target, "")], &["python3", "-c", &script]),
+        "change the deep tree through the mount",
+    );
     let out = env.cachefs(&["snapshot", "deep", "--quiet", "--tag", "deep"]);
-    let digest = ok(&out, "snapshot of a deep tree").trim().to_string();
+    let digest = ok(&out, "second snapshot of a deep tree")
+        .trim()
+        .to_string();
+    assert_ne!(digest, first);
     ok(
         &env.cachefs(&["restore", "deep", "--into", "copy", "-q"]),
         "restore of a deep tree",
     );
     assert_eq!(read_deep(&instance_of(&env, "copy"), DEPTH, "f"), b"deep");
+    assert_eq!(read_deep(&instance_of(&env, "copy"), DEPTH, "g"), b"deeper");
 
     let tar = env.path("deep.tar.zst");
     ok(
@@ -466,8 +482,14 @@ fn diff_escapes_hostile_names() {
         ]),
     )
     .unwrap();
-    ok(&env.cachefs(&["import", a.to_str().unwrap(), "--tag", "a"]), "a");
-    ok(&env.cachefs(&["import", b.to_str().unwrap(), "--tag", "b"]), "b");
+    ok(
+        &env.cachefs(&["import", a.to_str().unwrap(), "--tag", "a"]),
+        "a",
+    );
+    ok(
+        &env.cachefs(&["import", b.to_str().unwrap(), "--tag", "b"]),
+        "b",
+    );
     let out = env.cachefs(&["diff", "a", "b"]);
     assert_eq!(code(&out), 1, "{}", stderr_of(&out));
     let text = &out.stdout;
@@ -476,10 +498,7 @@ fn diff_escapes_hostile_names() {
     let lines: Vec<&str> = std::str::from_utf8(text).unwrap().lines().collect();
     assert_eq!(lines.len(), 3, "{lines:?}");
     assert!(lines.iter().all(|l| l.starts_with("A ")), "{lines:?}");
-    assert!(
-        lines.iter().any(|l| l.contains("all good")),
-        "{lines:?}"
-    );
+    assert!(lines.iter().any(|l| l.contains("all good")), "{lines:?}");
     // --json carries the names exactly (JSON-escaped).
     let out = env.cachefs(&["diff", "a", "b", "--json"]);
     assert!(!out.stdout.contains(&0x1b));
