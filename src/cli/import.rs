@@ -1,7 +1,7 @@
 //! `cachefs import FILE`: a layer tar (plain or zstd) back into the layer store, checked.
 
 use std::fs::File;
-use std::io::{self, IsTerminal, Read};
+use std::io::{self, IsTerminal, Read, Write};
 use std::os::fd::{AsFd, AsRawFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI32, Ordering};
@@ -198,22 +198,26 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
     Ok(0)
 }
 
-/// An input that may block (a pipe, a FIFO, a terminal), read so that a signal ends the wait:
-/// the signals are taken by the supervisor's thread, so a blocked read(2) would never return.
-struct Polled<'a, R> {
-    inner: R,
-    cancel: &'a AtomicI32,
+/// A pipe, FIFO or terminal that may block for ever (a silent writer, a stalled reader), used
+/// so that a signal ends the wait: the signals are taken by the supervisor's thread, so a
+/// blocked read(2) or write(2) would never return. Each call waits in poll(2), 100 ms at a
+/// time, checking the cancel flag.
+pub(super) struct Polled<'a, F> {
+    pub(super) inner: F,
+    pub(super) cancel: &'a AtomicI32,
 }
 
-impl<R: Read + AsFd> Read for Polled<'_, R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+impl<F: AsFd> Polled<'_, F> {
+    /// Waits until the fd is ready for `events` (or at its end, or in error: the next call
+    /// says which), or the work is cancelled.
+    fn ready(&self, events: libc::c_short) -> io::Result<()> {
         loop {
             if self.cancel.load(Ordering::Relaxed) != 0 {
                 return Err(io::Error::other("interrupted"));
             }
             let mut pfd = libc::pollfd {
                 fd: self.inner.as_fd().as_raw_fd(),
-                events: libc::POLLIN,
+                events,
                 revents: 0,
             };
             // SAFETY: one valid pollfd, for the length given; the fd is open (borrowed from
@@ -227,10 +231,28 @@ impl<R: Read + AsFd> Read for Polled<'_, R> {
                 return Err(e);
             }
             if n > 0 {
-                // Readable, at its end, or in error: read(2) says which.
-                return self.inner.read(buf);
+                return Ok(());
             }
         }
+    }
+}
+
+impl<F: Read + AsFd> Read for Polled<'_, F> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.ready(libc::POLLIN)?;
+        self.inner.read(buf)
+    }
+}
+
+impl<F: Write + AsFd> Write for Polled<'_, F> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.ready(libc::POLLOUT)?;
+        // A writable pipe has room for PIPE_BUF bytes: a write no larger cannot block.
+        self.inner.write(&buf[..buf.len().min(libc::PIPE_BUF)])
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
     }
 }
 

@@ -505,3 +505,43 @@ fn diff_escapes_hostile_names() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(v.to_string().contains("cachefs: all good"), "{v}");
 }
+
+/// `cachefs export LAYER -o -` into a pipe nobody reads ends promptly on SIGTERM.
+#[test]
+fn export_to_a_stalled_pipe_ends_on_a_signal() {
+    let env = CliEnv::new();
+    let tar = env.path("big.tar");
+    // 4 MiB of data that compresses badly: far more than a pipe holds.
+    let data: Vec<u8> = (0..4u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    fs::write(&tar, tar_of(&[member(b"big", b'0', b"", &data)])).unwrap();
+    ok(
+        &env.cachefs(&["import", tar.to_str().unwrap(), "--tag", "big", "-q"]),
+        "import",
+    );
+    let mut cmd = env.cmd();
+    cmd.args(["export", "big", "-o", "-"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    // Hold the read end, never read.
+    let stdout = child.stdout.take().unwrap();
+    std::thread::sleep(Duration::from_millis(1000));
+    let start = Instant::now();
+    signal(child.id(), libc::SIGTERM);
+    let out = wait_with_timeout(child, Duration::from_secs(30), "export into a stalled pipe");
+    drop(stdout);
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "took {:?} after the signal",
+        start.elapsed()
+    );
+    assert_eq!(code(&out), 143, "{}", stderr_of(&out));
+    assert_eq!(stderr_of(&out).lines().count(), 1, "{}", stderr_of(&out));
+    assert!(
+        stderr_of(&out).contains("interrupted"),
+        "{}",
+        stderr_of(&out)
+    );
+}
