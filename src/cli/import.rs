@@ -1,8 +1,8 @@
 //! `cachefs import FILE`: a layer tar (plain or zstd) back into the layer store, checked.
 
-use std::fs::File;
 use std::io::{self, IsTerminal, Read, Write};
 use std::os::fd::{AsFd, AsRawFd};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI32, Ordering};
 
@@ -107,7 +107,14 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
             Path::new("stdin"),
         )
     } else {
-        let f = match File::open(&args.file) {
+        // O_NONBLOCK: opening a FIFO must not wait for a writer (a signal could not end that
+        // wait); reads of anything but a regular file go through `Polled`, which waits in
+        // poll(2). It is this open file's own flag, shared with nobody.
+        let f = match std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&args.file)
+        {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 return Err(usage(anyhow!("{}: no such file", path_line(&args.file))));
@@ -239,8 +246,14 @@ impl<F: AsFd> Polled<'_, F> {
 
 impl<F: Read + AsFd> Read for Polled<'_, F> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.ready(libc::POLLIN)?;
-        self.inner.read(buf)
+        loop {
+            self.ready(libc::POLLIN)?;
+            match self.inner.read(buf) {
+                // A FIFO opened O_NONBLOCK before its writer came.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                r => return r,
+            }
+        }
     }
 }
 

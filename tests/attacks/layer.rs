@@ -545,3 +545,38 @@ fn export_to_a_stalled_pipe_ends_on_a_signal() {
         stderr_of(&out)
     );
 }
+
+/// `cachefs import FIFO` with no writer yet ends promptly on SIGTERM (opening a FIFO waits for
+/// a writer unless asked not to).
+#[test]
+fn import_of_a_fifo_without_a_writer_ends_on_a_signal() {
+    let env = CliEnv::new();
+    let fifo = env.path("in.fifo");
+    mkfifo(&fifo, 0o600).unwrap();
+    let mut cmd = env.cmd();
+    cmd.args(["import", fifo.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let child = cmd.spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(1000));
+    let start = Instant::now();
+    signal(child.id(), libc::SIGTERM);
+    let out = wait_with_timeout(child, Duration::from_secs(30), "import of a silent FIFO");
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "took {:?} after the signal",
+        start.elapsed()
+    );
+    assert_failure(&out, Some(143), &["interrupted"]);
+    assert_eq!(layer_count(&env), 0);
+    // And a FIFO with a writer imports.
+    let w = std::thread::spawn({
+        let fifo = fifo.clone();
+        move || fs::write(&fifo, small_tar()).unwrap()
+    });
+    ok(
+        &env.cachefs(&["import", fifo.to_str().unwrap(), "-q"]),
+        "import from a FIFO",
+    );
+    w.join().unwrap();
+}
