@@ -13,4 +13,5 @@ pub mod lease;
 pub mod remote;
 pub mod spec;
 pub mod store;
+pub mod text;
 pub mod units;

@@ -1017,12 +1017,14 @@ fn apply(kids: &mut Kids, at: &Index, m: &Mutation) {
 /// entry whose mode, contents or target changed (a directory only for its own mode); a kind
 /// change is the old entry removed and the new one added. Sorted.
 fn expected_diff(a: &Map, b: &Map) -> Vec<Vec<u8>> {
+    // diff shows a path as ls does: escaped onto one line when it needs it.
     let line = |c: u8, p: &Name, m: &Meta| {
-        let mut l = vec![c, b' '];
-        l.extend_from_slice(&p.0);
+        let mut path = p.0.clone();
         if m.is_dir() {
-            l.push(b'/');
+            path.push(b'/');
         }
+        let mut l = vec![c, b' '];
+        l.extend_from_slice(cachefs::text::bytes_line(&path).as_bytes());
         l
     };
     let mut out = Vec::new();

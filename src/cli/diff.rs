@@ -10,7 +10,8 @@ use crate::store::Store;
 
 const AFTER_HELP: &str = "\
 One line per path: A (added), D (removed) or M (modified: contents, mode, kind or symlink
-target), then the path relative to the cache root; directories end in '/'. Added and removed
+target), then the path relative to the cache root; directories end in '/'. A path holding
+control or invisible formatting characters is shown quoted with escapes, as ls does. Added and removed
 directories are listed with everything in them. Exit 0 when the layers are the same, 1 when
 they differ (as diff(1) and git diff --exit-code).
 
@@ -63,12 +64,17 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
         )?;
     } else {
         for c in &changes {
-            out.write_all(&[c.change.letter() as u8, b' '])?;
-            out.write_all(&c.raw)?;
+            // A name is escaped as `ls` shows it: one entry, one line, nothing for the terminal.
+            let mut path = c.raw.clone();
             if c.kind == "dir" {
-                out.write_all(b"/")?;
+                path.push(b'/');
             }
-            out.write_all(b"\n")?;
+            writeln!(
+                out,
+                "{} {}",
+                c.change.letter(),
+                crate::text::bytes_line(&path)
+            )?;
         }
     }
     Ok(if changes.is_empty() { 0 } else { 1 })

@@ -232,7 +232,11 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
             &objects,
             digest,
             since,
-            io::stdout().lock(),
+            // A stalled reader must not keep a signal from ending the export.
+            super::import::Polled {
+                inner: io::stdout().lock(),
+                cancel,
+            },
             compress,
             level,
             &opts,
@@ -253,7 +257,8 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
     };
     let (report, written) = match result {
         Ok(r) => r,
-        Err(LayerError::Interrupted) => {
+        // A signal can also surface as a failed write of the output.
+        Err(e) if matches!(e, LayerError::Interrupted) || cancel.load(Ordering::Relaxed) != 0 => {
             print_error(if to_stdout {
                 "interrupted; the tar on stdout is incomplete"
             } else {

@@ -1,9 +1,10 @@
 //! `cachefs import FILE`: a layer tar (plain or zstd) back into the layer store, checked.
 
-use std::fs::File;
-use std::io::{self, IsTerminal, Read};
+use std::io::{self, IsTerminal, Read, Write};
+use std::os::fd::{AsFd, AsRawFd};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicI32, Ordering};
 
 use anyhow::{Context, anyhow};
 
@@ -27,7 +28,10 @@ contents).
 Refused as bad input (exit 2, no layer recorded, nothing written outside the store): absolute
 paths, `..` components, paths through a symlink or file, hard links to anything but an
 earlier file of the same tar (those become copies), device nodes and other special files,
-duplicate paths, a digest mismatch, and truncated or corrupt tar or zstd data. Symlink
+duplicate paths, a digest mismatch, truncated or corrupt tar or zstd data, names over 255
+bytes, symlink targets over 4095 bytes, paths over 16 KiB, pax headers over 64 KiB (checked
+before they are read: memory stays small whatever the input), and more than 1 MiB after the
+end-of-archive blocks. SIGINT/SIGTERM end an import (exit 130/143), recording nothing. Symlink
 targets are stored as they are and never followed. setuid/setgid bits, owners and times are
 not part of a layer and are dropped.
 
@@ -85,15 +89,32 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
         check_tag(t).map_err(|e| usage(anyhow!(e)))?;
     }
     let from_stdin = args.file.as_os_str() == "-";
+    // Signals are taken from the start: reading an endless or stalled input must end on one.
+    let supervisor = Supervisor::start().context("cannot set up signal handling")?;
+    let cancel = supervisor.cancel_flag();
     let (input, size_hint, label): (Box<dyn Read>, Option<u64>, &Path) = if from_stdin {
         if io::stdin().is_terminal() {
             return Err(usage(anyhow!(
                 "refusing to read a tar from a terminal: pipe one in or give FILE"
             )));
         }
-        (Box::new(io::stdin().lock()), None, Path::new("stdin"))
+        (
+            Box::new(Polled {
+                inner: io::stdin().lock(),
+                cancel,
+            }),
+            None,
+            Path::new("stdin"),
+        )
     } else {
-        let f = match File::open(&args.file) {
+        // O_NONBLOCK: opening a FIFO must not wait for a writer (a signal could not end that
+        // wait); reads of anything but a regular file go through `Polled`, which waits in
+        // poll(2). It is this open file's own flag, shared with nobody.
+        let f = match std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&args.file)
+        {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 return Err(usage(anyhow!("{}: no such file", path_line(&args.file))));
@@ -113,15 +134,22 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
                 path_line(&args.file)
             )));
         }
-        (Box::new(f), Some(meta.len()), args.file.as_path())
+        if meta.is_file() {
+            (Box::new(f), Some(meta.len()), args.file.as_path())
+        } else {
+            // A FIFO or a device: it may block for ever.
+            (
+                Box::new(Polled { inner: f, cancel }),
+                None,
+                args.file.as_path(),
+            )
+        }
     };
-    let supervisor = Supervisor::start().context("cannot set up signal handling")?;
     let root = Store::resolve_root(global.store.as_deref())?;
     let store = Store::open(&root)?;
     let objects = ObjectStore::open(&root)?;
     // Held until the layer is recorded: gc must not sweep the new objects before that.
     let _lock = objects.lock_shared()?;
-    let cancel = supervisor.cancel_flag();
     let opts = Options {
         label,
         show_progress: !args.quiet && !args.json,
@@ -133,6 +161,11 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
     };
     let report = match tarball::import(&objects, input, &mut parent_known, &opts) {
         Ok(r) => r,
+        // A signal can also surface as a failed read of the input.
+        Err(_) if cancel.load(Ordering::Relaxed) != 0 => {
+            print_error("interrupted; no layer was imported");
+            return Ok(128 + cancel.load(Ordering::Relaxed));
+        }
         Err(LayerError::Interrupted) => {
             print_error("interrupted; no layer was imported");
             return Ok(128 + cancel.load(Ordering::Relaxed));
@@ -170,6 +203,70 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
     )?;
     print_result(&args, &report, label)?;
     Ok(0)
+}
+
+/// A pipe, FIFO or terminal that may block for ever (a silent writer, a stalled reader), used
+/// so that a signal ends the wait: the signals are taken by the supervisor's thread, so a
+/// blocked read(2) or write(2) would never return. Each call waits in poll(2), 100 ms at a
+/// time, checking the cancel flag.
+pub(super) struct Polled<'a, F> {
+    pub(super) inner: F,
+    pub(super) cancel: &'a AtomicI32,
+}
+
+impl<F: AsFd> Polled<'_, F> {
+    /// Waits until the fd is ready for `events` (or at its end, or in error: the next call
+    /// says which), or the work is cancelled.
+    fn ready(&self, events: libc::c_short) -> io::Result<()> {
+        loop {
+            if self.cancel.load(Ordering::Relaxed) != 0 {
+                return Err(io::Error::other("interrupted"));
+            }
+            let mut pfd = libc::pollfd {
+                fd: self.inner.as_fd().as_raw_fd(),
+                events,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd, for the length given; the fd is open (borrowed from
+            // `inner`) for the whole call.
+            let n = unsafe { libc::poll(&mut pfd, 1, 100) };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            if n > 0 {
+                return Ok(());
+            }
+        }
+    }
+}
+
+impl<F: Read + AsFd> Read for Polled<'_, F> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            self.ready(libc::POLLIN)?;
+            match self.inner.read(buf) {
+                // A FIFO opened O_NONBLOCK before its writer came.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                r => return r,
+            }
+        }
+    }
+}
+
+impl<F: Write + AsFd> Write for Polled<'_, F> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.ready(libc::POLLOUT)?;
+        // A writable pipe has room for PIPE_BUF bytes: a write no larger cannot block.
+        self.inner.write(&buf[..buf.len().min(libc::PIPE_BUF)])
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
 }
 
 fn print_result(args: &Args, report: &ImportReport, label: &Path) -> anyhow::Result<()> {

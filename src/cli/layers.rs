@@ -4,6 +4,7 @@ use anyhow::{Context, anyhow};
 
 use super::{Global, usage};
 use crate::store::{LayerRecord, Store};
+use crate::text::one_line;
 use crate::units::{format_age, format_size};
 
 const AFTER_HELP: &str = "\
@@ -74,7 +75,9 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
             let store = if root.join(crate::store::DB_FILE).exists() {
                 Store::open_read_only(&root)
                     .or_else(|_| Store::open(&root))
-                    .with_context(|| format!("cannot read store {}", root.display()))?
+                    .with_context(|| {
+                        format!("cannot read store {}", crate::text::path_line(&root))
+                    })?
             } else {
                 Store::open(&root)?
             };
@@ -116,15 +119,16 @@ fn table(layers: &[LayerRecord], full: bool, now: i64) -> String {
     for l in layers {
         rows.push([
             short(&l.digest, full).to_string(),
+            // Ids and tags come from the store: escaped, as everywhere.
             match (&l.cache, l.instance) {
-                (Some(c), Some(n)) if n != 1 => format!("{c} #{n}"),
-                (Some(c), _) => c.clone(),
-                (None, _) => format!("({})", l.source),
+                (Some(c), Some(n)) if n != 1 => format!("{} #{n}", one_line(c)),
+                (Some(c), _) => one_line(c).into_owned(),
+                (None, _) => format!("({})", one_line(&l.source)),
             },
             if l.tags.is_empty() {
                 "-".into()
             } else {
-                l.tags.join(",")
+                one_line(&l.tags.join(",")).into_owned()
             },
             format_age(l.created, now),
             format_size(l.size_bytes),

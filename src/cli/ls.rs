@@ -8,7 +8,7 @@
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::io::{self, IsTerminal, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use serde::Serialize;
 
@@ -190,31 +190,8 @@ pub(crate) fn age_ms(then_ms: i64, now_ms: i64) -> String {
     format_age(then_ms.div_euclid(1000), now_ms.div_euclid(1000))
 }
 
-/// Whether `c` could break a line or make text on a terminal look other than it is: control
-/// characters, line and paragraph separators, zero-width and bidirectional formatting marks.
-fn needs_escape(c: char) -> bool {
-    c.is_control()
-        || matches!(
-            c,
-            '\u{200B}'..='\u{200F}' | '\u{2028}'..='\u{202E}' | '\u{2060}'..='\u{2069}' | '\u{FEFF}'
-        )
-}
-
-/// User text (an id, a command, a path) made safe to print on one line. Text that needs no
-/// escaping is returned as is; other text is shown quoted with Rust's escapes (`"a\nb"`), so
-/// an escaped form can always be told from text that merely contains a backslash.
-pub(crate) fn one_line(s: &str) -> Cow<'_, str> {
-    if s.chars().any(needs_escape) {
-        Cow::Owned(format!("{s:?}"))
-    } else {
-        Cow::Borrowed(s)
-    }
-}
-
-/// [`one_line`] for a path (a non-UTF-8 byte shows as U+FFFD).
-pub(crate) fn path_line(p: &Path) -> String {
-    one_line(&p.to_string_lossy()).into_owned()
-}
+// The one escaping of names for every command lives in crate::text.
+pub(crate) use crate::text::{one_line, path_line};
 
 /// `s` cut to at most `max` characters, the last one `…` when something was cut.
 pub(crate) fn truncate(s: &str, max: usize) -> Cow<'_, str> {
@@ -409,6 +386,8 @@ pub(crate) fn open_existing_store(global: &Global) -> anyhow::Result<(PathBuf, O
 pub(crate) mod tests {
     use super::*;
     use crate::spec::Sharing;
+    use crate::text::needs_escape;
+    use std::path::Path;
 
     /// A lease row for tests.
     pub(crate) fn row(seq: i64, id: &str, instance: u32, sharing: Sharing, held: bool) -> LeaseRow {

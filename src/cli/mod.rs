@@ -244,7 +244,13 @@ pub fn exit_code_of_status(status: std::process::ExitStatus) -> i32 {
 
 /// Prints a one-line message on stderr, prefixed like every cachefs message.
 pub fn print_error(msg: impl fmt::Display) {
-    eprintln!("cachefs: {msg}");
+    // Names in messages are escaped where they are formatted; this is the last guard, for
+    // text from elsewhere (another crate's error, a server's reply): no control character
+    // reaches the terminal.
+    eprintln!(
+        "cachefs: {}",
+        crate::text::escape_controls(&msg.to_string())
+    );
 }
 
 /// The error of a registry command in a build without the `registry` feature.
@@ -257,7 +263,10 @@ pub(crate) fn no_registry() -> anyhow::Error {
 
 /// Prints a one-line warning on stderr (cachefs goes on).
 pub fn print_warning(msg: impl fmt::Display) {
-    eprintln!("cachefs: warning: {msg}");
+    eprintln!(
+        "cachefs: warning: {}",
+        crate::text::escape_controls(&msg.to_string())
+    );
 }
 
 fn init_logging(verbose: u8) {

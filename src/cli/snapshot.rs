@@ -168,7 +168,7 @@ pub(crate) fn take(
         return Err(usage(anyhow!(
             "no cache with id {:?} in store {} (see cachefs du)",
             id.as_str(),
-            root.display()
+            crate::text::path_line(&root)
         )));
     };
     let number = match args.instance {

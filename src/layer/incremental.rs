@@ -195,7 +195,7 @@ impl Ctx<'_> {
         .map_err(|e| {
             Fallback::Inconsistent(format!(
                 "cannot open {}: {e}",
-                self.display(&join(path, name)).display()
+                crate::text::path_short(&self.display(&join(path, name)))
             ))
         })
     }

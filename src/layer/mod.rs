@@ -33,7 +33,8 @@ use crate::store::StoreError;
 pub enum LayerError {
     // `err`, not `source`: the OS error is part of this one line, and must not be repeated
     // as the next link of an error chain.
-    #[error("cannot {action} {}: {err}", path.display())]
+    // The path is escaped and, when long (a deep tree), cut in the middle: one short line.
+    #[error("cannot {action} {}: {err}", crate::text::path_short(path))]
     Io {
         action: &'static str,
         path: PathBuf,
@@ -45,7 +46,7 @@ pub enum LayerError {
     MissingObject { kind: &'static str, digest: Digest },
     #[error(
         "{kind} object {digest} is corrupt ({}: {reason}); nothing was written from it: remove that file, then take the snapshot again with --rescan or import the layer again",
-        path.display()
+        crate::text::path_short(path)
     )]
     Corrupt {
         kind: &'static str,

@@ -564,7 +564,7 @@ pub fn restore_instance(
     if let Some(trash) = trash
         && let Err(e) = remove_tree(&trash)
     {
-        tracing::warn!(path = %trash.display(), error = %e, "cannot remove the replaced tree; the next gc retries");
+        tracing::warn!(path = %crate::text::path_short(&trash), error = %e, "cannot remove the replaced tree; the next gc retries");
     }
     Ok(report)
 }

@@ -262,7 +262,7 @@ pub(crate) fn walk_hash(
                 }
                 _ => {
                     tracing::warn!(
-                        path = %root.join(std::ffi::OsStr::from_bytes(&join(&dir_path, &name))).display(),
+                        path = %crate::text::path_short(&root.join(std::ffi::OsStr::from_bytes(&join(&dir_path, &name)))),
                         "not in the layer: a layer holds files, directories, symlinks and fifos only"
                     );
                     skipped += 1;

@@ -178,7 +178,7 @@ fn bad(msg: String) -> IngestError {
 }
 
 fn shown(p: &[u8]) -> String {
-    format!("{:?}", String::from_utf8_lossy(p))
+    crate::text::quoted_short(p)
 }
 
 /// Takes a files chunk apart: every member must be a regular file the chunk's record lists,
