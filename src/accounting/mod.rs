@@ -78,9 +78,10 @@ pub struct Scan {
 /// Walks the instance directory `root` and counts it. Entries that vanish while the walk
 /// runs are skipped (the tree may be in use); other errors end it.
 pub fn scan(root: &Path) -> io::Result<Scan> {
+    // An instance root is never a symlink: one put there is not followed.
     let root_fd = rustix::fs::open(
         root,
-        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
         Mode::empty(),
     )?;
     let root_dev = rustix::fs::fstat(&root_fd)?.st_dev;

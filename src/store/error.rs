@@ -53,25 +53,44 @@ pub enum StoreError {
     Busy { path: PathBuf },
     #[error("{path} exists but is not a directory: move it aside or pass --store DIR")]
     NotADirectory { path: PathBuf },
+    #[error("{path} exists but is not a regular file: move it aside or pass --store DIR")]
+    NotAFile { path: PathBuf },
+    #[error(
+        "{path} is a symbolic link inside the store, which cachefs never follows: replace it with the directory it should be (or remove it), or pass --store DIR"
+    )]
+    Symlink { path: PathBuf },
+    #[error(
+        "the metadata database of store {root} does not match schema {version} ({detail}): move {db} aside (a new one is created and caches are re-adopted on next use), or pass --store DIR"
+    )]
+    SchemaMismatch {
+        root: PathBuf,
+        db: PathBuf,
+        version: i64,
+        detail: String,
+    },
     #[error("metadata database {path} names cache '{id}' with an invalid directory key '{key}'")]
     BadKey {
         path: PathBuf,
         id: String,
         key: String,
     },
-    #[error("{action} {path}: {source}")]
+    // No `#[source]` on these two: the cause is part of this one line, and must not be
+    // repeated as the next link of an error chain (`{:#}` prints every link).
+    #[error("cannot {action} {path}: {err}")]
     Io {
         action: &'static str,
         path: PathBuf,
-        #[source]
-        source: io::Error,
+        err: io::Error,
     },
-    #[error("metadata database {path}: {source}")]
-    Db {
-        path: PathBuf,
-        #[source]
-        source: rusqlite::Error,
-    },
+    #[error("metadata database {path}: {detail}")]
+    Db { path: PathBuf, detail: String },
+}
+
+impl StoreError {
+    /// [`io_error`] for other modules: an OS error on `path` inside the store `root`.
+    pub fn from_io(action: &'static str, path: &Path, root: &Path, e: io::Error) -> StoreError {
+        io_error(action, path, root, e)
+    }
 }
 
 /// Maps an OS error on `path` (inside the store `root`) to the error a user can act on.
@@ -91,10 +110,14 @@ pub(crate) fn io_error(action: &'static str, path: &Path, root: &Path, e: io::Er
         Some(libc::ENOTDIR) => StoreError::NotADirectory {
             path: path.to_path_buf(),
         },
+        // O_NOFOLLOW or RESOLVE_NO_SYMLINKS met a symlink: only ever asked inside the store.
+        Some(libc::ELOOP) => StoreError::Symlink {
+            path: path.to_path_buf(),
+        },
         _ => StoreError::Io {
             action,
             path: path.to_path_buf(),
-            source: e,
+            err: e,
         },
     }
 }
@@ -104,7 +127,7 @@ pub(crate) fn db_error(db: &Path, root: &Path, e: rusqlite::Error) -> StoreError
     let Some(code) = e.sqlite_error_code() else {
         return StoreError::Db {
             path: db.to_path_buf(),
-            source: e,
+            detail: one_line_sqlite(&e),
         };
     };
     match code {
@@ -130,9 +153,22 @@ pub(crate) fn db_error(db: &Path, root: &Path, e: rusqlite::Error) -> StoreError
         },
         _ => StoreError::Db {
             path: db.to_path_buf(),
-            source: e,
+            detail: one_line_sqlite(&e),
         },
     }
+}
+
+/// SQLite's message without the statement it came from (rusqlite appends the whole SQL text,
+/// over many lines, to errors of its input), on one line.
+pub(crate) fn one_line_sqlite(e: &rusqlite::Error) -> String {
+    let text = match e {
+        rusqlite::Error::SqlInputError { msg, .. } => msg.clone(),
+        rusqlite::Error::SqliteFailure(f, Some(msg)) if msg.contains(&f.to_string()) => {
+            msg.clone()
+        }
+        other => other.to_string(),
+    };
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 /// Whether `path` lives on a filesystem mounted read-only.
@@ -177,7 +213,13 @@ mod tests {
         assert!(e.to_string().starts_with("no space left for store /x"));
         let e = io_error("create", p, root, io::Error::from_raw_os_error(libc::EIO));
         assert!(matches!(e, StoreError::Io { .. }), "{e}");
-        assert!(e.to_string().starts_with("create /x/caches: "));
+        assert_eq!(
+            e.to_string(),
+            format!("cannot create /x/caches: {}", io::Error::from_raw_os_error(libc::EIO))
+        );
+        // The OS error is said once, also through an anyhow chain.
+        let chain = format!("{:#}", anyhow::Error::new(e));
+        assert_eq!(chain.matches("os error 5").count(), 1, "{chain}");
     }
 
     #[test]

@@ -256,7 +256,7 @@ fn file_or_symlink_at_instance_path_is_an_error() {
     let e = store
         .acquire_instance(&cid, &InstanceInit::default())
         .unwrap_err();
-    assert!(matches!(e, StoreError::NotADirectory { .. }), "{e}");
+    assert!(matches!(e, StoreError::Symlink { .. }), "{e}");
     // The failed acquire rolled back: no row for it.
     assert!(store.get_cache(&cid).unwrap().is_none());
 }
