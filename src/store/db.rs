@@ -114,7 +114,17 @@ pub(crate) fn migrate(conn: &mut Connection, db: &Path, root: &Path) -> Result<(
         if version == SCHEMA_VERSION {
             return Ok(());
         }
-        step(&tx, version).map_err(err)?;
+        // A step that fails on its own SQL (a table already there, a column missing) means the
+        // tables are not what the recorded version says: one line naming the fix.
+        step(&tx, version).map_err(|e| match e.sqlite_error_code() {
+            Some(rusqlite::ErrorCode::Unknown) | None => StoreError::SchemaMismatch {
+                root: root.to_path_buf(),
+                db: db.to_path_buf(),
+                version: version + 1,
+                detail: super::error::one_line_sqlite(&e),
+            },
+            Some(_) => err(e),
+        })?;
         tx.pragma_update(None, "user_version", version + 1)
             .map_err(err)?;
         tx.commit().map_err(err)?;

@@ -151,11 +151,26 @@ pub(crate) fn db_error(db: &Path, root: &Path, e: rusqlite::Error) -> StoreError
         ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked => StoreError::Busy {
             path: db.to_path_buf(),
         },
+        // A statement this build prepares does not fit the tables: the database is not the
+        // schema its version says (edited by hand, or by another program).
+        ErrorCode::Unknown if is_schema_error(&e) => StoreError::SchemaMismatch {
+            root: root.to_path_buf(),
+            db: db.to_path_buf(),
+            version: super::SCHEMA_VERSION,
+            detail: one_line_sqlite(&e),
+        },
         _ => StoreError::Db {
             path: db.to_path_buf(),
             detail: one_line_sqlite(&e),
         },
     }
+}
+
+fn is_schema_error(e: &rusqlite::Error) -> bool {
+    let msg = one_line_sqlite(e);
+    ["no such table", "no such column", "already exists", "has no column"]
+        .iter()
+        .any(|m| msg.contains(m))
 }
 
 /// SQLite's message without the statement it came from (rusqlite appends the whole SQL text,
