@@ -193,10 +193,7 @@ pub enum PrepareError {
     Store(#[from] StoreError),
     // `err`, not `source`: said once, not again as the next link of the chain.
     #[error("cannot count {}: {err}", path.display())]
-    Scan {
-        path: PathBuf,
-        err: std::io::Error,
-    },
+    Scan { path: PathBuf, err: std::io::Error },
 }
 
 /// Writes what every mount reported since the last flush. Failures put the reports back for

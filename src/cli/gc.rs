@@ -162,7 +162,12 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
         return Ok(0);
     }
     let supervisor = Supervisor::start().context("cannot set up signal handling")?;
-    let store = Store::open(&root)?;
+    // On a full filesystem this releases the store's space reserve, so gc can work.
+    let store = if args.dry_run {
+        Store::open(&root)?
+    } else {
+        Store::open_to_free(&root)?
+    };
     let Some(_lock) = evict::lock(&store, args.wait)? else {
         print_error(format_args!(
             "a gc is already running on store {}; not starting another (--wait queues behind it)",
@@ -194,6 +199,7 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
     if tty && !report.removed.is_empty() && !args.dry_run {
         eprint!("\r\x1b[K");
     }
+    store.keep_reserve();
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

@@ -75,14 +75,17 @@ impl ObjectStore {
     pub fn open(store_root: &Path) -> Result<ObjectStore, LayerError> {
         use crate::store::walk;
         let root = store_root.join(OBJECTS_DIR);
-        let store_fd = walk::open_root(store_root).map_err(|e| store_io("open", store_root, store_root, e))?;
+        let store_fd =
+            walk::open_root(store_root).map_err(|e| store_io("open", store_root, store_root, e))?;
         // Private like every top-level directory of the store (the store itself makes it so
         // too; this covers an object store opened on its own).
-        let mkdir = |dir: &OwnedFd, name: &str, mode: u32, shown: &Path| {
-            match rustix::fs::mkdirat(dir, name, Mode::from_raw_mode(mode)) {
-                Ok(()) | Err(rustix::io::Errno::EXIST) => Ok(()),
-                Err(e) => Err(store_io("create", shown, store_root, e.into())),
-            }
+        let mkdir = |dir: &OwnedFd, name: &str, mode: u32, shown: &Path| match rustix::fs::mkdirat(
+            dir,
+            name,
+            Mode::from_raw_mode(mode),
+        ) {
+            Ok(()) | Err(rustix::io::Errno::EXIST) => Ok(()),
+            Err(e) => Err(store_io("create", shown, store_root, e.into())),
         };
         mkdir(&store_fd, OBJECTS_DIR, 0o700, &root)?;
         let objects = walk::open_dir(store_fd.as_fd(), OBJECTS_DIR)
@@ -329,7 +332,10 @@ impl ObjectStore {
         let fans = crate::store::walk::names(dir.as_fd())
             .map_err(|e| LayerError::io("read", &self.root.join(kind.dir()), e))?;
         for fan in fans {
-            let shown = self.root.join(kind.dir()).join(fan.to_string_lossy().as_ref());
+            let shown = self
+                .root
+                .join(kind.dir())
+                .join(fan.to_string_lossy().as_ref());
             let inner = match crate::store::walk::open_dir(dir.as_fd(), &fan.to_string_lossy()) {
                 Ok(fd) => fd,
                 // A stray file among the fan-out directories.
@@ -367,7 +373,9 @@ impl ObjectStore {
 fn store_io(action: &'static str, path: &Path, store_root: &Path, e: io::Error) -> LayerError {
     match e.raw_os_error() {
         Some(libc::ELOOP | libc::ENOTDIR | libc::ENOSPC | libc::EDQUOT | libc::EROFS) => {
-            LayerError::Store(crate::store::StoreError::from_io(action, path, store_root, e))
+            LayerError::Store(crate::store::StoreError::from_io(
+                action, path, store_root, e,
+            ))
         }
         _ => LayerError::io(action, path, e),
     }

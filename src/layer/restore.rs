@@ -379,7 +379,8 @@ pub fn sweep_dead_work_dirs(
 ) -> Result<usize, crate::store::StoreError> {
     use crate::store::walk;
     let tmp = store.open_dir(crate::store::TMP_DIR)?;
-    let names = walk::names(tmp.as_fd()).map_err(|e| store.io_error("read", &store.tmp_dir(), e))?;
+    let names =
+        walk::names(tmp.as_fd()).map_err(|e| store.io_error("read", &store.tmp_dir(), e))?;
     let mut n = 0;
     for name in names {
         let Some(rest) = name

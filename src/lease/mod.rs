@@ -71,11 +71,7 @@ pub enum LeaseError {
 
 fn io_err(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> LeaseError + use<> {
     let path = path.to_path_buf();
-    move |err| LeaseError::Io {
-        action,
-        path,
-        err,
-    }
+    move |err| LeaseError::Io { action, path, err }
 }
 
 fn timed_out_message(id: &str, sharing: Sharing, waited: Duration, holders: &[LeaseRow]) -> String {
@@ -697,7 +693,8 @@ pub fn remove_cache_dirs(store: &Store, id: &CacheId, key: &str) -> Result<(), S
     let caches = store.open_dir(CACHES_DIR)?;
     walk::remove_if_empty(caches.as_fd(), &key_c);
     if lock.is_some() {
-        let qdir = walk::open_dir(leases.as_fd(), key).map_err(|e| store.io_error("open", &dir, e))?;
+        let qdir =
+            walk::open_dir(leases.as_fd(), key).map_err(|e| store.io_error("open", &dir, e))?;
         let names = walk::names(qdir.as_fd()).map_err(|e| store.io_error("read", &dir, e))?;
         for name in &names {
             if name.to_bytes() != b"lock" && !walk::remove_if_empty(qdir.as_fd(), name) {

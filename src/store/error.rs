@@ -24,9 +24,14 @@ pub enum StoreError {
     )]
     PermissionDenied { path: PathBuf, root: PathBuf },
     #[error(
-        "no space left for store {root} (writing {path}): free some space (e.g. cachefs gc) or pass --store DIR on another filesystem"
+        "the filesystem of store {root} is full ({fs}; writing {path}): free space there (cachefs gc and cachefs rm still can: they use a reserve kept for this), or pass --store DIR on another filesystem"
     )]
-    DiskFull { path: PathBuf, root: PathBuf },
+    DiskFull {
+        path: PathBuf,
+        root: PathBuf,
+        /// The filesystem: its mount point and type.
+        fs: String,
+    },
     #[error(
         "metadata database {path} is corrupt: {detail}; it was left untouched and cache contents are kept: move it aside (a new one is created and caches are re-adopted on next use), or pass --store DIR"
     )]
@@ -103,10 +108,7 @@ pub(crate) fn io_error(action: &'static str, path: &Path, root: &Path, e: io::Er
             path: path.to_path_buf(),
             root: root.to_path_buf(),
         },
-        Some(libc::ENOSPC) | Some(libc::EDQUOT) => StoreError::DiskFull {
-            path: path.to_path_buf(),
-            root: root.to_path_buf(),
-        },
+        Some(libc::ENOSPC) | Some(libc::EDQUOT) => disk_full(path, root),
         Some(libc::ENOTDIR) => StoreError::NotADirectory {
             path: path.to_path_buf(),
         },
@@ -119,6 +121,14 @@ pub(crate) fn io_error(action: &'static str, path: &Path, root: &Path, e: io::Er
             path: path.to_path_buf(),
             err: e,
         },
+    }
+}
+
+fn disk_full(path: &Path, root: &Path) -> StoreError {
+    StoreError::DiskFull {
+        path: path.to_path_buf(),
+        root: root.to_path_buf(),
+        fs: super::space::describe_fs(root),
     }
 }
 
@@ -135,10 +145,10 @@ pub(crate) fn db_error(db: &Path, root: &Path, e: rusqlite::Error) -> StoreError
             path: db.to_path_buf(),
             detail: e.to_string(),
         },
-        ErrorCode::DiskFull => StoreError::DiskFull {
-            path: db.to_path_buf(),
-            root: root.to_path_buf(),
-        },
+        ErrorCode::DiskFull => disk_full(db, root),
+        // A full filesystem shows up as an I/O error where SQLite grows its shared-memory file
+        // (SQLITE_IOERR_SHMSIZE) or writes: say what it is.
+        ErrorCode::SystemIoFailure if super::space::is_full(root) => disk_full(db, root),
         // SQLite says "readonly" both for a read-only mount and for a file it may not
         // write; only the filesystem can tell the two apart.
         ErrorCode::ReadOnly if fs_is_read_only(root) => StoreError::ReadOnly {
@@ -168,9 +178,14 @@ pub(crate) fn db_error(db: &Path, root: &Path, e: rusqlite::Error) -> StoreError
 
 fn is_schema_error(e: &rusqlite::Error) -> bool {
     let msg = one_line_sqlite(e);
-    ["no such table", "no such column", "already exists", "has no column"]
-        .iter()
-        .any(|m| msg.contains(m))
+    [
+        "no such table",
+        "no such column",
+        "already exists",
+        "has no column",
+    ]
+    .iter()
+    .any(|m| msg.contains(m))
 }
 
 /// SQLite's message without the statement it came from (rusqlite appends the whole SQL text,
@@ -178,9 +193,7 @@ fn is_schema_error(e: &rusqlite::Error) -> bool {
 pub(crate) fn one_line_sqlite(e: &rusqlite::Error) -> String {
     let text = match e {
         rusqlite::Error::SqlInputError { msg, .. } => msg.clone(),
-        rusqlite::Error::SqliteFailure(f, Some(msg)) if msg.contains(&f.to_string()) => {
-            msg.clone()
-        }
+        rusqlite::Error::SqliteFailure(f, Some(msg)) if msg.contains(&f.to_string()) => msg.clone(),
         other => other.to_string(),
     };
     text.split_whitespace().collect::<Vec<_>>().join(" ")
@@ -225,12 +238,19 @@ mod tests {
             io::Error::from_raw_os_error(libc::ENOSPC),
         );
         assert!(matches!(e, StoreError::DiskFull { .. }), "{e}");
-        assert!(e.to_string().starts_with("no space left for store /x"));
+        assert!(
+            e.to_string()
+                .starts_with("the filesystem of store /x is full ("),
+            "{e}"
+        );
         let e = io_error("create", p, root, io::Error::from_raw_os_error(libc::EIO));
         assert!(matches!(e, StoreError::Io { .. }), "{e}");
         assert_eq!(
             e.to_string(),
-            format!("cannot create /x/caches: {}", io::Error::from_raw_os_error(libc::EIO))
+            format!(
+                "cannot create /x/caches: {}",
+                io::Error::from_raw_os_error(libc::EIO)
+            )
         );
         // The OS error is said once, also through an anyhow chain.
         let chain = format!("{:#}", anyhow::Error::new(e));

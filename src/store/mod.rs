@@ -20,6 +20,7 @@ mod id;
 mod layers;
 mod leases;
 mod remote;
+pub mod space;
 mod usage;
 pub mod walk;
 
@@ -140,6 +141,24 @@ impl Store {
     /// Opens the store at `root`, creating it (directories, database) on first use.
     /// Safe when several processes open a fresh store at once.
     pub fn open(root: &Path) -> Result<Store, StoreError> {
+        Self::open_with(root, false)
+    }
+
+    /// [`Store::open`] for a command that frees space (`gc`, `rm`, `prune`): on a full
+    /// filesystem it first releases the store's space reserve, so that the database can record
+    /// the removals (see [`space`]).
+    pub fn open_to_free(root: &Path) -> Result<Store, StoreError> {
+        Self::open_with(root, true)
+    }
+
+    /// Makes the store's space reserve again if it is missing and there is room (after a gc).
+    pub fn keep_reserve(&self) {
+        if let Ok(fd) = walk::open_root(&self.root) {
+            space::keep_reserve(&fd, &self.root);
+        }
+    }
+
+    fn open_with(root: &Path, release_reserve: bool) -> Result<Store, StoreError> {
         if root.as_os_str().is_empty() {
             return Err(StoreError::EmptyRoot);
         }
@@ -165,10 +184,17 @@ impl Store {
 
         let db_path = root.join(DB_FILE);
         private_db_files(&root_fd, root)?;
-        let mut conn = db::open(&db_path, root)?;
+        if release_reserve && space::is_short(root) {
+            space::release_reserve(&root_fd);
+        }
+        let full = space::is_full(root);
+        let mut conn = db::open(&db_path, root, full)?;
         db::migrate(&mut conn, &db_path, root)?;
         // Closing the file releases the flock; later opens skip straight to a no-op migrate.
         drop(lock);
+        if !full {
+            space::keep_reserve(&root_fd, root);
+        }
 
         sweep_tmp(&root_fd);
         Ok(Store {
@@ -454,8 +480,8 @@ impl Store {
             Ok(()) | Err(rustix::io::Errno::EXIST) => {}
             Err(e) => return Err(io_error("create directory", &key_path, root, e.into())),
         }
-        let key_fd =
-            walk::open_dir(caches.as_fd(), key).map_err(|e| io_error("open", &key_path, root, e))?;
+        let key_fd = walk::open_dir(caches.as_fd(), key)
+            .map_err(|e| io_error("open", &key_path, root, e))?;
         let n = number.to_string();
         if existing_dir_at(&key_fd, &n, &path, root)? {
             return Ok(false);
@@ -486,7 +512,12 @@ impl Store {
             if taken && existing_dir_at(&key_fd, &n, &path, root)? {
                 return Ok(false);
             }
-            return Err(io_error("move new instance into place", &path, root, e.into()));
+            return Err(io_error(
+                "move new instance into place",
+                &path,
+                root,
+                e.into(),
+            ));
         }
         // The rename must survive a crash as surely as the commit that follows.
         rustix::fs::fsync(&key_fd).map_err(|e| io_error("sync", &key_path, root, e.into()))?;
@@ -561,7 +592,12 @@ fn apply_init(tmp: &OwnedFd, name: &str, dir: &Path, init: &InstanceInit) -> io:
 
 /// Whether `name` in `dir` (shown as `path`) is an existing real directory (a symlink there is
 /// an error).
-fn existing_dir_at(dir: &OwnedFd, name: &str, path: &Path, root: &Path) -> Result<bool, StoreError> {
+fn existing_dir_at(
+    dir: &OwnedFd,
+    name: &str,
+    path: &Path,
+    root: &Path,
+) -> Result<bool, StoreError> {
     use rustix::fs::FileType;
     match rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
         Ok(st) => match FileType::from_raw_mode(st.st_mode) {
@@ -631,10 +667,12 @@ fn make_top_dir(root_fd: &OwnedFd, root: &Path, name: &str) -> Result<(), StoreE
     let path = root.join(name);
     match rustix::fs::mkdirat(root_fd, name, Mode::from_raw_mode(0o700)) {
         Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+        // A full filesystem must still be read (an older store may lack `objects/`): what
+        // needs the directory fails later, saying why.
+        Err(rustix::io::Errno::NOSPC | rustix::io::Errno::DQUOT) => return Ok(()),
         Err(e) => return Err(io_error("create directory", &path, root, e.into())),
     }
-    let fd = walk::open_dir(root_fd.as_fd(), name)
-        .map_err(|e| io_error("open", &path, root, e))?;
+    let fd = walk::open_dir(root_fd.as_fd(), name).map_err(|e| io_error("open", &path, root, e))?;
     let st = rustix::fs::fstat(&fd).map_err(|e| io_error("inspect", &path, root, e.into()))?;
     if st.st_mode & 0o077 != 0 {
         rustix::fs::fchmod(&fd, Mode::from_raw_mode(0o700))

@@ -556,7 +556,8 @@ fn full_filesystem_is_a_clear_error() {
     }
     let e = last.expect("a full filesystem must fail eventually");
     assert!(matches!(e, StoreError::DiskFull { .. }), "{e}");
-    assert!(e.to_string().starts_with("no space left for store "), "{e}");
+    assert!(e.to_string().starts_with("the filesystem of store "), "{e}");
+    assert!(e.to_string().contains(" is full ("), "{e}");
 }
 
 #[test]

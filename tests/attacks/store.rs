@@ -34,7 +34,10 @@ fn sh_as_nobody(script: &str) -> Output {
 fn store_with_snapshot(env: &CliEnv) {
     let t = env.path("t");
     ok(
-        &env.run_sh(&[spec("a", &t, "")], &format!("echo hello > {}/f", t.display())),
+        &env.run_sh(
+            &[spec("a", &t, "")],
+            &format!("echo hello > {}/f", t.display()),
+        ),
         "run",
     );
     ok(&env.cachefs(&["snapshot", "a"]), "snapshot");
@@ -45,7 +48,10 @@ fn key_dir(env: &CliEnv, id: &str) -> PathBuf {
     let caches = env.store.join("caches");
     for e in fs::read_dir(&caches).expect("read caches") {
         let e = e.unwrap();
-        if e.file_name().to_string_lossy().starts_with(&format!("{id}-")) {
+        if e.file_name()
+            .to_string_lossy()
+            .starts_with(&format!("{id}-"))
+        {
             return e.path();
         }
     }
@@ -94,12 +100,7 @@ fn another_user_cannot_reach_into_the_store() {
     }
     for probe in probes {
         let out = sh_as_nobody(&probe);
-        assert_ne!(
-            code(&out),
-            0,
-            "nobody could `{probe}`: {}",
-            stdout_of(&out)
-        );
+        assert_ne!(code(&out), 0, "nobody could `{probe}`: {}", stdout_of(&out));
     }
     // Nothing in the store (outside instance trees) is writable by others.
     for top in ["", "caches", "leases", "objects", "tmp"] {
@@ -206,7 +207,10 @@ impl Canary {
 /// Replaces the store directory `rel` by a symlink to the canary (its contents moved aside).
 fn plant(env: &CliEnv, rel: &Path, canary: &Canary) -> PathBuf {
     let p = env.store.join(rel);
-    let aside = env.path(&format!("aside-{}", rel.to_string_lossy().replace('/', "_")));
+    let aside = env.path(&format!(
+        "aside-{}",
+        rel.to_string_lossy().replace('/', "_")
+    ));
     fs::rename(&p, &aside).unwrap_or_else(|e| panic!("move {} aside: {e}", p.display()));
     symlink(&canary.dir, &p).unwrap();
     p
@@ -249,7 +253,11 @@ fn gc_does_not_follow_a_symlinked_objects_tmp() {
     let out = env.cachefs(&["snapshot", "b"]);
     assert_failure(&out, Some(1), &["symbolic link", "objects/tmp"]);
     canary.assert_intact("snapshot");
-    assert_eq!(fs::read_dir(&canary.dir).unwrap().count(), 3, "nothing new in the canary");
+    assert_eq!(
+        fs::read_dir(&canary.dir).unwrap().count(),
+        3,
+        "nothing new in the canary"
+    );
 }
 
 /// A fan-out directory `objects/blobs/xx` as a symlink to a directory holding files named like
@@ -331,7 +339,10 @@ fn a_symlinked_tmp_is_refused() {
     for args in [&["gc", "--all"][..], &["rm", "a"], &["prune", "-y"]] {
         let out = env.cachefs(args);
         let line = assert_failure(&out, Some(1), &["symbolic link"]);
-        assert!(line.contains(&link.display().to_string()), "{args:?}: {line}");
+        assert!(
+            line.contains(&link.display().to_string()),
+            "{args:?}: {line}"
+        );
         canary.assert_intact(&format!("{args:?}"));
     }
 }
@@ -383,7 +394,10 @@ fn a_budgeted_cache_is_within_budget_when_its_mount_ends() {
     let out = ok(&env.cachefs(&["du", "--json", "b"]), "du");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     let disk = v[0]["disk_bytes"].as_u64().unwrap();
-    assert!(disk <= 256 * 1024, "over budget at exit: {disk} bytes: {out}");
+    assert!(
+        disk <= 256 * 1024,
+        "over budget at exit: {disk} bytes: {out}"
+    );
     let files = env.find_in_caches("f40").len() + env.find_in_caches("f1").len();
     assert!(files >= 1, "the most recent files are kept");
 }
@@ -426,4 +440,194 @@ fn os_errors_are_not_repeated() {
     let out = env.run(&[spec("a", &t, "")], &["true"]);
     let line = assert_failure(&out, Some(1), &[]);
     assert!(line.matches("os error").count() <= 1, "{line}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Item 8: a full store filesystem
+// ---------------------------------------------------------------------------------------------
+
+/// A small ext4 filesystem in a file, loop-mounted; unmounted (which detaches the loop device:
+/// autoclear) when dropped, also when the test fails.
+struct LoopFs {
+    mnt: PathBuf,
+}
+
+impl LoopFs {
+    /// `size_mb` MiB with 1 KiB blocks: smaller than a memory page, the case where a mapped
+    /// SQLite `-shm` page that is still a hole gives SIGBUS.
+    fn new(dir: &Path, size_mb: u64) -> Option<LoopFs> {
+        let img = dir.join("fs.img");
+        let mnt = dir.join("fs");
+        fs::create_dir_all(&mnt).unwrap();
+        fs::File::create(&img)
+            .unwrap()
+            .set_len(size_mb << 20)
+            .unwrap();
+        let mkfs = std::process::Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-b", "1024", "-m", "0"])
+            .arg(&img)
+            .output();
+        if !mkfs.is_ok_and(|o| o.status.success()) {
+            eprintln!("skipped: mkfs.ext4 failed or is missing");
+            return None;
+        }
+        let mount = std::process::Command::new("mount")
+            .args(["-o", "loop"])
+            .arg(&img)
+            .arg(&mnt)
+            .output()
+            .expect("mount");
+        if !mount.status.success() {
+            eprintln!("skipped: cannot loop-mount: {}", stderr_of(&mount));
+            return None;
+        }
+        Some(LoopFs { mnt })
+    }
+
+    /// Writes a file until the filesystem is full: again after each sync (ext4 gives back
+    /// what it had reserved for delayed allocation), until nothing more fits.
+    fn fill(&self) {
+        use std::io::Write;
+        let mut f = fs::File::create(self.mnt.join("filler")).unwrap();
+        let chunk = vec![0u8; 64 * 1024];
+        for _ in 0..20 {
+            let mut wrote = false;
+            while f.write_all(&chunk).is_ok() {
+                wrote = true;
+            }
+            while f.write_all(&chunk[..1024]).is_ok() {
+                wrote = true;
+            }
+            let _ = f.sync_all();
+            if !wrote {
+                break;
+            }
+        }
+    }
+
+    fn free(&self) -> u64 {
+        let c = cpath(&self.mnt);
+        let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+        assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut s) }, 0);
+        s.f_bavail * s.f_frsize
+    }
+}
+
+impl Drop for LoopFs {
+    fn drop(&mut self) {
+        for m in mounts_under(&self.mnt) {
+            if m != self.mnt {
+                force_unmount(&m);
+            }
+        }
+        let ok = std::process::Command::new("umount")
+            .arg(&self.mnt)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.mnt)
+                .status();
+        }
+    }
+}
+
+/// A CliEnv whose store lives on a fresh small loop-mounted filesystem, with caches `a` and `b`
+/// of 1 MB each and a layer of `a`.
+fn full_store_env() -> Option<(CliEnv, LoopFs)> {
+    let dir = tempdir();
+    let lfs = LoopFs::new(dir.path(), 64)?;
+    let store = lfs.mnt.join("s");
+    let env = CliEnv { dir, store };
+    for id in ["a", "b"] {
+        let t = env.path(id);
+        ok(
+            &env.run_sh(
+                &[spec(id, &t, "")],
+                &format!("head -c 1000000 /dev/urandom > {}/f", t.display()),
+            ),
+            "run",
+        );
+    }
+    ok(&env.cachefs(&["snapshot", "a"]), "snapshot");
+    Some((env, lfs))
+}
+
+/// On a full store filesystem, with a 32 KiB `-shm` and an empty `-wal` left from before (a
+/// killed process), reads work and do not die of SIGBUS, other commands say the filesystem is
+/// full in one line, and gc and rm free space.
+#[test]
+fn a_full_store_filesystem_still_reads_and_frees() {
+    if skip_unless_root("a_full_store_filesystem_still_reads_and_frees") {
+        return;
+    }
+    let Some((env, lfs)) = full_store_env() else {
+        return;
+    };
+    lfs.fill();
+    let s = &env.store;
+    fs::File::create(s.join("cachefs.db-shm"))
+        .unwrap()
+        .set_len(32 * 1024)
+        .unwrap();
+    fs::File::create(s.join("cachefs.db-wal")).unwrap();
+    for args in [
+        &["ls"][..],
+        &["du"],
+        &["du", "--json"],
+        &["inspect", "b"],
+        &["layers"],
+        &["gc", "--all", "--dry-run"],
+    ] {
+        let out = env.cachefs(args);
+        // `code` fails the test on a death by signal (SIGBUS).
+        assert_eq!(code(&out), 0, "{args:?}: {}", stderr_of(&out));
+    }
+    let out = ok(&env.cachefs(&["du", "--json"]), "du");
+    assert!(out.contains("\"b\""), "{out}");
+    // A command that must write says so, in one line naming the filesystem.
+    let out = env.cachefs(&["snapshot", "b"]);
+    let line = assert_failure(&out, Some(1), &["is full", &lfs.mnt.display().to_string()]);
+    assert!(line.contains("cachefs gc"), "{line}");
+    // rm and gc can always free space.
+    let before = lfs.free();
+    ok(&env.cachefs(&["rm", "a"]), "rm on a full filesystem");
+    ok(&env.cachefs(&["gc", "--all"]), "gc on a full filesystem");
+    assert!(lfs.free() > before + 1_500_000, "space was freed");
+    let out = ok(&env.cachefs(&["du", "--json"]), "du");
+    assert_eq!(out.trim(), "[]", "{out}");
+}
+
+/// A full store filesystem while a mount holds a cache: reads work, and gc and rm (of the idle
+/// caches) free space instead of advising to run gc.
+#[test]
+fn a_full_store_filesystem_with_a_live_holder() {
+    if skip_unless_root("a_full_store_filesystem_with_a_live_holder") {
+        return;
+    }
+    let Some((env, lfs)) = full_store_env() else {
+        return;
+    };
+    let t = env.path("h");
+    let bg = BgRun::spawn(&env, "h", &t, "holder");
+    assert!(
+        wait_until(Duration::from_secs(20), || is_mounted(&t)),
+        "holder did not mount: {}",
+        bg.stderr()
+    );
+    lfs.fill();
+    for args in [&["ls"][..], &["du"], &["inspect", "h"], &["layers"]] {
+        let out = env.cachefs(args);
+        assert_eq!(code(&out), 0, "{args:?}: {}", stderr_of(&out));
+    }
+    let before = lfs.free();
+    let out = env.cachefs(&["rm", "a"]);
+    assert_eq!(code(&out), 0, "rm: {}", stderr_of(&out));
+    let out = env.cachefs(&["gc", "--all"]);
+    assert_eq!(code(&out), 0, "gc: {}", stderr_of(&out));
+    assert!(lfs.free() > before + 1_500_000, "space was freed");
+    let out = ok(&env.cachefs(&["ls"]), "ls");
+    assert!(out.contains("sleep 30"), "the holder is still there: {out}");
+    drop(bg);
 }
