@@ -153,7 +153,10 @@ fn policy_of(args: &Args, store_root: &Path) -> anyhow::Result<(Policy, Option<P
 pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
     let root = Store::resolve_root(global.store.as_deref())?;
     let (policy, config) = policy_of(&args, &root)?;
-    if !root.join(crate::store::DB_FILE).exists() {
+    // Only a missing database means "no store" (one that cannot be reached is an error below).
+    if std::fs::symlink_metadata(root.join(crate::store::DB_FILE))
+        .is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound)
+    {
         if args.json {
             println!("{}", serde_json::to_string_pretty(&Report::default())?);
         } else {

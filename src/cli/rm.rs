@@ -106,7 +106,10 @@ pub struct PruneArgs {
 
 pub fn prune(global: &Global, args: PruneArgs) -> anyhow::Result<i32> {
     let root = Store::resolve_root(global.store.as_deref())?;
-    if !root.join(crate::store::DB_FILE).exists() {
+    // Only a missing database means "no store" (one that cannot be reached is an error below).
+    if std::fs::symlink_metadata(root.join(crate::store::DB_FILE))
+        .is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound)
+    {
         println!("prune: no store at {}: nothing to remove", root.display());
         return Ok(0);
     }

@@ -181,7 +181,7 @@ pub enum GcError {
     #[error("invalid --filter pattern {0:?}: {1}")]
     Filter(String, &'static str),
     #[error("{0}")]
-    Layer(String),
+    Other(String),
 }
 
 /// Shell-glob match of `name` against `pattern` (`*`, `?`, `[...]`), as fnmatch(3) does.
@@ -425,7 +425,7 @@ fn layer_err(e: crate::layer::LayerError) -> GcError {
     match e {
         crate::layer::LayerError::Store(s) => GcError::Store(s),
         crate::layer::LayerError::Io { action, path, err } => GcError::Io { action, path, err },
-        other => GcError::Layer(other.to_string()),
+        other => GcError::Other(other.to_string()),
     }
 }
 
@@ -603,7 +603,7 @@ fn take_instance<'s>(
         Ok(l) => Ok(Some(l)),
         Err(lease::LeaseError::TimedOut { .. }) => Ok(None),
         Err(lease::LeaseError::Store(e)) => Err(e.into()),
-        Err(e) => Err(GcError::Layer(e.to_string())),
+        Err(e) => Err(GcError::Other(e.to_string())),
     }
 }
 

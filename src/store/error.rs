@@ -134,10 +134,16 @@ fn disk_full(path: &Path, root: &Path) -> StoreError {
 
 /// Maps a SQLite failure on the database `db` of store `root`.
 pub(crate) fn db_error(db: &Path, root: &Path, e: rusqlite::Error) -> StoreError {
+    // SQLite's messages may end with the file's path, which this error names already.
+    let detail = || {
+        let d = one_line_sqlite(&e);
+        let suffix = format!(": {}", db.display());
+        d.strip_suffix(&suffix).map(str::to_owned).unwrap_or(d)
+    };
     let Some(code) = e.sqlite_error_code() else {
         return StoreError::Db {
             path: db.to_path_buf(),
-            detail: one_line_sqlite(&e),
+            detail: detail(),
         };
     };
     match code {
@@ -146,6 +152,18 @@ pub(crate) fn db_error(db: &Path, root: &Path, e: rusqlite::Error) -> StoreError
             detail: e.to_string(),
         },
         ErrorCode::DiskFull => disk_full(db, root),
+        // SQLite cannot say why; the filesystem can.
+        ErrorCode::CannotOpen
+            if rustix::fs::access(
+                db,
+                rustix::fs::Access::READ_OK | rustix::fs::Access::WRITE_OK,
+            ) == Err(rustix::io::Errno::ACCESS) =>
+        {
+            StoreError::PermissionDenied {
+                path: db.to_path_buf(),
+                root: root.to_path_buf(),
+            }
+        }
         // A full filesystem shows up as an I/O error where SQLite grows its shared-memory file
         // (SQLITE_IOERR_SHMSIZE) or writes: say what it is.
         ErrorCode::SystemIoFailure if super::space::is_full(root) => disk_full(db, root),
@@ -171,7 +189,7 @@ pub(crate) fn db_error(db: &Path, root: &Path, e: rusqlite::Error) -> StoreError
         },
         _ => StoreError::Db {
             path: db.to_path_buf(),
-            detail: one_line_sqlite(&e),
+            detail: detail(),
         },
     }
 }

@@ -649,7 +649,10 @@ fn make_root(root: &Path) -> Result<bool, StoreError> {
 /// directories and database are private anyway.
 fn make_private(root_fd: &OwnedFd, root: &Path, created: bool) -> Result<(), StoreError> {
     let st = rustix::fs::fstat(root_fd).map_err(|e| io_error("inspect", root, root, e.into()))?;
-    if st.st_mode & 0o077 == 0 {
+    // Only the owner (or root) can change it; someone else's store is refused later, where
+    // it cannot be entered.
+    let euid = rustix::process::geteuid();
+    if st.st_mode & 0o077 == 0 || (st.st_uid != euid.as_raw() && !euid.is_root()) {
         return Ok(());
     }
     let ours = created
@@ -674,7 +677,8 @@ fn make_top_dir(root_fd: &OwnedFd, root: &Path, name: &str) -> Result<(), StoreE
     }
     let fd = walk::open_dir(root_fd.as_fd(), name).map_err(|e| io_error("open", &path, root, e))?;
     let st = rustix::fs::fstat(&fd).map_err(|e| io_error("inspect", &path, root, e.into()))?;
-    if st.st_mode & 0o077 != 0 {
+    let euid = rustix::process::geteuid();
+    if st.st_mode & 0o077 != 0 && (st.st_uid == euid.as_raw() || euid.is_root()) {
         rustix::fs::fchmod(&fd, Mode::from_raw_mode(0o700))
             .map_err(|e| io_error("make private", &path, root, e.into()))?;
     }
@@ -713,7 +717,8 @@ fn private_db_files(root_fd: &OwnedFd, root: &Path) -> Result<(), StoreError> {
                 path: root.join(name),
             });
         }
-        if st.st_mode & 0o077 != 0 {
+        let euid = rustix::process::geteuid();
+        if st.st_mode & 0o077 != 0 && (st.st_uid == euid.as_raw() || euid.is_root()) {
             // chmod through the fd's /proc link: exactly the inode opened above.
             let link = format!("/proc/self/fd/{}", fd.as_raw_fd());
             rustix::fs::chmod(link.as_str(), Mode::from_raw_mode(st.st_mode & 0o600))

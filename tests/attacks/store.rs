@@ -111,6 +111,17 @@ fn another_user_cannot_reach_into_the_store() {
             assert_eq!(m.mode() & 0o077, 0, "{f}");
         }
     }
+    // cachefs itself, run by that user on this store, says so in one line (the OS error once).
+    for args in [&["du"][..], &["ls"], &["gc", "--all"]] {
+        let mut c = command_as(NOBODY, NOBODY, cachefs_bin());
+        c.arg("--store")
+            .arg(s)
+            .args(args)
+            .env_remove("CACHEFS_STORE");
+        let out = output_with_timeout(c, Duration::from_secs(30));
+        let line = assert_failure(&out, Some(1), &["permission denied"]);
+        assert!(line.matches("os error").count() <= 1, "{line}");
+    }
     drop(bg);
 }
 
