@@ -565,7 +565,11 @@ pub fn list(store: &Store, only: Option<&CacheId>) -> Result<Vec<LeaseRow>, Stor
         match ticket::probe(&path) {
             Ok(ticket::Liveness::Live) => alive.push(row),
             Ok(ticket::Liveness::Stale) => {
-                ticket::remove_stale(&path);
+                // Only through a real queue directory: never unlink through a symlink.
+                let rel = format!("{}/{}/{}", crate::store::LEASES_DIR, row.key, row.instance);
+                if store.open_dir(&rel).is_ok() {
+                    ticket::remove_stale(&path);
+                }
                 dead.push(row.seq);
             }
             Ok(ticket::Liveness::Gone) => unsure.entry(row.key.clone()).or_default().push(row),
@@ -647,7 +651,14 @@ fn lock_cache(dir: &Path) -> Result<File, LeaseError> {
 /// removed and [`remove_cache_dirs`] took the directory): a lock on an unlinked file excludes
 /// nobody, so the caller must start again.
 fn lock_cache_checked(dir: &Path) -> Result<Option<File>, LeaseError> {
-    let file = lock_cache(dir)?;
+    let file = match lock_cache(dir) {
+        Ok(f) => f,
+        // The directory went between its creation and the open: again.
+        Err(LeaseError::Io { err, .. }) if err.kind() == io::ErrorKind::NotFound => {
+            return Ok(None);
+        }
+        Err(e) => return Err(e),
+    };
     let path = dir.join("lock");
     let held = rustix::fs::fstat(&file).map_err(|e| io_err("inspect", &path)(e.into()))?;
     let linked = match rustix::fs::lstat(&path) {

@@ -642,3 +642,32 @@ fn a_full_store_filesystem_with_a_live_holder() {
     assert!(out.contains("sleep 30"), "the holder is still there: {out}");
     drop(bg);
 }
+
+/// Removing a cache's empty directories never breaks a request joining the same id at that
+/// moment: runs racing `rm` of their own id all succeed.
+#[test]
+fn removing_empty_cache_directories_does_not_break_a_concurrent_run() {
+    let env = CliEnv::new();
+    let t = env.path("t");
+    for round in 0..12 {
+        ok(&env.run(&[spec("race", &t, "")], &["true"]), "seed run");
+        let mut run = env.run_cmd(&[], &[spec("race", &t, "")], &["true"]);
+        run.stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        let child = run.spawn().unwrap();
+        let rm = env.cachefs(&["rm", "race"]);
+        let out = wait_with_timeout(child, Duration::from_secs(60), "run");
+        assert_eq!(
+            code(&out),
+            0,
+            "round {round}: run racing rm failed: {}",
+            stderr_of(&out)
+        );
+        // rm either removed it or found it in use.
+        assert!(
+            [0, 1].contains(&code(&rm)),
+            "round {round}: {}",
+            stderr_of(&rm)
+        );
+    }
+}
