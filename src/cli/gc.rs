@@ -167,7 +167,7 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
     let supervisor = Supervisor::start().context("cannot set up signal handling")?;
     // On a full filesystem this releases the store's space reserve, so gc can work.
     let store = if args.dry_run {
-        Store::open(&root)?
+        Store::open_for_reading(&root)?
     } else {
         Store::open_to_free(&root)?
     };

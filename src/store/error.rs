@@ -124,7 +124,7 @@ pub(crate) fn io_error(action: &'static str, path: &Path, root: &Path, e: io::Er
     }
 }
 
-fn disk_full(path: &Path, root: &Path) -> StoreError {
+pub(crate) fn disk_full(path: &Path, root: &Path) -> StoreError {
     StoreError::DiskFull {
         path: path.to_path_buf(),
         root: root.to_path_buf(),

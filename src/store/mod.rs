@@ -69,6 +69,17 @@ const TMP_INSTANCE_PREFIX: &str = "inst-";
 /// for milliseconds).
 const TMP_STALE_SECS: u64 = 3600;
 
+/// What a store is opened for: it decides what happens on a full filesystem.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OpenFor {
+    /// Anything that may write: refused at once on a full filesystem.
+    Work,
+    /// Listing: the database is opened without its shared memory on a full filesystem.
+    Reading,
+    /// gc, rm, prune: the space reserve is released first on a full filesystem.
+    Freeing,
+}
+
 /// An opened store. Cheap to share between threads (`&Store` is `Sync`); each
 /// process opens its own, and processes coordinate through SQLite and file locks.
 pub struct Store {
@@ -140,15 +151,27 @@ impl Store {
 
     /// Opens the store at `root`, creating it (directories, database) on first use.
     /// Safe when several processes open a fresh store at once.
+    ///
+    /// On a full filesystem this fails at once ([`StoreError::DiskFull`]) before SQLite is
+    /// asked: opening a WAL database needs space (see [`space`]), and what the caller goes on
+    /// to do writes. Reads use [`Store::open_for_reading`], space-freeing commands
+    /// [`Store::open_to_free`].
     pub fn open(root: &Path) -> Result<Store, StoreError> {
-        Self::open_with(root, false)
+        Self::open_with(root, OpenFor::Work)
+    }
+
+    /// [`Store::open`] for a command that only reads (`ls`, `du`, `inspect`, `layers`): on a
+    /// full filesystem the database is opened without its shared-memory file, so reads still
+    /// work (see [`space`]); writes then fail with [`StoreError::DiskFull`].
+    pub fn open_for_reading(root: &Path) -> Result<Store, StoreError> {
+        Self::open_with(root, OpenFor::Reading)
     }
 
     /// [`Store::open`] for a command that frees space (`gc`, `rm`, `prune`): on a full
     /// filesystem it first releases the store's space reserve, so that the database can record
     /// the removals (see [`space`]).
     pub fn open_to_free(root: &Path) -> Result<Store, StoreError> {
-        Self::open_with(root, true)
+        Self::open_with(root, OpenFor::Freeing)
     }
 
     /// Makes the store's space reserve again if it is missing and there is room (after a gc).
@@ -158,7 +181,7 @@ impl Store {
         }
     }
 
-    fn open_with(root: &Path, release_reserve: bool) -> Result<Store, StoreError> {
+    fn open_with(root: &Path, purpose: OpenFor) -> Result<Store, StoreError> {
         if root.as_os_str().is_empty() {
             return Err(StoreError::EmptyRoot);
         }
@@ -184,10 +207,13 @@ impl Store {
 
         let db_path = root.join(DB_FILE);
         private_db_files(&root_fd, root)?;
-        if release_reserve && space::is_short(root) {
+        if purpose == OpenFor::Freeing && space::is_short(root) {
             space::release_reserve(&root_fd);
         }
         let full = space::is_full(root);
+        if full && purpose == OpenFor::Work {
+            return Err(error::disk_full(&db_path, root));
+        }
         let mut conn = db::open(&db_path, root, full)?;
         db::migrate(&mut conn, &db_path, root)?;
         // Closing the file releases the flock; later opens skip straight to a no-op migrate.
