@@ -661,12 +661,17 @@ fn move_aside(store: &Store, key: &str, number: u32) -> Result<Option<CString>, 
     let n = number.to_string();
     match rustix::fs::statat(&from, n.as_str(), rustix::fs::AtFlags::SYMLINK_NOFOLLOW) {
         Ok(st) if rustix::fs::FileType::from_raw_mode(st.st_mode).is_dir() => {}
-        Ok(_) => {
-            // Not a directory (a symlink put there): not an instance; leave it alone.
-            return Err(StoreError::Symlink {
-                path: store.root().join(&rel).join(&n),
-            }
-            .into());
+        Ok(st) => {
+            // Not a directory (a symlink or a file put there): not an instance; leave it alone.
+            let path = store.root().join(&rel).join(&n);
+            return Err(
+                if rustix::fs::FileType::from_raw_mode(st.st_mode).is_symlink() {
+                    StoreError::Symlink { path }
+                } else {
+                    StoreError::NotADirectory { path }
+                }
+                .into(),
+            );
         }
         Err(rustix::io::Errno::NOENT) => return Ok(None),
         Err(e) => {

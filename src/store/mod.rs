@@ -3,8 +3,10 @@
 //! Layout:
 //!
 //! ```text
-//! STORE/cachefs.db (+ -wal, -shm)   metadata (SQLite, WAL mode)
+//! STORE/cachefs.db (+ -wal, -shm)   metadata (SQLite, WAL mode), 0600
 //! STORE/.lock                       flock'd while opening/migrating the database
+//! STORE/reserve                     free space kept for gc/rm on a full filesystem (space)
+//! STORE/objects/                    layer objects (layer::objects)
 //! STORE/tmp/                        temp names, on the same filesystem as caches/
 //! STORE/caches/<key>/<number>/      one instance of a cache
 //! STORE/leases/<key>/lock            flock'd while a lease request joins the cache's queue
@@ -13,6 +15,10 @@
 //!
 //! `<key>` is derived from the cache id (see [`CacheId::key`]), never the id itself,
 //! so no id can place anything outside `STORE/caches`.
+//!
+//! The store is its owner's alone: the root and its top-level directories are 0700, the
+//! database 0600 (older stores are tightened on open). Nothing inside is reached through a
+//! symlink ([`walk`]).
 
 mod db;
 mod error;
