@@ -76,13 +76,37 @@ pub struct Scan {
 }
 
 /// Walks the instance directory `root` and counts it. Entries that vanish while the walk
-/// runs are skipped (the tree may be in use); other errors end it.
+/// runs are skipped (the tree may be in use); other errors end it. An instance directory of
+/// the store is reached from the store root without following a symlink on the way (a
+/// `caches/<key>` replaced by one is ELOOP); another directory is opened as given, but never
+/// through a symlink as its last component.
 pub fn scan(root: &Path) -> io::Result<Scan> {
-    let root_fd = rustix::fs::open(
+    scan_fd(open_instance_root(root)?)
+}
+
+/// Opens an instance directory for a walk: beneath the store root when `root` is
+/// `STORE/caches/<key>/<n>` (recognised by its shape), else as given.
+fn open_instance_root(root: &Path) -> io::Result<OwnedFd> {
+    let mut parts = root.components().rev();
+    let shaped = matches!(
+        (parts.next(), parts.next(), parts.next()),
+        (Some(_), Some(_), Some(c)) if c.as_os_str() == crate::store::CACHES_DIR
+    );
+    if shaped
+        && let Some(store_root) = root.parent().and_then(Path::parent).and_then(Path::parent)
+        && let Ok(rel) = root.strip_prefix(store_root)
+        && let Some(rel) = rel.to_str()
+    {
+        return crate::store::walk::open_store_dir(store_root, rel);
+    }
+    Ok(rustix::fs::open(
         root,
-        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
         Mode::empty(),
-    )?;
+    )?)
+}
+
+fn scan_fd(root_fd: OwnedFd) -> io::Result<Scan> {
     let root_dev = rustix::fs::fstat(&root_fd)?.st_dev;
     let mut out = Scan::default();
     let mut seen: HashSet<u64> = HashSet::new();

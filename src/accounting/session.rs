@@ -37,16 +37,24 @@ pub const TRIM_TO_PERCENT: u64 = 90;
 /// How many least-recently-used files one eviction round considers.
 const EVICT_BATCH: usize = 512;
 
+/// The same, for the last enforcement when a mount ends (one walk of the tree per round).
+const FINAL_EVICT_BATCH: usize = 1 << 16;
+
 /// If the instance is over its cache's budget, evicts its least recently used files (that
 /// this mount does not have open) until it is at [`TRIM_TO_PERCENT`] of it. Returns the
 /// number of files evicted.
 pub fn enforce_budget(store: &Store, m: &Counted) -> Result<usize, EvictError> {
+    enforce(store, m, 4, EVICT_BATCH)
+}
+
+/// [`enforce_budget`] with at most `rounds` rounds of `batch` files each.
+fn enforce(store: &Store, m: &Counted, rounds: usize, batch: usize) -> Result<usize, EvictError> {
     let Some(evictor) = &m.evictor else {
         return Ok(0);
     };
     let mut total = 0;
     let mut tried: std::collections::HashSet<u64> = std::collections::HashSet::new();
-    for _round in 0..4 {
+    for _round in 0..rounds {
         let Some(u) = store
             .instance_usages(Some(&m.id))?
             .into_iter()
@@ -63,7 +71,7 @@ pub fn enforce_budget(store: &Store, m: &Counted) -> Result<usize, EvictError> {
         let target = max / 100 * TRIM_TO_PERCENT;
         let mut need = u.usage.disk_bytes.saturating_sub(target);
         let mut victims = std::collections::HashSet::new();
-        for (ino, size, _) in store.lru_files(&m.id, m.number, tried.len() + EVICT_BATCH)? {
+        for (ino, size, _) in store.lru_files(&m.id, m.number, tried.len() + batch)? {
             if need == 0 {
                 break;
             }
@@ -159,9 +167,9 @@ pub fn prepare(
     let mut scanned = false;
     if needs_scan && alone {
         let started = Instant::now();
-        let scan = super::scan(path).map_err(|source| PrepareError::Scan {
+        let scan = super::scan(path).map_err(|err| PrepareError::Scan {
             path: path.to_path_buf(),
-            source,
+            err,
         })?;
         store.replace_with_scan(id, number, &scan, crate::lease::now_ms())?;
         // A mount that stopped uncleanly may also have lost changes it had not flushed.
@@ -183,12 +191,9 @@ pub fn prepare(
 pub enum PrepareError {
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("cannot count {}: {source}", path.display())]
-    Scan {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    // `err`, not `source`: said once, not again as the next link of the chain.
+    #[error("cannot count {}: {err}", path.display())]
+    Scan { path: PathBuf, err: std::io::Error },
 }
 
 /// Writes what every mount reported since the last flush. Failures put the reports back for
@@ -264,8 +269,22 @@ impl Flusher {
         // Flushes of other processes are at most a few seconds late.
         let stale = super::now_ns().saturating_sub(GONE_KEPT_NS);
         for m in &self.mounts {
+            let alone = !still_held(&m.id, m.number);
+            if alone && let Some(evictor) = &m.evictor {
+                // The cache is left within its budget: between two flushes a build can write
+                // far past it, and nobody would trim it until its next mount. The mount is
+                // gone (nothing is open through it), so the eviction walks the directory alone;
+                // others still holding the instance enforce the budget themselves.
+                let last = Counted {
+                    evictor: Some(evictor.detached()),
+                    ..m.clone()
+                };
+                if let Err(e) = enforce(store, &last, usize::MAX, FINAL_EVICT_BATCH) {
+                    tracing::warn!(id = %m.id, error = %e, "cannot bring the cache within its budget");
+                }
+            }
             store.prune_gone(&m.id, m.number, stale)?;
-            if !still_held(&m.id, m.number) {
+            if alone {
                 store.set_usage_dirty(&m.id, m.number, false)?;
             }
         }

@@ -153,7 +153,10 @@ fn policy_of(args: &Args, store_root: &Path) -> anyhow::Result<(Policy, Option<P
 pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
     let root = Store::resolve_root(global.store.as_deref())?;
     let (policy, config) = policy_of(&args, &root)?;
-    if !root.join(crate::store::DB_FILE).exists() {
+    // Only a missing database means "no store" (one that cannot be reached is an error below).
+    if std::fs::symlink_metadata(root.join(crate::store::DB_FILE))
+        .is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound)
+    {
         if args.json {
             println!("{}", serde_json::to_string_pretty(&Report::default())?);
         } else {
@@ -162,7 +165,12 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
         return Ok(0);
     }
     let supervisor = Supervisor::start().context("cannot set up signal handling")?;
-    let store = Store::open(&root)?;
+    // On a full filesystem this releases the store's space reserve, so gc can work.
+    let store = if args.dry_run {
+        Store::open_for_reading(&root)?
+    } else {
+        Store::open_to_free(&root)?
+    };
     let Some(_lock) = evict::lock(&store, args.wait)? else {
         print_error(format_args!(
             "a gc is already running on store {}; not starting another (--wait queues behind it)",
@@ -194,6 +202,7 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
     if tty && !report.removed.is_empty() && !args.dry_run {
         eprint!("\r\x1b[K");
     }
+    store.keep_reserve();
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

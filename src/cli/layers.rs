@@ -74,7 +74,7 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
         None => {
             let store = if root.join(crate::store::DB_FILE).exists() {
                 Store::open_read_only(&root)
-                    .or_else(|_| Store::open(&root))
+                    .or_else(|_| Store::open_for_reading(&root))
                     .with_context(|| {
                         format!("cannot read store {}", crate::text::path_line(&root))
                     })?

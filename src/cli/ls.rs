@@ -372,7 +372,7 @@ pub(crate) fn open_existing_store(global: &Global) -> anyhow::Result<(PathBuf, O
     }
     // Store errors name the store and the fix themselves. A store that cannot be written is
     // still read: listing must work on a read-only mount of it.
-    let store = match Store::open(&root) {
+    let store = match Store::open_for_reading(&root) {
         Ok(store) => store,
         Err(store::StoreError::ReadOnly { .. } | store::StoreError::PermissionDenied { .. }) => {
             Store::open_read_only(&root)?

@@ -40,7 +40,8 @@ pub fn rm(global: &Global, args: RmArgs) -> anyhow::Result<i32> {
         .collect::<anyhow::Result<_>>()?;
     let supervisor = Supervisor::start().context("cannot set up signal handling")?;
     let root = Store::resolve_root(global.store.as_deref())?;
-    let store = Store::open(&root)?;
+    // On a full filesystem this releases the store's space reserve, so rm can work.
+    let store = Store::open_to_free(&root)?;
     let mut failed = false;
     for id in &ids {
         let Some(cache) = store.get_cache(id)? else {
@@ -79,6 +80,7 @@ pub fn rm(global: &Global, args: RmArgs) -> anyhow::Result<i32> {
             println!("removed {} ({})", id.as_str(), format_size(usage_of));
         }
     }
+    store.keep_reserve();
     Ok(if failed { super::EXIT_FAILURE } else { 0 })
 }
 
@@ -104,12 +106,15 @@ pub struct PruneArgs {
 
 pub fn prune(global: &Global, args: PruneArgs) -> anyhow::Result<i32> {
     let root = Store::resolve_root(global.store.as_deref())?;
-    if !root.join(crate::store::DB_FILE).exists() {
+    // Only a missing database means "no store" (one that cannot be reached is an error below).
+    if std::fs::symlink_metadata(root.join(crate::store::DB_FILE))
+        .is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound)
+    {
         println!("prune: no store at {}: nothing to remove", root.display());
         return Ok(0);
     }
     let supervisor = Supervisor::start().context("cannot set up signal handling")?;
-    let store = Store::open(&root)?;
+    let store = Store::open_to_free(&root)?;
     let policy = Policy {
         all: true,
         filters: args.filters.clone(),
@@ -147,6 +152,7 @@ pub fn prune(global: &Global, args: PruneArgs) -> anyhow::Result<i32> {
         }
     }
     let report = evict::collect(&store, &policy, false, supervisor.cancel_flag())?;
+    store.keep_reserve();
     println!(
         "prune: removed {} instances, freed {}",
         report.removed.len(),

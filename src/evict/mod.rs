@@ -15,9 +15,12 @@
 //! directory may already be in `tmp/`), or a tree in `tmp/` nothing refers to; the next gc
 //! finishes all of those first. One gc runs at a time (`STORE/gc.lock`).
 
+use std::ffi::CString;
 use std::fs;
 use std::io;
-use std::path::{Path, PathBuf};
+use std::os::fd::AsFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::{Duration, Instant};
 
@@ -168,15 +171,17 @@ pub struct Report {
 pub enum GcError {
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("{action} {}: {source}", path.display())]
+    // `err`, not `source`: said once, not again as the next link of the error chain.
+    #[error("cannot {action} {}: {err}", path.display())]
     Io {
         action: &'static str,
         path: PathBuf,
-        #[source]
-        source: io::Error,
+        err: io::Error,
     },
     #[error("invalid --filter pattern {0:?}: {1}")]
     Filter(String, &'static str),
+    #[error("{0}")]
+    Other(String),
 }
 
 /// Shell-glob match of `name` against `pattern` (`*`, `?`, `[...]`), as fnmatch(3) does.
@@ -204,11 +209,13 @@ pub fn lock(store: &Store, wait: bool) -> Result<Option<GcLock>, GcError> {
         .write(true)
         .create(true)
         .truncate(false)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .open(&path)
-        .map_err(|source| GcError::Io {
+        .map_err(|err| GcError::Io {
             action: "open",
             path: path.clone(),
-            source,
+            err,
         })?;
     let op = if wait {
         rustix::fs::FlockOperation::LockExclusive
@@ -224,7 +231,7 @@ pub fn lock(store: &Store, wait: bool) -> Result<Option<GcLock>, GcError> {
                 return Err(GcError::Io {
                     action: "lock",
                     path,
-                    source: e.into(),
+                    err: e.into(),
                 });
             }
         }
@@ -417,16 +424,8 @@ fn collect_layers(
 fn layer_err(e: crate::layer::LayerError) -> GcError {
     match e {
         crate::layer::LayerError::Store(s) => GcError::Store(s),
-        crate::layer::LayerError::Io { action, path, err } => GcError::Io {
-            action,
-            path,
-            source: err,
-        },
-        other => GcError::Io {
-            action: "collect layers",
-            path: PathBuf::new(),
-            source: io::Error::other(other.to_string()),
-        },
+        crate::layer::LayerError::Io { action, path, err } => GcError::Io { action, path, err },
+        other => GcError::Other(other.to_string()),
     }
 }
 
@@ -516,15 +515,15 @@ fn evict_from_instance(
     };
     let path = lease.instance().path.clone();
     let victims: std::collections::HashSet<u64> = files.iter().map(|f| f.0).collect();
-    let evictor = crate::fs::Evictor::for_directory(&path).map_err(|source| GcError::Io {
+    let evictor = crate::fs::Evictor::for_directory(&path).map_err(|err| GcError::Io {
         action: "open",
         path: path.clone(),
-        source,
+        err,
     })?;
-    let outcome = evictor.evict(&victims).map_err(|source| GcError::Io {
+    let outcome = evictor.evict(&victims).map_err(|err| GcError::Io {
         action: "evict from",
         path: path.clone(),
-        source,
+        err,
     })?;
     let counters = crate::accounting::record_eviction(store, &cid, number, &victims, &outcome)?;
     drop(lease);
@@ -562,12 +561,17 @@ pub fn remove_instance_waiting(
     if queued {
         return Ok(None);
     }
-    let path = lease.instance().path.clone();
+    let Some(key) = store.get_cache(&cid)?.map(|c| c.key) else {
+        return Ok(None);
+    };
     store.mark_deleting(&cid, number)?;
-    let trash = move_aside(store, &path)?;
+    let trash = move_aside(store, &key, number)?;
     drop(lease);
     let cache_removed = store.forget_instance(&cid, number)?;
-    remove_tree(trash.as_deref());
+    remove_trash(store, trash.as_deref());
+    if cache_removed {
+        lease::remove_cache_dirs(store, &cid, &key)?;
+    }
     Ok(Some(cache_removed))
 }
 
@@ -599,11 +603,7 @@ fn take_instance<'s>(
         Ok(l) => Ok(Some(l)),
         Err(lease::LeaseError::TimedOut { .. }) => Ok(None),
         Err(lease::LeaseError::Store(e)) => Err(e.into()),
-        Err(e) => Err(GcError::Io {
-            action: "lease",
-            path: store.root().to_path_buf(),
-            source: io::Error::other(e.to_string()),
-        }),
+        Err(e) => Err(GcError::Other(e.to_string())),
     }
 }
 
@@ -615,60 +615,96 @@ pub fn finish_earlier(store: &Store) -> Result<usize, GcError> {
         let Ok(cid) = CacheId::new(&id) else {
             continue;
         };
-        let path = store
-            .get_cache(&cid)?
-            .and_then(|c| c.instances.into_iter().find(|i| i.number == number))
-            .map(|i| i.path);
-        if let Some(path) = path
-            && path.exists()
-        {
-            let trash = move_aside(store, &path)?;
-            remove_tree(trash.as_deref());
+        let key = store.get_cache(&cid)?.map(|c| c.key);
+        if let Some(key) = &key {
+            let trash = move_aside(store, key, number)?;
+            remove_trash(store, trash.as_deref());
         }
-        store.forget_instance(&cid, number)?;
+        if store.forget_instance(&cid, number)?
+            && let Some(key) = &key
+        {
+            lease::remove_cache_dirs(store, &cid, key)?;
+        }
         n += 1;
     }
     // Restores killed half-way leave their work directory (their cache is untouched).
-    crate::layer::restore::sweep_dead_work_dirs(&store.tmp_dir());
-    if let Ok(entries) = fs::read_dir(store.tmp_dir()) {
-        for e in entries.flatten() {
-            if e.file_name().to_string_lossy().starts_with(TRASH_PREFIX) {
-                remove_tree(Some(&e.path()));
-            }
+    crate::layer::restore::sweep_dead_work_dirs(store)?;
+    let tmp = store.open_dir(crate::store::TMP_DIR)?;
+    let names = crate::store::walk::names(tmp.as_fd())
+        .map_err(|e| store.io_error("read", &store.tmp_dir(), e))?;
+    for name in names {
+        if name.to_bytes().starts_with(TRASH_PREFIX.as_bytes()) {
+            remove_trash(store, Some(&name));
         }
     }
     Ok(n)
 }
 
-/// Renames an instance directory into `STORE/tmp` (same filesystem: atomic). `None` if it
-/// was already gone.
-fn move_aside(store: &Store, path: &Path) -> Result<Option<PathBuf>, GcError> {
+/// Renames instance `number` of the cache with directory key `key` into `STORE/tmp` (same
+/// filesystem: atomic), fd-relative from the store root: a `caches/<key>` that is a symlink is
+/// refused, never followed. Returns the name in `tmp/`, `None` if it was already gone.
+fn move_aside(store: &Store, key: &str, number: u32) -> Result<Option<CString>, GcError> {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos())
         .unwrap_or(0);
-    let trash = store
-        .tmp_dir()
-        .join(format!("{TRASH_PREFIX}{}-{nanos}", std::process::id()));
-    match fs::rename(path, &trash) {
-        Ok(()) => Ok(Some(trash)),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(source) => Err(GcError::Io {
+    let name = format!("{TRASH_PREFIX}{}-{nanos}", std::process::id());
+    let rel = format!("{}/{key}", crate::store::CACHES_DIR);
+    let from = match store.open_dir(&rel) {
+        Ok(fd) => fd,
+        Err(StoreError::Io { err, .. }) if err.kind() == io::ErrorKind::NotFound => {
+            return Ok(None);
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let tmp = store.open_dir(crate::store::TMP_DIR)?;
+    let n = number.to_string();
+    match rustix::fs::statat(&from, n.as_str(), rustix::fs::AtFlags::SYMLINK_NOFOLLOW) {
+        Ok(st) if rustix::fs::FileType::from_raw_mode(st.st_mode).is_dir() => {}
+        Ok(st) => {
+            // Not a directory (a symlink or a file put there): not an instance; leave it alone.
+            let path = store.root().join(&rel).join(&n);
+            return Err(
+                if rustix::fs::FileType::from_raw_mode(st.st_mode).is_symlink() {
+                    StoreError::Symlink { path }
+                } else {
+                    StoreError::NotADirectory { path }
+                }
+                .into(),
+            );
+        }
+        Err(rustix::io::Errno::NOENT) => return Ok(None),
+        Err(e) => {
+            return Err(store
+                .io_error("inspect", &store.root().join(&rel).join(&n), e.into())
+                .into());
+        }
+    }
+    match rustix::fs::renameat(&from, n.as_str(), &tmp, name.as_str()) {
+        Ok(()) => Ok(CString::new(name).ok()),
+        Err(rustix::io::Errno::NOENT) => Ok(None),
+        Err(e) => Err(GcError::Io {
             action: "move aside",
-            path: path.to_path_buf(),
-            source,
+            path: store.root().join(&rel).join(&n),
+            err: e.into(),
         }),
     }
 }
 
-/// Removes a tree gc moved aside (never following symlinks). Failures are logged: the next
-/// gc tries again.
-fn remove_tree(path: Option<&Path>) {
-    if let Some(p) = path
-        && let Err(e) = fs::remove_dir_all(p)
-        && e.kind() != io::ErrorKind::NotFound
-    {
-        tracing::warn!(path = %p.display(), error = %e, "cannot remove a collected tree; the next gc retries");
+/// Removes a tree gc moved aside into `tmp/` (fd-relative, never following symlinks).
+/// Failures are logged: the next gc tries again.
+fn remove_trash(store: &Store, name: Option<&std::ffi::CStr>) {
+    let Some(name) = name else {
+        return;
+    };
+    let result = store
+        .open_dir(crate::store::TMP_DIR)
+        .map_err(|e| e.to_string())
+        .and_then(|tmp| {
+            crate::store::walk::remove_tree_at(tmp.as_fd(), name).map_err(|e| e.to_string())
+        });
+    if let Err(e) = result {
+        tracing::warn!(path = %store.tmp_dir().join(name.to_string_lossy().as_ref()).display(), error = %e, "cannot remove a collected tree; the next gc retries");
     }
 }
 

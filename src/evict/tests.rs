@@ -148,12 +148,11 @@ fn max_age_and_filters() {
 fn a_gc_killed_half_way_is_completed_by_the_next() {
     let (_d, store) = store_with(&[("x", 4, 10), ("y", 4, 10)]);
     let x = CacheId::new("x").unwrap();
-    let path = store.get_cache(&x).unwrap().unwrap().instances[0]
-        .path
-        .clone();
+    let key = store.get_cache(&x).unwrap().unwrap().key;
     // Killed after marking and moving x aside, before forgetting it.
     store.mark_deleting(&x, 1).unwrap();
-    let trash = move_aside(&store, &path).unwrap().unwrap();
+    let trash = move_aside(&store, &key, 1).unwrap().unwrap();
+    let trash = store.tmp_dir().join(trash.to_str().unwrap());
     assert!(trash.is_dir());
     // And a tree moved aside by a gc killed later still.
     fs::create_dir_all(store.tmp_dir().join("gc-1-2/deep")).unwrap();

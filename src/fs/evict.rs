@@ -70,7 +70,7 @@ impl Evictor {
     pub fn for_directory(path: &std::path::Path) -> io::Result<Evictor> {
         let fd = rustix::fs::open(
             path,
-            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
             Mode::empty(),
         )?;
         Ok(Evictor {
@@ -78,6 +78,16 @@ impl Evictor {
             table: None,
             notifier: None,
         })
+    }
+
+    /// The same instance without its mount (after an unmount): nothing is skipped as open and
+    /// the kernel is not told.
+    pub fn detached(&self) -> Evictor {
+        Evictor {
+            root: self.root.clone(),
+            table: None,
+            notifier: None,
+        }
     }
 
     /// Removes every link of each inode in `victims` (backing inode numbers) that this mount

@@ -133,7 +133,7 @@ pub fn sweep(
     }
     if !dry_run {
         // Under the exclusive lock no writer is live: whatever is in tmp is a crash's leftover.
-        objects.sweep_tmp();
+        objects.sweep_tmp()?;
     }
     Ok(report)
 }

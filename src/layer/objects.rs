@@ -18,7 +18,7 @@
 
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -28,7 +28,7 @@ use rustix::fs::{AtFlags, Mode, OFlags};
 use super::LayerError;
 use super::format::{Digest, Tree};
 
-pub const OBJECTS_DIR: &str = "objects";
+pub const OBJECTS_DIR: &str = crate::store::OBJECTS_DIR;
 
 /// Read and write buffer size when streaming objects.
 pub const CHUNK: usize = 1 << 20;
@@ -57,6 +57,8 @@ impl ObjectKind {
 
 pub struct ObjectStore {
     root: PathBuf,
+    /// The store the objects belong to: every walk starts from its fd.
+    store_root: PathBuf,
     /// Objects this process stored (renamed into place) through this handle.
     written: std::sync::Arc<AtomicU64>,
 }
@@ -68,31 +70,55 @@ pub struct ObjectsLock(#[allow(dead_code)] File);
 static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 impl ObjectStore {
-    /// Opens (and creates) `STORE/objects`.
+    /// Opens (and creates) `STORE/objects`. Its directories must be real: a symlink in their
+    /// place is refused ([`crate::store::StoreError::Symlink`]), never followed.
     pub fn open(store_root: &Path) -> Result<ObjectStore, LayerError> {
+        use crate::store::walk;
         let root = store_root.join(OBJECTS_DIR);
-        let mkdir = |p: &Path| match fs::DirBuilder::new().mode(0o755).create(p) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
-            Err(e) => Err(LayerError::io("create", p, e)),
+        let store_fd =
+            walk::open_root(store_root).map_err(|e| store_io("open", store_root, store_root, e))?;
+        // Private like every top-level directory of the store (the store itself makes it so
+        // too; this covers an object store opened on its own).
+        let mkdir = |dir: &OwnedFd, name: &str, mode: u32, shown: &Path| match rustix::fs::mkdirat(
+            dir,
+            name,
+            Mode::from_raw_mode(mode),
+        ) {
+            Ok(()) | Err(rustix::io::Errno::EXIST) => Ok(()),
+            Err(e) => Err(store_io("create", shown, store_root, e.into())),
         };
-        for sub in ["", "blobs", "trees", "tmp"] {
-            mkdir(&root.join(sub))?;
+        mkdir(&store_fd, OBJECTS_DIR, 0o700, &root)?;
+        let objects = walk::open_dir(store_fd.as_fd(), OBJECTS_DIR)
+            .map_err(|e| store_io("open", &root, store_root, e))?;
+        for sub in ["blobs", "trees", "tmp"] {
+            mkdir(&objects, sub, 0o755, &root.join(sub))?;
+            walk::open_dir(objects.as_fd(), sub)
+                .map_err(|e| store_io("open", &root.join(sub), store_root, e))?;
         }
         // The 256 fan-out directories of each kind, made once (the last one made marks it done)
         // so storing an object never has to.
         for kind in [ObjectKind::Blob, ObjectKind::Tree] {
-            let dir = root.join(kind.dir());
-            if !dir.join("ff").is_dir() {
+            let dir = walk::open_dir(objects.as_fd(), kind.dir())
+                .map_err(|e| store_io("open", &root.join(kind.dir()), store_root, e))?;
+            if rustix::fs::statat(&dir, "ff", AtFlags::SYMLINK_NOFOLLOW).is_err() {
                 for b in 0..=255u8 {
-                    mkdir(&dir.join(format!("{b:02x}")))?;
+                    let name = format!("{b:02x}");
+                    mkdir(&dir, &name, 0o755, &root.join(kind.dir()).join(&name))?;
                 }
             }
         }
         Ok(ObjectStore {
             root,
+            store_root: store_root.to_path_buf(),
             written: Default::default(),
         })
+    }
+
+    /// Opens `objects/<rel>` from the store root's fd, refusing symlinks on the way.
+    fn open_dir(&self, rel: &str) -> Result<OwnedFd, LayerError> {
+        let full = format!("{OBJECTS_DIR}/{rel}");
+        crate::store::walk::open_store_dir(&self.store_root, &full)
+            .map_err(|e| store_io("open", &self.root.join(rel), &self.store_root, e))
     }
 
     pub fn root(&self) -> &Path {
@@ -283,49 +309,75 @@ impl ObjectStore {
     }
 
     /// Removes temp files left by crashed writers. Called under the exclusive lock, when no
-    /// writer is live.
-    pub fn sweep_tmp(&self) -> usize {
-        let tmp = self.root.join("tmp");
+    /// writer is live. Fd-relative: an `objects/tmp` that is a symlink is refused (an error),
+    /// never followed.
+    pub fn sweep_tmp(&self) -> Result<usize, LayerError> {
+        let tmp = self.open_dir("tmp")?;
+        let names = crate::store::walk::names(tmp.as_fd())
+            .map_err(|e| LayerError::io("read", &self.root.join("tmp"), e))?;
         let mut n = 0;
-        let Ok(rd) = fs::read_dir(&tmp) else {
-            return 0;
-        };
-        for e in rd.flatten() {
-            if fs::remove_file(e.path()).is_ok() {
+        for name in names {
+            // Only files: a directory here is not ours to remove.
+            if rustix::fs::unlinkat(&tmp, name.as_c_str(), AtFlags::empty()).is_ok() {
                 n += 1;
             }
         }
-        n
+        Ok(n)
     }
 
     /// Every object of `kind` in the store, with its size on disk.
     pub fn list(&self, kind: ObjectKind) -> Result<Vec<(Digest, u64)>, LayerError> {
-        let dir = self.root.join(kind.dir());
+        let dir = self.open_dir(kind.dir())?;
         let mut out = Vec::new();
-        let rd = fs::read_dir(&dir).map_err(|e| LayerError::io("read", &dir, e))?;
-        for fan in rd.flatten() {
-            let Ok(inner) = fs::read_dir(fan.path()) else {
-                continue;
+        let fans = crate::store::walk::names(dir.as_fd())
+            .map_err(|e| LayerError::io("read", &self.root.join(kind.dir()), e))?;
+        for fan in fans {
+            let shown = self
+                .root
+                .join(kind.dir())
+                .join(fan.to_string_lossy().as_ref());
+            let inner = match crate::store::walk::open_dir(dir.as_fd(), &fan.to_string_lossy()) {
+                Ok(fd) => fd,
+                // A stray file among the fan-out directories.
+                Err(e) if e.raw_os_error() == Some(libc::ENOTDIR) => continue,
+                Err(e) => return Err(store_io("open", &shown, &self.store_root, e)),
             };
-            for e in inner.flatten() {
-                let Some(d) = e.file_name().to_str().and_then(Digest::from_hex) else {
+            let names = crate::store::walk::names(inner.as_fd())
+                .map_err(|e| LayerError::io("read", &shown, e))?;
+            for name in names {
+                let Some(d) = name.to_str().ok().and_then(Digest::from_hex) else {
                     continue;
                 };
-                let size = e.metadata().map(|m| m.len()).unwrap_or(0);
+                let size = rustix::fs::statat(&inner, name.as_c_str(), AtFlags::SYMLINK_NOFOLLOW)
+                    .map(|st| st.st_size as u64)
+                    .unwrap_or(0);
                 out.push((d, size));
             }
         }
         Ok(out)
     }
 
-    /// Removes one object (gc, under the exclusive lock).
+    /// Removes one object (gc, under the exclusive lock): unlinked from its fan-out
+    /// directory's fd, reached without following symlinks.
     pub fn remove(&self, kind: ObjectKind, d: Digest) -> Result<(), LayerError> {
-        let p = self.path(kind, d);
-        match fs::remove_file(&p) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(LayerError::io("remove", &p, e)),
+        let hex = d.to_hex();
+        let dir = self.open_dir(&format!("{}/{}", kind.dir(), &hex[..2]))?;
+        match rustix::fs::unlinkat(&dir, hex.as_str(), AtFlags::empty()) {
+            Ok(()) | Err(rustix::io::Errno::NOENT) => Ok(()),
+            Err(e) => Err(LayerError::io("remove", &self.path(kind, d), e.into())),
         }
+    }
+}
+
+/// A store error (a symlink inside the store, a full disk, ...) for an OS error on `path`.
+fn store_io(action: &'static str, path: &Path, store_root: &Path, e: io::Error) -> LayerError {
+    match e.raw_os_error() {
+        Some(libc::ELOOP | libc::ENOTDIR | libc::ENOSPC | libc::EDQUOT | libc::EROFS) => {
+            LayerError::Store(crate::store::StoreError::from_io(
+                action, path, store_root, e,
+            ))
+        }
+        _ => LayerError::io(action, path, e),
     }
 }
 

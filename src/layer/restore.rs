@@ -372,15 +372,22 @@ pub fn work_dir(tmp: &Path) -> Result<PathBuf, LayerError> {
     }
 }
 
-/// Removes restore work directories whose process is gone (left by a crash or SIGKILL).
-pub fn sweep_dead_work_dirs(tmp: &Path) -> usize {
-    let Ok(rd) = fs::read_dir(tmp) else {
-        return 0;
-    };
+/// Removes restore work directories in `STORE/tmp` whose process is gone (left by a crash or
+/// SIGKILL): fd-relative from the store root, never following a symlink.
+pub fn sweep_dead_work_dirs(
+    store: &crate::store::Store,
+) -> Result<usize, crate::store::StoreError> {
+    use crate::store::walk;
+    let tmp = store.open_dir(crate::store::TMP_DIR)?;
+    let names =
+        walk::names(tmp.as_fd()).map_err(|e| store.io_error("read", &store.tmp_dir(), e))?;
     let mut n = 0;
-    for e in rd.flatten() {
-        let name = e.file_name();
-        let Some(rest) = name.to_str().and_then(|s| s.strip_prefix(RESTORE_PREFIX)) else {
+    for name in names {
+        let Some(rest) = name
+            .to_str()
+            .ok()
+            .and_then(|s| s.strip_prefix(RESTORE_PREFIX))
+        else {
             continue;
         };
         let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<i32>().ok()) else {
@@ -391,46 +398,29 @@ pub fn sweep_dead_work_dirs(tmp: &Path) -> usize {
                 rustix::process::Pid::from_raw(pid).unwrap_or(rustix::process::Pid::INIT),
             )
             .is_ok();
-        if !alive && remove_tree(&e.path()).is_ok() {
+        if !alive && walk::remove_tree_at(tmp.as_fd(), &name).is_ok() {
             n += 1;
         }
     }
-    n
+    Ok(n)
 }
 
-/// Removes a tree we made, making read-only directories writable on the way.
-pub fn remove_tree(p: &Path) -> io::Result<()> {
-    match fs::remove_dir_all(p) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
-            // A 0555 directory inside (restored as the layer said): open it up and retry.
-            for entry in walk_dirs(p) {
-                let _ = fs::set_permissions(
-                    &entry,
-                    std::os::unix::fs::PermissionsExt::from_mode(0o700),
-                );
-            }
-            fs::remove_dir_all(p)
-        }
-        Err(e) => Err(e),
-    }
-}
-
-fn walk_dirs(p: &Path) -> Vec<PathBuf> {
-    let mut out = vec![p.to_path_buf()];
-    let mut i = 0;
-    while i < out.len() {
-        if let Ok(rd) = fs::read_dir(&out[i]) {
-            for e in rd.flatten() {
-                if e.file_type().is_ok_and(|t| t.is_dir()) {
-                    out.push(e.path());
-                }
-            }
-        }
-        i += 1;
-    }
-    out
+/// Removes a tree we made in the store `store_root` (a restore's work directory or the tree it
+/// replaced, in `tmp/`): fd-relative from the store root, never following a symlink, making
+/// read-only directories writable on the way.
+pub fn remove_tree(store_root: &Path, p: &Path) -> io::Result<()> {
+    let invalid = || io::Error::from_raw_os_error(libc::EINVAL);
+    let rel = p.strip_prefix(store_root).map_err(|_| invalid())?;
+    let name = rel.file_name().ok_or_else(invalid)?;
+    let parent = rel.parent().and_then(|p| p.to_str()).ok_or_else(invalid)?;
+    let root = crate::store::walk::open_root(store_root)?;
+    let dir = if parent.is_empty() {
+        root
+    } else {
+        crate::store::walk::open_dir(root.as_fd(), parent)?
+    };
+    let name = CString::new(name.as_bytes()).map_err(|_| invalid())?;
+    crate::store::walk::remove_tree_at(dir.as_fd(), &name)
 }
 
 /// Makes `new` (a materialised tree in the store's tmp dir) the instance directory `target`
@@ -495,7 +485,16 @@ pub fn restore_instance(
 ) -> Result<RestoreReport, LayerError> {
     use std::os::unix::fs::MetadataExt;
     let tmp = store.tmp_dir();
-    sweep_dead_work_dirs(&tmp);
+    sweep_dead_work_dirs(store)?;
+    // The instance's parent (`caches/<key>`) is reached without following a symlink: one
+    // there is refused rather than restored into.
+    if let Some(parent) = path
+        .parent()
+        .and_then(|p| p.strip_prefix(store.root()).ok())
+        .and_then(|p| p.to_str())
+    {
+        store.open_dir(parent)?;
+    }
     let (uid, gid, mode) = match fs::symlink_metadata(path) {
         Ok(m) if m.is_dir() => (m.uid(), m.gid(), m.mode() & 0o7777),
         _ => (init.uid, init.gid, init.mode),
@@ -534,7 +533,7 @@ pub fn restore_instance(
     let (report, keys, trash) = match result {
         Ok(r) => r,
         Err(e) => {
-            let _ = remove_tree(&work);
+            let _ = remove_tree(store.root(), &work);
             if matches!(
                 e,
                 LayerError::Corrupt { .. } | LayerError::MissingObject { .. }
@@ -562,7 +561,7 @@ pub fn restore_instance(
     store.set_instance_layer(id, number, &digest.to_hex(), &delta)?;
     store.set_usage_dirty(id, number, false)?;
     if let Some(trash) = trash
-        && let Err(e) = remove_tree(&trash)
+        && let Err(e) = remove_tree(store.root(), &trash)
     {
         tracing::warn!(path = %crate::text::path_short(&trash), error = %e, "cannot remove the replaced tree; the next gc retries");
     }

@@ -25,6 +25,7 @@ mod wait;
 use std::collections::{BTreeMap, HashSet};
 use std::fs::{self, File};
 use std::io;
+use std::os::fd::AsFd;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicI32;
@@ -58,22 +59,19 @@ pub enum LeaseError {
     Interrupted { id: String, signal: i32 },
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("{action} {}: {source}", path.display())]
+    // `err`, not `source`: the OS error is part of this line and must not repeat as the next
+    // link of the error chain.
+    #[error("cannot {action} {}: {err}", path.display())]
     Io {
         action: &'static str,
         path: PathBuf,
-        #[source]
-        source: io::Error,
+        err: io::Error,
     },
 }
 
 fn io_err(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> LeaseError + use<> {
     let path = path.to_path_buf();
-    move |source| LeaseError::Io {
-        action,
-        path,
-        source,
-    }
+    move |err| LeaseError::Io { action, path, err }
 }
 
 fn timed_out_message(id: &str, sharing: Sharing, waited: Duration, holders: &[LeaseRow]) -> String {
@@ -392,8 +390,15 @@ fn enqueue(
 ) -> Result<(Instance, ticket::Held, i64, Vec<ticket::Ticket>), LeaseError> {
     let key = store.ensure_cache(&req.id)?;
     let dir = store.lease_dir(&key);
-    make_dir(&dir)?;
-    let _cache_lock = lock_cache(&dir)?;
+    let _cache_lock = loop {
+        make_dir(&dir)?;
+        // A symlink put in place of the queue directory is refused, never followed.
+        store.open_dir(&format!("{}/{key}", crate::store::LEASES_DIR))?;
+        // `None`: the directory was removed (its cache with it) while we waited: again.
+        if let Some(lock) = lock_cache_checked(&dir)? {
+            break lock;
+        }
+    };
 
     let live = live_tickets(store, &req.id, &dir)?;
     let number = match (req.instance, req.sharing) {
@@ -406,6 +411,7 @@ fn enqueue(
     let instance = store.open_instance(&req.id, number, &req.init)?;
     let qdir = dir.join(number.to_string());
     make_dir(&qdir)?;
+    store.open_dir(&format!("{}/{key}/{number}", crate::store::LEASES_DIR))?;
     let host = this_host();
     let command = req.command.clone();
     let target = req
@@ -559,7 +565,11 @@ pub fn list(store: &Store, only: Option<&CacheId>) -> Result<Vec<LeaseRow>, Stor
         match ticket::probe(&path) {
             Ok(ticket::Liveness::Live) => alive.push(row),
             Ok(ticket::Liveness::Stale) => {
-                ticket::remove_stale(&path);
+                // Only through a real queue directory: never unlink through a symlink.
+                let rel = format!("{}/{}/{}", crate::store::LEASES_DIR, row.key, row.instance);
+                if store.open_dir(&rel).is_ok() {
+                    ticket::remove_stale(&path);
+                }
                 dead.push(row.seq);
             }
             Ok(ticket::Liveness::Gone) => unsure.entry(row.key.clone()).or_default().push(row),
@@ -608,7 +618,7 @@ fn ticket_path(store: &Store, row: &LeaseRow) -> PathBuf {
 fn make_dir(dir: &Path) -> Result<(), LeaseError> {
     match fs::DirBuilder::new()
         .recursive(true)
-        .mode(0o755)
+        .mode(0o700)
         .create(dir)
     {
         Ok(()) => Ok(()),
@@ -635,6 +645,79 @@ fn lock_cache(dir: &Path) -> Result<File, LeaseError> {
             Err(e) => return Err(io_err("lock", &path)(e.into())),
         }
     }
+}
+
+/// [`lock_cache`], and then `None` if the lock file was unlinked meanwhile (its cache was
+/// removed and [`remove_cache_dirs`] took the directory): a lock on an unlinked file excludes
+/// nobody, so the caller must start again.
+fn lock_cache_checked(dir: &Path) -> Result<Option<File>, LeaseError> {
+    let file = match lock_cache(dir) {
+        Ok(f) => f,
+        // The directory went between its creation and the open: again.
+        Err(LeaseError::Io { err, .. }) if err.kind() == io::ErrorKind::NotFound => {
+            return Ok(None);
+        }
+        Err(e) => return Err(e),
+    };
+    let path = dir.join("lock");
+    let held = rustix::fs::fstat(&file).map_err(|e| io_err("inspect", &path)(e.into()))?;
+    let linked = match rustix::fs::lstat(&path) {
+        Ok(st) => st.st_ino == held.st_ino && st.st_dev == held.st_dev,
+        Err(rustix::io::Errno::NOENT) => false,
+        Err(e) => return Err(io_err("inspect", &path)(e.into())),
+    };
+    Ok(linked.then_some(file))
+}
+
+/// Removes the empty directories of a cache that is gone: `caches/<key>/` and
+/// `leases/<key>/` (its lock file and empty queue directories). Done under the cache's lock and
+/// only if the cache has no row again by then (a request joining re-creates it before it takes
+/// the lock, and finds the lock file unlinked afterwards: it starts again with new
+/// directories). Anything still in them (a ticket, an instance) keeps them. Fd-relative: a
+/// symlink there is never followed.
+pub fn remove_cache_dirs(store: &Store, id: &CacheId, key: &str) -> Result<(), StoreError> {
+    use crate::store::{CACHES_DIR, LEASES_DIR, walk};
+    let dir = store.lease_dir(key);
+    let leases = store.open_dir(LEASES_DIR)?;
+    let key_c = std::ffi::CString::new(key).map_err(|_| StoreError::BadKey {
+        path: store.db_path().to_path_buf(),
+        id: id.as_str().to_owned(),
+        key: key.to_owned(),
+    })?;
+    let lock = match walk::open_dir(leases.as_fd(), key) {
+        Ok(_) => match lock_cache_checked(&dir) {
+            Ok(Some(lock)) => Some(lock),
+            Ok(None) => return Ok(()),
+            Err(LeaseError::Store(e)) => return Err(e),
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot lock a removed cache's queue directory");
+                return Ok(());
+            }
+        },
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => None,
+        Err(e) => return Err(store.io_error("open", &dir, e)),
+    };
+    if store.get_cache(id)?.is_some() {
+        // Someone is using the id again.
+        return Ok(());
+    }
+    let caches = store.open_dir(CACHES_DIR)?;
+    walk::remove_if_empty(caches.as_fd(), &key_c);
+    if lock.is_some() {
+        let qdir =
+            walk::open_dir(leases.as_fd(), key).map_err(|e| store.io_error("open", &dir, e))?;
+        let names = walk::names(qdir.as_fd()).map_err(|e| store.io_error("read", &dir, e))?;
+        for name in &names {
+            if name.to_bytes() != b"lock" && !walk::remove_if_empty(qdir.as_fd(), name) {
+                // A queue with something in it: leave the whole directory.
+                return Ok(());
+            }
+        }
+        // Unlinked while we hold its lock: a request waiting for it sees that and starts over.
+        let _ = rustix::fs::unlinkat(&qdir, "lock", rustix::fs::AtFlags::empty());
+        walk::remove_if_empty(leases.as_fd(), &key_c);
+    }
+    Ok(())
 }
 
 /// This machine's name, recorded with each lease (stores can be shared over a network).

@@ -20,16 +20,44 @@ pub(crate) const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Opens `db` and applies the per-connection settings. The caller holds the store's
 /// init lock, because switching a fresh database to WAL (and migrating it) races
 /// badly between processes: the loser gets "database is locked" without waiting.
-pub(crate) fn open(db: &Path, root: &Path) -> Result<Connection, StoreError> {
+///
+/// `full`: the filesystem is full. The connection then tries EXCLUSIVE locking mode first, in
+/// which SQLite never maps (or grows) the `-shm` file: growing it fails on a full filesystem,
+/// and a mapped page that is still a hole kills the process with SIGBUS when written. That
+/// works when no other process has the database open; when one has, the `-shm` file it uses is
+/// whole already, and the connection shares it as usual.
+pub(crate) fn open(db: &Path, root: &Path, full: bool) -> Result<Connection, StoreError> {
     let err = |e| db_error(db, root, e);
     let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
         | OpenFlags::SQLITE_OPEN_CREATE
         | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-    let conn = Connection::open_with_flags(db, flags).map_err(err)?;
+    let mut conn = Connection::open_with_flags(db, flags).map_err(err)?;
+    let mut version = None;
+    if full {
+        conn.busy_timeout(Duration::ZERO).map_err(err)?;
+        conn.pragma_update(None, "locking_mode", "EXCLUSIVE")
+            .map_err(err)?;
+        match user_version(&conn) {
+            Ok(v) => version = Some(v),
+            Err(e)
+                if matches!(
+                    e.sqlite_error_code(),
+                    Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+                ) =>
+            {
+                // Someone else has it open: a fresh connection in the normal mode.
+                conn = Connection::open_with_flags(db, flags).map_err(err)?;
+            }
+            Err(e) => return Err(err(e)),
+        }
+    }
     conn.busy_timeout(BUSY_TIMEOUT).map_err(err)?;
     // Reading the header first turns a non-database file into SQLITE_NOTADB before
     // anything below could try to write to it.
-    let version = user_version(&conn).map_err(err)?;
+    let version = match version {
+        Some(v) => v,
+        None => user_version(&conn).map_err(err)?,
+    };
     // Checked before the WAL switch below, so a newer build's database is not modified.
     check_not_newer(version, root)?;
     let mode: String = conn
@@ -114,7 +142,17 @@ pub(crate) fn migrate(conn: &mut Connection, db: &Path, root: &Path) -> Result<(
         if version == SCHEMA_VERSION {
             return Ok(());
         }
-        step(&tx, version).map_err(err)?;
+        // A step that fails on its own SQL (a table already there, a column missing) means the
+        // tables are not what the recorded version says: one line naming the fix.
+        step(&tx, version).map_err(|e| match e.sqlite_error_code() {
+            Some(rusqlite::ErrorCode::Unknown) | None => StoreError::SchemaMismatch {
+                root: root.to_path_buf(),
+                db: db.to_path_buf(),
+                version: version + 1,
+                detail: super::error::one_line_sqlite(&e),
+            },
+            Some(_) => err(e),
+        })?;
         tx.pragma_update(None, "user_version", version + 1)
             .map_err(err)?;
         tx.commit().map_err(err)?;
@@ -318,7 +356,7 @@ mod tests {
     fn fresh_database_migrates_to_current_and_is_idempotent() {
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("cachefs.db");
-        let mut conn = open(&db, dir.path()).unwrap();
+        let mut conn = open(&db, dir.path(), false).unwrap();
         migrate(&mut conn, &db, dir.path()).unwrap();
         migrate(&mut conn, &db, dir.path()).unwrap();
         let v: i64 = conn
@@ -356,7 +394,7 @@ mod tests {
             .unwrap();
             conn.pragma_update(None, "user_version", 1).unwrap();
         }
-        let mut conn = open(&db, dir.path()).unwrap();
+        let mut conn = open(&db, dir.path(), false).unwrap();
         migrate(&mut conn, &db, dir.path()).unwrap();
         let v: i64 = conn
             .pragma_query_value(None, "user_version", |r| r.get(0))
@@ -381,7 +419,7 @@ mod tests {
         let conn = Connection::open(&db).unwrap();
         conn.pragma_update(None, "user_version", 9).unwrap();
         drop(conn);
-        let e = open(&db, dir.path()).unwrap_err();
+        let e = open(&db, dir.path(), false).unwrap_err();
         assert!(
             matches!(
                 e,

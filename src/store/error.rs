@@ -24,9 +24,14 @@ pub enum StoreError {
     )]
     PermissionDenied { path: PathBuf, root: PathBuf },
     #[error(
-        "no space left for store {root} (writing {path}): free some space (e.g. cachefs gc) or pass --store DIR on another filesystem"
+        "the filesystem of store {root} is full ({fs}; writing {path}): free space there (cachefs gc and cachefs rm still can: they use a reserve kept for this), or pass --store DIR on another filesystem"
     )]
-    DiskFull { path: PathBuf, root: PathBuf },
+    DiskFull {
+        path: PathBuf,
+        root: PathBuf,
+        /// The filesystem: its mount point and type.
+        fs: String,
+    },
     #[error(
         "metadata database {path} is corrupt: {detail}; it was left untouched and cache contents are kept: move it aside (a new one is created and caches are re-adopted on next use), or pass --store DIR"
     )]
@@ -53,25 +58,44 @@ pub enum StoreError {
     Busy { path: PathBuf },
     #[error("{path} exists but is not a directory: move it aside or pass --store DIR")]
     NotADirectory { path: PathBuf },
+    #[error("{path} exists but is not a regular file: move it aside or pass --store DIR")]
+    NotAFile { path: PathBuf },
+    #[error(
+        "{path} is a symbolic link inside the store, which cachefs never follows: replace it with the directory it should be (or remove it), or pass --store DIR"
+    )]
+    Symlink { path: PathBuf },
+    #[error(
+        "the metadata database of store {root} does not match schema {version} ({detail}): move {db} aside (a new one is created and caches are re-adopted on next use), or pass --store DIR"
+    )]
+    SchemaMismatch {
+        root: PathBuf,
+        db: PathBuf,
+        version: i64,
+        detail: String,
+    },
     #[error("metadata database {path} names cache '{id}' with an invalid directory key '{key}'")]
     BadKey {
         path: PathBuf,
         id: String,
         key: String,
     },
-    #[error("{action} {path}: {source}")]
+    // No `#[source]` on these two: the cause is part of this one line, and must not be
+    // repeated as the next link of an error chain (`{:#}` prints every link).
+    #[error("cannot {action} {path}: {err}")]
     Io {
         action: &'static str,
         path: PathBuf,
-        #[source]
-        source: io::Error,
+        err: io::Error,
     },
-    #[error("metadata database {path}: {source}")]
-    Db {
-        path: PathBuf,
-        #[source]
-        source: rusqlite::Error,
-    },
+    #[error("metadata database {path}: {detail}")]
+    Db { path: PathBuf, detail: String },
+}
+
+impl StoreError {
+    /// [`io_error`] for other modules: an OS error on `path` inside the store `root`.
+    pub fn from_io(action: &'static str, path: &Path, root: &Path, e: io::Error) -> StoreError {
+        io_error(action, path, root, e)
+    }
 }
 
 /// Maps an OS error on `path` (inside the store `root`) to the error a user can act on.
@@ -84,27 +108,42 @@ pub(crate) fn io_error(action: &'static str, path: &Path, root: &Path, e: io::Er
             path: path.to_path_buf(),
             root: root.to_path_buf(),
         },
-        Some(libc::ENOSPC) | Some(libc::EDQUOT) => StoreError::DiskFull {
-            path: path.to_path_buf(),
-            root: root.to_path_buf(),
-        },
+        Some(libc::ENOSPC) | Some(libc::EDQUOT) => disk_full(path, root),
         Some(libc::ENOTDIR) => StoreError::NotADirectory {
+            path: path.to_path_buf(),
+        },
+        // O_NOFOLLOW or RESOLVE_NO_SYMLINKS met a symlink: only ever asked inside the store.
+        Some(libc::ELOOP) => StoreError::Symlink {
             path: path.to_path_buf(),
         },
         _ => StoreError::Io {
             action,
             path: path.to_path_buf(),
-            source: e,
+            err: e,
         },
+    }
+}
+
+pub(crate) fn disk_full(path: &Path, root: &Path) -> StoreError {
+    StoreError::DiskFull {
+        path: path.to_path_buf(),
+        root: root.to_path_buf(),
+        fs: super::space::describe_fs(root),
     }
 }
 
 /// Maps a SQLite failure on the database `db` of store `root`.
 pub(crate) fn db_error(db: &Path, root: &Path, e: rusqlite::Error) -> StoreError {
+    // SQLite's messages may end with the file's path, which this error names already.
+    let detail = || {
+        let d = one_line_sqlite(&e);
+        let suffix = format!(": {}", db.display());
+        d.strip_suffix(&suffix).map(str::to_owned).unwrap_or(d)
+    };
     let Some(code) = e.sqlite_error_code() else {
         return StoreError::Db {
             path: db.to_path_buf(),
-            source: e,
+            detail: detail(),
         };
     };
     match code {
@@ -112,10 +151,22 @@ pub(crate) fn db_error(db: &Path, root: &Path, e: rusqlite::Error) -> StoreError
             path: db.to_path_buf(),
             detail: e.to_string(),
         },
-        ErrorCode::DiskFull => StoreError::DiskFull {
-            path: db.to_path_buf(),
-            root: root.to_path_buf(),
-        },
+        ErrorCode::DiskFull => disk_full(db, root),
+        // SQLite cannot say why; the filesystem can.
+        ErrorCode::CannotOpen
+            if rustix::fs::access(
+                db,
+                rustix::fs::Access::READ_OK | rustix::fs::Access::WRITE_OK,
+            ) == Err(rustix::io::Errno::ACCESS) =>
+        {
+            StoreError::PermissionDenied {
+                path: db.to_path_buf(),
+                root: root.to_path_buf(),
+            }
+        }
+        // A full filesystem shows up as an I/O error where SQLite grows its shared-memory file
+        // (SQLITE_IOERR_SHMSIZE) or writes: say what it is.
+        ErrorCode::SystemIoFailure if super::space::is_full(root) => disk_full(db, root),
         // SQLite says "readonly" both for a read-only mount and for a file it may not
         // write; only the filesystem can tell the two apart.
         ErrorCode::ReadOnly if fs_is_read_only(root) => StoreError::ReadOnly {
@@ -128,11 +179,42 @@ pub(crate) fn db_error(db: &Path, root: &Path, e: rusqlite::Error) -> StoreError
         ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked => StoreError::Busy {
             path: db.to_path_buf(),
         },
+        // A statement this build prepares does not fit the tables: the database is not the
+        // schema its version says (edited by hand, or by another program).
+        ErrorCode::Unknown if is_schema_error(&e) => StoreError::SchemaMismatch {
+            root: root.to_path_buf(),
+            db: db.to_path_buf(),
+            version: super::SCHEMA_VERSION,
+            detail: one_line_sqlite(&e),
+        },
         _ => StoreError::Db {
             path: db.to_path_buf(),
-            source: e,
+            detail: detail(),
         },
     }
+}
+
+fn is_schema_error(e: &rusqlite::Error) -> bool {
+    let msg = one_line_sqlite(e);
+    [
+        "no such table",
+        "no such column",
+        "already exists",
+        "has no column",
+    ]
+    .iter()
+    .any(|m| msg.contains(m))
+}
+
+/// SQLite's message without the statement it came from (rusqlite appends the whole SQL text,
+/// over many lines, to errors of its input), on one line.
+pub(crate) fn one_line_sqlite(e: &rusqlite::Error) -> String {
+    let text = match e {
+        rusqlite::Error::SqlInputError { msg, .. } => msg.clone(),
+        rusqlite::Error::SqliteFailure(f, Some(msg)) if msg.contains(&f.to_string()) => msg.clone(),
+        other => other.to_string(),
+    };
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 /// Whether `path` lives on a filesystem mounted read-only.
@@ -174,10 +256,23 @@ mod tests {
             io::Error::from_raw_os_error(libc::ENOSPC),
         );
         assert!(matches!(e, StoreError::DiskFull { .. }), "{e}");
-        assert!(e.to_string().starts_with("no space left for store /x"));
+        assert!(
+            e.to_string()
+                .starts_with("the filesystem of store /x is full ("),
+            "{e}"
+        );
         let e = io_error("create", p, root, io::Error::from_raw_os_error(libc::EIO));
         assert!(matches!(e, StoreError::Io { .. }), "{e}");
-        assert!(e.to_string().starts_with("create /x/caches: "));
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "cannot create /x/caches: {}",
+                io::Error::from_raw_os_error(libc::EIO)
+            )
+        );
+        // The OS error is said once, also through an anyhow chain.
+        let chain = format!("{:#}", anyhow::Error::new(e));
+        assert_eq!(chain.matches("os error 5").count(), 1, "{chain}");
     }
 
     #[test]

@@ -3,8 +3,10 @@
 //! Layout:
 //!
 //! ```text
-//! STORE/cachefs.db (+ -wal, -shm)   metadata (SQLite, WAL mode)
+//! STORE/cachefs.db (+ -wal, -shm)   metadata (SQLite, WAL mode), 0600
 //! STORE/.lock                       flock'd while opening/migrating the database
+//! STORE/reserve                     free space kept for gc/rm on a full filesystem (space)
+//! STORE/objects/                    layer objects (layer::objects)
 //! STORE/tmp/                        temp names, on the same filesystem as caches/
 //! STORE/caches/<key>/<number>/      one instance of a cache
 //! STORE/leases/<key>/lock            flock'd while a lease request joins the cache's queue
@@ -13,6 +15,10 @@
 //!
 //! `<key>` is derived from the cache id (see [`CacheId::key`]), never the id itself,
 //! so no id can place anything outside `STORE/caches`.
+//!
+//! The store is its owner's alone: the root and its top-level directories are 0700, the
+//! database 0600 (older stores are tightened on open). Nothing inside is reached through a
+//! symlink ([`walk`]).
 
 mod db;
 mod error;
@@ -20,11 +26,14 @@ mod id;
 mod layers;
 mod leases;
 mod remote;
+pub mod space;
 mod usage;
+pub mod walk;
 
 use std::ffi::OsString;
 use std::fs;
 use std::io;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -32,6 +41,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use parking_lot::Mutex;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+use rustix::fs::{AtFlags, Mode, OFlags};
 
 pub use db::SCHEMA_VERSION;
 pub use error::StoreError;
@@ -52,6 +62,8 @@ pub const CACHES_DIR: &str = "caches";
 pub const TMP_DIR: &str = "tmp";
 /// Directory holding the lease ticket files of every cache.
 pub const LEASES_DIR: &str = "leases";
+/// Directory of the content-addressed object store (see `layer::objects`).
+pub const OBJECTS_DIR: &str = "objects";
 
 /// Store location for root when nothing else is given.
 const SYSTEM_ROOT: &str = "/var/lib/cachefs";
@@ -62,6 +74,17 @@ const TMP_INSTANCE_PREFIX: &str = "inst-";
 /// Temp instance dirs older than this are leftovers of a crash (a live one exists
 /// for milliseconds).
 const TMP_STALE_SECS: u64 = 3600;
+
+/// What a store is opened for: it decides what happens on a full filesystem.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OpenFor {
+    /// Anything that may write: refused at once on a full filesystem.
+    Work,
+    /// Listing: the database is opened without its shared memory on a full filesystem.
+    Reading,
+    /// gc, rm, prune: the space reserve is released first on a full filesystem.
+    Freeing,
+}
 
 /// An opened store. Cheap to share between threads (`&Store` is `Sync`); each
 /// process opens its own, and processes coordinate through SQLite and file locks.
@@ -134,37 +157,78 @@ impl Store {
 
     /// Opens the store at `root`, creating it (directories, database) on first use.
     /// Safe when several processes open a fresh store at once.
+    ///
+    /// On a full filesystem this fails at once ([`StoreError::DiskFull`]) before SQLite is
+    /// asked: opening a WAL database needs space (see [`space`]), and what the caller goes on
+    /// to do writes. Reads use [`Store::open_for_reading`], space-freeing commands
+    /// [`Store::open_to_free`].
     pub fn open(root: &Path) -> Result<Store, StoreError> {
+        Self::open_with(root, OpenFor::Work)
+    }
+
+    /// [`Store::open`] for a command that only reads (`ls`, `du`, `inspect`, `layers`): on a
+    /// full filesystem the database is opened without its shared-memory file, so reads still
+    /// work (see [`space`]); writes then fail with [`StoreError::DiskFull`].
+    pub fn open_for_reading(root: &Path) -> Result<Store, StoreError> {
+        Self::open_with(root, OpenFor::Reading)
+    }
+
+    /// [`Store::open`] for a command that frees space (`gc`, `rm`, `prune`): on a full
+    /// filesystem it first releases the store's space reserve, so that the database can record
+    /// the removals (see [`space`]).
+    pub fn open_to_free(root: &Path) -> Result<Store, StoreError> {
+        Self::open_with(root, OpenFor::Freeing)
+    }
+
+    /// Makes the store's space reserve again if it is missing and there is room (after a gc).
+    pub fn keep_reserve(&self) {
+        if let Ok(fd) = walk::open_root(&self.root) {
+            space::keep_reserve(&fd, &self.root);
+        }
+    }
+
+    fn open_with(root: &Path, purpose: OpenFor) -> Result<Store, StoreError> {
         if root.as_os_str().is_empty() {
             return Err(StoreError::EmptyRoot);
         }
         let root = std::path::absolute(root).map_err(|e| io_error("resolve", root, root, e))?;
         let root = root.as_path();
-        make_dir(root, root, true)?;
-        let caches = root.join(CACHES_DIR);
-        make_dir(&caches, root, false)?;
-        make_dir(&root.join(LEASES_DIR), root, false)?;
-        let tmp = root.join(TMP_DIR);
-        make_dir(&tmp, root, false)?;
-
+        let created = make_root(root)?;
+        let root_fd = walk::open_root(root).map_err(|e| io_error("open", root, root, e))?;
+        make_private(&root_fd, root, created)?;
+        for dir in [CACHES_DIR, LEASES_DIR, TMP_DIR, OBJECTS_DIR] {
+            make_top_dir(&root_fd, root, dir)?;
+        }
         let lock_path = root.join(LOCK_FILE);
         let lock = fs::OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
-            .mode(0o644)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(&lock_path)
             .map_err(|e| io_error("open lock file", &lock_path, root, e))?;
         flock_exclusive(&lock).map_err(|e| io_error("lock", &lock_path, root, e))?;
 
         let db_path = root.join(DB_FILE);
-        let mut conn = db::open(&db_path, root)?;
+        private_db_files(&root_fd, root)?;
+        if purpose == OpenFor::Freeing && space::is_short(root) {
+            space::release_reserve(&root_fd);
+        }
+        let full = space::is_full(root);
+        if full && purpose == OpenFor::Work {
+            return Err(error::disk_full(&db_path, root));
+        }
+        let mut conn = db::open(&db_path, root, full)?;
         db::migrate(&mut conn, &db_path, root)?;
         // Closing the file releases the flock; later opens skip straight to a no-op migrate.
         drop(lock);
+        if !full {
+            space::keep_reserve(&root_fd, root);
+        }
 
-        sweep_tmp(&tmp);
+        sweep_tmp(&root_fd);
         Ok(Store {
             root: root.to_path_buf(),
             db_path,
@@ -192,6 +256,19 @@ impl Store {
     /// Path of the metadata database.
     pub fn db_path(&self) -> &Path {
         &self.db_path
+    }
+
+    /// Opens directory `rel` (e.g. `objects/tmp`, `caches/<key>`) beneath the store root
+    /// without following a symlink in any of its components: one there is
+    /// [`StoreError::Symlink`].
+    pub fn open_dir(&self, rel: &str) -> Result<OwnedFd, StoreError> {
+        let root = self.root.as_path();
+        walk::open_store_dir(root, rel).map_err(|e| io_error("open", &root.join(rel), root, e))
+    }
+
+    /// The store's error for an OS error on `path` inside it.
+    pub fn io_error(&self, action: &'static str, path: &Path, e: io::Error) -> StoreError {
+        io_error(action, path, &self.root, e)
     }
 
     /// `STORE/tmp`: for temp names that are later renamed into the store.
@@ -236,7 +313,7 @@ impl Store {
         let path = self.instance_path(&key, number);
         // Made while the write lock is held, so no other process races us to it. If the
         // commit then fails, the directory is adopted by the next acquire.
-        let created = self.ensure_instance_dir(&path, init)?;
+        let created = self.ensure_instance_dir(&key, number, init)?;
         tx.commit().map_err(err)?;
         Ok(Instance {
             id: id.clone(),
@@ -416,59 +493,93 @@ impl Store {
         }
     }
 
-    /// Makes sure the instance directory exists; returns whether this call made it.
-    fn ensure_instance_dir(&self, path: &Path, init: &InstanceInit) -> Result<bool, StoreError> {
+    /// Makes sure the instance directory exists; returns whether this call made it. Reached
+    /// from the store root's fd without following a symlink (a `caches/<key>` replaced by one
+    /// is refused).
+    fn ensure_instance_dir(
+        &self,
+        key: &str,
+        number: u32,
+        init: &InstanceInit,
+    ) -> Result<bool, StoreError> {
         let root = self.root.as_path();
-        if existing_dir(path, root)? {
+        let path = self.instance_path(key, number);
+        let caches_path = root.join(CACHES_DIR);
+        let key_path = caches_path.join(key);
+        let caches = walk::open_store_dir(root, CACHES_DIR)
+            .map_err(|e| io_error("open", &caches_path, root, e))?;
+        match rustix::fs::mkdirat(&caches, key, Mode::from_raw_mode(0o700)) {
+            Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+            Err(e) => return Err(io_error("create directory", &key_path, root, e.into())),
+        }
+        let key_fd = walk::open_dir(caches.as_fd(), key)
+            .map_err(|e| io_error("open", &key_path, root, e))?;
+        let n = number.to_string();
+        if existing_dir_at(&key_fd, &n, &path, root)? {
             return Ok(false);
         }
-        let parent = path.parent().unwrap_or(root);
-        make_dir(parent, root, false)?;
 
-        let tmp = self.make_temp_dir()?;
-        if let Err(e) = apply_init(&tmp, init) {
-            let _ = fs::remove_dir(&tmp);
+        let tmp_path = root.join(TMP_DIR);
+        let tmp = walk::open_store_dir(root, TMP_DIR)
+            .map_err(|e| io_error("open", &tmp_path, root, e))?;
+        let name = make_temp_dir(&tmp, &tmp_path, root)?;
+        let shown = tmp_path.join(&name);
+        let remove_tmp = || {
+            let _ = rustix::fs::unlinkat(&tmp, name.as_str(), AtFlags::REMOVEDIR);
+        };
+        if let Err(e) = apply_init(&tmp, &name, &shown, init) {
+            remove_tmp();
             return Err(io_error(
                 "set owner and mode of new instance",
-                &tmp,
+                &shown,
                 root,
                 e,
             ));
         }
-        if let Err(e) = fs::rename(&tmp, path) {
-            let _ = fs::remove_dir(&tmp);
-            let taken = matches!(e.raw_os_error(), Some(libc::EEXIST) | Some(libc::ENOTEMPTY));
+        if let Err(e) = rustix::fs::renameat(&tmp, name.as_str(), &key_fd, n.as_str()) {
+            remove_tmp();
+            let taken = matches!(e, rustix::io::Errno::EXIST | rustix::io::Errno::NOTEMPTY);
             // Someone's directory is already there (left by a crash, or the database was
             // moved aside): adopt it rather than fail.
-            if taken && existing_dir(path, root)? {
+            if taken && existing_dir_at(&key_fd, &n, &path, root)? {
                 return Ok(false);
             }
-            return Err(io_error("move new instance into place", path, root, e));
+            return Err(io_error(
+                "move new instance into place",
+                &path,
+                root,
+                e.into(),
+            ));
         }
         // The rename must survive a crash as surely as the commit that follows.
-        fs::File::open(parent)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| io_error("sync", parent, root, e))?;
+        rustix::fs::fsync(&key_fd).map_err(|e| io_error("sync", &key_path, root, e.into()))?;
         Ok(true)
     }
+}
 
-    fn make_temp_dir(&self) -> Result<PathBuf, StoreError> {
-        static COUNTER: AtomicU64 = AtomicU64::new(0);
-        let pid = std::process::id();
-        loop {
-            let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-            let nanos = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.subsec_nanos())
-                .unwrap_or(0);
-            let tmp = self
-                .tmp_dir()
-                .join(format!("{TMP_INSTANCE_PREFIX}{pid}-{nanos}-{n}"));
-            // 0700 until owner and mode are set, so nobody uses it half-made.
-            match fs::DirBuilder::new().mode(0o700).create(&tmp) {
-                Ok(()) => return Ok(tmp),
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
-                Err(e) => return Err(io_error("create temp directory", &tmp, &self.root, e)),
+/// Makes a new, private (0700) temp directory in `tmp` (an fd of `STORE/tmp`, shown as
+/// `tmp_path`); returns its name.
+fn make_temp_dir(tmp: &OwnedFd, tmp_path: &Path, root: &Path) -> Result<String, StoreError> {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let pid = std::process::id();
+    loop {
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let name = format!("{TMP_INSTANCE_PREFIX}{pid}-{nanos}-{n}");
+        // 0700 until owner and mode are set, so nobody uses it half-made.
+        match rustix::fs::mkdirat(tmp, name.as_str(), Mode::from_raw_mode(0o700)) {
+            Ok(()) => return Ok(name),
+            Err(rustix::io::Errno::EXIST) => continue,
+            Err(e) => {
+                return Err(io_error(
+                    "create temp directory",
+                    &tmp_path.join(&name),
+                    root,
+                    e.into(),
+                ));
             }
         }
     }
@@ -476,12 +587,12 @@ impl Store {
 
 /// Gives a fresh directory its owner and mode, through an fd so a swapped-in symlink
 /// cannot redirect the chown/chmod.
-fn apply_init(dir: &Path, init: &InstanceInit) -> io::Result<()> {
-    use rustix::fs::{Mode, OFlags};
+fn apply_init(tmp: &OwnedFd, name: &str, dir: &Path, init: &InstanceInit) -> io::Result<()> {
     use rustix::process::{Gid, Uid, getegid, geteuid};
 
-    let fd = rustix::fs::open(
-        dir,
+    let fd = rustix::fs::openat(
+        tmp,
+        name,
         OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
         Mode::empty(),
     )?;
@@ -511,42 +622,142 @@ fn apply_init(dir: &Path, init: &InstanceInit) -> io::Result<()> {
     Ok(())
 }
 
-/// Whether `path` is an existing real directory (a symlink there is an error).
-fn existing_dir(path: &Path, root: &Path) -> Result<bool, StoreError> {
-    match fs::symlink_metadata(path) {
-        Ok(m) if m.is_dir() => Ok(true),
-        Ok(_) => Err(StoreError::NotADirectory {
-            path: path.to_path_buf(),
-        }),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
-        Err(e) => Err(io_error("inspect", path, root, e)),
+/// Whether `name` in `dir` (shown as `path`) is an existing real directory (a symlink there is
+/// an error).
+fn existing_dir_at(
+    dir: &OwnedFd,
+    name: &str,
+    path: &Path,
+    root: &Path,
+) -> Result<bool, StoreError> {
+    use rustix::fs::FileType;
+    match rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+        Ok(st) => match FileType::from_raw_mode(st.st_mode) {
+            FileType::Directory => Ok(true),
+            FileType::Symlink => Err(StoreError::Symlink {
+                path: path.to_path_buf(),
+            }),
+            _ => Err(StoreError::NotADirectory {
+                path: path.to_path_buf(),
+            }),
+        },
+        Err(rustix::io::Errno::NOENT) => Ok(false),
+        Err(e) => Err(io_error("inspect", path, root, e.into())),
     }
 }
 
-/// Creates `path` (and with `recursive`, its parents) unless it is already a directory.
-fn make_dir(path: &Path, root: &Path, recursive: bool) -> Result<(), StoreError> {
-    match fs::DirBuilder::new()
-        .recursive(recursive)
-        .mode(0o755)
-        .create(path)
-    {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-        Err(e) => return Err(io_error("create directory", path, root, e)),
+/// Creates the store root (0700; missing parents 0755, as `mkdir -p` would) unless it is
+/// already a directory (it may be a symlink to one: the user chose it). Returns whether it was
+/// created.
+fn make_root(root: &Path) -> Result<bool, StoreError> {
+    if let Some(parent) = root.parent() {
+        match fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(parent)
+        {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(io_error("create directory", parent, root, e)),
+        }
     }
-    // The store root may be a symlink the user chose; everything inside must be real.
-    let is_dir = if path == root {
-        fs::metadata(path).map(|m| m.is_dir())
-    } else {
-        fs::symlink_metadata(path).map(|m| m.is_dir())
+    let created = match fs::DirBuilder::new().mode(0o700).create(root) {
+        Ok(()) => true,
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => false,
+        Err(e) => return Err(io_error("create directory", root, root, e)),
     };
-    match is_dir {
-        Ok(true) => Ok(()),
-        Ok(false) => Err(StoreError::NotADirectory {
-            path: path.to_path_buf(),
+    match fs::metadata(root) {
+        Ok(m) if m.is_dir() => Ok(created),
+        Ok(_) => Err(StoreError::NotADirectory {
+            path: root.to_path_buf(),
         }),
-        Err(e) => Err(io_error("inspect", path, root, e)),
+        Err(e) => Err(io_error("inspect", root, root, e)),
     }
+}
+
+/// The store is its owner's alone (mode 0700): users reach caches only through mounts. A store
+/// made by an older cachefs (0755) is tightened. A root that is not a store yet (no database)
+/// and not empty (`--store` pointed at some existing directory) keeps its mode: its top-level
+/// directories and database are private anyway.
+fn make_private(root_fd: &OwnedFd, root: &Path, created: bool) -> Result<(), StoreError> {
+    let st = rustix::fs::fstat(root_fd).map_err(|e| io_error("inspect", root, root, e.into()))?;
+    // Only the owner (or root) can change it; someone else's store is refused later, where
+    // it cannot be entered.
+    let euid = rustix::process::geteuid();
+    if st.st_mode & 0o077 == 0 || (st.st_uid != euid.as_raw() && !euid.is_root()) {
+        return Ok(());
+    }
+    let ours = created
+        || rustix::fs::statat(root_fd, DB_FILE, AtFlags::SYMLINK_NOFOLLOW).is_ok()
+        || walk::names(root_fd.as_fd()).is_ok_and(|n| n.is_empty());
+    if ours {
+        rustix::fs::fchmod(root_fd, Mode::from_raw_mode(0o700))
+            .map_err(|e| io_error("make private", root, root, e.into()))?;
+    }
+    Ok(())
+}
+
+/// Creates (0700) or tightens a top-level directory of the store; a symlink there is refused.
+fn make_top_dir(root_fd: &OwnedFd, root: &Path, name: &str) -> Result<(), StoreError> {
+    let path = root.join(name);
+    match rustix::fs::mkdirat(root_fd, name, Mode::from_raw_mode(0o700)) {
+        Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+        // A full filesystem must still be read (an older store may lack `objects/`): what
+        // needs the directory fails later, saying why.
+        Err(rustix::io::Errno::NOSPC | rustix::io::Errno::DQUOT) => return Ok(()),
+        Err(e) => return Err(io_error("create directory", &path, root, e.into())),
+    }
+    let fd = walk::open_dir(root_fd.as_fd(), name).map_err(|e| io_error("open", &path, root, e))?;
+    let st = rustix::fs::fstat(&fd).map_err(|e| io_error("inspect", &path, root, e.into()))?;
+    let euid = rustix::process::geteuid();
+    if st.st_mode & 0o077 != 0 && (st.st_uid == euid.as_raw() || euid.is_root()) {
+        rustix::fs::fchmod(&fd, Mode::from_raw_mode(0o700))
+            .map_err(|e| io_error("make private", &path, root, e.into()))?;
+    }
+    Ok(())
+}
+
+/// The database and its WAL files are private (0600). A new database file is made 0600 before
+/// SQLite opens it (SQLite gives its -wal and -shm the database file's mode); files of an
+/// older store are tightened by name, never through an fd: closing an fd of the database would
+/// drop the POSIX locks SQLite holds on it in this process.
+fn private_db_files(root_fd: &OwnedFd, root: &Path) -> Result<(), StoreError> {
+    let db = root.join(DB_FILE);
+    match rustix::fs::openat(
+        root_fd,
+        DB_FILE,
+        OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::from_raw_mode(0o600),
+    ) {
+        Ok(_) | Err(rustix::io::Errno::EXIST) => {}
+        Err(e) => return Err(io_error("create", &db, root, e.into())),
+    }
+    for name in [DB_FILE, "cachefs.db-wal", "cachefs.db-shm"] {
+        // O_PATH: closing it does not drop POSIX locks (the kernel skips that for O_PATH).
+        let Ok(fd) = rustix::fs::openat(
+            root_fd,
+            name,
+            OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        ) else {
+            continue;
+        };
+        let st = rustix::fs::fstat(&fd)
+            .map_err(|e| io_error("inspect", &root.join(name), root, e.into()))?;
+        if rustix::fs::FileType::from_raw_mode(st.st_mode) != rustix::fs::FileType::RegularFile {
+            return Err(StoreError::NotAFile {
+                path: root.join(name),
+            });
+        }
+        let euid = rustix::process::geteuid();
+        if st.st_mode & 0o077 != 0 && (st.st_uid == euid.as_raw() || euid.is_root()) {
+            // chmod through the fd's /proc link: exactly the inode opened above.
+            let link = format!("/proc/self/fd/{}", fd.as_raw_fd());
+            rustix::fs::chmod(link.as_str(), Mode::from_raw_mode(st.st_mode & 0o600))
+                .map_err(|e| io_error("make private", &root.join(name), root, e.into()))?;
+        }
+    }
+    Ok(())
 }
 
 fn flock_exclusive(file: &fs::File) -> io::Result<()> {
@@ -560,28 +771,26 @@ fn flock_exclusive(file: &fs::File) -> io::Result<()> {
 
 /// Removes empty temp instance dirs left by crashed processes. Best effort: a failure
 /// here costs only a little disk space.
-fn sweep_tmp(tmp: &Path) {
-    let Ok(entries) = fs::read_dir(tmp) else {
+fn sweep_tmp(root_fd: &OwnedFd) {
+    let Ok(tmp) = walk::open_dir(root_fd.as_fd(), TMP_DIR) else {
         return;
     };
-    let now = SystemTime::now();
-    for entry in entries.flatten() {
-        if !entry
-            .file_name()
-            .to_string_lossy()
-            .starts_with(TMP_INSTANCE_PREFIX)
-        {
+    let Ok(names) = walk::names(tmp.as_fd()) else {
+        return;
+    };
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    for name in names {
+        if !name.to_bytes().starts_with(TMP_INSTANCE_PREFIX.as_bytes()) {
             continue;
         }
-        let stale = entry
-            .metadata()
-            .and_then(|m| m.modified())
-            .ok()
-            .and_then(|t| now.duration_since(t).ok())
-            .is_some_and(|age| age.as_secs() > TMP_STALE_SECS);
+        let stale = rustix::fs::statat(&tmp, name.as_c_str(), AtFlags::SYMLINK_NOFOLLOW)
+            .is_ok_and(|st| now.saturating_sub(st.st_mtime) > TMP_STALE_SECS as i64);
         if stale {
-            // remove_dir only removes empty dirs: never deletes anyone's data.
-            let _ = fs::remove_dir(entry.path());
+            // Only removes empty directories: never deletes anyone's data.
+            walk::remove_if_empty(tmp.as_fd(), &name);
         }
     }
 }
