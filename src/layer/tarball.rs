@@ -919,6 +919,33 @@ impl Guard {
     }
 }
 
+/// A tar stream from elsewhere (a registry chunk) read through the same header `Guard` as an
+/// import: a hostile GNU long name or pax header is refused from its header, before the tar
+/// crate reads it into memory.
+pub(crate) struct GuardedTar<R> {
+    inner: R,
+    guard: Guard,
+}
+
+impl<R: Read> GuardedTar<R> {
+    pub(crate) fn new(inner: R) -> GuardedTar<R> {
+        GuardedTar {
+            inner,
+            guard: Guard::new(),
+        }
+    }
+}
+
+impl<R: Read> Read for GuardedTar<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.guard
+            .scan(&buf[..n])
+            .map_err(|why| io::Error::new(io::ErrorKind::InvalidData, why))?;
+        Ok(n)
+    }
+}
+
 impl<R: Read> Read for TarInput<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let res = match &mut self.inner {

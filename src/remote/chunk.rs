@@ -195,7 +195,8 @@ pub fn ingest_files<R: Read>(
         files.iter().map(|f| (f.path.as_slice(), f)).collect();
     let zin =
         zstd::stream::read::Decoder::new(input).map_err(|e| bad(format!("it is not zstd: {e}")))?;
-    let mut archive = tar::Archive::new(zin);
+    // Chunks come from a registry: their headers are bounded before the crate reads them.
+    let mut archive = tar::Archive::new(tarball::GuardedTar::new(zin));
     let mut report = Ingested::default();
     let mut buf = vec![0u8; CHUNK];
     let entries = archive
@@ -451,6 +452,44 @@ mod tests {
         // Not zstd / truncated.
         assert!(!refused(&files, b"garbage").is_empty());
         assert!(!refused(&files, &bytes[..bytes.len() / 2]).is_empty());
+    }
+
+    /// A registry is not trusted: a chunk whose GNU long-name member claims 256 MiB is refused
+    /// from its header (the tar crate would read the name into memory whole).
+    #[test]
+    fn a_chunk_with_a_long_name_bomb_is_refused_from_its_header() {
+        let name_len: u64 = 256 << 20;
+        let mut header = tar::Header::new_gnu();
+        header.as_mut_bytes()[..13].copy_from_slice(b"././@LongLink");
+        header.set_entry_type(tar::EntryType::GNULongName);
+        header.set_size(name_len + 1);
+        header.set_mode(0o644);
+        header.set_cksum();
+        let mut enc = zstd::stream::write::Encoder::new(Vec::new(), 1).unwrap();
+        enc.write_all(header.as_bytes()).unwrap();
+        let piece = vec![b'a'; 1 << 20];
+        for _ in 0..(name_len >> 20) {
+            enc.write_all(&piece).unwrap();
+        }
+        enc.write_all(&[0u8; 1024]).unwrap();
+        let bomb = enc.finish().unwrap();
+        assert!(
+            bomb.len() < 1 << 20,
+            "the bomb is small: {} bytes",
+            bomb.len()
+        );
+
+        let (_d, dst) = store();
+        let files = vec![FileRef {
+            path: b"x".to_vec(),
+            blob: Digest::of(b"x"),
+            size: 1,
+            mode: 0o644,
+        }];
+        match ingest_files(&dst, &files, &HashSet::new(), bomb.as_slice(), &|_| {}) {
+            Err(IngestError::Bad(m)) => assert!(m.contains("GNU long name"), "{m}"),
+            other => panic!("accepted: {other:?}"),
+        }
     }
 
     #[test]
