@@ -684,6 +684,7 @@ pub(crate) fn set_append(fd: BorrowedFd<'_>, append: bool) -> io::Result<()> {
     } else {
         fl & !libc::O_APPEND
     };
+    // SAFETY: as above; F_SETFL takes an int.
     cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, fl) }).map(drop)
 }
 
