@@ -168,21 +168,6 @@ fn assert_granted(op: &str, path: &Path, what: &str) {
     );
 }
 
-fn setlk(f: &File, typ: i32, start: i64, len: i64) -> std::io::Result<()> {
-    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
-    fl.l_type = typ as i16;
-    fl.l_whence = libc::SEEK_SET as i16;
-    fl.l_start = start;
-    fl.l_len = len;
-    cvt(unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETLK, &mut fl) })?;
-    Ok(())
-}
-
-fn flock(f: &File, op: i32) -> std::io::Result<()> {
-    cvt(unsafe { libc::flock(f.as_raw_fd(), op) })?;
-    Ok(())
-}
-
 /// Asserts a blocking lock attempt waits while `hold` is held and gets the lock once
 /// `release` runs.
 fn assert_waits_then_gets(mut child: Child, release: impl FnOnce(), what: &str) {

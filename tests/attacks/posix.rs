@@ -167,21 +167,6 @@ impl Drop for Child {
     }
 }
 
-fn setlk(f: &File, typ: i32, start: i64, len: i64) -> std::io::Result<()> {
-    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
-    fl.l_type = typ as i16;
-    fl.l_whence = libc::SEEK_SET as i16;
-    fl.l_start = start;
-    fl.l_len = len;
-    cvt(unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETLK, &mut fl) })?;
-    Ok(())
-}
-
-fn flock(f: &File, op: i32) -> std::io::Result<()> {
-    cvt(unsafe { libc::flock(f.as_raw_fd(), op) })?;
-    Ok(())
-}
-
 /// Mount options for a data path, shared (locks forwarded to the backing file, since other
 /// mounts may serve the instance) or exclusive (a locked or private lease: the kernel keeps
 /// the locks).

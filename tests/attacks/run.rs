@@ -262,21 +262,14 @@ fn targets_in_pseudo_filesystems_are_refused() {
 // Item 11: a mount pinned by another mount namespace
 // ---------------------------------------------------------------------------------------------
 
-/// `unshare -m sleep` started after `cachefs mount` holds a copy of the mount. umount must not
-/// say it succeeded while the server keeps its lease: it fails, naming the process; `--force`
-/// then ends the connection and the next locked mount gets the cache at once. Before: umount
-/// exited 0 and the next locked mount waited forever.
-#[test]
-fn umount_of_a_mount_pinned_by_another_namespace() {
-    if skip_unless_root("umount_of_a_mount_pinned_by_another_namespace") {
-        return;
-    }
-    let env = CliEnv::new();
-    let t = env.path("t");
+/// A `sharing=locked` `cachefs mount` of `id` at `t`, and a process started after it in a mount
+/// namespace of its own (`unshare -m sleep`), which holds a copy of the mount: the process (killed
+/// when dropped) and its pid.
+fn mount_pinned(env: &CliEnv, id: &str, t: &Path) -> (Guard, String) {
     let out = env.cachefs(&[
         "mount",
         "--id",
-        "pin",
+        id,
         "--sharing",
         "locked",
         t.to_str().unwrap(),
@@ -294,6 +287,21 @@ fn umount_of_a_mount_pinned_by_another_namespace() {
         "/proc/{pid}/comm"
     ))
     .is_ok_and(|c| c.trim() == "sleep")));
+    (pinner, pid)
+}
+
+/// `unshare -m sleep` started after `cachefs mount` holds a copy of the mount. umount must not
+/// say it succeeded while the server keeps its lease: it fails, naming the process; `--force`
+/// then ends the connection and the next locked mount gets the cache at once. Before: umount
+/// exited 0 and the next locked mount waited forever.
+#[test]
+fn umount_of_a_mount_pinned_by_another_namespace() {
+    if skip_unless_root("umount_of_a_mount_pinned_by_another_namespace") {
+        return;
+    }
+    let env = CliEnv::new();
+    let t = env.path("t");
+    let (_pinner, pid) = mount_pinned(&env, "pin", &t);
     assert_ne!(mnt_ns(&pid), mnt_ns("self"));
 
     let out = env.cachefs(&["umount", "--timeout", "2s", t.to_str().unwrap()]);
@@ -333,27 +341,7 @@ fn umount_force_ends_a_pinned_mount_at_once() {
     }
     let env = CliEnv::new();
     let t = env.path("t");
-    let out = env.cachefs(&[
-        "mount",
-        "--id",
-        "pin2",
-        "--sharing",
-        "locked",
-        t.to_str().unwrap(),
-    ]);
-    ok(&out, "cachefs mount");
-    let pinner = Guard(
-        Command::new("unshare")
-            .args(["-m", "sleep", "1000"])
-            .stdin(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let pid = pinner.0.id().to_string();
-    assert!(wait_until(T, || fs::read_to_string(format!(
-        "/proc/{pid}/comm"
-    ))
-    .is_ok_and(|c| c.trim() == "sleep")));
+    let (_pinner, _pid) = mount_pinned(&env, "pin2", &t);
     let out = env.cachefs(&["umount", "--force", t.to_str().unwrap()]);
     ok(&out, "cachefs umount --force");
     let ls = ok(&env.cachefs(&["ls", "--json"]), "ls");

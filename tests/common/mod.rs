@@ -1057,3 +1057,23 @@ pub fn cachefs_mounted_for(pid: u32, path: &Path) -> bool {
     let cachefs = |t: Option<String>| t.is_some_and(|t| t == "fuse.cachefs" || t == "fuse");
     cachefs(mount_fstype(path)) || cachefs(mount_fstype_in(pid, path))
 }
+
+/// A non-blocking fcntl lock (F_SETLK) of `len` bytes from `start` (F_RDLCK, F_WRLCK, F_UNLCK).
+pub fn setlk(f: &fs::File, typ: i32, start: i64, len: i64) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a zeroed flock is a valid value; fcntl reads it through a pointer it outlives.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = typ as i16;
+    fl.l_whence = libc::SEEK_SET as i16;
+    fl.l_start = start;
+    fl.l_len = len;
+    cvt(unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETLK, &mut fl) })?;
+    Ok(())
+}
+
+/// flock(2) with `op` (LOCK_SH, LOCK_EX, LOCK_UN, | LOCK_NB).
+pub fn flock(f: &fs::File, op: i32) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    cvt(unsafe { libc::flock(f.as_raw_fd(), op) })?;
+    Ok(())
+}
