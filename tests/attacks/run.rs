@@ -262,19 +262,9 @@ fn targets_in_pseudo_filesystems_are_refused() {
 // Item 11: a mount pinned by another mount namespace
 // ---------------------------------------------------------------------------------------------
 
-/// A `sharing=locked` `cachefs mount` of `id` at `t`, and a process started after it in a mount
-/// namespace of its own (`unshare -m sleep`), which holds a copy of the mount: the process (killed
-/// when dropped) and its pid.
-fn mount_pinned(env: &CliEnv, id: &str, t: &Path) -> (Guard, String) {
-    let out = env.cachefs(&[
-        "mount",
-        "--id",
-        id,
-        "--sharing",
-        "locked",
-        t.to_str().unwrap(),
-    ]);
-    ok(&out, "cachefs mount");
+/// A process in a mount namespace made now (`unshare -m sleep`): it holds a copy of every
+/// mount there is. The process (killed when dropped) and its pid.
+fn pin_mounts() -> (Guard, String) {
     let pinner = Guard(
         Command::new("unshare")
             .args(["-m", "sleep", "1000"])
@@ -288,6 +278,22 @@ fn mount_pinned(env: &CliEnv, id: &str, t: &Path) -> (Guard, String) {
     ))
     .is_ok_and(|c| c.trim() == "sleep")));
     (pinner, pid)
+}
+
+/// A `sharing=locked` `cachefs mount` of `id` at `t`, and a process started after it in a mount
+/// namespace of its own (`unshare -m sleep`), which holds a copy of the mount: the process (killed
+/// when dropped) and its pid.
+fn mount_pinned(env: &CliEnv, id: &str, t: &Path) -> (Guard, String) {
+    let out = env.cachefs(&[
+        "mount",
+        "--id",
+        id,
+        "--sharing",
+        "locked",
+        t.to_str().unwrap(),
+    ]);
+    ok(&out, "cachefs mount");
+    pin_mounts()
 }
 
 /// `unshare -m sleep` started after `cachefs mount` holds a copy of the mount. umount must not
@@ -414,18 +420,7 @@ fn unmount_returns_while_another_namespace_holds_a_copy() {
     }
     let mut tm = TestMount::new();
     fs::write(tm.m("f"), b"x").unwrap();
-    let pinner = Guard(
-        Command::new("unshare")
-            .args(["-m", "sleep", "1000"])
-            .stdin(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let pid = pinner.0.id().to_string();
-    assert!(wait_until(T, || fs::read_to_string(format!(
-        "/proc/{pid}/comm"
-    ))
-    .is_ok_and(|c| c.trim() == "sleep")));
+    let (pinner, _pid) = pin_mounts();
     let (tx, rx) = std::sync::mpsc::channel();
     let started = std::time::Instant::now();
     std::thread::spawn(move || {
