@@ -73,12 +73,17 @@ fn another_user_cannot_reach_into_the_store() {
     chmod(env.dir.path(), 0o755);
     store_with_snapshot(&env);
     let t = env.path("t");
-    let bg = BgRun::spawn(&env, "a", &t, "holder");
-    assert!(
-        wait_until(Duration::from_secs(20), || t.join("f").exists()),
-        "mount did not come up: {}",
-        bg.stderr()
-    );
+    // In the caller's namespace (a run's mount is its command's alone), for `nobody` to use.
+    let out = env.cachefs(&[
+        "mount",
+        "--id",
+        "a",
+        "--sharing",
+        "locked",
+        t.to_str().unwrap(),
+    ]);
+    ok(&out, "cachefs mount");
+    assert!(t.join("f").exists(), "the cache is mounted");
     let s = &env.store;
     // The mount serves other users (allow_other): that is how they reach a cache.
     let out = sh_as_nobody(&format!("cat {}/f", t.display()));
@@ -122,7 +127,10 @@ fn another_user_cannot_reach_into_the_store() {
         let line = assert_failure(&out, Some(1), &["permission denied"]);
         assert!(line.matches("os error").count() <= 1, "{line}");
     }
-    drop(bg);
+    ok(
+        &env.cachefs(&["umount", t.to_str().unwrap()]),
+        "cachefs umount",
+    );
 }
 
 /// A store made by an older cachefs (0755 directories, 0644 database) is tightened the next
@@ -623,7 +631,10 @@ fn a_full_store_filesystem_with_a_live_holder() {
     let t = env.path("h");
     let bg = BgRun::spawn(&env, "h", &t, "holder");
     assert!(
-        wait_until(Duration::from_secs(20), || is_mounted(&t)),
+        wait_until(Duration::from_secs(20), || cachefs_mounted_for(
+            bg.pid(),
+            &t
+        )),
         "holder did not mount: {}",
         bg.stderr()
     );
