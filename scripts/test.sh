@@ -21,6 +21,8 @@ command -v docker-registry >/dev/null || missing+=(docker-registry)
 command -v cc >/dev/null || missing+=(gcc libc6-dev)
 # tests/fs_meta.rs runs setfattr/getfattr through a mount.
 command -v setfattr >/dev/null || missing+=(attr)
+# The attack suite (tests/attacks/fs.rs) runs its racers as an unprivileged user in Python.
+[ -x /usr/bin/python3 ] || missing+=(python3)
 # The POSIX ACL attack tests (tests/attacks/posix.rs) set and read ACLs with setfacl/getfacl.
 command -v setfacl >/dev/null || missing+=(acl)
 if [ "${#missing[@]}" -gt 0 ]; then
