@@ -922,11 +922,13 @@ impl Guard {
 /// A tar stream from elsewhere (a registry chunk) read through the same header `Guard` as an
 /// import: a hostile GNU long name or pax header is refused from its header, before the tar
 /// crate reads it into memory.
+#[cfg(feature = "registry")]
 pub(crate) struct GuardedTar<R> {
     inner: R,
     guard: Guard,
 }
 
+#[cfg(feature = "registry")]
 impl<R: Read> GuardedTar<R> {
     pub(crate) fn new(inner: R) -> GuardedTar<R> {
         GuardedTar {
@@ -936,6 +938,7 @@ impl<R: Read> GuardedTar<R> {
     }
 }
 
+#[cfg(feature = "registry")]
 impl<R: Read> Read for GuardedTar<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
