@@ -4,6 +4,7 @@
 //! See docs/ARCHITECTURE.md for the module map and the path of a request.
 
 pub mod accounting;
+pub mod bind;
 pub mod cli;
 pub mod evict;
 pub mod fs;

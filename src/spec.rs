@@ -16,8 +16,8 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
-pub use crate::store::CacheId;
 use crate::store::IdError;
+pub use crate::store::{CacheId, Driver};
 use crate::units::{self, Shown, UnitError};
 
 /// How concurrent mounts of one cache id share it (BuildKit's `sharing=`).
@@ -94,6 +94,9 @@ pub struct MountSpec {
     /// Push to `cache_to` only when the tree differs from what the reference holds,
     /// `cache-to-when=changed` (default `always`).
     pub cache_to_if_changed: bool,
+    /// `driver=fuse|bind`; `None` uses the driver stored with the cache (else fuse). Given,
+    /// it becomes the cache's stored default.
+    pub driver: Option<Driver>,
 }
 
 /// Keys accepted in a spec, in the order error messages list them.
@@ -117,6 +120,7 @@ pub const VALID_KEYS: &[&str] = &[
     "cache-from",
     "cache-to",
     "cache-to-when",
+    "driver",
 ];
 
 /// Why a mount spec was rejected. Each message is one line.
@@ -187,6 +191,7 @@ enum Slot {
     CacheFrom,
     CacheTo,
     CacheToWhen,
+    Driver,
 }
 
 fn slot_of(key: &str) -> Option<Slot> {
@@ -205,6 +210,7 @@ fn slot_of(key: &str) -> Option<Slot> {
         "cache-from" => Slot::CacheFrom,
         "cache-to" => Slot::CacheTo,
         "cache-to-when" => Slot::CacheToWhen,
+        "driver" => Slot::Driver,
         _ => return None,
     })
 }
@@ -238,6 +244,7 @@ impl MountSpec {
         let mut cache_from = None;
         let mut cache_to = None;
         let mut cache_to_if_changed = false;
+        let mut driver = None;
         let mut seen: Vec<(Slot, String)> = Vec::new();
 
         for (i, (field, quoted)) in split_fields(s)?.into_iter().enumerate() {
@@ -364,6 +371,9 @@ impl MountSpec {
                         _ => return Err(invalid("always or changed")),
                     };
                 }
+                Slot::Driver => {
+                    driver = Some(value.parse().map_err(|()| invalid("fuse or bind"))?);
+                }
             }
         }
 
@@ -394,6 +404,7 @@ impl MountSpec {
             cache_from,
             cache_to,
             cache_to_if_changed,
+            driver,
         })
     }
 }
@@ -450,6 +461,9 @@ impl fmt::Display for MountSpec {
         }
         if self.cache_to_if_changed {
             write!(f, ",cache-to-when=changed")?;
+        }
+        if let Some(d) = self.driver {
+            write!(f, ",driver={d}")?;
         }
         Ok(())
     }
@@ -872,7 +886,7 @@ mod tests {
         assert!(err("target=/x,src=/sub").starts_with("mount spec: 'src' is not supported: "));
         assert_eq!(
             err("target=/x,foo=1"),
-            "mount spec: unknown key 'foo' (valid keys: type, id, target, dst, destination, sharing, uid, gid, mode, ro, readonly, rw, readwrite, lock-timeout, max-size, from, cache-from, cache-to, cache-to-when)"
+            "mount spec: unknown key 'foo' (valid keys: type, id, target, dst, destination, sharing, uid, gid, mode, ro, readonly, rw, readwrite, lock-timeout, max-size, from, cache-from, cache-to, cache-to-when, driver)"
         );
         assert!(err("target=/x,Size=1").contains("unknown key 'Size'"));
         assert_eq!(err("target=/x,id=a,id=b"), "mount spec: 'id' given twice");
@@ -1010,6 +1024,22 @@ mod tests {
         );
     }
 
+    #[test]
+    fn driver_is_fuse_or_bind_and_optional() {
+        assert_eq!(parse("target=/x").driver, None);
+        assert_eq!(parse("target=/x,driver=bind").driver, Some(Driver::Bind));
+        assert_eq!(parse("target=/x,Driver=FUSE").driver, Some(Driver::Fuse));
+        assert_eq!(
+            err("target=/x,driver=overlay"),
+            "mount spec: invalid driver 'overlay': expected fuse or bind"
+        );
+        assert!(err("target=/x,driver=bind,driver=fuse").contains("given twice"));
+        assert_eq!(
+            parse("target=/x,driver=bind").to_string(),
+            "type=cache,id=/x,target=/x,sharing=shared,uid=0,gid=0,mode=0755,driver=bind"
+        );
+    }
+
     fn spec_strategy() -> impl Strategy<Value = MountSpec> {
         (
             "[^\0]{1,60}",
@@ -1024,9 +1054,21 @@ mod tests {
                     .prop_map(|(s, n)| Duration::new(s, n).min(units::MAX_DURATION)),
             ),
             prop::option::of(any::<u64>()),
+            prop::option::of(prop::sample::select(Driver::ALL.to_vec())),
         )
             .prop_map(
-                |(id, target, sharing, uid, gid, mode, read_only, lock_timeout, max_size)| {
+                |(
+                    id,
+                    target,
+                    sharing,
+                    uid,
+                    gid,
+                    mode,
+                    read_only,
+                    lock_timeout,
+                    max_size,
+                    driver,
+                )| {
                     MountSpec {
                         id: CacheId::new(&id).unwrap(),
                         target: PathBuf::from(target),
@@ -1041,6 +1083,7 @@ mod tests {
                         cache_from: None,
                         cache_to: None,
                         cache_to_if_changed: false,
+                        driver,
                     }
                 },
             )

@@ -12,9 +12,11 @@
 //! make it count (or later evict) anything outside the instance.
 
 mod live;
+mod rescan;
 mod session;
 
 pub use live::{Accountant, Changes, Resolver, now_ns};
+pub use rescan::{RescanError, RescanReport, rescan_at_release};
 pub use session::{
     Counted, EvictError, FLUSH_EVERY, Flusher, PrepareError, TRIM_TO_PERCENT, enforce_budget,
     flush, prepare, record_eviction,
@@ -86,7 +88,7 @@ pub fn scan(root: &Path) -> io::Result<Scan> {
 
 /// Opens an instance directory for a walk: beneath the store root when `root` is
 /// `STORE/caches/<key>/<n>` (recognised by its shape), else as given.
-fn open_instance_root(root: &Path) -> io::Result<OwnedFd> {
+pub(crate) fn open_instance_root(root: &Path) -> io::Result<OwnedFd> {
     let mut parts = root.components().rev();
     let shaped = matches!(
         (parts.next(), parts.next(), parts.next()),
@@ -107,18 +109,41 @@ fn open_instance_root(root: &Path) -> io::Result<OwnedFd> {
 }
 
 fn scan_fd(root_fd: OwnedFd) -> io::Result<Scan> {
-    let root_dev = rustix::fs::fstat(&root_fd)?.st_dev;
     let mut out = Scan::default();
     let mut seen: HashSet<u64> = HashSet::new();
-    // Depth-first. Directories still to visit are kept as (parent fd, name) and opened only
-    // when visited, so open fds stay about as many as the tree is deep, however wide it is.
-    let mut pending: Vec<(Rc<OwnedFd>, CString)> = Vec::new();
-    let mut next = Some(Rc::new(root_fd));
+    walk_fd(root_fd, |_dir, _name, st| {
+        // Hard links: the first name found counts the inode.
+        if FileType::from_raw_mode(st.st_mode) == FileType::RegularFile && seen.insert(st.st_ino) {
+            let size = u64::try_from(st.st_size).unwrap_or(0);
+            out.usage.add_file(size);
+            out.files.push(ScannedFile {
+                ino: st.st_ino,
+                size,
+            });
+        }
+    })?;
+    Ok(out)
+}
+
+/// Walks the tree under `root_fd` depth-first and calls `visit(dir, name, stat)` for every
+/// entry, where `dir` is the path of its directory relative to the root (empty for the root
+/// itself, else `a/b`). Directories on the root's filesystem are entered; symlinks are never
+/// followed; entries that vanish while the walk runs are skipped. Returns the root's stat.
+pub(crate) fn walk_fd(
+    root_fd: OwnedFd,
+    mut visit: impl FnMut(&[u8], &[u8], &rustix::fs::Stat),
+) -> io::Result<rustix::fs::Stat> {
+    let root_st = rustix::fs::fstat(&root_fd)?;
+    let root_dev = root_st.st_dev;
+    // Directories still to visit are kept as (parent fd, name, path) and opened only when
+    // visited, so open fds stay about as many as the tree is deep, however wide it is.
+    let mut pending: Vec<(Rc<OwnedFd>, CString, Vec<u8>)> = Vec::new();
+    let mut next = Some((Rc::new(root_fd), Vec::new()));
     loop {
-        let dir_fd = match next.take() {
-            Some(fd) => fd,
+        let (dir_fd, dir_path) = match next.take() {
+            Some(v) => v,
             None => {
-                let Some((parent, name)) = pending.pop() else {
+                let Some((parent, name, path)) = pending.pop() else {
                     break;
                 };
                 match rustix::fs::openat(
@@ -127,7 +152,7 @@ fn scan_fd(root_fd: OwnedFd) -> io::Result<Scan> {
                     OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
                     Mode::empty(),
                 ) {
-                    Ok(fd) => Rc::new(fd),
+                    Ok(fd) => (Rc::new(fd), path),
                     // Gone, or replaced by something that is not a directory (a symlink).
                     Err(
                         rustix::io::Errno::NOENT
@@ -142,7 +167,8 @@ fn scan_fd(root_fd: OwnedFd) -> io::Result<Scan> {
         while let Some(entry) = dir.read() {
             let entry = entry?;
             let name = entry.file_name();
-            if name.to_bytes() == b"." || name.to_bytes() == b".." {
+            let bytes = name.to_bytes();
+            if bytes == b"." || bytes == b".." {
                 continue;
             }
             let st = match rustix::fs::statat(&*dir_fd, name, AtFlags::SYMLINK_NOFOLLOW) {
@@ -150,25 +176,19 @@ fn scan_fd(root_fd: OwnedFd) -> io::Result<Scan> {
                 Err(rustix::io::Errno::NOENT) => continue,
                 Err(e) => return Err(e.into()),
             };
-            match FileType::from_raw_mode(st.st_mode) {
-                // Hard links: the first name found counts the inode.
-                FileType::RegularFile if seen.insert(st.st_ino) => {
-                    let size = u64::try_from(st.st_size).unwrap_or(0);
-                    out.usage.add_file(size);
-                    out.files.push(ScannedFile {
-                        ino: st.st_ino,
-                        size,
-                    });
+            visit(&dir_path, bytes, &st);
+            // Another filesystem mounted inside the instance is not the cache's.
+            if FileType::from_raw_mode(st.st_mode) == FileType::Directory && st.st_dev == root_dev {
+                let mut path = dir_path.clone();
+                if !path.is_empty() {
+                    path.push(b'/');
                 }
-                // Another filesystem mounted inside the instance is not the cache's.
-                FileType::Directory if st.st_dev == root_dev => {
-                    pending.push((dir_fd.clone(), CString::from(name)));
-                }
-                _ => {}
+                path.extend_from_slice(bytes);
+                pending.push((dir_fd.clone(), CString::from(name), path));
             }
         }
     }
-    Ok(out)
+    Ok(root_st)
 }
 
 #[cfg(test)]

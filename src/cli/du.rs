@@ -840,6 +840,9 @@ mod tests {
             hits: 0,
             misses: 0,
             max_size: None,
+            driver: crate::store::Driver::Fuse,
+            rescan_pending: false,
+            rescanned_ms: None,
         }
     }
 

@@ -652,6 +652,9 @@ mod tests {
             hits: 0,
             misses: 0,
             max_size: Some(1 << 20),
+            driver: crate::store::Driver::Fuse,
+            rescan_pending: false,
+            rescanned_ms: None,
         }
     }
 

@@ -12,7 +12,7 @@ use rusqlite::{Connection, OpenFlags, Transaction, TransactionBehavior};
 use super::error::{StoreError, db_error};
 
 /// The newest schema this build reads and writes.
-pub const SCHEMA_VERSION: i64 = 5;
+pub const SCHEMA_VERSION: i64 = 6;
 
 /// How long a statement waits for another process's write lock before failing.
 pub(crate) const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -183,6 +183,7 @@ fn step(tx: &Transaction<'_>, version: i64) -> rusqlite::Result<()> {
         2 => tx.execute_batch(V3),
         3 => tx.execute_batch(V4),
         4 => tx.execute_batch(V5),
+        5 => tx.execute_batch(V6),
         // `migrate` never calls past the newest version.
         _ => Ok(()),
     }
@@ -346,6 +347,17 @@ CREATE TABLE remote_blobs (
     seen       INTEGER NOT NULL,
     PRIMARY KEY (registry, digest, repository)
 ) WITHOUT ROWID;
+";
+
+/// Schema 6: the bind driver. Per cache: the driver later mounts use unless a spec names one
+/// (`driver`: NULL is fuse). Per instance: `rescan_pending` (a bind mount changed it since its
+/// last release-time rescan: the last holder to leave, or the next mount after a crash,
+/// rescans it) and when the last such rescan was (`rescanned`, unix ms), the time bind-driver
+/// figures are as of.
+const V6: &str = "
+ALTER TABLE caches ADD COLUMN driver TEXT CHECK (driver IN ('fuse', 'bind'));
+ALTER TABLE instances ADD COLUMN rescan_pending INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE instances ADD COLUMN rescanned INTEGER;
 ";
 
 #[cfg(test)]

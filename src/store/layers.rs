@@ -424,40 +424,7 @@ impl Store {
         let tx = conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
             .map_err(err)?;
-        let complete: Option<bool> = tx
-            .query_row(
-                "SELECT log_complete FROM snapshots WHERE cache_id = ?1 AND instance = ?2",
-                params![id.as_str(), number],
-                |r| r.get(0),
-            )
-            .optional()
-            .map_err(err)?;
-        if complete != Some(true) {
-            return Ok(());
-        }
-        if lost {
-            tx.execute(
-                "UPDATE snapshots SET log_complete = 0 WHERE cache_id = ?1 AND instance = ?2",
-                params![id.as_str(), number],
-            )
-            .map_err(err)?;
-            tx.execute(
-                "DELETE FROM changes WHERE cache_id = ?1 AND instance = ?2",
-                params![id.as_str(), number],
-            )
-            .map_err(err)?;
-        } else {
-            let mut put = tx
-                .prepare_cached(
-                    "INSERT INTO changes (cache_id, instance, path, subtree) VALUES (?1, ?2, ?3, ?4)
-                     ON CONFLICT (cache_id, instance, path) DO UPDATE SET subtree = max(subtree, excluded.subtree)",
-                )
-                .map_err(err)?;
-            for (path, subtree) in dirs {
-                put.execute(params![id.as_str(), number, path, subtree])
-                    .map_err(err)?;
-            }
-        }
+        record_changes_in(&tx, id, number, dirs, lost).map_err(err)?;
         tx.commit().map_err(err)
     }
 
@@ -589,6 +556,45 @@ impl Store {
             hashed_stat(size, mtime_ns, ctime_ns, ino, &hash)
         }))
     }
+}
+
+/// [`Store::record_changes`] inside the caller's transaction.
+pub(super) fn record_changes_in(
+    tx: &rusqlite::Transaction<'_>,
+    id: &CacheId,
+    number: u32,
+    dirs: &[(Vec<u8>, bool)],
+    lost: bool,
+) -> rusqlite::Result<()> {
+    let complete: Option<bool> = tx
+        .query_row(
+            "SELECT log_complete FROM snapshots WHERE cache_id = ?1 AND instance = ?2",
+            params![id.as_str(), number],
+            |r| r.get(0),
+        )
+        .optional()?;
+    if complete != Some(true) {
+        return Ok(());
+    }
+    if lost {
+        tx.execute(
+            "UPDATE snapshots SET log_complete = 0 WHERE cache_id = ?1 AND instance = ?2",
+            params![id.as_str(), number],
+        )?;
+        tx.execute(
+            "DELETE FROM changes WHERE cache_id = ?1 AND instance = ?2",
+            params![id.as_str(), number],
+        )?;
+    } else {
+        let mut put = tx.prepare_cached(
+            "INSERT INTO changes (cache_id, instance, path, subtree) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (cache_id, instance, path) DO UPDATE SET subtree = max(subtree, excluded.subtree)",
+        )?;
+        for (path, subtree) in dirs {
+            put.execute(params![id.as_str(), number, path, subtree])?;
+        }
+    }
+    Ok(())
 }
 
 fn set_snapshot_in(

@@ -21,6 +21,7 @@
 //! symlink ([`walk`]).
 
 mod db;
+mod driver;
 mod error;
 mod id;
 mod layers;
@@ -44,11 +45,12 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use rustix::fs::{AtFlags, Mode, OFlags};
 
 pub use db::SCHEMA_VERSION;
+pub use driver::Driver;
 pub use error::StoreError;
 pub use id::{CacheId, IdError, MAX_ID_BYTES};
 pub use layers::{ChangeLog, HashCacheDelta, HashedStat, LayerRecord, NewLayer, check_tag};
 pub use leases::{LeaseRow, LeaseState, NewLease};
-pub use usage::{CounterDelta, FileUpdate, InstanceUsage, SizeState};
+pub use usage::{CounterDelta, FileUpdate, InstanceUsage, RescannedFile, SizeState};
 
 use error::{db_error, io_error};
 

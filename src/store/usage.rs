@@ -9,6 +9,7 @@
 use rusqlite::{OptionalExtension, params};
 use serde::Serialize;
 
+use super::Driver;
 use super::error::db_error;
 use super::{CacheId, Store, StoreError};
 use crate::accounting::{Scan, Usage, disk_bytes};
@@ -66,6 +67,26 @@ pub struct InstanceUsage {
     pub misses: u64,
     /// The cache's budget in disk bytes.
     pub max_size: Option<u64>,
+    /// The cache's stored driver (the default of its mounts).
+    #[serde(serialize_with = "serialize_driver")]
+    pub driver: Driver,
+    /// A bind mount changed the instance since its last release-time rescan.
+    pub rescan_pending: bool,
+    /// When the last release-time rescan was, unix ms: what bind-driver figures are as of.
+    pub rescanned_ms: Option<i64>,
+}
+
+fn serialize_driver<S: serde::Serializer>(d: &Driver, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(d.as_str())
+}
+
+/// One regular file as a release-time rescan found it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RescannedFile {
+    pub ino: u64,
+    pub size: u64,
+    /// Its last use by the file's own clock (atime under strictatime, or ctime when later), ms.
+    pub used_ms: i64,
 }
 
 fn to_i64(v: u64) -> i64 {
@@ -344,6 +365,145 @@ impl Store {
         Ok(forget_cache)
     }
 
+    /// The driver stored with cache `id` (`None`: no such cache yet).
+    pub fn cache_driver(&self, id: &CacheId) -> Result<Option<Driver>, StoreError> {
+        let err = |e| db_error(&self.db_path, &self.root, e);
+        let row: Option<Option<String>> = self
+            .conn
+            .lock()
+            .query_row(
+                "SELECT driver FROM caches WHERE id = ?1",
+                [id.as_str()],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(err)?;
+        Ok(row.map(|d| driver_of(d.as_deref())))
+    }
+
+    /// Stores `driver` as cache `id`'s default. Returns whether the cache exists.
+    pub fn set_driver(&self, id: &CacheId, driver: Driver) -> Result<bool, StoreError> {
+        let err = |e| db_error(&self.db_path, &self.root, e);
+        let n = self
+            .conn
+            .lock()
+            .execute(
+                "UPDATE caches SET driver = ?2 WHERE id = ?1",
+                params![id.as_str(), driver.as_str()],
+            )
+            .map_err(err)?;
+        Ok(n > 0)
+    }
+
+    /// Marks an instance as changed by a bind mount since its last release-time rescan.
+    pub fn set_rescan_pending(&self, id: &CacheId, number: u32) -> Result<(), StoreError> {
+        let err = |e| db_error(&self.db_path, &self.root, e);
+        self.conn
+            .lock()
+            .execute(
+                "UPDATE instances SET rescan_pending = 1 WHERE cache_id = ?1 AND number = ?2",
+                params![id.as_str(), number],
+            )
+            .map_err(err)?;
+        Ok(())
+    }
+
+    /// The recorded size and last use (ms) of every live file of an instance, by inode: what
+    /// a release-time rescan compares its walk with.
+    pub fn file_records(
+        &self,
+        id: &CacheId,
+        number: u32,
+    ) -> Result<std::collections::HashMap<u64, (u64, i64)>, StoreError> {
+        let err = |e| db_error(&self.db_path, &self.root, e);
+        let conn = self.conn.lock();
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT ino, size, last_use FROM files
+                 WHERE cache_id = ?1 AND instance = ?2 AND size IS NOT NULL",
+            )
+            .map_err(err)?;
+        let rows = stmt
+            .query_map(params![id.as_str(), number], |r| {
+                Ok((to_u64(r.get(0)?), (to_u64(r.get(1)?), r.get::<_, i64>(2)?)))
+            })
+            .map_err(err)?;
+        rows.collect::<Result<_, _>>().map_err(err)
+    }
+
+    /// Records a release-time rescan of an instance, in one transaction: `changed` are the
+    /// files whose row is new or differs (size, or a later use), `removed` the inodes recorded
+    /// but no longer found; the counters become `usage` (exact), the change log gains `dirs`,
+    /// and the instance is no longer pending a rescan.
+    #[allow(clippy::too_many_arguments)]
+    pub fn apply_rescan(
+        &self,
+        id: &CacheId,
+        number: u32,
+        usage: Usage,
+        changed: &[RescannedFile],
+        removed: &[u64],
+        dirs: &[(Vec<u8>, bool)],
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        let err = |e| db_error(&self.db_path, &self.root, e);
+        {
+            let mut conn = self.conn.lock();
+            let tx = conn
+                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+                .map_err(err)?;
+            let seen_ns = now_ms.saturating_mul(1_000_000);
+            {
+                let mut put = tx
+                    .prepare_cached(
+                        "INSERT INTO files (cache_id, instance, ino, size, seen, last_use)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                         ON CONFLICT (cache_id, instance, ino) DO UPDATE SET
+                            size = excluded.size, seen = excluded.seen,
+                            last_use = max(last_use, excluded.last_use)",
+                    )
+                    .map_err(err)?;
+                for f in changed {
+                    put.execute(params![
+                        id.as_str(),
+                        number,
+                        to_i64(f.ino),
+                        to_i64(f.size),
+                        seen_ns,
+                        f.used_ms
+                    ])
+                    .map_err(err)?;
+                }
+                let mut del = tx
+                    .prepare_cached(
+                        "DELETE FROM files WHERE cache_id = ?1 AND instance = ?2 AND ino = ?3",
+                    )
+                    .map_err(err)?;
+                for ino in removed {
+                    del.execute(params![id.as_str(), number, to_i64(*ino)])
+                        .map_err(err)?;
+                }
+            }
+            tx.execute(
+                "UPDATE instances SET size_bytes = ?3, disk_bytes = ?4, files = ?5, counted = 1,
+                    rescan_pending = 0, rescanned = ?6
+                 WHERE cache_id = ?1 AND number = ?2",
+                params![
+                    id.as_str(),
+                    number,
+                    to_i64(usage.size_bytes),
+                    to_i64(usage.disk_bytes),
+                    to_i64(usage.files),
+                    now_ms
+                ],
+            )
+            .map_err(err)?;
+            super::layers::record_changes_in(&tx, id, number, dirs, false).map_err(err)?;
+            tx.commit().map_err(err)?;
+        }
+        Ok(())
+    }
+
     /// Marks an instance as being counted into by a mount (`true`) or left clean (`false`).
     pub fn set_usage_dirty(
         &self,
@@ -448,7 +608,7 @@ impl Store {
 
 const USAGE_SELECT: &str = "SELECT i.cache_id, i.number, i.size_bytes, i.disk_bytes, i.files,
         i.counted, i.dirty, i.created, i.last_used, i.evictions, i.evicted_bytes, i.hits,
-        i.misses, c.max_size
+        i.misses, c.max_size, c.driver, i.rescan_pending, i.rescanned
     FROM instances i JOIN caches c ON c.id = i.cache_id";
 
 fn usage_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<InstanceUsage> {
@@ -469,7 +629,15 @@ fn usage_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<InstanceUsage> {
         hits: to_u64(r.get(11)?),
         misses: to_u64(r.get(12)?),
         max_size: r.get::<_, Option<i64>>(13)?.map(to_u64),
+        driver: driver_of(r.get::<_, Option<String>>(14)?.as_deref()),
+        rescan_pending: r.get(15)?,
+        rescanned_ms: r.get(16)?,
     })
+}
+
+/// A stored driver; NULL (and anything unknown, which the schema's CHECK rules out) is fuse.
+fn driver_of(s: Option<&str>) -> Driver {
+    s.and_then(|s| s.parse().ok()).unwrap_or_default()
 }
 
 fn instance_usage_in(
