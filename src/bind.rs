@@ -160,7 +160,15 @@ impl BindMount {
 
     /// Whether this mount is still the one at its target in this namespace.
     pub fn is_mounted(&self) -> bool {
-        mount_id(&self.target) == Some(self.mnt_id)
+        self.watch().is_mounted()
+    }
+
+    /// A handle another thread can wait on for the mount to be unmounted from outside.
+    pub fn watch(&self) -> MountWatch {
+        MountWatch {
+            target: self.target.clone(),
+            mnt_id: self.mnt_id,
+        }
     }
 
     /// Unmounts it. `lazy` detaches it even while processes use it (they keep what they
@@ -183,6 +191,20 @@ impl BindMount {
                 err: e.into(),
             }),
         }
+    }
+}
+
+/// Which mount is at a target, to notice it going away.
+#[derive(Debug, Clone)]
+pub struct MountWatch {
+    target: PathBuf,
+    mnt_id: u64,
+}
+
+impl MountWatch {
+    /// Whether the mount is still the one at its target in this namespace.
+    pub fn is_mounted(&self) -> bool {
+        mount_id(&self.target) == Some(self.mnt_id)
     }
 
     /// Waits until the mount is no longer at its target (unmounted from outside), up to
@@ -213,6 +235,15 @@ impl BindMount {
                 }
                 None => std::thread::sleep(wait),
             }
+        }
+    }
+}
+
+impl Drop for BindMount {
+    /// A bind mount is never left behind by an error path: unmounted, or detached if busy.
+    fn drop(&mut self) {
+        if self.unmount(false).is_err() {
+            let _ = self.unmount(true);
         }
     }
 }

@@ -19,7 +19,7 @@ pub use live::{Accountant, Changes, Resolver, now_ns};
 pub use rescan::{RescanError, RescanReport, rescan_at_release};
 pub use session::{
     Counted, EvictError, FLUSH_EVERY, Flusher, PrepareError, TRIM_TO_PERCENT, enforce_budget,
-    flush, prepare, record_eviction,
+    flush, prepare, record_eviction, settle_bind_changes,
 };
 
 use std::collections::HashSet;

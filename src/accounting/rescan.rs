@@ -99,10 +99,8 @@ pub fn rescan_at_release(
         }
         child.extend_from_slice(name);
         match kind {
-            FileType::RegularFile => {
-                if hashed.get(&child).is_none_or(|h| !same_key(h, st, false)) {
-                    dirs.entry(dir.to_vec()).or_insert(false);
-                }
+            FileType::RegularFile if hashed.get(&child).is_none_or(|h| !same_key(h, st, false)) => {
+                dirs.entry(dir.to_vec()).or_insert(false);
             }
             FileType::Directory => match dir_keys.get(&child) {
                 None => {

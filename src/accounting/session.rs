@@ -44,11 +44,19 @@ const FINAL_EVICT_BATCH: usize = 1 << 16;
 /// this mount does not have open) until it is at [`TRIM_TO_PERCENT`] of it. Returns the
 /// number of files evicted.
 pub fn enforce_budget(store: &Store, m: &Counted) -> Result<usize, EvictError> {
-    enforce(store, m, 4, EVICT_BATCH)
+    enforce(store, m, 4, EVICT_BATCH, true)
 }
 
-/// [`enforce_budget`] with at most `rounds` rounds of `batch` files each.
-fn enforce(store: &Store, m: &Counted, rounds: usize, batch: usize) -> Result<usize, EvictError> {
+/// [`enforce_budget`] with at most `rounds` rounds of `batch` files each. `drop_log`: the
+/// change log is dropped when files are evicted (the caller does not find the changed
+/// directories itself).
+fn enforce(
+    store: &Store,
+    m: &Counted,
+    rounds: usize,
+    batch: usize,
+    drop_log: bool,
+) -> Result<usize, EvictError> {
     let Some(evictor) = &m.evictor else {
         return Ok(0);
     };
@@ -85,7 +93,7 @@ fn enforce(store: &Store, m: &Counted, rounds: usize, batch: usize) -> Result<us
             return Ok(total);
         }
         let outcome = evictor.evict(&victims).map_err(EvictError::Io)?;
-        let counters = record_eviction(store, &m.id, m.number, &victims, &outcome)?;
+        let counters = record_eviction(store, &m.id, m.number, &victims, &outcome, drop_log)?;
         tracing::info!(
             id = %m.id,
             instance = m.number,
@@ -101,13 +109,16 @@ fn enforce(store: &Store, m: &Counted, rounds: usize, batch: usize) -> Result<us
 }
 
 /// Records an eviction pass over `victims`: what it evicted, and victims it did not find at
-/// all (removed behind cachefs's back), are gone; evictions are counted. Returns the counters.
+/// all (removed behind cachefs's back), are gone; evictions are counted. Unless `drop_log` is
+/// false (the caller rescans for the changed directories), an eviction makes the change log
+/// incomplete. Returns the counters.
 pub fn record_eviction(
     store: &Store,
     id: &CacheId,
     number: u32,
     victims: &std::collections::HashSet<u64>,
     outcome: &crate::fs::EvictOutcome,
+    drop_log: bool,
 ) -> Result<crate::store::CounterDelta, StoreError> {
     let seen = super::now_ns();
     let gone = outcome.evicted.iter().map(|e| e.ino).chain(
@@ -134,7 +145,7 @@ pub fn record_eviction(
         ..Default::default()
     };
     store.apply_usage(id, number, &updates, counters)?;
-    if !outcome.evicted.is_empty() {
+    if drop_log && !outcome.evicted.is_empty() {
         // Evictions remove files behind the mount's back: its change log did not see them.
         store.invalidate_change_log(id, number)?;
     }
@@ -150,22 +161,42 @@ pub enum EvictError {
 }
 
 /// Makes the counters of an instance trustworthy before a mount counts into it, and marks
-/// it dirty. `alone`: no other live lease holds the instance (so nobody else is counting
-/// into it and a rescan sees a still tree). Returns whether a rescan was done.
+/// it dirty (and, for a bind mount, pending its release-time rescan). `alone`: no other live
+/// lease holds the instance (so nobody else is counting into it and a rescan sees a still
+/// tree). Returns whether a rescan was done.
+///
+/// An instance a bind mount changed and nobody rescanned (its holder was killed, or left
+/// while others held it) is rescanned the way a release would have: its change list is
+/// found against the hash cache, so the change log stays complete. Otherwise an instance left
+/// dirty by a FUSE mount that stopped uncleanly is counted again, and its change log, which
+/// may have lost what that mount had not flushed, is dropped.
 pub fn prepare(
     store: &Store,
     id: &CacheId,
     number: u32,
     path: &Path,
     alone: bool,
+    bind: bool,
 ) -> Result<bool, PrepareError> {
     let recorded = store
         .instance_usages(Some(id))?
         .into_iter()
         .find(|u| u.number == number);
-    let needs_scan = recorded.is_none_or(|u| !u.counted || u.dirty);
+    let needs_scan = recorded.as_ref().is_none_or(|u| !u.counted || u.dirty);
+    let rescan_pending = recorded.as_ref().is_some_and(|u| u.rescan_pending);
     let mut scanned = false;
-    if needs_scan && alone {
+    if alone && rescan_pending {
+        let report = super::rescan_at_release(store, id, number, path)?;
+        tracing::info!(
+            id = %id,
+            instance = number,
+            files = report.usage.files,
+            changed_dirs = report.changed_dirs,
+            ms = report.ms,
+            "rescanned the instance a bind mount changed (its holder did not)"
+        );
+        scanned = true;
+    } else if needs_scan && alone {
         let started = Instant::now();
         let scan = super::scan(path).map_err(|err| PrepareError::Scan {
             path: path.to_path_buf(),
@@ -184,13 +215,73 @@ pub fn prepare(
         scanned = true;
     }
     store.set_usage_dirty(id, number, true)?;
+    if bind {
+        store.set_rescan_pending(id, number)?;
+    }
     Ok(scanned)
+}
+
+/// After the last holder of an instance left: if a bind mount changed it since its last
+/// rescan, rescans it (counters, last uses, change list), trims it to its budget (least
+/// recently used first, by the rescan's clock) and marks it clean. Returns the rescan's
+/// report, `None` when no bind mount changed it.
+pub fn settle_bind_changes(
+    store: &Store,
+    id: &CacheId,
+    number: u32,
+    path: &Path,
+) -> Result<Option<super::RescanReport>, PrepareError> {
+    let pending = store
+        .instance_usages(Some(id))?
+        .into_iter()
+        .any(|u| u.number == number && u.rescan_pending);
+    if !pending {
+        return Ok(None);
+    }
+    let report = super::rescan_at_release(store, id, number, path)?;
+    tracing::info!(
+        id = %id,
+        instance = number,
+        files = report.usage.files,
+        disk_bytes = report.usage.disk_bytes,
+        changed_files = report.changed_files,
+        removed_files = report.removed_files,
+        changed_dirs = report.changed_dirs,
+        ms = report.ms,
+        "rescanned the instance at release"
+    );
+    let evictor = crate::fs::Evictor::for_directory(path).map_err(|err| PrepareError::Scan {
+        path: path.to_path_buf(),
+        err,
+    })?;
+    let m = Counted {
+        id: id.clone(),
+        number,
+        accountant: Arc::new(Accountant::new()),
+        evictor: Some(evictor),
+    };
+    let evicted =
+        enforce(store, &m, usize::MAX, FINAL_EVICT_BATCH, false).map_err(|e| match e {
+            EvictError::Store(e) => PrepareError::Store(e),
+            EvictError::Io(err) => PrepareError::Scan {
+                path: path.to_path_buf(),
+                err,
+            },
+        })?;
+    if evicted > 0 {
+        // The eviction changed directories: find them again, so the change log stays whole.
+        super::rescan_at_release(store, id, number, path)?;
+    }
+    store.set_usage_dirty(id, number, false)?;
+    Ok(Some(report))
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum PrepareError {
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Rescan(#[from] super::RescanError),
     // `err`, not `source`: said once, not again as the next link of the chain.
     #[error("cannot count {}: {err}", path.display())]
     Scan { path: PathBuf, err: std::io::Error },
@@ -279,7 +370,7 @@ impl Flusher {
                     evictor: Some(evictor.detached()),
                     ..m.clone()
                 };
-                if let Err(e) = enforce(store, &last, usize::MAX, FINAL_EVICT_BATCH) {
+                if let Err(e) = enforce(store, &last, usize::MAX, FINAL_EVICT_BATCH, true) {
                     tracing::warn!(id = %m.id, error = %e, "cannot bring the cache within its budget");
                 }
             }

@@ -298,6 +298,15 @@ pub(crate) fn parse_duration_arg(s: &str) -> Result<std::time::Duration, String>
     crate::units::parse_duration(s).map_err(|e| e.to_string())
 }
 
+pub(crate) fn parse_driver_arg(s: &str) -> Result<crate::spec::Driver, String> {
+    s.parse().map_err(|()| {
+        format!(
+            "invalid driver '{}': expected fuse or bind",
+            crate::units::Shown(s)
+        )
+    })
+}
+
 /// clap's error as one line: its first line without the `error: ` prefix, plus where to
 /// look.
 fn clap_error_line(err: &clap::Error) -> String {

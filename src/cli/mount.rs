@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use anyhow::{Context, anyhow};
 
-use super::mounts::{self, LeaseDefaults};
+use super::mounts::{self, LeaseDefaults, Served};
 use super::signals::{Inherited, Started, Supervisor};
 use super::{Global, exit_code_of_status, print_error, print_warning, usage};
 use crate::fs;
@@ -108,6 +108,11 @@ pub struct Args {
     #[arg(long)]
     pub no_passthrough: bool,
 
+    /// fuse (live accounting) or bind (native speed, counted at release; root only), as
+    /// driver= in a spec, which wins; stored with the cache [default: the cache's, else fuse]
+    #[arg(long, value_name = "DRIVER", value_parser = super::parse_driver_arg)]
+    pub driver: Option<crate::spec::Driver>,
+
     /// Serve in this process until unmounted or signalled (for systemd and supervisors)
     #[arg(long)]
     pub foreground: bool,
@@ -135,10 +140,14 @@ const READY: &[u8] = b"ready\n";
 pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
     let cwd = std::env::current_dir()
         .map_err(|e| usage(anyhow!("cannot determine the current directory: {e}")))?;
-    let spec = spec_of(&args)?;
+    let mut spec = spec_of(&args)?;
+    spec.driver = spec.driver.or(args.driver);
     let target = mounts::absolute(&spec.target, &cwd);
-    fs::check_fuse_device().map_err(usage)?;
     let mut plan = mounts::plan(vec![(spec, target)])?;
+    if mounts::may_use_fuse(&plan) {
+        fs::check_fuse_device().map_err(usage)?;
+    }
+    mounts::check_bind_allowed(&plan)?;
     args.remote.apply(&mut plan)?;
     super::remote_cache::check(&plan)?;
     let shown = args
@@ -301,6 +310,7 @@ fn serve(
     let supervisor = Supervisor::start().context("cannot set up signal handling")?;
     let root = Store::resolve_root(global.store.as_deref())?;
     let store = Store::open(&root)?;
+    mounts::resolve_drivers(&store, &mut plan)?;
     mounts::precheck_targets(&store, &plan)?;
     let defaults = LeaseDefaults {
         lock_timeout: args.lock_timeout,
@@ -354,15 +364,26 @@ fn serve(
         drop(pipe);
         detach_stderr(args.log_file.as_deref());
     }
-    // An unmount from outside ends the session: a watcher turns that into a SIGTERM to this
-    // process, so one wait covers both ways to stop.
+    // An unmount from outside ends the session (FUSE) or takes the bind mount away: a
+    // watcher turns that into a SIGTERM to this process, so one wait covers both ways to stop.
     let unmounted = Arc::new(AtomicBool::new(false));
     for l in &live {
-        let (watch, unmounted) = (l.fs.end_watch(), unmounted.clone());
+        let watch = match &l.served {
+            Served::Fuse(fs) => {
+                let w = fs.end_watch();
+                Box::new(move || while !w.wait(Duration::from_secs(3600)) {})
+                    as Box<dyn FnOnce() + Send>
+            }
+            Served::Bind(b) => {
+                let w = b.watch();
+                Box::new(move || while !w.wait_unmounted(Duration::from_secs(3600)) {})
+            }
+        };
+        let unmounted = unmounted.clone();
         let spawned = std::thread::Builder::new()
             .name("cachefs-end-watch".into())
             .spawn(move || {
-                while !watch.wait(Duration::from_secs(3600)) {}
+                watch();
                 unmounted.store(true, Ordering::Release);
                 // SAFETY: kill(2) to our own pid; the signal thread takes it.
                 unsafe { libc::kill(libc::getpid(), libc::SIGTERM) };
@@ -380,6 +401,17 @@ fn serve(
     };
     if unmounted.load(Ordering::Acquire) {
         tracing::info!("unmounted from outside; stopping");
+        // A bind mount detached while in use (umount --lazy) still reaches the instance
+        // through its users: the lease is kept until the last lets go (or another signal).
+        for l in &live {
+            if let Served::Bind(b) = &l.served
+                && !mounts::wait_until_unused(b.mnt_id(), Duration::ZERO, &|| false)
+            {
+                tracing::info!(target = %l.target.display(), "detached while in use; keeping the lease until its users let go");
+                let stop = || supervisor.wait_signal(Duration::from_millis(1)).is_some();
+                mounts::wait_until_unused(b.mnt_id(), Duration::MAX, &stop);
+            }
+        }
     } else {
         tracing::info!(signal = %sig, "stopping");
     }

@@ -16,9 +16,10 @@ use anyhow::{Context, anyhow};
 use super::signals::Inherited;
 use super::{busy, print_warning, usage};
 use crate::accounting::{Accountant, Counted, Flusher};
+use crate::bind::BindMount;
 use crate::fs::{self, FsOptions, MountedFs};
 use crate::lease::{self, Lease, LeaseError, LeaseRequest, WaitControl, WaitReport};
-use crate::spec::{MountSpec, Sharing};
+use crate::spec::{Driver, MountSpec, Sharing};
 use crate::store::{CacheId, Instance, InstanceInit, Store};
 
 /// Entry and attribute timeout of mounts under an exclusive (locked, private) lease.
@@ -33,6 +34,8 @@ pub(crate) struct Planned {
     pub spec: MountSpec,
     /// Absolute, as returned by `fs::check_target_path`.
     pub target: PathBuf,
+    /// The spec's driver, else the cache's stored one (see [`resolve_drivers`]), else fuse.
+    pub driver: Driver,
 }
 
 /// Lease settings that apply to every mount of one command.
@@ -44,9 +47,15 @@ pub(crate) struct LeaseDefaults {
     pub max_instances: u32,
 }
 
+/// How a live mount is served.
+pub(crate) enum Served {
+    Fuse(MountedFs),
+    Bind(BindMount),
+}
+
 /// A mount that is up, with the instance it serves.
 pub(crate) struct Live {
-    pub fs: MountedFs,
+    pub served: Served,
     pub instance: Instance,
     pub target: PathBuf,
     /// The kernel's id of the mount, to name the processes that keep it busy.
@@ -70,12 +79,51 @@ pub(crate) fn plan(specs: Vec<(MountSpec, PathBuf)>) -> anyhow::Result<Vec<Plann
     let mut plan = Vec::with_capacity(specs.len());
     for (spec, target) in specs {
         let target = fs::check_target_path(&target).map_err(usage)?;
-        plan.push(Planned { spec, target });
+        let driver = spec.driver.unwrap_or_default();
+        plan.push(Planned {
+            spec,
+            target,
+            driver,
+        });
     }
     reject_duplicates(&plan)?;
     reject_self_deadlock(&plan)?;
     plan.sort_by_key(|p| p.target.components().count());
     Ok(plan)
+}
+
+/// Whether any planned mount may be served by FUSE (its spec does not say driver=bind), so
+/// /dev/fuse is needed.
+pub(crate) fn may_use_fuse(plan: &[Planned]) -> bool {
+    plan.iter().any(|p| p.spec.driver != Some(Driver::Bind))
+}
+
+/// Refuses driver=bind without root, before anything is touched.
+pub(crate) fn check_bind_allowed(plan: &[Planned]) -> anyhow::Result<()> {
+    if let Some(p) = plan.iter().find(|p| p.driver == Driver::Bind)
+        && !rustix::process::geteuid().is_root()
+    {
+        return Err(usage(anyhow!(
+            "cache {:?}: {}",
+            p.spec.id.as_str(),
+            crate::bind::BindError::NotPermitted
+        )));
+    }
+    Ok(())
+}
+
+/// Gives each mount whose spec names no driver the one stored with its cache (fuse when
+/// none is), and refuses driver=bind without root.
+pub(crate) fn resolve_drivers(store: &Store, plan: &mut [Planned]) -> anyhow::Result<()> {
+    for p in plan.iter_mut() {
+        if p.spec.driver.is_none() {
+            p.driver = store
+                .cache_driver(&p.spec.id)
+                .with_context(|| format!("cannot read cache {:?}", p.spec.id.as_str()))?
+                .unwrap_or_default();
+        }
+    }
+    check_bind_allowed(plan)
 }
 
 /// `path` made absolute against `cwd`, with `.` components and repeated slashes dropped.
@@ -136,29 +184,86 @@ fn reject_self_deadlock(plan: &[Planned]) -> anyhow::Result<()> {
 }
 
 /// Targets that are already mount points, before any lease is taken: a dead cachefs mount
-/// is cleared; a live one is refused at once unless it is this cache's own mount held under
-/// a lease this request will wait for (locked or private), which ends before ours begins.
+/// (or a bind mount left by a killed holder) is cleared; a live one is refused at once unless
+/// it is this cache's own mount held under a lease this request will wait for (locked or
+/// private), which ends before ours begins.
 pub(crate) fn precheck_targets(store: &Store, plan: &[Planned]) -> anyhow::Result<()> {
     for p in plan {
         let Some(entry) = fs::mount_at(&p.target).ok().flatten() else {
             continue;
         };
-        if clear_if_dead(&p.target)? {
+        if clear_if_dead(&p.target)? || clear_stale_bind(store, &p.target)? {
             continue;
         }
-        let waits_for_it = entry.is_cachefs()
-            && p.spec.sharing != Sharing::Shared
-            && lease::list(store, Some(&p.spec.id))
-                .map(|rows| {
-                    let t = p.target.to_string_lossy();
-                    rows.iter().any(|r| r.target.as_deref() == Some(&*t))
-                })
-                .unwrap_or(false);
+        let waits_for_it = p.spec.sharing != Sharing::Shared
+            && (entry.is_cachefs() || bound_instance(store, &p.target).is_some())
+            && held_at(store, &p.spec.id, &p.target);
         if !waits_for_it {
             return Err(usage(fs::FsError::TargetMounted(p.target.clone())));
         }
     }
     Ok(())
+}
+
+/// Whether a live lease of cache `id` (of any cache, if `None`) serves `target`.
+fn held_at(store: &Store, id: &CacheId, target: &Path) -> bool {
+    lease::list(store, Some(id))
+        .map(|rows| {
+            let t = target.to_string_lossy();
+            rows.iter().any(|r| r.target.as_deref() == Some(&*t))
+        })
+        .unwrap_or(false)
+}
+
+/// The cache instance whose directory is mounted at `target` (a bind mount of it), if any.
+pub(crate) fn bound_instance(store: &Store, target: &Path) -> Option<(CacheId, u32)> {
+    let key = |p: &Path| {
+        rustix::fs::statx(
+            rustix::fs::CWD,
+            p,
+            rustix::fs::AtFlags::STATX_DONT_SYNC | rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+            rustix::fs::StatxFlags::INO,
+        )
+        .ok()
+        .map(|s| (s.stx_dev_major, s.stx_dev_minor, s.stx_ino))
+    };
+    let at = key(target)?;
+    let caches = store.list_caches().ok()?;
+    caches.iter().find_map(|c| {
+        let i = c.instances.iter().find(|i| key(&i.path) == Some(at))?;
+        Some((CacheId::new(&c.id).ok()?, i.number))
+    })
+}
+
+/// Clears a bind mount of a cache instance at `target` that no live lease serves (its holder
+/// was killed: a bind mount, unlike a FUSE mount, stays usable after its server died), saying
+/// so. Returns whether there was one.
+pub(crate) fn clear_stale_bind(store: &Store, target: &Path) -> anyhow::Result<bool> {
+    let Some(entry) = fs::mount_at(target).ok().flatten() else {
+        return Ok(false);
+    };
+    if entry.is_cachefs() {
+        return Ok(false);
+    }
+    let Some((id, _)) = bound_instance(store, target) else {
+        return Ok(false);
+    };
+    if held_at(store, &id, &entry.mount_point) {
+        return Ok(false);
+    }
+    fs::unmount_path(&entry.mount_point, true).with_context(|| {
+        format!(
+            "cannot clear the stale bind mount of cache {:?} at {}",
+            id.as_str(),
+            entry.mount_point.display()
+        )
+    })?;
+    print_warning(format_args!(
+        "cleared a bind mount of cache {:?} at {} (its holder had died)",
+        id.as_str(),
+        entry.mount_point.display()
+    ));
+    Ok(true)
 }
 
 /// Clears a dead cachefs mount at `target`, saying so. Returns whether there was one.
@@ -319,8 +424,9 @@ fn held_by_others(store: &Store, id: &CacheId, number: u32, ours: &[i64]) -> boo
 }
 
 /// Gets every leased instance's counters right before it is mounted (a rescan after an
-/// unclean stop, when nobody else holds it) and marks it as being counted into. A
-/// `max-size=` in a spec becomes the cache's stored budget.
+/// unclean stop, when nobody else holds it) and marks it as being counted into (and, for the
+/// bind driver, as needing its release-time rescan). A `max-size=` or `driver=` in a spec
+/// becomes the cache's stored setting.
 pub(crate) fn prepare_counting(
     store: &Store,
     plan: &[Planned],
@@ -334,27 +440,57 @@ pub(crate) fn prepare_counting(
                 format!("cannot set the budget of cache {:?}", inst.id.as_str())
             })?;
         }
+        if let Some(driver) = planned.spec.driver {
+            store.set_driver(&inst.id, driver).with_context(|| {
+                format!("cannot set the driver of cache {:?}", inst.id.as_str())
+            })?;
+        }
         let alone = !held_by_others(store, &inst.id, inst.number, &ours);
-        crate::accounting::prepare(store, &inst.id, inst.number, &inst.path, alone)
-            .with_context(|| format!("cannot count cache {:?}", inst.id.as_str()))?;
+        crate::accounting::prepare(
+            store,
+            &inst.id,
+            inst.number,
+            &inst.path,
+            alone,
+            planned.driver == Driver::Bind,
+        )
+        .with_context(|| format!("cannot count cache {:?}", inst.id.as_str()))?;
     }
     Ok(())
 }
 
-/// Stops counting after the mounts are gone: the last flush, and a clean mark on instances
+/// Stops counting after the mounts are gone: the last flush of the FUSE mounts, the
+/// release-time rescan of instances a bind mount changed, and a clean mark, on instances
 /// nobody else holds.
 pub(crate) fn finish_counting(store: &Store, flusher: Flusher, leases: &[Lease<'_>]) {
     let ours: Vec<i64> = leases.iter().map(Lease::seq).collect();
-    if let Err(e) = flusher.finish(store, |id, n| held_by_others(store, id, n, &ours)) {
+    let still_held = |id: &CacheId, n: u32| held_by_others(store, id, n, &ours);
+    if let Err(e) = flusher.finish(store, still_held) {
         print_warning(format_args!(
             "cannot record the sizes of the caches: {e} (the next exclusive mount recounts them)"
         ));
     }
+    let mut done: Vec<(&CacheId, u32)> = Vec::new();
+    for lease in leases {
+        let inst = lease.instance();
+        if done.contains(&(&inst.id, inst.number)) || still_held(&inst.id, inst.number) {
+            continue;
+        }
+        done.push((&inst.id, inst.number));
+        if let Err(e) =
+            crate::accounting::settle_bind_changes(store, &inst.id, inst.number, &inst.path)
+        {
+            print_warning(format_args!(
+                "cannot count cache {:?} after its bind mount: {e} (the next mount recounts it)",
+                inst.id.as_str()
+            ));
+        }
+    }
 }
 
 /// Mounts each planned cache on the instance its lease grants, undoing the mounts done so
-/// far if one fails. The mounts count sizes and uses; the returned flusher writes them to
-/// the store until [`finish_counting`].
+/// far if one fails. FUSE mounts count sizes and uses; the returned flusher writes them to
+/// the store until [`finish_counting`]. Bind mounts are counted by the rescan there.
 pub(crate) fn mount_all(
     store: &Store,
     plan: &[Planned],
@@ -368,8 +504,10 @@ pub(crate) fn mount_all(
     // For measuring what accounting costs (scripts/bench-fs.sh): the same build without it.
     let counting = std::env::var_os("CACHEFS_NO_ACCOUNTING").is_none_or(|v| v.is_empty());
     for (planned, lease) in plan.iter().zip(leases) {
-        let accountant = counting.then(|| Arc::new(Accountant::new()));
+        let accountant =
+            (counting && planned.driver == Driver::Fuse).then(|| Arc::new(Accountant::new()));
         match mount_one(
+            store,
             planned,
             lease.instance().clone(),
             passthrough,
@@ -378,12 +516,12 @@ pub(crate) fn mount_all(
             accountant.clone(),
         ) {
             Ok(l) => {
-                if let Some(accountant) = accountant {
+                if let (Some(accountant), Served::Fuse(fs)) = (accountant, &l.served) {
                     counted.push(Counted {
                         id: lease.instance().id.clone(),
                         number: lease.instance().number,
                         accountant,
-                        evictor: Some(l.fs.evictor()),
+                        evictor: Some(fs.evictor()),
                     });
                 }
                 live.push(l);
@@ -398,6 +536,7 @@ pub(crate) fn mount_all(
 }
 
 fn mount_one(
+    store: &Store,
     planned: &Planned,
     instance: Instance,
     passthrough: bool,
@@ -410,6 +549,7 @@ fn mount_one(
     // The lease is ours now: a mount still here is dead (its holder was killed) or someone
     // else's.
     clear_if_dead(target)?;
+    clear_stale_bind(store, target)?;
     fs::check_target(target).map_err(usage)?;
     // A missing target is created, as Docker does; an existing one (checked above) is used
     // as is, its contents hidden while the cache is mounted over it. The mode is explicit
@@ -420,6 +560,26 @@ fn mount_one(
         .mode(inherited.dir_mode())
         .create(target)
         .with_context(|| format!("cannot create the target directory {}", target.display()))?;
+    if planned.driver == Driver::Bind {
+        let dir = crate::bind::open_instance(&instance.path)?;
+        let bound = crate::bind::bind(&instance.path, &dir, target, spec.read_only)
+            .with_context(|| format!("cannot mount cache {:?}", spec.id.as_str()))?;
+        tracing::info!(
+            id = spec.id.as_str(),
+            instance = instance.number,
+            created = instance.created,
+            target = %target.display(),
+            read_only = spec.read_only,
+            driver = "bind",
+            "mounted"
+        );
+        return Ok(Live {
+            mount_id: Some(bound.mnt_id()),
+            served: Served::Bind(bound),
+            instance,
+            target: target.clone(),
+        });
+    }
     let mut opts = FsOptions {
         passthrough,
         read_only: spec.read_only,
@@ -447,7 +607,7 @@ fn mount_one(
         "mounted"
     );
     Ok(Live {
-        fs,
+        served: Served::Fuse(fs),
         instance,
         target: target.clone(),
         mount_id: busy::mount_id(target),
@@ -469,12 +629,15 @@ pub(crate) fn unmount_all(live: Vec<Live>) -> Vec<Instance> {
     for l in live.into_iter().rev() {
         instances.push(l.instance);
         order.push((l.target.clone(), l.mount_id));
-        mounts.push((l.fs, l.target));
+        mounts.push((l.served, l.target));
     }
     let (tx, rx) = std::sync::mpsc::channel();
     let unmounter = move || {
-        for (fs, target) in mounts {
-            let result = fs.unmount();
+        for (served, target) in mounts {
+            let result = match served {
+                Served::Fuse(fs) => fs.unmount().map_err(|e| e.to_string()),
+                Served::Bind(b) => unmount_bind(&b, BIND_USERS_GRACE),
+            };
             // The receiver is gone only when cachefs stopped waiting: nothing left to tell.
             let _ = tx.send((target, result));
         }
@@ -522,6 +685,52 @@ pub(crate) fn unmount_all(live: Vec<Live>) -> Vec<Instance> {
         }
     }
     instances
+}
+
+/// How long the unmount of a busy bind mount waits for its users to let go (less than
+/// [`UNMOUNT_GRACE`], within which every unmount must report).
+const BIND_USERS_GRACE: Duration = Duration::from_secs(3);
+
+/// Unmounts a bind mount. A busy one is detached (a bind mount cannot be cut like a FUSE
+/// connection) and its users get `grace` to let go; one still using it then is named, since
+/// it keeps access to the instance after the lease ends.
+fn unmount_bind(b: &BindMount, grace: Duration) -> Result<(), String> {
+    match b.unmount(false) {
+        Ok(()) => return Ok(()),
+        Err(crate::bind::BindError::Unmount { err, .. })
+            if err.raw_os_error() == Some(libc::EBUSY) => {}
+        Err(e) => return Err(e.to_string()),
+    }
+    b.unmount(true).map_err(|e| e.to_string())?;
+    if wait_until_unused(b.mnt_id(), grace, &|| false) {
+        return Ok(());
+    }
+    let users = busy::users_of(b.mnt_id(), 5);
+    Err(format!(
+        "{} was detached while in use by {}: they can still reach the cache after its lease ends",
+        b.target().display(),
+        if users.is_empty() {
+            "processes".to_string()
+        } else {
+            users.join(", ")
+        }
+    ))
+}
+
+/// Waits until no process has a file, working directory or root on mount `mnt_id` (a bind
+/// mount detached while in use), up to `timeout` or until `stop()`; returns whether none has.
+pub(crate) fn wait_until_unused(mnt_id: u64, timeout: Duration, stop: &dyn Fn() -> bool) -> bool {
+    // No deadline for a timeout too long to add.
+    let deadline = Instant::now().checked_add(timeout);
+    loop {
+        if busy::users_of(mnt_id, 1).is_empty() {
+            return true;
+        }
+        if stop() || deadline.is_some_and(|d| Instant::now() >= d) {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// The mount's source name shown in /proc/mounts: `cachefs:<id>`, reduced to characters that
@@ -796,6 +1005,7 @@ mod tests {
         let p = |s: &str, t: &str| Planned {
             spec: spec(s),
             target: PathBuf::from(t),
+            driver: Driver::Fuse,
         };
         assert!(
             reject_self_deadlock(&[

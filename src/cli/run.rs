@@ -43,6 +43,11 @@ SPEC is Dockerfile's cache-mount syntax, comma-separated key=value pairs:
   cache-from=REF    seed an empty cache from a registry reference (missing: a warning)
   cache-to=REF      push the cache to a registry reference after CMD succeeded
   cache-to-when=W   always (default) or changed: push only if the tree differs from REF's
+  driver=D          fuse (default): a FUSE filesystem, counted live (sizes, budget, hits)
+                    bind: a bind mount of the cache directory, native speed, root only; sizes,
+                    last uses (atimes: the mount is strictatime), the budget and the change
+                    list of the next snapshot are taken by one rescan when the last holder
+                    leaves. Stored with the cache: later mounts use it unless told otherwise
 
 As root, the caches are mounted in a mount namespace of cachefs's own, as a container runtime
 does: they exist only for CMD and its processes, never in the caller's namespace (look inside
@@ -85,6 +90,12 @@ pub struct Args {
     #[arg(long)]
     pub no_passthrough: bool,
 
+    /// fuse (live accounting) or bind (native speed, counted at release; root only) for
+    /// every mount whose spec has no driver= (stored with the cache) [default: each cache's
+    /// stored driver, else fuse]
+    #[arg(long, value_name = "DRIVER", value_parser = super::parse_driver_arg)]
+    pub driver: Option<crate::spec::Driver>,
+
     /// Give up waiting for a busy cache after DUR (e.g. 30s, 5m) and exit 75 [default: wait]
     #[arg(long, value_name = "DUR", value_parser = super::parse_duration_arg, allow_hyphen_values = true)]
     pub lock_timeout: Option<Duration>,
@@ -116,9 +127,15 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
         .map_err(|e| usage(anyhow!("cannot determine the current directory: {e}")))?;
 
     // 1. Validation: nothing is created until all of this passes.
-    let specs = mounts::parse_specs(&args.mounts, &cwd)?;
-    fs::check_fuse_device().map_err(usage)?;
+    let mut specs = mounts::parse_specs(&args.mounts, &cwd)?;
+    for (spec, _) in &mut specs {
+        spec.driver = spec.driver.or(args.driver);
+    }
     let mut plan = mounts::plan(specs)?;
+    if mounts::may_use_fuse(&plan) {
+        fs::check_fuse_device().map_err(usage)?;
+    }
+    mounts::check_bind_allowed(&plan)?;
     args.remote.apply(&mut plan)?;
     super::remote_cache::check(&plan)?;
 
@@ -136,6 +153,7 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
     let root = Store::resolve_root(global.store.as_deref())?;
     // Store errors name the store and the fix themselves.
     let store = Store::open(&root)?;
+    mounts::resolve_drivers(&store, &mut plan)?;
     mounts::precheck_targets(&store, &plan)?;
     let defaults = LeaseDefaults {
         lock_timeout: args.lock_timeout,

@@ -66,12 +66,7 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
         return not_mounted_here(global, &args, &target);
     };
     if !entry.is_cachefs() {
-        return Err(usage(anyhow!(
-            "{} is not a cachefs mount (it is {} from {})",
-            target.display(),
-            entry.fstype,
-            entry.source
-        )));
+        return unmount_bind(global, &args, &entry);
     }
     let target = entry.mount_point.clone();
     if fs::is_dead_mount(&target) {
@@ -103,19 +98,7 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
         return force_end(&target, entry.dev, holder.as_ref(), args.timeout);
     }
     if let Err(e) = fs::unmount_path(&target, args.lazy) {
-        if e.raw_os_error() == Some(libc::EBUSY) {
-            let users = busy::users_of(entry.mount_id, 5);
-            let by = if users.is_empty() {
-                String::new()
-            } else {
-                format!(" by {}", users.join(", "))
-            };
-            return Err(anyhow!(
-                "{} is busy (in use{by}): stop those processes, or detach it with --lazy",
-                target.display()
-            ));
-        }
-        return Err(anyhow!("cannot unmount {}: {e}", target.display()));
+        return Err(busy_error(&target, entry.mount_id, e));
     }
     match holder {
         // Detached while in use, the server serves the remaining users until the last lets
@@ -139,6 +122,83 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
         }
         None => Ok(0),
     }
+}
+
+/// TARGET is not a FUSE cachefs mount: it may be a bind mount of a cache (driver=bind), served
+/// by a `cachefs mount` whose lease row names the target, or left by one that was killed (the
+/// instance directory is mounted there, and no lease serves it): cleared. Anything else is
+/// refused.
+fn unmount_bind(global: &Global, args: &Args, entry: &fs::MountEntry) -> anyhow::Result<i32> {
+    let target = &entry.mount_point;
+    let not_ours = || {
+        usage(anyhow!(
+            "{} is not a cachefs mount (it is {} from {})",
+            target.display(),
+            crate::text::one_line(&entry.fstype),
+            crate::text::one_line(&entry.source)
+        ))
+    };
+    let Some(holder) = holder_of(global, target) else {
+        let Some(store) = open_existing_store(global) else {
+            return Err(not_ours());
+        };
+        if mounts::clear_stale_bind(&store, target)? {
+            return Ok(0);
+        }
+        return Err(not_ours());
+    };
+    if holder.kind == "run" {
+        return Err(usage(anyhow!(
+            "{} belongs to `cachefs run` (pid {}, running {}); it is unmounted when that command ends",
+            target.display(),
+            holder.pid,
+            lease::one_line_command(&holder.command, 80)
+        )));
+    }
+    if args.force {
+        return Err(usage(anyhow!(
+            "{} is a bind mount (driver=bind): --force aborts FUSE connections and a bind mount has none; stop the processes that use it, or detach it with --lazy",
+            target.display()
+        )));
+    }
+    if let Err(e) = fs::unmount_path(target, args.lazy) {
+        return Err(busy_error(target, entry.mount_id, e));
+    }
+    if args.lazy && !wait_for_exit_quietly(holder.pid, Duration::from_millis(200)) {
+        print_warning(format_args!(
+            "{} is detached; its server (pid {}) keeps the lease until the last process using it lets go",
+            target.display(),
+            holder.pid
+        ));
+        return Ok(0);
+    }
+    if wait_for_exit_quietly(holder.pid, args.timeout) {
+        Ok(0)
+    } else {
+        Err(anyhow!(
+            "{} is unmounted, but its server (pid {}) still holds the lease after {}",
+            target.display(),
+            holder.pid,
+            crate::units::format_duration(args.timeout)
+        ))
+    }
+}
+
+/// Why an unmount failed, in one line; a busy mount names the processes using it.
+fn busy_error(target: &Path, mount_id: u64, e: std::io::Error) -> anyhow::Error {
+    if e.raw_os_error() == Some(libc::EBUSY) {
+        let users = busy::users_of(mount_id, 5);
+        let by = if users.is_empty() {
+            String::new()
+        } else {
+            format!(" by {}", users.join(", "))
+        };
+        return anyhow!(
+            "{} is busy (in use{by}): stop those processes, or detach it with --lazy",
+            target.display()
+        );
+    }
+    anyhow!("cannot unmount {}: {e}", target.display())
 }
 
 /// TARGET is not a mount in this namespace. It may still be a cache: a `cachefs run`'s (in
@@ -283,14 +343,18 @@ fn force_end(
     }
 }
 
-/// The live lease row of the mount at `target` in this store, if any.
-fn holder_of(global: &Global, target: &Path) -> Option<LeaseRow> {
+/// The store, if it exists (never created just to look into it).
+fn open_existing_store(global: &Global) -> Option<Store> {
     let root = Store::resolve_root(global.store.as_deref()).ok()?;
-    // Never create a store just to look into it.
     if !root.join(crate::store::DB_FILE).exists() {
         return None;
     }
-    let store = Store::open(&root).ok()?;
+    Store::open(&root).ok()
+}
+
+/// The live lease row of the mount at `target` in this store, if any.
+fn holder_of(global: &Global, target: &Path) -> Option<LeaseRow> {
+    let store = open_existing_store(global)?;
     let host = lease::this_host();
     let t = target.to_string_lossy();
     lease::list(&store, None)

@@ -525,7 +525,8 @@ fn evict_from_instance(
         path: path.clone(),
         err,
     })?;
-    let counters = crate::accounting::record_eviction(store, &cid, number, &victims, &outcome)?;
+    let counters =
+        crate::accounting::record_eviction(store, &cid, number, &victims, &outcome, true)?;
     drop(lease);
     Ok(Some(FileVictims {
         id: id.to_owned(),
