@@ -506,6 +506,9 @@ verify_tree() {
     [ "$n" = "$FILES" ] || die "$1: $n files in the tree, expected $FILES"
     # Directory sizes differ between filesystems views; only the file bytes must be there.
     [ "$bytes" -ge $(( TREE_BYTES * 9 / 10 )) ] || die "$1: tree has $bytes bytes, expected ~$TREE_BYTES"
+}
+verify_small() {
+    local n
     n=$(find "$DIR/small" -mindepth 1 | wc -l)
     [ "$n" = "$SMALL_ENTRIES" ] || die "$1: $n entries in the untar-small tree, expected $SMALL_ENTRIES"
 }
@@ -514,12 +517,15 @@ for config in $CONFIGS; do
     setup "$config"
     [ -n "${DIRS[$config]:-}" ] || continue    # left out (see setup)
     DIR=${DIRS[$config]}
-    # A first, untimed extract checks that the configuration works at all.
+    # A first, untimed extract checks that the configuration works at all (one tree at a
+    # time: passthrough_hp could not hold both).
     mkdir -p "$DIR/tree" "$DIR/small"
-    tar -C "$DIR/tree" -xf "$TARBALL"
-    tar -C "$DIR/small" -xf "$SMALL_TARBALL"
+    tar -C "$DIR/tree" -xf "$TARBALL" || die "$config: tar -xf of the tree failed"
     verify_tree "$config"
-    rm -rf "$DIR/tree" "$DIR/small"
+    rm -rf "$DIR/tree"
+    tar -C "$DIR/small" -xf "$SMALL_TARBALL" || die "$config: tar -xf of the small tree failed"
+    verify_small "$config"
+    rm -rf "$DIR/small"
     sync
 done
 [ -n "$CONFIGS" ] || die "no configuration left to measure"
@@ -593,7 +599,7 @@ if command -v hyperfine >/dev/null; then
 else
     log "run overhead: no hyperfine, timing $RUN_OVERHEAD_RUNS runs"
     for _ in $(seq 1 "$RUN_OVERHEAD_RUNS"); do
-        timed ovh true true
+        timed ovh true "$(type -P true)"    # the program, as hyperfine -N runs it
         timed ovh cachefs "${ovh_cmd[@]}"
         if [ "${#ovh_base[@]}" -gt 0 ]; then timed ovh base "${ovh_base[@]}"; fi
     done

@@ -13,7 +13,9 @@ use super::ls::{
 use super::{Global, usage};
 use crate::accounting::{self, Scan, Usage};
 use crate::lease;
-use crate::store::{CacheId, CacheInfo, InstanceInfo, InstanceUsage, LeaseRow, LeaseState, Store};
+use crate::store::{
+    CacheId, CacheInfo, Driver, InstanceInfo, InstanceUsage, LeaseRow, LeaseState, Store,
+};
 use crate::units::{format_age, format_size};
 
 const AFTER_HELP: &str = "\
@@ -21,11 +23,15 @@ Shows what each cache holds, from the counters cachefs keeps as mounts change it
 walk, so it answers at once): SIZE (the apparent size of its files), DISK (each file rounded
 up to whole 4 KiB blocks: the figure budgets are enforced on), FILES (regular files, a file
 with several hard links once), INST (instances: private mounts of a busy cache get their
-own), LAST USED, and IN USE (live mounts holding it, requests waiting for it). A cache's
-figures are the sums over its instances. Largest on disk first, then a TOTAL line.
+own), DRIVER (fuse: counted live as mounts change it; bind: counted by one rescan when the last
+holder of a bind mount leaves), LAST USED, and IN USE (live mounts holding it, requests
+waiting for it). A cache's figures are the sums over its instances. Largest on disk first,
+then a TOTAL line.
 
 Figures marked ~ are not counted exactly yet (the cache was filled before cachefs counted,
-or a mount of it stopped uncleanly): `cachefs du --verify` counts them.
+or a mount of it stopped uncleanly): `cachefs du --verify` counts them. Figures marked * are
+as of the last release of a driver=bind cache that a bind mount holds now (or whose holder
+was killed: the next mount rescans it).
 
 --verify walks every instance of the given caches (default: all), compares what it finds
 with the counters and prints one line per instance: ok, or the drift. What it found is
@@ -35,8 +41,10 @@ there is reported, not corrected (verify again once it is free).
 JSON (--json): an array sorted like the table, of objects with id, size_bytes, disk_bytes,
 files, instances, last_used (unix seconds) and last_used_at (RFC 3339 UTC), in_use (held
 leases), waiting (waiting requests), exact (false when marked ~ above), max_size (the
-cache's budget in disk bytes, or null) and instances_detail (number, size_bytes,
-disk_bytes, files, counted, dirty, in_use, last_used). With --verify: an object with drift
+cache's budget in disk bytes, or null), driver (fuse or bind), as_of_release (true when
+marked * above) and instances_detail (number, size_bytes, disk_bytes, files, counted, dirty,
+in_use, last_used, rescan_pending, rescanned_ms: when the last release-time rescan was, unix
+ms, or null). With --verify: an object with drift
 (true when any instance drifted) and instances (id, number, path, recorded, found,
 difference = found - recorded, drift, in_use, corrected, error).
 
@@ -75,7 +83,16 @@ pub struct Args {
 }
 
 /// Table header. IN USE is last: its text varies most.
-const HEADER: [&str; 7] = ["ID", "SIZE", "DISK", "FILES", "INST", "LAST USED", "IN USE"];
+const HEADER: [&str; 8] = [
+    "ID",
+    "SIZE",
+    "DISK",
+    "FILES",
+    "INST",
+    "DRIVER",
+    "LAST USED",
+    "IN USE",
+];
 
 /// Columns shown right-aligned (numbers).
 const NUMERIC: [usize; 4] = [1, 2, 3, 4];
@@ -85,6 +102,11 @@ const INEXACT: &str = "~";
 
 /// The footnote under a table with inexact figures.
 const INEXACT_NOTE: &str = "~ not yet counted exactly: run cachefs du --verify";
+
+/// Marks figures of a bind-driver cache that a bind mount is changing (or changed, its holder
+/// killed before the rescan): they are as of the last release.
+const AS_OF_RELEASE: &str = "*";
+const AS_OF_RELEASE_NOTE: &str = "* driver=bind: as of the last release; what its bind mounts change is counted when the last holder leaves";
 
 /// The one line printed when the store holds no cache.
 const NO_CACHES: &str = "no caches";
@@ -199,6 +221,7 @@ struct CacheDu {
     /// Waiting requests.
     waiting: usize,
     max_size: Option<u64>,
+    driver: Driver,
     instances: Vec<InstanceDu>,
 }
 
@@ -210,6 +233,10 @@ struct InstanceDu {
     dirty: bool,
     held: usize,
     last_used: i64,
+    /// A bind mount changed it since its last release-time rescan: its figures are as of then.
+    rescan_pending: bool,
+    /// When that rescan was, unix ms.
+    rescanned_ms: Option<i64>,
 }
 
 impl InstanceDu {
@@ -221,6 +248,12 @@ impl InstanceDu {
 impl CacheDu {
     fn exact(&self) -> bool {
         self.instances.iter().all(InstanceDu::exact)
+    }
+
+    /// Some instance's figures are as of its last release (a bind mount holds it, or its
+    /// holder died before the rescan).
+    fn as_of_release(&self) -> bool {
+        self.instances.iter().any(|i| i.rescan_pending)
     }
 }
 
@@ -242,6 +275,7 @@ fn collect(caches: &[CacheInfo], usages: &[InstanceUsage], leases: &[LeaseRow]) 
         held: 0,
         waiting: 0,
         max_size: None,
+        driver: Driver::Fuse,
         instances: Vec::new(),
     };
     for c in caches {
@@ -257,6 +291,8 @@ fn collect(caches: &[CacheInfo], usages: &[InstanceUsage], leases: &[LeaseRow]) 
                 dirty: false,
                 held: 0,
                 last_used: i.last_used,
+                rescan_pending: false,
+                rescanned_ms: None,
             });
         }
     }
@@ -265,6 +301,7 @@ fn collect(caches: &[CacheInfo], usages: &[InstanceUsage], leases: &[LeaseRow]) 
             .entry(u.id.as_str())
             .or_insert_with(|| new_cache(&u.id, u.last_used));
         entry.max_size = u.max_size;
+        entry.driver = u.driver;
         let inst = match entry
             .instances
             .iter_mut()
@@ -279,6 +316,8 @@ fn collect(caches: &[CacheInfo], usages: &[InstanceUsage], leases: &[LeaseRow]) 
                     dirty: false,
                     held: 0,
                     last_used: u.last_used,
+                    rescan_pending: false,
+                    rescanned_ms: None,
                 });
                 let last = entry.instances.len() - 1;
                 &mut entry.instances[last]
@@ -288,6 +327,8 @@ fn collect(caches: &[CacheInfo], usages: &[InstanceUsage], leases: &[LeaseRow]) 
         inst.counted = u.counted;
         inst.dirty = u.dirty;
         inst.last_used = inst.last_used.max(u.last_used);
+        inst.rescan_pending = u.rescan_pending;
+        inst.rescanned_ms = u.rescanned_ms;
     }
     for r in leases {
         let Some(entry) = by_id.get_mut(r.id.as_str()) else {
@@ -347,9 +388,13 @@ fn in_use_text(held: usize, waiting: usize) -> String {
     }
 }
 
-/// SIZE, DISK and FILES cells, marked when not exact.
-fn figure_cells(usage: &Usage, exact: bool) -> [String; 3] {
-    let mark = if exact { "" } else { INEXACT };
+/// SIZE, DISK and FILES cells, marked when not exact, or when as of the last release.
+fn figure_cells(usage: &Usage, exact: bool, as_of_release: bool) -> [String; 3] {
+    let mark = match (exact, as_of_release) {
+        (false, _) => INEXACT,
+        (true, true) => AS_OF_RELEASE,
+        (true, false) => "",
+    };
     [
         format!("{mark}{}", format_size(usage.size_bytes)),
         format!("{mark}{}", format_size(usage.disk_bytes)),
@@ -367,32 +412,36 @@ fn render(rows: &[CacheDu], now: i64) -> String {
     let (mut instances, mut held, mut waiting) = (0usize, 0usize, 0usize);
     let mut last_used: Option<i64> = None;
     let mut all_exact = true;
+    let mut any_as_of = false;
     for c in rows {
         let exact = c.exact();
         all_exact &= exact;
+        any_as_of |= c.as_of_release();
         total.add(c.usage);
         instances += c.instances.len();
         held += c.held;
         waiting += c.waiting;
         last_used = Some(last_used.map_or(c.last_used, |t| t.max(c.last_used)));
-        let [size, disk, files] = figure_cells(&c.usage, exact);
+        let [size, disk, files] = figure_cells(&c.usage, exact, c.as_of_release());
         cells.push(vec![
             one_line(&c.id).into_owned(),
             size,
             disk,
             files,
             c.instances.len().to_string(),
+            c.driver.to_string(),
             format_age(c.last_used, now),
             in_use_text(c.held, c.waiting),
         ]);
     }
-    let [size, disk, files] = figure_cells(&total, all_exact);
+    let [size, disk, files] = figure_cells(&total, all_exact, any_as_of);
     cells.push(vec![
         "TOTAL".to_owned(),
         size,
         disk,
         files,
         instances.to_string(),
+        String::new(),
         last_used.map_or_else(|| "-".to_owned(), |t| format_age(t, now)),
         in_use_text(held, waiting),
     ]);
@@ -404,6 +453,10 @@ fn render(rows: &[CacheDu], now: i64) -> String {
     }
     if !all_exact {
         out.push_str(INEXACT_NOTE);
+        out.push('\n');
+    }
+    if any_as_of {
+        out.push_str(AS_OF_RELEASE_NOTE);
         out.push('\n');
     }
     out
@@ -449,6 +502,10 @@ struct CacheJson<'a> {
     exact: bool,
     /// The budget, in disk bytes.
     max_size: Option<u64>,
+    /// `fuse` or `bind`: the cache's stored driver.
+    driver: &'static str,
+    /// Some instance's figures are as of its last release (driver=bind, changing now).
+    as_of_release: bool,
     instances_detail: Vec<InstanceJson>,
 }
 
@@ -462,6 +519,10 @@ struct InstanceJson {
     dirty: bool,
     in_use: usize,
     last_used: i64,
+    /// A bind mount changed it since its last release-time rescan.
+    rescan_pending: bool,
+    /// When the last release-time rescan was (unix ms; null: never).
+    rescanned_ms: Option<i64>,
 }
 
 fn json_rows(rows: &[CacheDu]) -> Vec<CacheJson<'_>> {
@@ -478,6 +539,8 @@ fn json_rows(rows: &[CacheDu]) -> Vec<CacheJson<'_>> {
             waiting: c.waiting,
             exact: c.exact(),
             max_size: c.max_size,
+            driver: c.driver.as_str(),
+            as_of_release: c.as_of_release(),
             instances_detail: c
                 .instances
                 .iter()
@@ -490,6 +553,8 @@ fn json_rows(rows: &[CacheDu]) -> Vec<CacheJson<'_>> {
                     dirty: i.dirty,
                     in_use: i.held,
                     last_used: i.last_used,
+                    rescan_pending: i.rescan_pending,
+                    rescanned_ms: i.rescanned_ms,
                 })
                 .collect(),
         })
@@ -847,8 +912,8 @@ mod tests {
     }
 
     /// apt: 1 instance, 10 MiB, exact, idle. cargo: 2 instances (one not counted), 50 MiB,
-    /// held twice and waited for once. tiny: 1 file, held (dirty: its mount is counting).
-    /// empty: no instance.
+    /// held twice and waited for once. tiny: 1 file, driver=bind, held (dirty, and pending its
+    /// release-time rescan: a bind mount holds it). empty: no instance.
     fn sample() -> Vec<CacheDu> {
         let caches = vec![
             cache("apt", &[1], 300),
@@ -863,6 +928,9 @@ mod tests {
             rec("tiny", 1, usage(1, 1), true, true),
         ];
         usages[0].max_size = Some(1 << 30);
+        usages[3].driver = Driver::Bind;
+        usages[3].rescan_pending = true;
+        usages[3].rescanned_ms = Some((NOW - 600) * 1000);
         let leases = vec![
             row(1, "cargo", 1, Sharing::Shared, true),
             row(2, "cargo", 2, Sharing::Private, true),
@@ -940,13 +1008,14 @@ mod tests {
         assert_eq!(
             lines,
             [
-                "ID          SIZE       DISK  FILES  INST  LAST USED  IN USE",
-                "cargo  ~50.0 MiB  ~50.0 MiB   ~150     2  1h ago     2 mounts, 1 waiting",
-                "apt     10.0 MiB   10.0 MiB      3     1  5m ago     -",
-                "tiny         1 B    4.0 KiB      1     1  5s ago     1 mount",
-                "empty        0 B        0 B      0     0  3d ago     -",
-                "TOTAL  ~60.0 MiB  ~60.0 MiB   ~154     4  5s ago     3 mounts, 1 waiting",
+                "ID          SIZE       DISK  FILES  INST  DRIVER  LAST USED  IN USE",
+                "cargo  ~50.0 MiB  ~50.0 MiB   ~150     2  fuse    1h ago     2 mounts, 1 waiting",
+                "apt     10.0 MiB   10.0 MiB      3     1  fuse    5m ago     -",
+                "tiny        *1 B   *4.0 KiB     *1     1  bind    5s ago     1 mount",
+                "empty        0 B        0 B      0     0  fuse    3d ago     -",
+                "TOTAL  ~60.0 MiB  ~60.0 MiB   ~154     4          5s ago     3 mounts, 1 waiting",
                 "~ not yet counted exactly: run cachefs du --verify",
+                "* driver=bind: as of the last release; what its bind mounts change is counted when the last holder leaves",
             ],
             "{text}"
         );
@@ -962,9 +1031,9 @@ mod tests {
         let text = render(&rows, NOW);
         assert_eq!(
             text,
-            "ID            SIZE      DISK  FILES  INST  LAST USED  IN USE\n\
-             \"odd\\nid\"  9.8 KiB  12.0 KiB      2     1  1m ago     -\n\
-             TOTAL      9.8 KiB  12.0 KiB      2     1  1m ago     -\n"
+            "ID            SIZE      DISK  FILES  INST  DRIVER  LAST USED  IN USE\n\
+             \"odd\\nid\"  9.8 KiB  12.0 KiB      2     1  fuse    1m ago     -\n\
+             TOTAL      9.8 KiB  12.0 KiB      2     1          1m ago     -\n"
         );
         assert_eq!(render(&[], NOW), "no caches\n");
     }
@@ -997,7 +1066,9 @@ mod tests {
         assert_eq!(
             keys,
             [
+                "as_of_release",
                 "disk_bytes",
+                "driver",
                 "exact",
                 "files",
                 "id",

@@ -13,7 +13,9 @@ use super::ls::{
 use super::{Global, usage};
 use crate::accounting::Usage;
 use crate::lease;
-use crate::store::{CACHES_DIR, CacheId, CacheInfo, InstanceInfo, InstanceUsage, LeaseState};
+use crate::store::{
+    CACHES_DIR, CacheId, CacheInfo, Driver, InstanceInfo, InstanceUsage, LeaseState,
+};
 use crate::units::{format_age, format_local_time, format_size};
 
 const AFTER_HELP: &str = "\
@@ -24,8 +26,10 @@ that died are dropped on the way. When stdout is a terminal, commands are cut to
 
 Each instance shows what it holds (files, apparent size, size on disk in 4 KiB blocks; \"not
 counted exactly\" until `cachefs du --verify` counts it), and, once there are any, its
-hits / misses (lookups that found / did not find a file) and evictions. A cache with a
-budget shows it with the share used.
+FUSE hits / misses (lookups through FUSE mounts that found / did not find a file: a bind
+mount's lookups are native and not seen) and evictions. A cache with a budget shows it with
+the share used. A driver=bind cache says so and when its figures were last counted (at the
+release of its last holder); an instance a bind mount holds now shows the figures of then.
 
 JSON (--json): an object with id, key, directory, created and last_used (unix seconds) and
 created_at / last_used_at (RFC 3339 UTC), instances (number, path, the same times, and
@@ -33,7 +37,9 @@ leases: the held leases) and queue (the waiting requests in arrival order). Leas
 fields of `cachefs ls --json`. Usage: the cache's size_bytes, disk_bytes and files (sums over
 its instances), exact, and max_size (its budget in disk bytes, or null); each instance's
 usage (null when not recorded): size_bytes, disk_bytes, files, counted, dirty, exact,
-evictions, evicted_bytes, hits, misses.
+evictions, evicted_bytes, hits, misses (FUSE mounts only), rescan_pending (a bind mount
+changed it since the last count), rescanned_ms (when that count was, unix ms, or null). The
+cache's driver: driver (fuse or bind).
 
 Exit status: 0; 1 when the store has no cache with that id; 2 for an invalid id.
 
@@ -114,6 +120,8 @@ struct View<'a> {
     show_usage: bool,
     /// The cache's budget, in disk bytes.
     budget: Option<u64>,
+    /// The cache's stored driver.
+    driver: Driver,
     /// Layers snapshotted from this cache, newest first.
     layers: &'a [crate::store::LayerRecord],
 }
@@ -181,6 +189,7 @@ impl<'a> View<'a> {
             queue,
             show_usage: false,
             budget: None,
+            driver: Driver::Fuse,
             layers: &[],
         }
     }
@@ -205,6 +214,7 @@ impl<'a> View<'a> {
         self.show_usage = true;
         for u in usages.iter().filter(|u| u.id == self.cache.id) {
             self.budget = self.budget.or(u.max_size);
+            self.driver = u.driver;
             if let Some(i) = self.instances.iter_mut().find(|i| i.number == u.number) {
                 i.usage = Some(u);
             }
@@ -243,10 +253,12 @@ impl<'a> View<'a> {
         );
         if !i.exact() {
             held.push_str(", not counted exactly");
+        } else if u.rescan_pending {
+            held.push_str(", as of the last release");
         }
         let mut cells = vec![held];
         if lookups {
-            cells.push(format!("hits {}, misses {}", u.hits, u.misses));
+            cells.push(format!("FUSE hits {}, misses {}", u.hits, u.misses));
         }
         if evictions {
             cells.push(format!(
@@ -282,6 +294,22 @@ impl<'a> View<'a> {
                     format_size(used)
                 ),
             );
+        }
+        if self.show_usage {
+            let last_count = self
+                .instances
+                .iter()
+                .filter_map(|i| i.usage.and_then(|u| u.rescanned_ms))
+                .max();
+            let driver = match (self.driver, last_count) {
+                (Driver::Fuse, _) => "fuse (counted live)".to_owned(),
+                (Driver::Bind, None) => "bind (counted at each release; not yet)".to_owned(),
+                (Driver::Bind, Some(ms)) => format!(
+                    "bind (counted at each release; last {})",
+                    when(ms.div_euclid(1000))
+                ),
+            };
+            field("driver", &driver);
         }
         if let Some(newest) = self.layers.first() {
             let tags: Vec<&str> = self
@@ -385,6 +413,7 @@ impl<'a> View<'a> {
             files: total.files,
             exact: self.instances.iter().all(InstanceView::exact),
             max_size: self.budget,
+            driver: self.driver.as_str(),
             instances: self
                 .instances
                 .iter()
@@ -407,6 +436,8 @@ impl<'a> View<'a> {
                         evicted_bytes: u.evicted_bytes,
                         hits: u.hits,
                         misses: u.misses,
+                        rescan_pending: u.rescan_pending,
+                        rescanned_ms: u.rescanned_ms,
                     }),
                     layer: i.layer,
                 })
@@ -460,6 +491,8 @@ struct CacheJson<'a> {
     exact: bool,
     /// The budget, in disk bytes.
     max_size: Option<u64>,
+    /// `fuse` or `bind`: the cache's stored driver.
+    driver: &'static str,
     instances: Vec<InstanceJson<'a>>,
     /// Waiting requests, in arrival order.
     queue: Vec<LeaseJson<'a>>,
@@ -502,6 +535,10 @@ struct UsageJson {
     hits: u64,
     /// Lookups that did not.
     misses: u64,
+    /// A bind mount changed it since its last release-time rescan.
+    rescan_pending: bool,
+    /// When that rescan was, unix ms.
+    rescanned_ms: Option<i64>,
 }
 
 #[cfg(test)]
@@ -673,32 +710,63 @@ mod tests {
         let text = view.render(NOW_MS, "here", None);
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(
-            &lines[3..10],
+            &lines[3..11],
             [
                 "directory  /s/c",
                 "budget     1.0 MiB (20.0 KiB used on disk, 1%)",
+                "driver     fuse (counted live)",
                 "instances  3",
                 concat!(
                     "  #1  1 holder  last used 5m ago  created 3h ago  ",
                     "1 file, 9.8 KiB (12.0 KiB on disk)                      ",
-                    "hits 12, misses 3  evicted 0 (0 B)      /s/caches/apt-0123456789abcdef/1"
+                    "FUSE hits 12, misses 3  evicted 0 (0 B)      /s/caches/apt-0123456789abcdef/1"
                 ),
                 "      locked   pid 1007          since 12s ago  target /var/cache/apt  apt-get install -y jq",
                 // Dirty and nobody holds it: a mount stopped uncleanly.
                 concat!(
                     "  #2  free      last used 1h ago  created 2h ago  ",
                     "1 file, 4.9 KiB (8.0 KiB on disk), not counted exactly  ",
-                    "hits 0, misses 0   evicted 2 (8.0 KiB)  /s/caches/apt-0123456789abcdef/2"
+                    "FUSE hits 0, misses 0   evicted 2 (8.0 KiB)  /s/caches/apt-0123456789abcdef/2"
                 ),
                 // Held but not recorded: empty cells keep the path in its column.
                 concat!(
                     "  #3  1 holder  not recorded                      ",
                     "                                                        ",
-                    "                                        /s/c/3"
+                    "                                             /s/c/3"
                 ),
             ],
             "{text}"
         );
+    }
+
+    #[test]
+    fn a_bind_cache_says_when_it_was_counted() {
+        let c = cache();
+        let e = entries();
+        let mut first = usage_of(1, 10_001, true, true);
+        first.driver = Driver::Bind;
+        first.rescan_pending = true;
+        first.rescanned_ms = Some(NOW_MS - 600_000);
+        let mut second = usage_of(2, 5000, true, false);
+        second.driver = Driver::Bind;
+        let usages = [first, second];
+        let view = View::new(&c, PathBuf::from("/s/c"), &e).with_usage(&usages);
+        let text = view.render(NOW_MS, "here", None);
+        let driver = text.lines().find(|l| l.starts_with("driver")).unwrap();
+        assert!(
+            driver.starts_with("driver     bind (counted at each release; last ")
+                && driver.ends_with("(10m ago))"),
+            "{text}"
+        );
+        let one = text.lines().find(|l| l.starts_with("  #1")).unwrap();
+        assert!(
+            one.contains("(12.0 KiB on disk), as of the last release"),
+            "{text}"
+        );
+        let v = serde_json::to_value(view.json()).unwrap();
+        assert_eq!(v["driver"], "bind");
+        assert_eq!(v["instances"][0]["usage"]["rescan_pending"], true);
+        assert_eq!(v["instances"][0]["usage"]["rescanned_ms"], NOW_MS - 600_000);
     }
 
     #[test]

@@ -19,15 +19,16 @@ use crate::units::format_age;
 
 const AFTER_HELP: &str = "\
 Shows every cache mount that is live and every request waiting for one, from all cachefs
-processes using the store: cache id, instance, sharing mode, state (held, or waiting and its
-place in the queue), pid, since when, target and command. Records of processes that died are
+processes using the store: cache id, instance, sharing mode, driver (fuse, or bind: a native
+bind mount, counted when its last holder leaves), state (held, or waiting and its place in the
+queue), pid, since when, target and command. Records of processes that died are
 dropped on the way. When stdout is a terminal, COMMAND is cut to the terminal's width.
 
 JSON (--json): an array of objects, sorted by id then arrival, with the fields id, seq,
 instance, sharing, state (held|waiting), position (place in the instance's queue, 1 = next;
 null when held), kind (run|mount), pid, host, command, target, since_ms and since (when the
 lease was asked for: unix milliseconds and RFC 3339 UTC), acquired_ms and acquired (when it
-was granted; null while waiting).
+was granted; null while waiting), driver (fuse|bind; null when not a mount, e.g. a snapshot).
 
 Examples:
   # Who is using which cache right now
@@ -53,8 +54,8 @@ pub struct Args {
 }
 
 /// Table header; COMMAND is last because it is the longest and is cut to fit a terminal.
-const HEADER: [&str; 8] = [
-    "ID", "INST", "MODE", "STATE", "PID", "SINCE", "TARGET", "COMMAND",
+const HEADER: [&str; 9] = [
+    "ID", "INST", "MODE", "DRIVER", "STATE", "PID", "SINCE", "TARGET", "COMMAND",
 ];
 
 /// The one line printed when nothing is listed.
@@ -108,6 +109,7 @@ fn table_rows(entries: &[Entry], now_ms: i64, host: &str) -> Vec<Vec<String>> {
             one_line(&r.id).into_owned(),
             r.instance.to_string(),
             r.sharing.as_str().to_owned(),
+            r.driver.map_or("-", |d| d.as_str()).to_owned(),
             e.state_text(),
             pid,
             age_ms(e.started_ms(), now_ms),
@@ -318,6 +320,8 @@ pub(crate) struct LeaseJson<'a> {
     /// When it was granted; `null` while waiting.
     pub acquired_ms: Option<i64>,
     pub acquired: Option<String>,
+    /// `fuse` or `bind`; `null` when not a mount (e.g. a snapshot).
+    pub driver: Option<&'static str>,
 }
 
 impl<'a> LeaseJson<'a> {
@@ -339,6 +343,7 @@ impl<'a> LeaseJson<'a> {
             since: rfc3339_utc_ms(r.since_ms),
             acquired_ms: r.acquired_ms,
             acquired: r.acquired_ms.map(rfc3339_utc_ms),
+            driver: r.driver.map(|d| d.as_str()),
         }
     }
 }
@@ -409,6 +414,7 @@ pub(crate) mod tests {
             since_ms: 1_000_000 + seq * 1000,
             acquired_ms: held.then_some(1_000_500 + seq * 1000),
             key: "k".to_owned(),
+            driver: None,
         }
     }
 
@@ -564,6 +570,7 @@ pub(crate) mod tests {
         let mut odd = row(3, "weird\nid", 1, Sharing::Shared, true);
         odd.host = "elsewhere".to_owned();
         odd.target = None;
+        odd.driver = Some(crate::store::Driver::Bind);
         let entries = with_positions(vec![
             row(1, "apt", 1, Sharing::Locked, true),
             row(2, "apt", 1, Sharing::Locked, false),
@@ -574,10 +581,10 @@ pub(crate) mod tests {
         assert_eq!(
             lines,
             [
-                "ID           INST  MODE    STATE          PID             SINCE    TARGET  COMMAND",
-                "apt          1     locked  held           1001            59s ago  /t/1    make -j1",
-                "apt          1     locked  waiting (1st)  1002            58s ago  /t/2    make -j2",
-                "\"weird\\nid\"  1     shared  held           1003@elsewhere  57s ago  -       make -j3",
+                "ID           INST  MODE    DRIVER  STATE          PID             SINCE    TARGET  COMMAND",
+                "apt          1     locked  -       held           1001            59s ago  /t/1    make -j1",
+                "apt          1     locked  -       waiting (1st)  1002            58s ago  /t/2    make -j2",
+                "\"weird\\nid\"  1     shared  bind    held           1003@elsewhere  57s ago  -       make -j3",
             ]
         );
     }
@@ -604,6 +611,7 @@ pub(crate) mod tests {
                 "acquired",
                 "acquired_ms",
                 "command",
+                "driver",
                 "host",
                 "id",
                 "instance",

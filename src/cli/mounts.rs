@@ -305,6 +305,7 @@ pub(crate) fn take_leases<'s>(
             timeout: p.spec.lock_timeout.or(defaults.lock_timeout),
             instance: None,
             target: Some(p.target.clone()),
+            driver: Some(p.driver),
         })
         .collect();
     let printer = WaitPrinter::new();
@@ -806,6 +807,7 @@ pub(crate) fn take_instance_or_exit<'s>(
         timeout,
         instance: Some(number),
         target: None,
+        driver: None,
     };
     let printer = WaitPrinter::new();
     let report = |r: &WaitReport| printer.report(r);
@@ -875,6 +877,7 @@ pub(crate) fn pre_seed_shared(
             timeout: Some(Duration::ZERO),
             instance: Some(1),
             target: Some(p.target.clone()),
+            driver: None,
         };
         let lease = match lease::acquire(store, &req, &WaitControl::quiet()) {
             Ok(l) => l,

@@ -598,6 +598,7 @@ fn take_instance<'s>(
         },
         instance: Some(number),
         target: None,
+        driver: None,
     };
     let quiet = WaitControl::quiet();
     match lease::acquire(store, &req, wait.unwrap_or(&quiet)) {

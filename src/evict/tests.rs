@@ -64,6 +64,7 @@ fn all_removes_idle_caches_and_keeps_held_ones() {
             timeout: None,
             instance: None,
             target: None,
+            driver: None,
         },
         &WaitControl::quiet(),
     )
@@ -267,6 +268,7 @@ fn files_of_idle_caches_go_when_whole_instances_cannot() {
             timeout: None,
             instance: None,
             target: None,
+            driver: None,
         },
         &WaitControl::quiet(),
     )

@@ -152,6 +152,8 @@ pub struct LeaseRequest {
     pub instance: Option<u32>,
     /// Shown to others: where it is mounted.
     pub target: Option<PathBuf>,
+    /// Shown to others: how it is mounted (`None`: not a mount, e.g. a snapshot).
+    pub driver: Option<crate::store::Driver>,
 }
 
 /// How a wait may end early, and how it is shown.
@@ -428,6 +430,7 @@ fn enqueue(
         command: &command,
         target: target.as_deref(),
         since_ms: now_ms(),
+        driver: req.driver,
     })?;
     let held = match ticket::Held::create(&qdir, seq, exclusive) {
         Ok(h) => h,

@@ -23,6 +23,7 @@ fn req(id: &str, sharing: Sharing) -> LeaseRequest {
         timeout: None,
         instance: None,
         target: None,
+        driver: None,
     }
 }
 
@@ -274,6 +275,7 @@ fn a_dead_holder_does_not_block_and_its_row_is_cleaned() {
             command: "killed",
             target: None,
             since_ms: now_ms(),
+            driver: None,
         })
         .unwrap();
     store.set_lease_held(seq, now_ms()).unwrap();
@@ -302,6 +304,7 @@ fn a_dead_holder_does_not_block_and_its_row_is_cleaned() {
             command: "killed",
             target: None,
             since_ms: now_ms(),
+            driver: None,
         })
         .unwrap();
     File::create(qdir.join(ticket::name(seq, true))).unwrap();

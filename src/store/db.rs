@@ -353,11 +353,12 @@ CREATE TABLE remote_blobs (
 /// (`driver`: NULL is fuse). Per instance: `rescan_pending` (a bind mount changed it since its
 /// last release-time rescan: the last holder to leave, or the next mount after a crash,
 /// rescans it) and when the last such rescan was (`rescanned`, unix ms), the time bind-driver
-/// figures are as of.
+/// figures are as of. Per lease: the driver of its mount (`driver`: NULL when not a mount).
 const V6: &str = "
 ALTER TABLE caches ADD COLUMN driver TEXT CHECK (driver IN ('fuse', 'bind'));
 ALTER TABLE instances ADD COLUMN rescan_pending INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE instances ADD COLUMN rescanned INTEGER;
+ALTER TABLE leases ADD COLUMN driver TEXT;
 ";
 
 #[cfg(test)]

@@ -8,7 +8,7 @@ use rusqlite::{OptionalExtension, params};
 use serde::Serialize;
 
 use super::error::db_error;
-use super::{CacheId, Store, StoreError};
+use super::{CacheId, Driver, Store, StoreError};
 use crate::spec::Sharing;
 
 /// Whether a lease has been granted.
@@ -42,6 +42,8 @@ pub struct NewLease<'a> {
     pub target: Option<&'a str>,
     /// Unix milliseconds.
     pub since_ms: i64,
+    /// How the lease's mount is served (`None`: not a mount).
+    pub driver: Option<Driver>,
 }
 
 /// One lease as recorded. Times are unix milliseconds.
@@ -64,9 +66,20 @@ pub struct LeaseRow {
     pub since_ms: i64,
     /// When it was granted.
     pub acquired_ms: Option<i64>,
+    /// How its mount is served: fuse or bind (`None`: not a mount, or recorded by an older
+    /// cachefs).
+    #[serde(serialize_with = "ser_driver")]
+    pub driver: Option<Driver>,
     /// Directory key of the cache, to find the ticket file.
     #[serde(skip)]
     pub key: String,
+}
+
+fn ser_driver<S: serde::Serializer>(d: &Option<Driver>, ser: S) -> Result<S::Ok, S::Error> {
+    match d {
+        Some(d) => ser.serialize_str(d.as_str()),
+        None => ser.serialize_none(),
+    }
 }
 
 fn ser_sharing<S: serde::Serializer>(s: &Sharing, ser: S) -> Result<S::Ok, S::Error> {
@@ -74,7 +87,7 @@ fn ser_sharing<S: serde::Serializer>(s: &Sharing, ser: S) -> Result<S::Ok, S::Er
 }
 
 const SELECT: &str = "SELECT l.seq, l.cache_id, l.instance, l.sharing, l.state, l.pid, l.host,
-        l.command, l.target, l.since, l.acquired, c.key, l.kind
+        l.command, l.target, l.since, l.acquired, c.key, l.kind, l.driver
     FROM leases l JOIN caches c ON c.id = l.cache_id";
 
 fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<LeaseRow> {
@@ -99,6 +112,7 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<LeaseRow> {
         acquired_ms: r.get(10)?,
         key: r.get(11)?,
         kind: r.get(12)?,
+        driver: r.get::<_, Option<String>>(13)?.and_then(|d| d.parse().ok()),
     })
 }
 
@@ -108,8 +122,8 @@ impl Store {
         let err = |e| db_error(&self.db_path, &self.root, e);
         let conn = self.conn.lock();
         conn.execute(
-            "INSERT INTO leases (cache_id, instance, sharing, state, pid, host, command, target, since, kind)
-             VALUES (?1, ?2, ?3, 'waiting', ?4, ?5, ?6, ?7, ?8, ?9)",
+            "INSERT INTO leases (cache_id, instance, sharing, state, pid, host, command, target, since, kind, driver)
+             VALUES (?1, ?2, ?3, 'waiting', ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
             params![
                 lease.id.as_str(),
                 lease.instance,
@@ -119,7 +133,8 @@ impl Store {
                 lease.command,
                 lease.target,
                 lease.since_ms,
-                lease.kind
+                lease.kind,
+                lease.driver.map(Driver::as_str)
             ],
         )
         .map_err(err)?;
@@ -210,6 +225,7 @@ mod tests {
                         command: "make -j2",
                         target: Some("/t"),
                         since_ms: 1000 + i as i64,
+                        driver: None,
                     })
                     .unwrap(),
             );
@@ -244,6 +260,7 @@ mod tests {
                 command: "c",
                 target: None,
                 since_ms: 0,
+                driver: None,
             })
             .unwrap();
         assert!(next > seqs[2]);
