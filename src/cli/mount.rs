@@ -23,7 +23,6 @@ use anyhow::{Context, anyhow};
 use super::mounts::{self, LeaseDefaults, Served};
 use super::signals::{Inherited, Started, Supervisor};
 use super::{Global, exit_code_of_status, print_error, print_warning, usage};
-use crate::fs;
 use crate::lease::DEFAULT_MAX_INSTANCES;
 use crate::spec::{MountSpec, quote_value};
 use crate::store::Store;
@@ -144,10 +143,9 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
     spec.driver = spec.driver.or(args.driver);
     let target = mounts::absolute(&spec.target, &cwd);
     let mut plan = mounts::plan(vec![(spec, target)])?;
-    if mounts::may_use_fuse(&plan) {
-        fs::check_fuse_device().map_err(usage)?;
-    }
     mounts::check_bind_allowed(&plan)?;
+    let root = Store::resolve_root(global.store.as_deref())?;
+    mounts::check_fuse_if_needed(&plan, &root, false)?;
     args.remote.apply(&mut plan)?;
     super::remote_cache::check(&plan)?;
     let shown = args
@@ -311,6 +309,7 @@ fn serve(
     let root = Store::resolve_root(global.store.as_deref())?;
     let store = Store::open(&root)?;
     mounts::resolve_drivers(&store, &mut plan)?;
+    mounts::check_fuse_if_needed(&plan, &root, true)?;
     mounts::precheck_targets(&store, &plan)?;
     let defaults = LeaseDefaults {
         lock_timeout: args.lock_timeout,
@@ -408,7 +407,8 @@ fn serve(
                 && !mounts::wait_until_unused(b.mnt_id(), Duration::ZERO, &|| false)
             {
                 tracing::info!(target = %l.target.display(), "detached while in use; keeping the lease until its users let go");
-                let stop = || supervisor.wait_signal(Duration::from_millis(1)).is_some();
+                let seen = supervisor.signals_received();
+                let stop = || supervisor.signals_received() > seen;
                 mounts::wait_until_unused(b.mnt_id(), Duration::MAX, &stop);
             }
         }

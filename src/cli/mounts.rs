@@ -92,10 +92,19 @@ pub(crate) fn plan(specs: Vec<(MountSpec, PathBuf)>) -> anyhow::Result<Vec<Plann
     Ok(plan)
 }
 
-/// Whether any planned mount may be served by FUSE (its spec does not say driver=bind), so
-/// /dev/fuse is needed.
-pub(crate) fn may_use_fuse(plan: &[Planned]) -> bool {
-    plan.iter().any(|p| p.spec.driver != Some(Driver::Bind))
+/// Checks /dev/fuse when a planned mount is served by FUSE. Before the drivers are resolved
+/// (`resolved` false), only when no store exists yet at `root`: then no cache has a stored
+/// driver, every mount's is its spec's, and nothing is created before a refusal.
+pub(crate) fn check_fuse_if_needed(
+    plan: &[Planned],
+    root: &Path,
+    resolved: bool,
+) -> anyhow::Result<()> {
+    let known = resolved || !root.join(crate::store::DB_FILE).exists();
+    if known && plan.iter().any(|p| p.driver == Driver::Fuse) {
+        fs::check_fuse_device().map_err(usage)?;
+    }
+    Ok(())
 }
 
 /// Refuses driver=bind without root, before anything is touched.

@@ -132,28 +132,30 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
         spec.driver = spec.driver.or(args.driver);
     }
     let mut plan = mounts::plan(specs)?;
-    if mounts::may_use_fuse(&plan) {
-        fs::check_fuse_device().map_err(usage)?;
-    }
     mounts::check_bind_allowed(&plan)?;
+    let root = Store::resolve_root(global.store.as_deref())?;
+    mounts::check_fuse_if_needed(&plan, &root, false)?;
     args.remote.apply(&mut plan)?;
     super::remote_cache::check(&plan)?;
 
     // Read before mounting changes them for the FUSE server (umask 0, raised fd limit).
     let inherited = Inherited::capture();
 
+    // The store: each mount's driver (a cache may store bind), and stale bind mounts to
+    // clear where the caller sees them.
+    // Store errors name the store and the fix themselves.
+    let store = Store::open(&root)?;
+    mounts::resolve_drivers(&store, &mut plan)?;
+    mounts::check_fuse_if_needed(&plan, &root, true)?;
+
     // As root, the mounts live in a mount namespace of the command's own, made while cachefs
     // is still single-threaded so every thread it starts is in it (see `private_namespace`).
-    let isolated = rustix::process::geteuid().is_root() && enter_private_namespace(&plan)?;
+    let isolated = rustix::process::geteuid().is_root() && enter_private_namespace(&store, &plan)?;
 
     // 2. From here on a signal must not kill cachefs with its mounts up.
     let supervisor = Supervisor::start().context("cannot set up signal forwarding")?;
 
-    // 3. The store, the leases, the mounts.
-    let root = Store::resolve_root(global.store.as_deref())?;
-    // Store errors name the store and the fix themselves.
-    let store = Store::open(&root)?;
-    mounts::resolve_drivers(&store, &mut plan)?;
+    // 3. The leases, the mounts.
     mounts::precheck_targets(&store, &plan)?;
     let defaults = LeaseDefaults {
         lock_timeout: args.lock_timeout,
@@ -282,9 +284,11 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
 /// Dead cachefs mounts at the targets are cleared in the caller's namespace first. Returns
 /// false (with a warning) when the kernel refuses a namespace: the mounts are then made here,
 /// visible to others, as without root.
-fn enter_private_namespace(plan: &[Planned]) -> anyhow::Result<bool> {
+fn enter_private_namespace(store: &Store, plan: &[Planned]) -> anyhow::Result<bool> {
+    // Dead mounts are cleared where the caller sees them, not only in our copy.
     for p in plan {
         mounts::clear_if_dead(&p.target)?;
+        mounts::clear_stale_bind(store, &p.target)?;
     }
     // SAFETY: unshare(2) with a flag constant; it changes only this process's namespaces.
     if unsafe { libc::unshare(libc::CLONE_NEWNS) } != 0 {

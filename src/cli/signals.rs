@@ -76,6 +76,8 @@ struct State {
     child: Option<Pid>,
     /// A signal that arrived before the child started: the command must not start at all.
     pending: Option<Signal>,
+    /// Signals taken while no child ran (the first is `pending`).
+    received: u32,
     /// The command has been started (or failed to start): signals no longer stop it from
     /// starting.
     started: bool,
@@ -152,6 +154,12 @@ impl Supervisor {
             .wait_timeout_while(state, timeout, |s| s.pending.is_none())
             .unwrap_or_else(|p| p.into_inner());
         state.pending
+    }
+
+    /// How many signals arrived while no child ran: a wait that goes on after the first one
+    /// ends at the next.
+    pub fn signals_received(&self) -> u32 {
+        lock(&self.shared.state).received
     }
 
     /// Starts `cmd` with the process state captured in `inherited` and an empty signal mask,
@@ -292,6 +300,8 @@ fn handle(shared: &Shared, sig: Signal, si_code: i32) {
     tracing::debug!(signal = %sig, si_code, ?action, "signal received");
     match action {
         Action::Pending => {
+            state.received = state.received.saturating_add(1);
+            shared.wake.notify_all();
             if state.pending.is_none() {
                 state.pending = Some(sig);
                 shared.cancel.store(sig as i32, Ordering::Release);
