@@ -63,7 +63,7 @@ pub fn rescan_at_release(
     };
     // The hash cache is only worth reading when the change log is kept (a complete log since
     // a snapshot): otherwise the next snapshot walks the whole tree anyway.
-    let keep_log = store.change_log(id, number)?.is_some();
+    let keep_log = store.keeps_change_log(id, number)?;
     let (hashed, dir_keys) = if keep_log {
         (store.hash_cache(id, number)?, store.dir_keys(id, number)?)
     } else {

@@ -449,13 +449,36 @@ impl Store {
         tx.commit().map_err(err)
     }
 
-    /// The change log of an instance when it is complete since its last snapshot.
+    /// Whether the instance keeps a change log (complete since its last snapshot), whatever
+    /// is pending: what a release-time rescan adds to.
+    pub fn keeps_change_log(&self, id: &CacheId, number: u32) -> Result<bool, StoreError> {
+        let err = |e| db_error(&self.db_path, &self.root, e);
+        let complete: Option<bool> = self
+            .conn
+            .lock()
+            .query_row(
+                "SELECT log_complete FROM snapshots WHERE cache_id = ?1 AND instance = ?2",
+                params![id.as_str(), number],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(err)?;
+        Ok(complete == Some(true))
+    }
+
+    /// The change log of an instance when it is complete since its last snapshot (and no bind
+    /// mount changed it since its last release-time rescan).
     pub fn change_log(&self, id: &CacheId, number: u32) -> Result<Option<ChangeLog>, StoreError> {
         let err = |e| db_error(&self.db_path, &self.root, e);
         let conn = self.conn.lock();
+        // A bind mount's changes are in the log only once the rescan at its release recorded
+        // them: until then (its holder was killed) the log is not complete.
         let row: Option<(String, bool)> = conn
             .query_row(
-                "SELECT layer, log_complete FROM snapshots WHERE cache_id = ?1 AND instance = ?2",
+                "SELECT s.layer, s.log_complete AND NOT coalesce(i.rescan_pending, 0)
+                 FROM snapshots s LEFT JOIN instances i
+                   ON i.cache_id = s.cache_id AND i.number = s.instance
+                 WHERE s.cache_id = ?1 AND s.instance = ?2",
                 params![id.as_str(), number],
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )
