@@ -333,12 +333,12 @@ fn sorted_by_disk_with_totals() {
     assert_eq!(
         words(lines[0]),
         [
-            "ID", "SIZE", "DISK", "FILES", "INST", "LAST", "USED", "IN", "USE"
+            "ID", "SIZE", "DISK", "FILES", "INST", "DRIVER", "LAST", "USED", "IN", "USE"
         ]
     );
     assert_eq!(
-        words(lines[1])[..7],
-        ["b-big", "97.7", "KiB", "100.0", "KiB", "1", "1"].map(String::from),
+        words(lines[1])[..8],
+        ["b-big", "97.7", "KiB", "100.0", "KiB", "1", "1", "fuse"].map(String::from),
         "{text}"
     );
     assert!(lines[2].starts_with("c-mid  "), "{text}");

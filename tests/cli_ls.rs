@@ -142,7 +142,7 @@ fn live_leases_in_ls_and_inspect() {
     assert_eq!(
         header.split_whitespace().collect::<Vec<_>>(),
         [
-            "ID", "INST", "MODE", "STATE", "PID", "SINCE", "TARGET", "COMMAND"
+            "ID", "INST", "MODE", "DRIVER", "STATE", "PID", "SINCE", "TARGET", "COMMAND"
         ]
     );
     let line = line_with(&text, &format!(" {pid1} "));
@@ -307,11 +307,12 @@ fn idle_and_unknown_caches() {
     assert!(lines[2].starts_with("last used  "), "{text}");
     assert!(lines[3].starts_with("directory  "), "{text}");
     assert!(lines[3].contains("/caches/idle-"), "{text}");
-    assert_eq!(lines[4], "instances  1", "{text}");
-    assert!(lines[5].starts_with("  #1  free  last used "), "{text}");
-    assert!(lines[5].ends_with("/1"), "{text}");
-    assert_eq!(lines[6], "queue      empty", "{text}");
-    assert_eq!(lines.len(), 7, "{text}");
+    assert_eq!(lines[4], "driver     fuse (counted live)", "{text}");
+    assert_eq!(lines[5], "instances  1", "{text}");
+    assert!(lines[6].starts_with("  #1  free  last used "), "{text}");
+    assert!(lines[6].ends_with("/1"), "{text}");
+    assert_eq!(lines[7], "queue      empty", "{text}");
+    assert_eq!(lines.len(), 8, "{text}");
 
     let v = ok_json(&env, &["inspect", "--json", "idle"]);
     assert_eq!(v["id"], "idle");
