@@ -18,7 +18,7 @@
 #   BIG_MIB   size of the sequential file in MiB (default 1024)
 #   N4K       files of 4 KiB the create workload makes (default 15000, in 150 directories)
 #   SMALL     files in the crate-source-like tree of untar-small (default 15000, 1-16 KiB
-#             mostly, in SMALL/15 directories: ~16,000 entries)
+#             mostly, 15 in each of SMALL/15 directories: ~16,000 entries)
 #   SETTLE    seconds to wait (after `sync`) between a large removal and the next timed create
 #             (default 35): ext4 slows inode allocation for ~30 s after many inodes were freed,
 #             which would be measured instead of the filesystem. SETTLE=0 for quick looks
@@ -69,18 +69,20 @@
 #   create    N4K files of 4 KiB in 150 new directories (perl: open, write, close per file,
 #             POSIX calls so each file costs 3 syscalls; perl's start is ~10 ms of the figure)
 #   stat      lstat of each of them by name, right after (perl, no readdir)
-#   untar-small  tar -xf of the SMALL-file tree (crate-source-like: 100 crates of src/,
-#             src/m0-m5, tests, examples; sizes 5% < 1 KiB, 87% 1-16 KiB, 8% 16-64 KiB)
+#   untar-small  tar -xf of the SMALL-file tree (crate-source-like: SMALL/150 crates, 100 by
+#             default, each of 10 directories: the crate's own, src, src/m0-m5, tests,
+#             examples; sizes 5% < 1 KiB, 87% 1-16 KiB log-uniform, 8% 16-64 KiB)
 #   rm-small  rm -rf of that tree
 #
 # A round runs, each phase for every configuration in turn (all configurations stay mounted
 # for the whole run, so slow phases of the shared virtual disk hit all of them alike):
-#   write, read, untar, cat, du | rm | sync, SETTLE | create, stat | drop dentries |
+#   write, read | untar, cat, du | rm | sync, SETTLE | create, stat | drop dentries |
 #   untar-small | rm-small | sync, SETTLE (not after the last round)
 # Every round works in fresh directories (tree.R, create.R, small.R); the create.R trees stay
 # until after the last round, then go untimed. Removals are grouped so no timed create follows
 # a large removal without SETTLE (the untimed check extract before round 1 is followed by it
-# too). The rm figures are dentry-warm (each tree was just made and walked).
+# too). The rm and rm-small figures are dentry-warm: no cache is dropped between a tree's
+# making and its removal (the cold read's drop comes before any tree of the round).
 set -euo pipefail
 
 ROUNDS=${ROUNDS:-5}
@@ -483,13 +485,17 @@ w_stat() {
 w_untar_small() { tar -C "$DIR/small.$R" -xf "$SMALL_TARBALL"; }
 w_rm_small() { rm -rf "$DIR/small.$R"; }
 
-# Phase 1 of a round: the big file, then the FILES tree (kept for the rm phase).
-big_and_tree() {
+# The first phase of a round: the big file (its cold read drops every cache).
+big_file() {
     local config=$1
     timed "$config" write w_write
     drop_caches
     timed "$config" read w_read
     rm -f "$DIR/big"
+}
+# The second: the FILES tree, kept for the rm phase.
+files_tree() {
+    local config=$1
     mkdir -p "$DIR/tree.$R"
     sync
     timed "$config" untar w_untar
@@ -533,7 +539,11 @@ settle
 for R in $(seq 1 "$ROUNDS"); do
     for config in $CONFIGS; do
         DIR=${DIRS[$config]}
-        big_and_tree "$config"
+        big_file "$config"
+    done
+    for config in $CONFIGS; do
+        DIR=${DIRS[$config]}
+        files_tree "$config"
     done
     # Removals together, then SETTLE: no timed create right after a large removal.
     for config in $CONFIGS; do

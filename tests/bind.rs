@@ -259,7 +259,8 @@ fn du_is_exact_after_each_release() {
 }
 
 /// Eviction order follows the files' own clock: a file read through the bind mount (its atime
-/// moved: strictatime) is used later than one written earlier and not read since. A budget
+/// moved: strictatime) is used later than one written earlier and not read since; a snapshot
+/// reading every file is not a use. A budget
 /// given at the third run is enforced when that run releases the cache, least recently used
 /// first, down to 90% of it.
 #[test]
@@ -289,6 +290,9 @@ fn lru_order_from_atimes_and_the_budget_trimmed_at_release() {
         ),
         "read",
     );
+    // A snapshot reads every file: that is not a use (O_NOATIME), or f5..f9 would now look
+    // the most recently used.
+    ok(&env.cachefs(&["snapshot", "-q", "lru"]), "snapshot");
     // 400 KiB against a 300 KiB budget: down to 270 KiB, 4 files go: the oldest unread ones.
     let budget = spec("lru", &target, "driver=bind,sharing=locked,max-size=300K");
     ok(&env.run_sh(&[budget], "true"), "budget");

@@ -291,8 +291,10 @@ pub(crate) fn walk_hash(
                 return Err(LayerError::Interrupted);
             }
             let path = root.join(std::ffi::OsStr::from_bytes(&job.path));
-            let fd = open_beneath(&root_fd, &job.path, OFlags::RDONLY | OFlags::NOCTTY)
-                .map_err(|e| LayerError::io("open", &path, e))?;
+            let fd = without_atime(OFlags::RDONLY | OFlags::NOCTTY, |flags| {
+                open_beneath(&root_fd, &job.path, flags)
+            })
+            .map_err(|e| LayerError::io("open", &path, e))?;
             let (digest, size, wrote) = hash_and_store(objects, File::from(fd), &progress)
                 .map_err(|e| match e {
                     HashError::Read(e) => LayerError::io("read", &path, e),
@@ -372,6 +374,19 @@ pub(crate) fn walk_hash(
 
 /// Hashes (and stores) the regular file `name` of directory `dir`; `display` names it in
 /// errors. Returns the hash, the bytes read and the bytes stored.
+/// Opens a file for reading with `O_NOATIME` where the caller may (root, or the file's owner),
+/// else without: a snapshot reading a cache is not a use of its files, and with the bind
+/// driver atimes are the LRU clock (`accounting::rescan_at_release`).
+fn without_atime(
+    flags: OFlags,
+    open: impl Fn(OFlags) -> std::io::Result<OwnedFd>,
+) -> std::io::Result<OwnedFd> {
+    match open(flags | OFlags::NOATIME) {
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => open(flags),
+        other => other,
+    }
+}
+
 pub(crate) fn hash_file(
     objects: &ObjectStore,
     dir: &OwnedFd,
@@ -380,13 +395,11 @@ pub(crate) fn hash_file(
 ) -> Result<(Digest, u64, u64), LayerError> {
     let c = CString::new(name.to_vec())
         .map_err(|_| LayerError::Invalid("a name holds a NUL byte".into()))?;
-    let fd = rustix::fs::openat(
-        dir,
-        &c,
-        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NOCTTY,
-        Mode::empty(),
-    )
-    .map_err(|e| LayerError::io("open", display, e.into()))?;
+    let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NOCTTY;
+    let fd = without_atime(flags, |flags| {
+        rustix::fs::openat(dir, &c, flags, Mode::empty()).map_err(std::io::Error::from)
+    })
+    .map_err(|e| LayerError::io("open", display, e))?;
     hash_and_store(objects, File::from(fd), &Progress::none()).map_err(|e| match e {
         HashError::Read(e) => LayerError::io("read", display, e),
         HashError::Store(e) => e,
