@@ -50,6 +50,9 @@ pub enum RescanError {
 
 /// Rescans instance `number` of `id` (directory `path`), which nobody else is changing, and
 /// records what it found: counters, file records with their last use, and the change log.
+///
+/// The walk runs on a thread of its own while this one reads the records it is compared
+/// with (two cores: the walk is syscalls, the reads are SQLite).
 pub fn rescan_at_release(
     store: &Store,
     id: &CacheId,
@@ -57,77 +60,77 @@ pub fn rescan_at_release(
     path: &Path,
 ) -> Result<RescanReport, RescanError> {
     let started = Instant::now();
-    let walk_err = |err| RescanError::Walk {
-        path: path.to_path_buf(),
-        err,
-    };
     // The hash cache is only worth reading when the change log is kept (a complete log since
     // a snapshot): otherwise the next snapshot walks the whole tree anyway.
     let keep_log = store.keeps_change_log(id, number)?;
-    let (hashed, dir_keys) = if keep_log {
-        (store.hash_cache(id, number)?, store.dir_keys(id, number)?)
-    } else {
-        (HashMap::new(), HashMap::new())
-    };
     let now_ms = crate::lease::now_ms();
-    let root = super::open_instance_root(path).map_err(walk_err)?;
+    let root = super::open_instance_root(path).map_err(|err| RescanError::Walk {
+        path: path.to_path_buf(),
+        err,
+    })?;
+    let (walked, records, hashed, dir_keys) = std::thread::scope(|scope| {
+        let walker = std::thread::Builder::new()
+            .name("cachefs-rescan".into())
+            .spawn_scoped(scope, move || walk(root, keep_log, now_ms));
+        let read = || -> Result<_, StoreError> {
+            let records = store.file_records(id, number)?;
+            let (hashed, dir_keys) = if keep_log {
+                (store.hash_cache(id, number)?, store.dir_keys(id, number)?)
+            } else {
+                (HashMap::new(), HashMap::new())
+            };
+            Ok((records, hashed, dir_keys))
+        };
+        let read = read();
+        let walked = match walker {
+            Ok(handle) => handle
+                .join()
+                .unwrap_or_else(|_| Err(std::io::Error::other("the rescan thread panicked"))),
+            Err(e) => Err(e),
+        };
+        read.map(|(r, h, d)| (walked, r, h, d))
+    })?;
+    let walked = walked.map_err(|err| RescanError::Walk {
+        path: path.to_path_buf(),
+        err,
+    })?;
+    let walk_done = started.elapsed();
 
-    let mut usage = Usage::default();
-    let mut files: Vec<RescannedFile> = Vec::new();
-    let mut seen: HashSet<u64> = HashSet::new();
     // Changed directories, and whether each is new (the snapshot walks it whole).
-    let mut dirs: HashMap<Vec<u8>, bool> = HashMap::new();
-    let mut child = Vec::with_capacity(256);
-    let root_st = super::walk_fd(root, |dir, name, st| {
-        let kind = FileType::from_raw_mode(st.st_mode);
-        if kind == FileType::RegularFile && seen.insert(st.st_ino) {
-            let size = u64::try_from(st.st_size).unwrap_or(0);
-            usage.add_file(size);
-            files.push(RescannedFile {
-                ino: st.st_ino,
-                size,
-                used_ms: used_ms(st, now_ms),
-            });
-        }
-        if !keep_log || dirs.get(dir) == Some(&true) {
-            return;
-        }
-        child.clear();
-        child.extend_from_slice(dir);
-        if !dir.is_empty() {
-            child.push(b'/');
-        }
-        child.extend_from_slice(name);
-        match kind {
-            FileType::RegularFile if hashed.get(&child).is_none_or(|h| !same_key(h, st, false)) => {
-                dirs.entry(dir.to_vec()).or_insert(false);
-            }
-            FileType::Directory => match dir_keys.get(&child) {
-                None => {
-                    dirs.insert(child.clone(), true);
-                }
-                Some(k) if !same_key(k, st, true) => {
-                    dirs.entry(child.clone()).or_insert(false);
-                }
-                Some(_) => {}
-            },
-            _ => {}
-        }
-    })
-    .map_err(walk_err)?;
-    if keep_log
-        && dir_keys
+    let mut dirs: HashMap<&[u8], bool> = HashMap::new();
+    if keep_log {
+        if dir_keys
             .get(b"".as_slice())
-            .is_none_or(|k| !same_key(k, &root_st, true))
-    {
-        dirs.entry(Vec::new()).or_insert(false);
+            .is_none_or(|k| !same_key(k, &walked.root, true))
+        {
+            dirs.insert(b"", false);
+        }
+        for e in &walked.entries {
+            let dir = &e.path[..e.dir_len];
+            if e.is_dir {
+                match dir_keys.get(&e.path) {
+                    None => {
+                        dirs.insert(&e.path, true);
+                    }
+                    Some(k) if !same_key(k, &e.key, true) => {
+                        dirs.entry(&e.path).or_insert(false);
+                    }
+                    Some(_) => {}
+                }
+            } else if hashed
+                .get(&e.path)
+                .is_none_or(|h| !same_key(h, &e.key, false))
+            {
+                dirs.entry(dir).or_insert(false);
+            }
+        }
     }
     // Below a new directory everything is new: the snapshot walks it whole, so the entries
     // under it add nothing.
     let new_dirs: HashSet<&[u8]> = dirs
         .iter()
         .filter(|(_, whole)| **whole)
-        .map(|(p, _)| p.as_slice())
+        .map(|(p, _)| *p)
         .collect();
     let under_new = |p: &[u8]| {
         p.iter()
@@ -137,12 +140,12 @@ pub fn rescan_at_release(
     let mut kept: Vec<(Vec<u8>, bool)> = dirs
         .iter()
         .filter(|(p, _)| !under_new(p))
-        .map(|(p, w)| (p.clone(), *w))
+        .map(|(p, w)| (p.to_vec(), *w))
         .collect();
     kept.sort();
 
-    let records = store.file_records(id, number)?;
-    let changed: Vec<RescannedFile> = files
+    let changed: Vec<RescannedFile> = walked
+        .files
         .iter()
         .filter(|f| {
             records
@@ -151,19 +154,99 @@ pub fn rescan_at_release(
         })
         .copied()
         .collect();
+    let seen: HashSet<u64> = walked.files.iter().map(|f| f.ino).collect();
     let removed: Vec<u64> = records
         .keys()
         .filter(|ino| !seen.contains(ino))
         .copied()
         .collect();
-    store.apply_rescan(id, number, usage, &changed, &removed, &kept, now_ms)?;
+    let compared = started.elapsed();
+    store.apply_rescan(id, number, walked.usage, &changed, &removed, &kept, now_ms)?;
+    let total = started.elapsed();
+    tracing::debug!(
+        walk_and_read_ms = walk_done.as_millis() as u64,
+        compare_ms = (compared - walk_done).as_millis() as u64,
+        write_ms = (total - compared).as_millis() as u64,
+        "rescan timings"
+    );
     Ok(RescanReport {
-        usage,
+        usage: walked.usage,
         changed_files: changed.len(),
         removed_files: removed.len(),
         changed_dirs: kept.len(),
-        ms: started.elapsed().as_millis() as u64,
+        ms: total.as_millis() as u64,
     })
+}
+
+/// What the walk found.
+struct Walked {
+    /// The instance root's stat key.
+    root: HashedStat,
+    usage: Usage,
+    /// Each regular file once (its first link found).
+    files: Vec<RescannedFile>,
+    /// With a change log kept: every regular file (each link) and directory, by path.
+    entries: Vec<WalkedEntry>,
+}
+
+struct WalkedEntry {
+    /// Relative to the instance root.
+    path: Vec<u8>,
+    /// The length of its directory's path within `path`.
+    dir_len: usize,
+    key: HashedStat,
+    is_dir: bool,
+}
+
+fn walk(root: std::os::fd::OwnedFd, keep_log: bool, now_ms: i64) -> std::io::Result<Walked> {
+    let mut usage = Usage::default();
+    let mut files: Vec<RescannedFile> = Vec::new();
+    let mut seen: HashSet<u64> = HashSet::new();
+    let mut entries = Vec::new();
+    let root_st = super::walk_fd(root, |dir, name, st| {
+        let kind = FileType::from_raw_mode(st.st_mode);
+        let regular = kind == FileType::RegularFile;
+        if regular && seen.insert(st.st_ino) {
+            let size = u64::try_from(st.st_size).unwrap_or(0);
+            usage.add_file(size);
+            files.push(RescannedFile {
+                ino: st.st_ino,
+                size,
+                used_ms: used_ms(st, now_ms),
+            });
+        }
+        if keep_log && (regular || kind == FileType::Directory) {
+            let mut path = Vec::with_capacity(dir.len() + 1 + name.len());
+            path.extend_from_slice(dir);
+            if !dir.is_empty() {
+                path.push(b'/');
+            }
+            path.extend_from_slice(name);
+            entries.push(WalkedEntry {
+                path,
+                dir_len: dir.len(),
+                key: stat_key(st),
+                is_dir: !regular,
+            });
+        }
+    })?;
+    Ok(Walked {
+        root: stat_key(&root_st),
+        usage,
+        files,
+        entries,
+    })
+}
+
+fn stat_key(st: &rustix::fs::Stat) -> HashedStat {
+    let ns = |s: i64, n: i64| s.saturating_mul(1_000_000_000).saturating_add(n);
+    HashedStat {
+        size: u64::try_from(st.st_size).unwrap_or(u64::MAX),
+        mtime_ns: ns(st.st_mtime, st.st_mtime_nsec as i64),
+        ctime_ns: ns(st.st_ctime, st.st_ctime_nsec as i64),
+        ino: st.st_ino,
+        hash: [0; 32],
+    }
 }
 
 /// A file's last use by its own clock, in ms: the later of its atime and ctime, never in the
@@ -175,14 +258,14 @@ fn used_ms(st: &rustix::fs::Stat, now_ms: i64) -> i64 {
     atime.max(ctime).min(now_ms)
 }
 
-/// Whether `st` still has the stat key the hash cache recorded: size, mtime, ctime, inode
-/// for a file; a directory's size is not part of it (as the incremental snapshot compares).
-fn same_key(h: &HashedStat, st: &rustix::fs::Stat, dir: bool) -> bool {
-    let ns = |s: i64, n: i64| s.saturating_mul(1_000_000_000).saturating_add(n);
-    h.ino == st.st_ino
-        && h.mtime_ns == ns(st.st_mtime, st.st_mtime_nsec as i64)
-        && h.ctime_ns == ns(st.st_ctime, st.st_ctime_nsec as i64)
-        && (dir || h.size == u64::try_from(st.st_size).unwrap_or(u64::MAX))
+/// Whether a file or directory still has the stat key the hash cache recorded: size, mtime,
+/// ctime, inode for a file; a directory's size is not part of it (as the incremental snapshot
+/// compares).
+fn same_key(recorded: &HashedStat, now: &HashedStat, dir: bool) -> bool {
+    recorded.ino == now.ino
+        && recorded.mtime_ns == now.mtime_ns
+        && recorded.ctime_ns == now.ctime_ns
+        && (dir || recorded.size == now.size)
 }
 
 #[cfg(test)]
@@ -217,21 +300,14 @@ mod tests {
     #[test]
     fn a_file_key_includes_its_size_a_directory_key_does_not() {
         let dir = tempfile::tempdir().unwrap();
-        let st = stat(dir.path());
-        let ns = |s: i64, n: i64| s * 1_000_000_000 + n;
-        let key = HashedStat {
-            size: 1,
-            mtime_ns: ns(st.st_mtime, st.st_mtime_nsec as i64),
-            ctime_ns: ns(st.st_ctime, st.st_ctime_nsec as i64),
-            ino: st.st_ino,
-            hash: [0; 32],
-        };
-        assert!(same_key(&key, &st, true));
-        assert!(!same_key(&key, &st, false));
+        let now = stat_key(&stat(dir.path()));
+        let key = HashedStat { size: 1, ..now };
+        assert!(same_key(&key, &now, true));
+        assert!(!same_key(&key, &now, false));
         let moved = HashedStat {
-            ino: st.st_ino + 1,
+            ino: now.ino + 1,
             ..key
         };
-        assert!(!same_key(&moved, &st, true));
+        assert!(!same_key(&moved, &now, true));
     }
 }

@@ -214,7 +214,7 @@ pub(crate) fn precheck_targets(store: &Store, plan: &[Planned]) -> anyhow::Resul
     Ok(())
 }
 
-/// Whether a live lease of cache `id` (of any cache, if `None`) serves `target`.
+/// Whether a live lease of cache `id` serves `target`.
 fn held_at(store: &Store, id: &CacheId, target: &Path) -> bool {
     lease::list(store, Some(id))
         .map(|rows| {
