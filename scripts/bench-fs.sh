@@ -74,8 +74,9 @@
 #             examples; sizes 5% < 1 KiB, 87% 1-16 KiB log-uniform, 8% 16-64 KiB)
 #   rm-small  rm -rf of that tree
 #
-# A round runs, each phase for every configuration in turn (all configurations stay mounted
-# for the whole run, so slow phases of the shared virtual disk hit all of them alike):
+# A round runs, each phase for every configuration in turn, in an order rotated by one each
+# round (all configurations stay mounted for the whole run, so slow phases of the shared
+# virtual disk hit all of them alike):
 #   write, read | untar, cat, du | rm | sync, SETTLE | create, stat | drop dentries |
 #   untar-small | rm-small | sync, SETTLE (not after the last round)
 # Every round works in fresh directories (tree.R, create.R, small.R); the create.R trees stay
@@ -536,23 +537,35 @@ for config in $CONFIGS; do
 done
 [ -n "$CONFIGS" ] || die "no configuration left to measure"
 settle
+# The configurations in round R's order: rotated by R-1, so that over the rounds each runs at
+# several places in a phase (a phase's later configurations find more of the disk's and the
+# page cache's work from the earlier ones pending).
+rotated() {
+    local -a all
+    read -r -a all <<< "$CONFIGS"
+    local n=${#all[@]} k=$(( ($1 - 1) % ${#all[@]} )) i
+    for (( i = 0; i < n; i++ )); do
+        printf '%s ' "${all[$(( (i + k) % n ))]}"
+    done
+}
 for R in $(seq 1 "$ROUNDS"); do
-    for config in $CONFIGS; do
+    ORDER=$(rotated "$R")
+    for config in $ORDER; do
         DIR=${DIRS[$config]}
         big_file "$config"
     done
-    for config in $CONFIGS; do
+    for config in $ORDER; do
         DIR=${DIRS[$config]}
         files_tree "$config"
     done
     # Removals together, then SETTLE: no timed create right after a large removal.
-    for config in $CONFIGS; do
+    for config in $ORDER; do
         DIR=${DIRS[$config]}
         timed "$config" rm w_rm
         sync
     done
     settle
-    for config in $CONFIGS; do
+    for config in $ORDER; do
         DIR=${DIRS[$config]}
         timed "$config" create w_create
         timed "$config" stat w_stat
@@ -560,14 +573,14 @@ for R in $(seq 1 "$ROUNDS"); do
     done
     # passthrough_hp would hold N4K fds more into the next phase (dropped for every config).
     drop_dentries
-    for config in $CONFIGS; do
+    for config in $ORDER; do
         DIR=${DIRS[$config]}
         mkdir -p "$DIR/small.$R"
         sync
         timed "$config" untar-small w_untar_small
         sync
     done
-    for config in $CONFIGS; do
+    for config in $ORDER; do
         DIR=${DIRS[$config]}
         timed "$config" rm-small w_rm_small
         sync

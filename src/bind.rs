@@ -137,7 +137,8 @@ fn set_attributes(tree: &OwnedFd, set: u64, clear: u64) -> std::io::Result<()> {
     Ok(())
 }
 
-/// The kernel's id of the mount `path` is on (statx `STATX_MNT_ID`).
+/// The kernel's id of the mount `path` is on (statx `STATX_MNT_ID`), as /proc/PID/fdinfo
+/// shows it. `AT_STATX_DONT_SYNC` keeps this from asking a FUSE server for attributes.
 pub fn mount_id(path: &Path) -> Option<u64> {
     let stx = rustix::fs::statx(
         rustix::fs::CWD,

@@ -606,3 +606,72 @@ fn refusals_are_one_line() {
     let out = nobody_run(&spec("r", &t, ""));
     assert_failure(&out, Some(2), &["driver=bind needs root"]);
 }
+
+/// `cachefs umount` does not touch a mount that is not one of the store's cache directories,
+/// even at a path where a cachefs mount could be.
+#[test]
+fn umount_refuses_a_bind_mount_that_is_not_a_cache() {
+    if skip_unless_root("umount_refuses_a_bind_mount_that_is_not_a_cache") {
+        return;
+    }
+    let env = CliEnv::new();
+    let target = env.path("t");
+    // A store with a cache in it, so the refusal is not for want of one.
+    ok(
+        &env.run_sh(&[spec("c", &env.path("c"), "driver=bind")], "true"),
+        "run",
+    );
+    let other = env.path("other");
+    fs::create_dir_all(&other).unwrap();
+    fs::create_dir_all(&target).unwrap();
+    let st = Command::new("mount")
+        .arg("--bind")
+        .arg(&other)
+        .arg(&target)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let out = env.cachefs(&["umount", target.to_str().unwrap()]);
+    assert_failure(&out, Some(2), &["is not a cachefs mount"]);
+    assert!(is_mounted(&target), "left alone");
+    force_unmount(&target);
+}
+
+/// A `cachefs run` SIGKILLed while its command writes through a bind mount: the command dies
+/// with it and the mount with their namespace (nothing left anywhere); the next run rescans
+/// the instance before mounting it, so `du` is exact.
+#[test]
+fn sigkill_of_a_bind_run_is_repaired_at_the_next_run() {
+    if skip_unless_root("sigkill_of_a_bind_run_is_repaired_at_the_next_run") {
+        return;
+    }
+    let env = CliEnv::new();
+    let target = env.path("t");
+    // Stored with the cache: BgRun's spec names no driver.
+    ok(
+        &env.run_sh(&[spec("k", &target, "driver=bind,sharing=locked")], "true"),
+        "create",
+    );
+    let inst = only_instance(&env);
+    let mut bg = BgRun::spawn(&env, "k", &target, "bg");
+    assert!(
+        wait_until(T, || {
+            env.cachefs(&["ls", "--json"])
+                .stdout
+                .windows(6)
+                .any(|w| w == b"\"bind\"")
+        }),
+        "{}",
+        bg.stderr()
+    );
+    // Written behind the run's back into its instance, as its command would.
+    fs::write(inst.join("by-the-command"), vec![3u8; 20_000]).unwrap();
+    bg.sigkill();
+    assert!(!is_mounted(&target));
+    let c = du(&env, "k");
+    assert_eq!(c["as_of_release"], true, "{c}");
+    let out = env.run_sh(&[spec("k", &target, "sharing=locked")], "true");
+    ok(&out, "next run");
+    assert_du_exact(&env, "k", &inst);
+    assert_eq!(du(&env, "k")["files"], 1);
+}

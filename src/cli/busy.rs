@@ -10,19 +10,9 @@
 use std::fs;
 use std::path::Path;
 
-/// The kernel's id of the mount `path` is on, as /proc/PID/fdinfo shows it.
-///
-/// `AT_STATX_DONT_SYNC` keeps this from asking the FUSE server for attributes.
-pub fn mount_id(path: &Path) -> Option<u64> {
-    let stx = rustix::fs::statx(
-        rustix::fs::CWD,
-        path,
-        rustix::fs::AtFlags::STATX_DONT_SYNC,
-        rustix::fs::StatxFlags::MNT_ID,
-    )
-    .ok()?;
-    (stx.stx_mask & rustix::fs::StatxFlags::MNT_ID.bits() != 0).then_some(stx.stx_mnt_id)
-}
+/// The kernel's id of the mount `path` is on, as /proc/PID/fdinfo shows it (statx with
+/// `AT_STATX_DONT_SYNC`, which does not ask a FUSE server for attributes).
+pub use crate::bind::mount_id;
 
 /// Up to `limit` processes with a file open on mount `mnt_id`, or their working or root
 /// directory in it, as "pid PID (COMM)".

@@ -570,57 +570,47 @@ fn mount_one(
         .mode(inherited.dir_mode())
         .create(target)
         .with_context(|| format!("cannot create the target directory {}", target.display()))?;
-    if planned.driver == Driver::Bind {
+    let (served, mount_id) = if planned.driver == Driver::Bind {
         let dir = crate::bind::open_instance(&instance.path)?;
         let bound = crate::bind::bind(&instance.path, &dir, target, spec.read_only)
             .with_context(|| format!("cannot mount cache {:?}", spec.id.as_str()))?;
-        tracing::info!(
-            id = spec.id.as_str(),
-            instance = instance.number,
-            created = instance.created,
-            target = %target.display(),
-            read_only = spec.read_only,
-            driver = "bind",
-            "mounted"
-        );
-        return Ok(Live {
-            mount_id: Some(bound.mnt_id()),
-            served: Served::Bind(bound),
-            instance,
-            target: target.clone(),
-        });
-    }
-    let mut opts = FsOptions {
-        passthrough,
-        read_only: spec.read_only,
-        fsname: fsname_for(spec.id.as_str()),
-        accounting: accountant,
-        auto_unmount,
-        ..FsOptions::default()
+        let id = bound.mnt_id();
+        (Served::Bind(bound), Some(id))
+    } else {
+        let mut opts = FsOptions {
+            passthrough,
+            read_only: spec.read_only,
+            fsname: fsname_for(spec.id.as_str()),
+            accounting: accountant,
+            auto_unmount,
+            ..FsOptions::default()
+        };
+        if spec.sharing != Sharing::Shared {
+            opts.exclusive = true;
+            // Nobody else mounts this instance while we hold a locked or private lease, so
+            // the kernel may keep names and attributes as long as it likes: every change goes
+            // through this mount, which the kernel sees.
+            opts.entry_ttl = EXCLUSIVE_TTL;
+            opts.attr_ttl = EXCLUSIVE_TTL;
+        }
+        let fs = fs::mount(&instance.path, target, &opts)
+            .with_context(|| format!("cannot mount cache {:?}", spec.id.as_str()))?;
+        (Served::Fuse(fs), busy::mount_id(target))
     };
-    if spec.sharing != Sharing::Shared {
-        opts.exclusive = true;
-        // Nobody else mounts this instance while we hold a locked or private lease, so the
-        // kernel may keep names and attributes as long as it likes: every change goes through
-        // this mount, which the kernel sees.
-        opts.entry_ttl = EXCLUSIVE_TTL;
-        opts.attr_ttl = EXCLUSIVE_TTL;
-    }
-    let fs = fs::mount(&instance.path, target, &opts)
-        .with_context(|| format!("cannot mount cache {:?}", spec.id.as_str()))?;
     tracing::info!(
         id = spec.id.as_str(),
         instance = instance.number,
         created = instance.created,
         target = %target.display(),
         read_only = spec.read_only,
+        driver = planned.driver.as_str(),
         "mounted"
     );
     Ok(Live {
-        served: Served::Fuse(fs),
+        served,
         instance,
         target: target.clone(),
-        mount_id: busy::mount_id(target),
+        mount_id,
     })
 }
 

@@ -28,6 +28,11 @@ cachefs mount, or a mount that belongs to a running `cachefs run`; 1 the mount i
 it was mounted (e.g. by `unshare -m`) holds a copy of it; the message names those processes.
 End them, or end the mount everywhere with --force.
 
+A bind mount (driver=bind) is unmounted the same way, and its server rescans the cache before
+it lets go of the lease; --force is refused for it (a bind mount has no connection to abort),
+and --lazy keeps the lease with the server until the last process using the mount lets go. A
+bind mount left by a killed server is cleared.
+
 Examples:
   cachefs umount ~/.cargo/registry
   # Detach even while processes still use it (they keep what they have open)
@@ -84,12 +89,7 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
     if let Some(h) = &holder
         && h.kind == "run"
     {
-        return Err(usage(anyhow!(
-            "{} belongs to `cachefs run` (pid {}, running {}); it is unmounted when that command ends",
-            target.display(),
-            h.pid,
-            lease::one_line_command(&h.command, 80)
-        )));
+        return Err(belongs_to_run(&target, h));
     }
     if args.force {
         // Detach it here whatever holds it, then end the connection everywhere.
@@ -138,22 +138,21 @@ fn unmount_bind(global: &Global, args: &Args, entry: &fs::MountEntry) -> anyhow:
             crate::text::one_line(&entry.source)
         ))
     };
+    let Some(store) = open_existing_store(global) else {
+        return Err(not_ours());
+    };
+    // Only a mount of one of this store's cache directories is ours to touch.
+    if mounts::bound_instance(&store, target).is_none() {
+        return Err(not_ours());
+    }
     let Some(holder) = holder_of(global, target) else {
-        let Some(store) = open_existing_store(global) else {
-            return Err(not_ours());
-        };
         if mounts::clear_stale_bind(&store, target)? {
             return Ok(0);
         }
         return Err(not_ours());
     };
     if holder.kind == "run" {
-        return Err(usage(anyhow!(
-            "{} belongs to `cachefs run` (pid {}, running {}); it is unmounted when that command ends",
-            target.display(),
-            holder.pid,
-            lease::one_line_command(&holder.command, 80)
-        )));
+        return Err(belongs_to_run(target, &holder));
     }
     if args.force {
         return Err(usage(anyhow!(
@@ -182,6 +181,16 @@ fn unmount_bind(global: &Global, args: &Args, entry: &fs::MountEntry) -> anyhow:
             crate::units::format_duration(args.timeout)
         ))
     }
+}
+
+/// The refusal to unmount a `cachefs run`'s mount: it belongs to its command.
+fn belongs_to_run(target: &Path, holder: &LeaseRow) -> anyhow::Error {
+    usage(anyhow!(
+        "{} belongs to `cachefs run` (pid {}, running {}); it is unmounted when that command ends",
+        target.display(),
+        holder.pid,
+        lease::one_line_command(&holder.command, 80)
+    ))
 }
 
 /// Why an unmount failed, in one line; a busy mount names the processes using it.

@@ -453,17 +453,7 @@ impl Store {
     /// is pending: what a release-time rescan adds to.
     pub fn keeps_change_log(&self, id: &CacheId, number: u32) -> Result<bool, StoreError> {
         let err = |e| db_error(&self.db_path, &self.root, e);
-        let complete: Option<bool> = self
-            .conn
-            .lock()
-            .query_row(
-                "SELECT log_complete FROM snapshots WHERE cache_id = ?1 AND instance = ?2",
-                params![id.as_str(), number],
-                |r| r.get(0),
-            )
-            .optional()
-            .map_err(err)?;
-        Ok(complete == Some(true))
+        log_complete(&self.conn.lock(), id, number).map_err(err)
     }
 
     /// The change log of an instance when it is complete since its last snapshot (and no bind
@@ -581,6 +571,18 @@ impl Store {
     }
 }
 
+/// Whether the instance's change log is complete since its last snapshot.
+fn log_complete(conn: &rusqlite::Connection, id: &CacheId, number: u32) -> rusqlite::Result<bool> {
+    let complete: Option<bool> = conn
+        .query_row(
+            "SELECT log_complete FROM snapshots WHERE cache_id = ?1 AND instance = ?2",
+            params![id.as_str(), number],
+            |r| r.get(0),
+        )
+        .optional()?;
+    Ok(complete == Some(true))
+}
+
 /// [`Store::record_changes`] inside the caller's transaction.
 pub(super) fn record_changes_in(
     tx: &rusqlite::Transaction<'_>,
@@ -589,14 +591,7 @@ pub(super) fn record_changes_in(
     dirs: &[(Vec<u8>, bool)],
     lost: bool,
 ) -> rusqlite::Result<()> {
-    let complete: Option<bool> = tx
-        .query_row(
-            "SELECT log_complete FROM snapshots WHERE cache_id = ?1 AND instance = ?2",
-            params![id.as_str(), number],
-            |r| r.get(0),
-        )
-        .optional()?;
-    if complete != Some(true) {
+    if !log_complete(tx, id, number)? {
         return Ok(());
     }
     if lost {
