@@ -100,11 +100,30 @@ pub fn bind(
         MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH | MoveMountFlags::MOVE_MOUNT_T_EMPTY_PATH,
     )
     .map_err(|e| mount_err(e.into()))?;
-    let mnt_id = mount_id(target).ok_or_else(|| {
-        mount_err(std::io::Error::other(
-            "the kernel does not report the new mount's id (statx STATX_MNT_ID)",
-        ))
-    })?;
+    // The id of the mount just attached, from its own fd (not by the target's name).
+    let stx = rustix::fs::statx(
+        &tree,
+        c"",
+        rustix::fs::AtFlags::EMPTY_PATH,
+        rustix::fs::StatxFlags::MNT_ID,
+    );
+    let mnt_id = match stx {
+        Ok(stx) if stx.stx_mask & rustix::fs::StatxFlags::MNT_ID.bits() != 0 => stx.stx_mnt_id,
+        other => {
+            // Attached but not ours to track: never left behind.
+            let _ = rustix::mount::unmount(
+                target,
+                rustix::mount::UnmountFlags::DETACH | rustix::mount::UnmountFlags::NOFOLLOW,
+            );
+            let err = match other {
+                Err(e) => e.into(),
+                Ok(_) => std::io::Error::other(
+                    "the kernel does not report the new mount's id (statx STATX_MNT_ID)",
+                ),
+            };
+            return Err(mount_err(err));
+        }
+    };
     Ok(BindMount {
         target: target.to_path_buf(),
         mnt_id,
