@@ -18,6 +18,8 @@ use std::time::{Duration, Instant};
 use rustix::fs::{Mode, OFlags};
 use rustix::mount::{MoveMountFlags, OpenTreeFlags};
 
+use crate::text::path_line;
+
 /// Why a bind mount could not be made or removed. Each message is one line.
 #[derive(Debug, thiserror::Error)]
 pub enum BindError {
@@ -25,17 +27,21 @@ pub enum BindError {
         "driver=bind needs root (a bind mount needs CAP_SYS_ADMIN); use driver=fuse, which works without it"
     )]
     NotPermitted,
-    #[error("cannot open the cache directory {}: {err}", path.display())]
+    #[error("cannot open the cache directory {}: {err}", path_line(path))]
     Instance { path: PathBuf, err: std::io::Error },
-    #[error("cannot open the target {}: {err}", path.display())]
+    #[error("cannot open the target {}: {err}", path_line(path))]
     Target { path: PathBuf, err: std::io::Error },
-    #[error("cannot bind-mount {} at {}: {err}", instance.display(), target.display())]
+    #[error(
+        "cannot bind-mount {} at {}: {err}",
+        path_line(instance),
+        path_line(target)
+    )]
     Mount {
         instance: PathBuf,
         target: PathBuf,
         err: std::io::Error,
     },
-    #[error("cannot unmount {}: {err}", target.display())]
+    #[error("cannot unmount {}: {err}", path_line(target))]
     Unmount {
         target: PathBuf,
         err: std::io::Error,

@@ -44,7 +44,7 @@ pub enum RescanError {
     #[error(transparent)]
     Store(#[from] StoreError),
     // `err`, not `source`: said once, not again as the next link of the chain.
-    #[error("cannot rescan {}: {err}", path.display())]
+    #[error("cannot rescan {}: {err}", crate::text::path_line(path))]
     Walk { path: PathBuf, err: std::io::Error },
 }
 
@@ -101,7 +101,7 @@ pub fn rescan_at_release(
     if keep_log {
         if dir_keys
             .get(b"".as_slice())
-            .is_none_or(|k| !same_key(k, &walked.root, true))
+            .is_none_or(|k| !k.same_dir(&walked.root))
         {
             dirs.insert(b"", false);
         }
@@ -112,15 +112,12 @@ pub fn rescan_at_release(
                     None => {
                         dirs.insert(&e.path, true);
                     }
-                    Some(k) if !same_key(k, &e.key, true) => {
+                    Some(k) if !k.same_dir(&e.key) => {
                         dirs.entry(&e.path).or_insert(false);
                     }
                     Some(_) => {}
                 }
-            } else if hashed
-                .get(&e.path)
-                .is_none_or(|h| !same_key(h, &e.key, false))
-            {
+            } else if hashed.get(&e.path).is_none_or(|h| !h.same_file(&e.key)) {
                 dirs.entry(dir).or_insert(false);
             }
         }
@@ -154,10 +151,9 @@ pub fn rescan_at_release(
         })
         .copied()
         .collect();
-    let seen: HashSet<u64> = walked.files.iter().map(|f| f.ino).collect();
     let removed: Vec<u64> = records
         .keys()
-        .filter(|ino| !seen.contains(ino))
+        .filter(|ino| !walked.seen.contains(ino))
         .copied()
         .collect();
     let compared = started.elapsed();
@@ -185,6 +181,8 @@ struct Walked {
     usage: Usage,
     /// Each regular file once (its first link found).
     files: Vec<RescannedFile>,
+    /// Their inodes.
+    seen: HashSet<u64>,
     /// With a change log kept: every regular file (each link) and directory, by path.
     entries: Vec<WalkedEntry>,
 }
@@ -225,28 +223,18 @@ fn walk(root: std::os::fd::OwnedFd, keep_log: bool, now_ms: i64) -> std::io::Res
             entries.push(WalkedEntry {
                 path,
                 dir_len: dir.len(),
-                key: stat_key(st),
+                key: HashedStat::of(st),
                 is_dir: !regular,
             });
         }
     })?;
     Ok(Walked {
-        root: stat_key(&root_st),
+        root: HashedStat::of(&root_st),
         usage,
         files,
+        seen,
         entries,
     })
-}
-
-fn stat_key(st: &rustix::fs::Stat) -> HashedStat {
-    let ns = |s: i64, n: i64| s.saturating_mul(1_000_000_000).saturating_add(n);
-    HashedStat {
-        size: u64::try_from(st.st_size).unwrap_or(u64::MAX),
-        mtime_ns: ns(st.st_mtime, st.st_mtime_nsec as i64),
-        ctime_ns: ns(st.st_ctime, st.st_ctime_nsec as i64),
-        ino: st.st_ino,
-        hash: [0; 32],
-    }
 }
 
 /// A file's last use by its own clock, in ms: the later of its atime and ctime, never in the
@@ -256,16 +244,6 @@ fn used_ms(st: &rustix::fs::Stat, now_ms: i64) -> i64 {
     let atime = ms(st.st_atime, st.st_atime_nsec as i64);
     let ctime = ms(st.st_ctime, st.st_ctime_nsec as i64);
     atime.max(ctime).min(now_ms)
-}
-
-/// Whether a file or directory still has the stat key the hash cache recorded: size, mtime,
-/// ctime, inode for a file; a directory's size is not part of it (as the incremental snapshot
-/// compares).
-fn same_key(recorded: &HashedStat, now: &HashedStat, dir: bool) -> bool {
-    recorded.ino == now.ino
-        && recorded.mtime_ns == now.mtime_ns
-        && recorded.ctime_ns == now.ctime_ns
-        && (dir || recorded.size == now.size)
 }
 
 #[cfg(test)]
@@ -295,19 +273,5 @@ mod tests {
             .set_times(fs::FileTimes::new().set_accessed(ahead))
             .unwrap();
         assert_eq!(used_ms(&stat(&f), now), now);
-    }
-
-    #[test]
-    fn a_file_key_includes_its_size_a_directory_key_does_not() {
-        let dir = tempfile::tempdir().unwrap();
-        let now = stat_key(&stat(dir.path()));
-        let key = HashedStat { size: 1, ..now };
-        assert!(same_key(&key, &now, true));
-        assert!(!same_key(&key, &now, false));
-        let moved = HashedStat {
-            ino: now.ino + 1,
-            ..key
-        };
-        assert!(!same_key(&moved, &now, true));
     }
 }

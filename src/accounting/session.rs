@@ -44,7 +44,10 @@ const FINAL_EVICT_BATCH: usize = 1 << 16;
 /// this mount does not have open) until it is at [`TRIM_TO_PERCENT`] of it. Returns the
 /// number of files evicted.
 pub fn enforce_budget(store: &Store, m: &Counted) -> Result<usize, EvictError> {
-    enforce(store, m, 4, EVICT_BATCH, true)
+    match &m.evictor {
+        Some(evictor) => enforce(store, &m.id, m.number, evictor, 4, EVICT_BATCH, true),
+        None => Ok(0),
+    }
 }
 
 /// [`enforce_budget`] with at most `rounds` rounds of `batch` files each. `drop_log`: the
@@ -52,21 +55,20 @@ pub fn enforce_budget(store: &Store, m: &Counted) -> Result<usize, EvictError> {
 /// directories itself).
 fn enforce(
     store: &Store,
-    m: &Counted,
+    id: &CacheId,
+    number: u32,
+    evictor: &crate::fs::Evictor,
     rounds: usize,
     batch: usize,
     drop_log: bool,
 ) -> Result<usize, EvictError> {
-    let Some(evictor) = &m.evictor else {
-        return Ok(0);
-    };
     let mut total = 0;
     let mut tried: std::collections::HashSet<u64> = std::collections::HashSet::new();
     for _round in 0..rounds {
         let Some(u) = store
-            .instance_usages(Some(&m.id))?
+            .instance_usages(Some(id))?
             .into_iter()
-            .find(|u| u.number == m.number)
+            .find(|u| u.number == number)
         else {
             return Ok(total);
         };
@@ -79,7 +81,7 @@ fn enforce(
         let target = max / 100 * TRIM_TO_PERCENT;
         let mut need = u.usage.disk_bytes.saturating_sub(target);
         let mut victims = std::collections::HashSet::new();
-        for (ino, size, _) in store.lru_files(&m.id, m.number, tried.len() + batch)? {
+        for (ino, size, _) in store.lru_files(id, number, tried.len() + batch)? {
             if need == 0 {
                 break;
             }
@@ -89,14 +91,14 @@ fn enforce(
             }
         }
         if victims.is_empty() {
-            tracing::warn!(id = %m.id, instance = m.number, "over budget, but every file is in use");
+            tracing::warn!(id = %id, instance = number, "over budget, but every file is in use");
             return Ok(total);
         }
         let outcome = evictor.evict(&victims).map_err(EvictError::Io)?;
-        let counters = record_eviction(store, &m.id, m.number, &victims, &outcome, drop_log)?;
+        let counters = record_eviction(store, id, number, &victims, &outcome, drop_log)?;
         tracing::info!(
-            id = %m.id,
-            instance = m.number,
+            id = %id,
+            instance = number,
             files = outcome.evicted.len(),
             bytes = counters.evicted_bytes,
             skipped_open = outcome.skipped_open,
@@ -254,20 +256,22 @@ pub fn settle_bind_changes(
         path: path.to_path_buf(),
         err,
     })?;
-    let m = Counted {
-        id: id.clone(),
+    let evicted = enforce(
+        store,
+        id,
         number,
-        accountant: Arc::new(Accountant::new()),
-        evictor: Some(evictor),
-    };
-    let evicted =
-        enforce(store, &m, usize::MAX, FINAL_EVICT_BATCH, false).map_err(|e| match e {
-            EvictError::Store(e) => PrepareError::Store(e),
-            EvictError::Io(err) => PrepareError::Scan {
-                path: path.to_path_buf(),
-                err,
-            },
-        })?;
+        &evictor,
+        usize::MAX,
+        FINAL_EVICT_BATCH,
+        false,
+    )
+    .map_err(|e| match e {
+        EvictError::Store(e) => PrepareError::Store(e),
+        EvictError::Io(err) => PrepareError::Scan {
+            path: path.to_path_buf(),
+            err,
+        },
+    })?;
     if evicted > 0 {
         // The eviction changed directories: find them again, so the change log stays whole.
         super::rescan_at_release(store, id, number, path)?;
@@ -366,11 +370,17 @@ impl Flusher {
                 // far past it, and nobody would trim it until its next mount. The mount is
                 // gone (nothing is open through it), so the eviction walks the directory alone;
                 // others still holding the instance enforce the budget themselves.
-                let last = Counted {
-                    evictor: Some(evictor.detached()),
-                    ..m.clone()
-                };
-                if let Err(e) = enforce(store, &last, usize::MAX, FINAL_EVICT_BATCH, true) {
+                let detached = evictor.detached();
+                let trimmed = enforce(
+                    store,
+                    &m.id,
+                    m.number,
+                    &detached,
+                    usize::MAX,
+                    FINAL_EVICT_BATCH,
+                    true,
+                );
+                if let Err(e) = trimmed {
                     tracing::warn!(id = %m.id, error = %e, "cannot bring the cache within its budget");
                 }
             }

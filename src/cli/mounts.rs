@@ -264,13 +264,13 @@ pub(crate) fn clear_stale_bind(store: &Store, target: &Path) -> anyhow::Result<b
         format!(
             "cannot clear the stale bind mount of cache {:?} at {}",
             id.as_str(),
-            entry.mount_point.display()
+            crate::text::path_line(&entry.mount_point)
         )
     })?;
     print_warning(format_args!(
         "cleared a bind mount of cache {:?} at {} (its holder had died)",
         id.as_str(),
-        entry.mount_point.display()
+        crate::text::path_line(&entry.mount_point)
     ));
     Ok(true)
 }
@@ -474,7 +474,24 @@ pub(crate) fn prepare_counting(
 /// nobody else holds.
 pub(crate) fn finish_counting(store: &Store, flusher: Flusher, leases: &[Lease<'_>]) {
     let ours: Vec<i64> = leases.iter().map(Lease::seq).collect();
-    let still_held = |id: &CacheId, n: u32| held_by_others(store, id, n, &ours);
+    // Decided once, for the flush and the rescan alike.
+    let held: Vec<(&CacheId, u32, bool)> = leases
+        .iter()
+        .map(|l| {
+            let inst = l.instance();
+            (
+                &inst.id,
+                inst.number,
+                held_by_others(store, &inst.id, inst.number, &ours),
+            )
+        })
+        .collect();
+    let still_held = |id: &CacheId, n: u32| {
+        held.iter()
+            .find(|(i, m, _)| *i == id && *m == n)
+            // Not one of ours: cannot tell, so nothing is rescanned or marked clean wrongly.
+            .is_none_or(|(_, _, h)| *h)
+    };
     if let Err(e) = flusher.finish(store, still_held) {
         print_warning(format_args!(
             "cannot record the sizes of the caches: {e} (the next exclusive mount recounts them)"
@@ -708,7 +725,7 @@ fn unmount_bind(b: &BindMount, grace: Duration) -> Result<(), String> {
     let users = busy::users_of(b.mnt_id(), 5);
     Err(format!(
         "{} was detached while in use by {}: they can still reach the cache after its lease ends",
-        b.target().display(),
+        crate::text::path_line(b.target()),
         if users.is_empty() {
             "processes".to_string()
         } else {

@@ -133,7 +133,7 @@ fn unmount_bind(global: &Global, args: &Args, entry: &fs::MountEntry) -> anyhow:
     let not_ours = || {
         usage(anyhow!(
             "{} is not a cachefs mount (it is {} from {})",
-            target.display(),
+            crate::text::path_line(target),
             crate::text::one_line(&entry.fstype),
             crate::text::one_line(&entry.source)
         ))
@@ -157,7 +157,7 @@ fn unmount_bind(global: &Global, args: &Args, entry: &fs::MountEntry) -> anyhow:
     if args.force {
         return Err(usage(anyhow!(
             "{} is a bind mount (driver=bind): --force aborts FUSE connections and a bind mount has none; stop the processes that use it, or detach it with --lazy",
-            target.display()
+            crate::text::path_line(target)
         )));
     }
     if let Err(e) = fs::unmount_path(target, args.lazy) {
@@ -166,7 +166,7 @@ fn unmount_bind(global: &Global, args: &Args, entry: &fs::MountEntry) -> anyhow:
     if args.lazy && !wait_for_exit_quietly(holder.pid, Duration::from_millis(200)) {
         print_warning(format_args!(
             "{} is detached; its server (pid {}) keeps the lease until the last process using it lets go",
-            target.display(),
+            crate::text::path_line(target),
             holder.pid
         ));
         return Ok(0);
@@ -176,7 +176,7 @@ fn unmount_bind(global: &Global, args: &Args, entry: &fs::MountEntry) -> anyhow:
     } else {
         Err(anyhow!(
             "{} is unmounted, but its server (pid {}) still holds the lease after {}",
-            target.display(),
+            crate::text::path_line(target),
             holder.pid,
             crate::units::format_duration(args.timeout)
         ))

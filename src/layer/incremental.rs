@@ -26,7 +26,7 @@ use rustix::fs::{AtFlags, Dir, FileType, Mode, OFlags};
 use super::format::{Digest, Entry, Kind, Tree};
 use super::objects::{ObjectKind, ObjectStore};
 use super::paths::{join, open_beneath, parent_of};
-use super::snapshot::{HashReport, Hashed, hash_file, same_key, stat_key, walk_hash};
+use super::snapshot::{HashReport, Hashed, hash_file, walk_hash};
 use super::{LayerError, TreeStats};
 use crate::store::{CacheId, ChangeLog, HashCacheDelta, HashedStat, LayerRecord, Store};
 
@@ -208,7 +208,7 @@ impl Ctx<'_> {
                 .hash_cache_get(id, number, p)
                 .ok()
                 .flatten()
-                .filter(|c| same_key(c, st))
+                .filter(|c| c.same_file(st))
                 .map(|c| Digest(c.hash))
                 .filter(|d| objects.has(ObjectKind::Blob, *d))
         };
@@ -266,7 +266,9 @@ impl Ctx<'_> {
         let dir_st = rustix::fs::fstat(fd)
             .map_err(|e| LayerError::io("stat", &self.display(path), e.into()))?;
         let dev = dir_st.st_dev;
-        self.cache.dirs.push((path.to_vec(), stat_key(&dir_st)));
+        self.cache
+            .dirs
+            .push((path.to_vec(), HashedStat::of(&dir_st)));
         let mut tree = Tree::default();
         let mut to_hash: Vec<(Vec<u8>, u32, HashedStat)> = Vec::new();
         // The hash-cache rows of this directory's files: one range query, but for the root,
@@ -292,7 +294,7 @@ impl Ctx<'_> {
             let prev_entry = prev_tree.get(&name);
             match FileType::from_raw_mode(st.st_mode) {
                 FileType::RegularFile => {
-                    let key = stat_key(&st);
+                    let key = HashedStat::of(&st);
                     // The previous layer's blobs are stored (gc keeps what recorded layers
                     // reach); any other hash must be checked.
                     let row = match &cached_here {
@@ -300,7 +302,7 @@ impl Ctx<'_> {
                         None => self.store.hash_cache_get(self.id, self.number, &child)?,
                     };
                     let cached = row
-                        .filter(|c| same_key(c, &key))
+                        .filter(|c| c.same_file(&key))
                         .map(|c| Digest(c.hash))
                         .filter(|d| {
                             prev_entry.is_some_and(|p| p.kind == Kind::File && p.hash == *d)
@@ -436,8 +438,8 @@ fn changed_dirs(
                 e.into(),
             )
         })?;
-        let key = stat_key(&st);
-        if !(r.mtime_ns == key.mtime_ns && r.ctime_ns == key.ctime_ns && r.ino == key.ino) {
+        let key = HashedStat::of(&st);
+        if !r.same_dir(&key) {
             out.push(path.clone());
         }
     }

@@ -270,7 +270,7 @@ pub fn materialize(
                 }
                 let st = rustix::fs::fstat(&out)
                     .map_err(|e| LayerError::io("stat", &at(rel), e.into()))?;
-                let mut key = super::snapshot::stat_key(&st);
+                let mut key = HashedStat::of(&st);
                 key.hash = task.blob.0;
                 out_keys.push((rel.clone(), key));
             }
@@ -300,7 +300,7 @@ pub fn materialize(
         .map_err(|e| LayerError::io("set mode of", &at(rel), e.into()))?;
         let st = rustix::fs::statat(&pfd, name.as_c_str(), AtFlags::SYMLINK_NOFOLLOW)
             .map_err(|e| LayerError::io("stat", &at(rel), e.into()))?;
-        dirs.push((rel.clone(), super::snapshot::stat_key(&st)));
+        dirs.push((rel.clone(), HashedStat::of(&st)));
     }
     Ok((
         RestoreReport {
@@ -550,7 +550,7 @@ pub fn restore_instance(
     store.replace_with_scan(id, number, &scan, crate::lease::now_ms())?;
     let mut dirs = keys.dirs;
     if let Ok(st) = rustix::fs::stat(path) {
-        dirs.push((Vec::new(), super::snapshot::stat_key(&st)));
+        dirs.push((Vec::new(), HashedStat::of(&st)));
     }
     let delta = crate::store::HashCacheDelta {
         replace: true,

@@ -78,20 +78,6 @@ fn errno_io(e: rustix::io::Errno) -> io::Error {
     io::Error::from(e)
 }
 
-pub(crate) fn stat_key(st: &rustix::fs::Stat) -> HashedStat {
-    HashedStat {
-        size: u64::try_from(st.st_size).unwrap_or(0),
-        mtime_ns: st.st_mtime * 1_000_000_000 + st.st_mtime_nsec as i64,
-        ctime_ns: st.st_ctime * 1_000_000_000 + st.st_ctime_nsec as i64,
-        ino: st.st_ino,
-        hash: [0; 32],
-    }
-}
-
-pub(crate) fn same_key(a: &HashedStat, b: &HashedStat) -> bool {
-    a.size == b.size && a.mtime_ns == b.mtime_ns && a.ctime_ns == b.ctime_ns && a.ino == b.ino
-}
-
 /// Hashes the tree under `root` (an instance directory) into `objects`.
 ///
 /// `cache` is the instance's hash cache (empty for a full rehash). `cancel` (a signal number,
@@ -113,7 +99,7 @@ pub fn hash_tree(
     let known = |path: &[u8], st: &HashedStat| {
         cache
             .get(path)
-            .filter(|c| same_key(c, st))
+            .filter(|c| c.same_file(st))
             .map(|c| Digest(c.hash))
             .filter(|d| objects.has(ObjectKind::Blob, *d))
     };
@@ -209,7 +195,7 @@ pub(crate) fn walk_hash(
             ),
         };
         let dir_st = rustix::fs::fstat(&*dir_fd).map_err(|e| walk_err("stat", e, b""))?;
-        dir_keys.push((join(prefix, &dir_path), stat_key(&dir_st)));
+        dir_keys.push((join(prefix, &dir_path), HashedStat::of(&dir_st)));
         let mut reader =
             Dir::read_from(dir_fd.as_fd()).map_err(|e| walk_err("read directory", e, b""))?;
         let mut entries: Vec<(Vec<u8>, Slot)> = Vec::new();
@@ -230,7 +216,7 @@ pub(crate) fn walk_hash(
             match FileType::from_raw_mode(mode) {
                 FileType::RegularFile => {
                     let path = join(&dir_path, &name);
-                    let stat = stat_key(&st);
+                    let stat = HashedStat::of(&st);
                     let known = known(&join(prefix, &path), &stat);
                     jobs.push(FileJob { path, stat, known });
                     entries.push((
@@ -525,7 +511,7 @@ fn hash_and_store(
             .ok_or_else(|| HashError::Read(io::Error::from_raw_os_error(libc::EBADF)))?;
         super::objects::copy_range(&f, out, total).map_err(HashError::Read)?;
         let after = rustix::fs::fstat(&f).map_err(|e| HashError::Read(e.into()))?;
-        if !same_key(&stat_key(&before), &stat_key(&after)) {
+        if !HashedStat::of(&before).same_file(&HashedStat::of(&after)) {
             return Err(HashError::Read(io::Error::other(
                 "the file changed while it was read (is something writing the cache outside cachefs?)",
             )));

@@ -54,6 +54,30 @@ pub struct HashedStat {
     pub hash: [u8; 32],
 }
 
+impl HashedStat {
+    /// The stat key of `st` (size, mtime, ctime, inode), with no hash yet.
+    pub fn of(st: &rustix::fs::Stat) -> HashedStat {
+        HashedStat {
+            size: u64::try_from(st.st_size).unwrap_or(0),
+            mtime_ns: st.st_mtime * 1_000_000_000 + st.st_mtime_nsec as i64,
+            ctime_ns: st.st_ctime * 1_000_000_000 + st.st_ctime_nsec as i64,
+            ino: st.st_ino,
+            hash: [0; 32],
+        }
+    }
+
+    /// The same file, unchanged: size, mtime, ctime and inode all equal.
+    pub fn same_file(&self, other: &HashedStat) -> bool {
+        self.size == other.size && self.same_dir(other)
+    }
+
+    /// The same directory, its entries unchanged: mtime, ctime and inode equal (a
+    /// directory's size is not part of its key).
+    pub fn same_dir(&self, other: &HashedStat) -> bool {
+        self.mtime_ns == other.mtime_ns && self.ctime_ns == other.ctime_ns && self.ino == other.ino
+    }
+}
+
 /// Changes to an instance's hash cache, applied with the layer record.
 #[derive(Debug, Default)]
 pub struct HashCacheDelta {

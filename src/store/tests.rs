@@ -610,3 +610,17 @@ fn root_resolution_order() {
     let rel = r(Some("rel/store"), &[], false).unwrap();
     assert!(rel.is_absolute() && rel.ends_with("rel/store"));
 }
+
+#[test]
+fn a_file_key_includes_its_size_a_directory_key_does_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let now = crate::store::HashedStat::of(&rustix::fs::stat(dir.path()).unwrap());
+    let key = crate::store::HashedStat { size: 1, ..now };
+    assert!(key.same_dir(&now));
+    assert!(!key.same_file(&now));
+    let moved = crate::store::HashedStat {
+        ino: now.ino + 1,
+        ..key
+    };
+    assert!(!moved.same_dir(&now));
+}
