@@ -260,7 +260,13 @@ pub(crate) fn clear_stale_bind(store: &Store, target: &Path) -> anyhow::Result<b
     if held_at(store, &id, &entry.mount_point) {
         return Ok(false);
     }
-    fs::unmount_path(&entry.mount_point, true).with_context(|| {
+    // Detached without following a symlink put in its place since the check.
+    rustix::mount::unmount(
+        &entry.mount_point,
+        rustix::mount::UnmountFlags::DETACH | rustix::mount::UnmountFlags::NOFOLLOW,
+    )
+    .map_err(std::io::Error::from)
+    .with_context(|| {
         format!(
             "cannot clear the stale bind mount of cache {:?} at {}",
             id.as_str(),
