@@ -556,7 +556,10 @@ fn directories() {
 
 #[test]
 fn xattrs() {
-    let tm = TestMount::new();
+    let tm = TestMount::with_options(FsOptions {
+        xattrs: true,
+        ..opts(true)
+    });
     fs::write(tm.m("f"), b"x").unwrap();
     fs::create_dir(tm.m("d")).unwrap();
     let binary: Vec<u8> = (0u8..=255).cycle().take(4000).collect();
@@ -623,6 +626,47 @@ fn xattrs() {
         libc::ERANGE,
         "getxattr into a small buffer",
     );
+}
+
+/// Without `xattrs` (the default) extended attributes are not served: every call fails with
+/// EOPNOTSUPP, as on a filesystem without them, and those of the backing files stay hidden.
+/// The kernel learns it from the first request of each kind and asks no more.
+#[test]
+fn xattrs_off_by_default() {
+    let tm = TestMount::new();
+    fs::write(tm.m("f"), b"x").unwrap();
+    setxattr(&tm.b("f"), "user.behind", b"b", 0).unwrap();
+    for round in 0..2 {
+        assert_errno(
+            setxattr(&tm.m("f"), "user.x", b"1", 0),
+            libc::EOPNOTSUPP,
+            "setxattr",
+        );
+        assert_errno(
+            getxattr(&tm.m("f"), "user.behind"),
+            libc::EOPNOTSUPP,
+            "getxattr",
+        );
+        let c = cpath(&tm.m("f"));
+        assert_errno(
+            cvt(unsafe { libc::listxattr(c.as_ptr(), std::ptr::null_mut(), 0) }),
+            libc::EOPNOTSUPP,
+            "listxattr",
+        );
+        assert_errno(
+            cvt(unsafe { libc::removexattr(c.as_ptr(), cstr("user.behind").as_ptr()) }),
+            libc::EOPNOTSUPP,
+            &format!("removexattr, round {round}"),
+        );
+    }
+    assert_eq!(getxattr(&tm.b("f"), "user.behind").unwrap(), b"b", "untouched");
+    // Tools that copy xattrs where they can still work: cp -a takes EOPNOTSUPP for "none".
+    sh(&format!(
+        "cp -a '{}' '{}'",
+        tm.m("f").display(),
+        tm.m("g").display()
+    ));
+    assert_eq!(fs::read(tm.m("g")).unwrap(), b"x");
 }
 
 #[test]

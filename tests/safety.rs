@@ -59,6 +59,11 @@ impl Layout {
             )
             .unwrap();
         }
+        // Attacks are tried with xattrs served: the configuration that has more to leak.
+        let opts = FsOptions {
+            xattrs: true,
+            ..opts
+        };
         let tm = TestMount::mount_at(dir, backing, mnt, opts);
         Layout { tm, root, outside }
     }

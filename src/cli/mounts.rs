@@ -606,6 +606,7 @@ fn mount_one(
             fsname: fsname_for(spec.id.as_str()),
             accounting: accountant,
             auto_unmount,
+            xattrs: spec.xattrs,
             ..FsOptions::default()
         };
         if spec.sharing != Sharing::Shared {

@@ -80,6 +80,11 @@ pub struct FsOptions {
     /// in a private mount namespace (`cachefs run`): there a mount whose server died must
     /// stay dead (ENOTCONN) rather than reveal the directory it hides.
     pub auto_unmount: bool,
+    /// Serve extended attributes and POSIX ACLs. Off, the first xattr request of each kind is
+    /// answered ENOSYS, which the kernel remembers for the connection: no more round trips
+    /// for the `security.capability` lookups it makes before every write, chown and truncate,
+    /// and callers get EOPNOTSUPP.
+    pub xattrs: bool,
 }
 
 impl Default for FsOptions {
@@ -95,6 +100,7 @@ impl Default for FsOptions {
             accounting: None,
             exclusive: false,
             auto_unmount: true,
+            xattrs: false,
         }
     }
 }

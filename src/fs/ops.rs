@@ -65,6 +65,8 @@ pub(crate) struct CacheFs {
     entry_ttl: Duration,
     attr_ttl: Duration,
     want_passthrough: bool,
+    /// Extended attributes and POSIX ACLs are served (see `FsOptions::xattrs`).
+    xattrs: bool,
     /// No other mount serves the instance: the kernel may keep the locks itself.
     exclusive: bool,
     /// Locks are forwarded to us (FUSE_POSIX_LOCKS granted), not kept by the kernel.
@@ -194,6 +196,7 @@ impl CacheFs {
             entry_ttl: opts.entry_ttl,
             attr_ttl: opts.attr_ttl,
             want_passthrough: opts.passthrough,
+            xattrs: opts.xattrs,
             exclusive: opts.exclusive,
             server_locks: false,
             passthrough,
@@ -612,6 +615,21 @@ impl CacheFs {
         Ok(fd)
     }
 
+    /// The open flags of a new open file (OPEN and CREATE).
+    fn fopen_flags(&self, append: bool, passthrough: bool) -> FopenFlags {
+        let mut fopen = append_fopen(append, passthrough);
+        if !self.server_locks {
+            // No FLUSH round trip at close(): nothing is buffered here (writes reach the
+            // backing file before they return, and shared mmap pages are written back at
+            // munmap), and the kernel keeps this mount's locks and ends them itself. Where we
+            // keep the locks, FLUSH is the only way we learn that a process closed a
+            // descriptor, which ends its fcntl locks on the file whichever descriptor took
+            // them: then never NOFLUSH.
+            fopen |= FopenFlags::FOPEN_NOFLUSH;
+        }
+        fopen
+    }
+
     fn release_file(&self, fh: FileHandle) {
         let Some((_, file)) = self.files.remove(&fh.0) else {
             return;
@@ -672,11 +690,11 @@ impl fuser::Filesystem for CacheFs {
     }
 
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
-        // FUSE_POSIX_ACL: the kernel enforces POSIX ACLs (read through GETXATTR, cached per
-        // inode until its attributes are refreshed); FUSE_DONT_MASK: it leaves the caller's
-        // umask to us, since a default ACL on the parent overrides it (see CallerUmask).
-        let mut wanted = InitFlags::FUSE_POSIX_ACL
-            | InitFlags::FUSE_DONT_MASK
+        // FUSE_POSIX_ACL (with xattrs on): the kernel enforces POSIX ACLs (read through
+        // GETXATTR, cached per inode until its attributes are refreshed); FUSE_DONT_MASK: it
+        // leaves the caller's umask to us, since a default ACL on the parent overrides it (see
+        // CallerUmask).
+        let mut wanted = InitFlags::FUSE_DONT_MASK
             | InitFlags::FUSE_DO_READDIRPLUS
             | InitFlags::FUSE_READDIRPLUS_AUTO
             | InitFlags::FUSE_PARALLEL_DIROPS
@@ -685,6 +703,9 @@ impl fuser::Filesystem for CacheFs {
             | InitFlags::FUSE_ASYNC_DIO
             // Shared mmap of a file opened O_APPEND (direct I/O, see `append_fopen`).
             | InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP;
+        if self.xattrs {
+            wanted |= InitFlags::FUSE_POSIX_ACL;
+        }
         if !self.exclusive {
             // Other mounts may serve the instance: locks must reach the backing file to
             // exclude their users. A mount alone on its instance leaves them to the kernel,
@@ -987,14 +1008,7 @@ impl fuser::Filesystem for CacheFs {
             self.register_open(&inode, file, writable, req.uid() == 0, append, |f| {
                 reply.open_backing(f)
             });
-        let mut fopen = append_fopen(append, backing.is_some());
-        if !self.server_locks && flags.0 & libc::O_ACCMODE == libc::O_RDONLY {
-            // Nothing to flush for a read-only open, and no lock of ours to end at close():
-            // the kernel keeps the locks of this mount. Where we keep them, FLUSH is the only
-            // way we learn that a process closed a descriptor, which ends its fcntl locks on
-            // the file whichever descriptor took them: then never NOFLUSH.
-            fopen |= FopenFlags::FOPEN_NOFLUSH;
-        }
+        let fopen = self.fopen_flags(append, backing.is_some());
         match backing {
             Some(id) => reply.opened_passthrough(FileHandle(fh), fopen, &id),
             None => reply.opened(FileHandle(fh), fopen),
@@ -1294,6 +1308,10 @@ impl fuser::Filesystem for CacheFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
+        if !self.xattrs {
+            // Remembered by the kernel for the connection: it asks no more.
+            return reply.error(Errno::ENOSYS);
+        }
         let res = xattr_name(name).and_then(|cname| {
             let (inode, fd) = self.inode_fd(ino)?;
             if inode.state.lock().is_symlink {
@@ -1309,6 +1327,10 @@ impl fuser::Filesystem for CacheFs {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        if !self.xattrs {
+            // Remembered by the kernel for the connection: it asks no more.
+            return reply.error(Errno::ENOSYS);
+        }
         let res = xattr_name(name).and_then(|cname| {
             let (inode, fd) = self.inode_fd(ino)?;
             if inode.state.lock().is_symlink {
@@ -1335,6 +1357,10 @@ impl fuser::Filesystem for CacheFs {
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        if !self.xattrs {
+            // Remembered by the kernel for the connection: it asks no more.
+            return reply.error(Errno::ENOSYS);
+        }
         let res = self.inode_fd(ino).and_then(|(inode, fd)| {
             if inode.state.lock().is_symlink {
                 return Ok((0, Vec::new()));
@@ -1352,6 +1378,10 @@ impl fuser::Filesystem for CacheFs {
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        if !self.xattrs {
+            // Remembered by the kernel for the connection: it asks no more.
+            return reply.error(Errno::ENOSYS);
+        }
         let res = xattr_name(name).and_then(|cname| {
             let (inode, fd) = self.inode_fd(ino)?;
             if inode.state.lock().is_symlink {
@@ -1408,7 +1438,7 @@ impl fuser::Filesystem for CacheFs {
             self.register_open(&looked.inode, file, true, req.uid() == 0, append, |f| {
                 reply.open_backing(f)
             });
-        let fopen = append_fopen(append, backing.is_some());
+        let fopen = self.fopen_flags(append, backing.is_some());
         match backing {
             Some(id) => reply.created_passthrough(
                 &self.entry_ttl,
@@ -1580,6 +1610,8 @@ impl fuser::Filesystem for CacheFs {
         reply: fuser::ReplyIoctl,
     ) {
         // Not forwarded (isatty() probes land here): answer as a plain file would, quietly.
+        // (ENOSYS would not spare later round trips: the kernel does not remember it for
+        // ioctls, and answers every one with a request.)
         reply.error(Errno::ENOTTY);
     }
 

@@ -447,7 +447,11 @@ fn posix_acls_enforced_as_on_ext4() {
     // The reference: the disk the tests run on (ext4 here), in a directory nobody can reach.
     let native = tempdir();
     fs::set_permissions(native.path(), fs::Permissions::from_mode(0o755)).unwrap();
-    let m = TestMount::new();
+    // ACLs are extended attributes: served only with xattrs on.
+    let m = TestMount::with_options(cachefs::fs::FsOptions {
+        xattrs: true,
+        ..opts(true)
+    });
     for d in [m.mnt().parent().unwrap(), m.backing().parent().unwrap()] {
         fs::set_permissions(d, fs::Permissions::from_mode(0o755)).unwrap();
     }
