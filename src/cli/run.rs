@@ -48,6 +48,9 @@ SPEC is Dockerfile's cache-mount syntax, comma-separated key=value pairs:
                     last uses (atimes: the mount is strictatime), the budget and the change
                     list of the next snapshot are taken by one rescan when the last holder
                     leaves. Stored with the cache: later mounts use it unless told otherwise
+  xattrs=on|off     serve extended attributes and POSIX ACLs (default off: a build cache
+                    needs none, and the kernel's security.capability lookups before each
+                    write, chown and truncate cost round trips; calls fail with EOPNOTSUPP)
 
 As root, the caches are mounted in a mount namespace of cachefs's own, as a container runtime
 does: they exist only for CMD and its processes, never in the caller's namespace (look inside
