@@ -859,3 +859,33 @@ fn deep_tree() {
     sh(&format!("rm -rf '{}'", tm.m("b0").display()));
     assert!(dir_names(tm.backing()).is_empty());
 }
+
+/// A mount alone on its instance (an exclusive lease) keeps negative entries for the entry
+/// timeout: a name looked up and found missing is not asked for again. So a file created behind
+/// its back stays invisible (every change must go through the mount, as the lease promises),
+/// while a create through the mount replaces the negative entry at once. A shared mount answers
+/// each lookup afresh.
+#[test]
+fn negative_entries_cached_only_where_exclusive() {
+    let exclusive = TestMount::with_options(FsOptions {
+        exclusive: true,
+        entry_ttl: std::time::Duration::from_secs(60),
+        attr_ttl: std::time::Duration::from_secs(60),
+        ..opts(true)
+    });
+    let shared = TestMount::new();
+    for (tm, cached) in [(&exclusive, true), (&shared, false)] {
+        assert_errno(lstat(&tm.m("later")), libc::ENOENT, "missing at first");
+        fs::write(tm.b("later"), b"behind").unwrap();
+        if cached {
+            assert_errno(lstat(&tm.m("later")), libc::ENOENT, "negative entry kept");
+        } else {
+            assert_eq!(fs::read(tm.m("later")).unwrap(), b"behind");
+        }
+        // Created through the mount after a negative lookup: seen at once.
+        assert_errno(lstat(&tm.m("new")), libc::ENOENT, "missing");
+        fs::write(tm.m("new"), b"through").unwrap();
+        assert_eq!(fs::read(tm.m("new")).unwrap(), b"through");
+        assert_eq!(fs::read(tm.b("new")).unwrap(), b"through");
+    }
+}

@@ -752,6 +752,18 @@ impl fuser::Filesystem for CacheFs {
                 &self.attr(&l.st),
                 Generation(0),
             ),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) && self.exclusive => {
+                // A negative entry (node 0) the kernel keeps for the entry timeout: compilers
+                // and interpreters probe the same missing names again and again. Only where
+                // every change goes through this mount, which the kernel then sees (an evicted
+                // file is invalidated by the evictor).
+                reply.entry_with_ttls(
+                    &Duration::ZERO,
+                    &self.entry_ttl,
+                    &negative_attr(),
+                    Generation(0),
+                )
+            }
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -1692,6 +1704,27 @@ fn append_fopen(append: bool, passthrough: bool) -> FopenFlags {
         FopenFlags::FOPEN_DIRECT_IO
     } else {
         FopenFlags::empty()
+    }
+}
+
+/// The attributes of a negative entry: the kernel reads only the node id (0).
+fn negative_attr() -> FileAttr {
+    FileAttr {
+        ino: INodeNo(0),
+        size: 0,
+        blocks: 0,
+        atime: UNIX_EPOCH,
+        mtime: UNIX_EPOCH,
+        ctime: UNIX_EPOCH,
+        crtime: UNIX_EPOCH,
+        kind: FileType::RegularFile,
+        perm: 0,
+        nlink: 0,
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+        blksize: 0,
+        flags: 0,
     }
 }
 
