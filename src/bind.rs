@@ -55,6 +55,9 @@ pub struct BindMount {
     /// The kernel's id of the mount (statx `STATX_MNT_ID`): names it in /proc/PID/fdinfo, and
     /// tells it from whatever is mounted at the target later.
     mnt_id: u64,
+    /// Membership in the group of the instance's shared mounts, as a member that does not tell
+    /// what it changes (FUSE members shorten their timeouts meanwhile): left after the unmount.
+    peers: Option<crate::fs::peers::Peers>,
 }
 
 /// Bind-mounts the instance directory `instance` (open as `instance_fd`, a directory fd) at
@@ -133,6 +136,7 @@ pub fn bind(
     Ok(BindMount {
         target: target.to_path_buf(),
         mnt_id,
+        peers: None,
     })
 }
 
@@ -176,6 +180,12 @@ pub fn mount_id(path: &Path) -> Option<u64> {
 }
 
 impl BindMount {
+    /// Keeps a membership in the instance's group of shared mounts (joined before the mount
+    /// went live) until this mount is gone.
+    pub(crate) fn keep_peers(&mut self, peers: Option<crate::fs::peers::Peers>) {
+        self.peers = peers;
+    }
+
     pub fn target(&self) -> &Path {
         &self.target
     }

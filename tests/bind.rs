@@ -675,3 +675,51 @@ fn sigkill_of_a_bind_run_is_repaired_at_the_next_run() {
     assert_du_exact(&env, "k", &inst);
     assert_eq!(du(&env, "k")["files"], 1);
 }
+
+/// A shared cache served by FUSE and by a bind mount at once: the FUSE mount keeps names and
+/// attributes for long while it is alone (or with other FUSE mounts, which tell it what they
+/// change), and goes back to one-second timeouts, forgetting what it cached, while a bind mount
+/// of the instance lets its users change the tree unseen.
+#[test]
+fn a_bind_mount_beside_fuse_mounts_of_a_shared_cache() {
+    if skip_unless_root("a_bind_mount_beside_fuse_mounts_of_a_shared_cache") {
+        return;
+    }
+    let env = CliEnv::new();
+    let (f1, f2, b) = (env.path("fuse1"), env.path("fuse2"), env.path("bind"));
+    mount(&env, &spec("mix", &f1, "sharing=shared"));
+    mount(&env, &spec("mix", &f2, "sharing=shared"));
+    fs::write(f1.join("x"), b"one").unwrap();
+    assert_eq!(fs::metadata(f2.join("x")).unwrap().len(), 3);
+    // Through the other FUSE mount: told at once (long timeouts, no wait).
+    fs::write(f1.join("x"), b"three").unwrap();
+    assert!(wait_until(Duration::from_secs(3), || {
+        fs::metadata(f2.join("x")).unwrap().len() == 5
+    }));
+    // A bind mount arrives: what the FUSE mounts cached is forgotten, and changes through it
+    // show within the short timeout.
+    mount(&env, &spec("mix", &b, "sharing=shared,driver=bind"));
+    assert_eq!(fs::read(b.join("x")).unwrap(), b"three");
+    fs::write(b.join("x"), b"seven..").unwrap();
+    fs::write(b.join("y"), b"new").unwrap();
+    assert!(
+        wait_until(Duration::from_secs(3), || {
+            fs::metadata(f1.join("x")).unwrap().len() == 7
+                && fs::metadata(f2.join("x")).unwrap().len() == 7
+        }),
+        "a change through the bind mount must show through FUSE within the short timeout"
+    );
+    assert_eq!(fs::read(f2.join("y")).unwrap(), b"new");
+    ok(
+        &env.cachefs(&["umount", b.to_str().unwrap()]),
+        "umount bind",
+    );
+    ok(
+        &env.cachefs(&["umount", f1.to_str().unwrap()]),
+        "umount fuse1",
+    );
+    ok(
+        &env.cachefs(&["umount", f2.to_str().unwrap()]),
+        "umount fuse2",
+    );
+}

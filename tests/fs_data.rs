@@ -7,7 +7,8 @@ mod common;
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
+use std::time::Duration;
 
 use common::*;
 
@@ -480,6 +481,78 @@ fn two_mounts_coherent(pt: bool) {
     assert_eq!(dir_names(&a.m("d")), ["x"]);
 }
 
+/// Two mounts of one instance with long timeouts that tell each other what they change (a
+/// shared cache's mounts) stay coherent; a third that is not told keeps what its kernel
+/// cached, which shows the timeouts are long and the telling is what keeps the others right.
+fn shared_mounts_tell_each_other(pt: bool) {
+    let rendezvous = tempdir();
+    let long = cachefs::fs::FsOptions {
+        entry_ttl: cachefs::fs::LONG_TTL,
+        attr_ttl: cachefs::fs::LONG_TTL,
+        peers: Some(rendezvous.path().join("peers")),
+        ..opts(pt)
+    };
+    let a = TestMount::with_options(long.clone());
+    let b = a.second_mount(long.clone());
+    let untold = a.second_mount(cachefs::fs::FsOptions {
+        peers: None,
+        ..long
+    });
+    let told = |what: &str, cond: &dyn Fn() -> bool| {
+        assert!(wait_until(Duration::from_secs(3), cond), "{what}");
+    };
+    fs::write(a.m("f"), b"12345").unwrap();
+    fs::create_dir(a.m("d")).unwrap();
+    for m in [&b, &untold] {
+        assert_eq!(fs::metadata(m.m("f")).unwrap().len(), 5);
+        assert!(m.m("d").is_dir());
+    }
+    // Contents and size, written through A and closed.
+    fs::write(a.m("f"), b"abcdefghij").unwrap();
+    told("size via B", &|| {
+        fs::metadata(b.m("f")).unwrap().len() == 10
+    });
+    assert_eq!(fs::read(b.m("f")).unwrap(), b"abcdefghij");
+    assert_eq!(
+        fs::metadata(untold.m("f")).unwrap().len(),
+        5,
+        "cached for long"
+    );
+    // Mode.
+    fs::set_permissions(a.m("f"), fs::Permissions::from_mode(0o600)).unwrap();
+    told("mode via B", &|| {
+        fs::metadata(b.m("f")).unwrap().permissions().mode() & 0o777 == 0o600
+    });
+    // A rename: the old name goes, the new one comes, in B at once.
+    fs::rename(a.m("f"), a.m("d/g")).unwrap();
+    told("rename via B", &|| {
+        !b.m("f").exists() && b.m("d/g").exists()
+    });
+    assert!(untold.m("f").exists(), "cached for long");
+    // Removals and a new directory through B, seen in A.
+    fs::remove_file(b.m("d/g")).unwrap();
+    told("unlink via A", &|| !a.m("d/g").exists());
+    fs::create_dir(b.m("d/e")).unwrap();
+    told("directory link count via A", &|| {
+        fs::metadata(a.m("d")).unwrap().nlink() == 3
+    });
+    fs::remove_dir(b.m("d/e")).unwrap();
+    fs::remove_dir(b.m("d")).unwrap();
+    told("rmdir via A", &|| !a.m("d").exists());
+    // A truncate through B.
+    fs::write(b.m("t"), vec![7u8; 4096]).unwrap();
+    assert_eq!(fs::metadata(a.m("t")).unwrap().len(), 4096);
+    OpenOptions::new()
+        .write(true)
+        .open(b.m("t"))
+        .unwrap()
+        .set_len(10)
+        .unwrap();
+    told("truncate via A", &|| {
+        fs::metadata(a.m("t")).unwrap().len() == 10
+    });
+}
+
 both_modes!(
     round_trip,
     sizes_and_truncate,
@@ -491,4 +564,5 @@ both_modes!(
     mmap_shared,
     parallel_writers,
     two_mounts_coherent,
+    shared_mounts_tell_each_other,
 );

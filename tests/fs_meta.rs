@@ -659,7 +659,11 @@ fn xattrs_off_by_default() {
             &format!("removexattr, round {round}"),
         );
     }
-    assert_eq!(getxattr(&tm.b("f"), "user.behind").unwrap(), b"b", "untouched");
+    assert_eq!(
+        getxattr(&tm.b("f"), "user.behind").unwrap(),
+        b"b",
+        "untouched"
+    );
     // Tools that copy xattrs where they can still work: cp -a takes EOPNOTSUPP for "none".
     sh(&format!(
         "cp -a '{}' '{}'",

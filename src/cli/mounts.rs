@@ -22,9 +22,6 @@ use crate::lease::{self, Lease, LeaseError, LeaseRequest, WaitControl, WaitRepor
 use crate::spec::{Driver, MountSpec, Sharing};
 use crate::store::{CacheId, Instance, InstanceInit, Store};
 
-/// Entry and attribute timeout of mounts under an exclusive (locked, private) lease.
-pub(crate) const EXCLUSIVE_TTL: Duration = Duration::from_secs(60);
-
 /// How long cachefs waits for its mounts to go away after the command ended.
 pub(crate) const UNMOUNT_GRACE: Duration = Duration::from_secs(5);
 
@@ -593,10 +590,23 @@ fn mount_one(
         .mode(inherited.dir_mode())
         .create(target)
         .with_context(|| format!("cannot create the target directory {}", target.display()))?;
+    // The shared mounts of an instance tell each other what they change (fs::peers).
+    let peers_dir = (spec.sharing == Sharing::Shared)
+        .then(|| store.peers_dir(&instance))
+        .flatten();
     let (served, mount_id) = if planned.driver == Driver::Bind {
         let dir = crate::bind::open_instance(&instance.path)?;
-        let bound = crate::bind::bind(&instance.path, &dir, target, spec.read_only)
+        // Joined first: the FUSE mounts shorten their timeouts before anything changes unseen.
+        let peers = match &peers_dir {
+            Some(d) => Some(
+                crate::fs::peers::Peers::join(d, crate::fs::peers::Role::Bind)
+                    .with_context(|| format!("cannot mount cache {:?}", spec.id.as_str()))?,
+            ),
+            None => None,
+        };
+        let mut bound = crate::bind::bind(&instance.path, &dir, target, spec.read_only)
             .with_context(|| format!("cannot mount cache {:?}", spec.id.as_str()))?;
+        bound.keep_peers(peers);
         let id = bound.mnt_id();
         (Served::Bind(bound), Some(id))
     } else {
@@ -611,12 +621,15 @@ fn mount_one(
         };
         if spec.sharing != Sharing::Shared {
             opts.exclusive = true;
-            // Nobody else mounts this instance while we hold a locked or private lease, so
-            // the kernel may keep names and attributes as long as it likes: every change goes
-            // through this mount, which the kernel sees.
-            opts.entry_ttl = EXCLUSIVE_TTL;
-            opts.attr_ttl = EXCLUSIVE_TTL;
         }
+        // Nobody else mounts this instance while we hold a locked or private lease, and the
+        // mounts of a shared one tell each other what they change: either way the kernel may
+        // keep names and attributes for long, since it learns of every change.
+        if opts.exclusive || peers_dir.is_some() {
+            opts.entry_ttl = fs::LONG_TTL;
+            opts.attr_ttl = fs::LONG_TTL;
+        }
+        opts.peers = peers_dir;
         let fs = fs::mount(&instance.path, target, &opts)
             .with_context(|| format!("cannot mount cache {:?}", spec.id.as_str()))?;
         (Served::Fuse(fs), busy::mount_id(target))

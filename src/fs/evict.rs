@@ -49,6 +49,8 @@ pub struct Evictor {
     /// The live mount's inode table: to skip open files and name nodes to the kernel.
     pub(super) table: Option<Arc<InodeTable>>,
     pub(super) notifier: Option<fuser::Notifier>,
+    /// The other mounts of a shared instance, told of each removed name.
+    pub(super) peers: Option<Arc<super::peers::Peers>>,
 }
 
 impl std::fmt::Debug for Evictor {
@@ -77,6 +79,7 @@ impl Evictor {
             root: Arc::new(fd),
             table: None,
             notifier: None,
+            peers: None,
         })
     }
 
@@ -87,6 +90,7 @@ impl Evictor {
             root: self.root.clone(),
             table: None,
             notifier: None,
+            peers: None,
         }
     }
 
@@ -196,9 +200,19 @@ impl Evictor {
             Err(e) => return Err(e),
         }
         if let (Some(n), Some(t)) = (&self.notifier, &self.table) {
-            let parent = fuser::INodeNo(t.inos.to_node(dir_ino));
+            let parent = t.inos.to_node(dir_ino);
             // ENOENT: the kernel did not know the name; nothing to forget.
-            let _ = n.inval_entry(parent, OsStr::from_bytes(name.to_bytes()));
+            let _ = n.inval_entry(fuser::INodeNo(parent), OsStr::from_bytes(name.to_bytes()));
+            if let Some(p) = &self.peers {
+                p.tell(super::peers::Change::Entry {
+                    parent,
+                    name: name.to_bytes().to_vec(),
+                });
+                p.tell(super::peers::Change::Inode {
+                    node: parent,
+                    data: false,
+                });
+            }
         }
         Ok(())
     }

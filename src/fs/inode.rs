@@ -161,6 +161,18 @@ impl InodeTable {
     }
 
     /// Whether this mount has the inode (by node id) open.
+    /// Every inode the kernel knows with the name it was last seen under: (node, parent,
+    /// name). For invalidating everything (fs::peers, `Change::Reset`).
+    pub(crate) fn known_names(&self) -> Vec<(u64, u64, OsString)> {
+        self.map
+            .iter()
+            .map(|e| {
+                let st = e.value().state.lock();
+                (*e.key(), st.parent, st.name.clone())
+            })
+            .collect()
+    }
+
     pub(crate) fn is_open(&self, node: u64) -> bool {
         self.map
             .get(&node)

@@ -9,6 +9,7 @@ mod evict;
 mod inode;
 mod locks;
 mod ops;
+pub(crate) mod peers;
 mod reserve;
 mod sys;
 
@@ -52,6 +53,8 @@ pub enum FsError {
     Mount(PathBuf, std::io::Error),
     #[error("unmounting {0} failed: {1}")]
     Unmount(PathBuf, std::io::Error),
+    #[error("cannot join the other mounts of the instance in {0}: {1}")]
+    Peers(PathBuf, std::io::Error),
 }
 
 /// How a filesystem is served.
@@ -85,15 +88,27 @@ pub struct FsOptions {
     /// for the `security.capability` lookups it makes before every write, chown and truncate,
     /// and callers get EOPNOTSUPP.
     pub xattrs: bool,
+    /// The rendezvous directory of the instance's mounts (see `peers`): this mount tells the
+    /// others what it changes and invalidates what they tell it, so long timeouts stay
+    /// coherent on a shared instance. `None`: it neither tells nor listens.
+    pub peers: Option<PathBuf>,
 }
+
+/// The timeouts of a shared mount while a bind mount of its instance (which tells nobody what
+/// it changes) is live, and the default.
+pub const SHORT_TTL: Duration = Duration::from_secs(1);
+
+/// The timeouts of a mount whose every change the kernel sees: one alone on its instance, or
+/// one of a shared instance's mounts, which tell each other (`FsOptions::peers`).
+pub const LONG_TTL: Duration = Duration::from_secs(60);
 
 impl Default for FsOptions {
     fn default() -> Self {
         FsOptions {
             passthrough: true,
             read_only: false,
-            entry_ttl: Duration::from_secs(1),
-            attr_ttl: Duration::from_secs(1),
+            entry_ttl: SHORT_TTL,
+            attr_ttl: SHORT_TTL,
             threads: 4,
             fsname: "cachefs".to_string(),
             file_handles: true,
@@ -101,6 +116,7 @@ impl Default for FsOptions {
             exclusive: false,
             auto_unmount: true,
             xattrs: false,
+            peers: None,
         }
     }
 }
@@ -718,11 +734,21 @@ pub fn mount(source: &Path, target: &Path, opts: &FsOptions) -> Result<MountedFs
     unsafe { libc::umask(0) };
     let passthrough = Arc::new(AtomicBool::new(false));
     let ended = Arc::new(SessionEnd::default());
+    // Joined before the mount exists, so every member knows this one before the kernel
+    // caches anything here.
+    let peers = match &opts.peers {
+        Some(dir) => Some(Arc::new(
+            peers::Peers::join(dir, peers::Role::Fuse)
+                .map_err(|e| FsError::Peers(dir.clone(), e))?,
+        )),
+        None => None,
+    };
     let fs = ops::CacheFs::new(
         table.clone(),
         opts,
         passthrough.clone(),
         EndGuard(ended.clone()),
+        peers.clone(),
     );
 
     let as_root = rustix::process::geteuid().is_root();
@@ -768,10 +794,14 @@ pub fn mount(source: &Path, target: &Path, opts: &FsOptions) -> Result<MountedFs
         use std::os::unix::fs::MetadataExt;
         connection_of(m.dev())
     });
+    if let Some(p) = &peers {
+        p.set_apply(apply_changes(session.notifier(), Arc::downgrade(&table)));
+    }
     let evictor = Evictor {
         root: table.root_fd().clone(),
         table: Some(table),
         notifier: Some(session.notifier()),
+        peers: peers.clone(),
     };
     Ok(MountedFs {
         target: target.to_path_buf(),
@@ -780,6 +810,35 @@ pub fn mount(source: &Path, target: &Path, opts: &FsOptions) -> Result<MountedFs
         connection,
         ended,
         evictor,
+    })
+}
+
+/// How a mount applies what the other mounts of its instance changed: by telling its kernel
+/// to forget the names and attributes concerned (ENOENT: the kernel did not have them).
+fn apply_changes(
+    notifier: fuser::Notifier,
+    table: std::sync::Weak<inode::InodeTable>,
+) -> peers::Apply {
+    use fuser::INodeNo;
+    Box::new(move |change| match change {
+        peers::Change::Entry { parent, name } => {
+            let _ = notifier.inval_entry(INodeNo(*parent), std::ffi::OsStr::from_bytes(name));
+        }
+        peers::Change::Inode { node, data } => {
+            // Offset -1: attributes only; 0 with length 0: the cached pages too.
+            let _ = notifier.inval_inode(INodeNo(*node), if *data { 0 } else { -1 }, 0);
+        }
+        peers::Change::Reset => {
+            let Some(table) = table.upgrade() else {
+                return;
+            };
+            for (node, parent, name) in table.known_names() {
+                let _ = notifier.inval_inode(INodeNo(node), 0, 0);
+                if node != inode::ROOT {
+                    let _ = notifier.inval_entry(INodeNo(parent), &name);
+                }
+            }
+        }
     })
 }
 

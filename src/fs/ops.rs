@@ -26,6 +26,7 @@ use tracing::debug;
 use super::FsOptions;
 use super::inode::{Inode, InodeTable, ROOT};
 use super::locks::{Locks, OwnerFd};
+use super::peers::{Change, Peers};
 use super::reserve::{self, CountedFd};
 use super::sys::{self, errno};
 
@@ -62,8 +63,12 @@ struct DirEnt {
 
 pub(crate) struct CacheFs {
     table: Arc<InodeTable>,
-    entry_ttl: Duration,
-    attr_ttl: Duration,
+    /// Entry and attribute timeouts: the mount's own, or `SHORT_TTL` while a bind mount of
+    /// the instance changes it unseen (see `entry_ttl`).
+    entry_timeout: Duration,
+    attr_timeout: Duration,
+    /// The other mounts of a shared instance, told what this one changes (see `peers`).
+    peers: Option<Arc<Peers>>,
     want_passthrough: bool,
     /// Extended attributes and POSIX ACLs are served (see `FsOptions::xattrs`).
     xattrs: bool,
@@ -176,6 +181,7 @@ impl CacheFs {
         opts: &FsOptions,
         passthrough: Arc<AtomicBool>,
         end: super::EndGuard,
+        peers: Option<Arc<Peers>>,
     ) -> CacheFs {
         let cross_mount = (opts.accounting.is_some() && !opts.exclusive)
             .then(|| {
@@ -193,8 +199,9 @@ impl CacheFs {
         }
         CacheFs {
             table,
-            entry_ttl: opts.entry_ttl,
-            attr_ttl: opts.attr_ttl,
+            entry_timeout: opts.entry_ttl,
+            attr_timeout: opts.attr_ttl,
+            peers,
             want_passthrough: opts.passthrough,
             xattrs: opts.xattrs,
             exclusive: opts.exclusive,
@@ -208,6 +215,45 @@ impl CacheFs {
             _end: end,
             cross_mount,
             acct: opts.accounting.clone(),
+        }
+    }
+
+    /// How long the kernel may keep a name.
+    fn entry_ttl(&self) -> Duration {
+        match &self.peers {
+            Some(p) if p.bind_present() => super::SHORT_TTL.min(self.entry_timeout),
+            _ => self.entry_timeout,
+        }
+    }
+
+    /// How long the kernel may keep attributes.
+    fn attr_ttl(&self) -> Duration {
+        match &self.peers {
+            Some(p) if p.bind_present() => super::SHORT_TTL.min(self.attr_timeout),
+            _ => self.attr_timeout,
+        }
+    }
+
+    /// Tells the other mounts of the instance what this one changed.
+    fn tell(&self, change: Change) {
+        if let Some(p) = &self.peers {
+            p.tell(change);
+        }
+    }
+
+    /// Tells the other mounts that `node`'s attributes (and with `data`, contents) changed.
+    fn tell_inode(&self, node: u64, data: bool) {
+        self.tell(Change::Inode { node, data });
+    }
+
+    /// Tells the other mounts that `name` in `parent` no longer names what it did.
+    fn tell_entry(&self, parent: u64, name: &OsStr) {
+        use std::os::unix::ffi::OsStrExt;
+        if self.peers.is_some() {
+            self.tell(Change::Entry {
+                parent,
+                name: name.as_bytes().to_vec(),
+            });
         }
     }
 
@@ -376,8 +422,8 @@ impl CacheFs {
                 // the change log must not let a snapshot reuse the old one's digest.
                 self.note_moved(l.inode.node, &l.st);
                 reply.entry_with_ttls(
-                    &self.attr_ttl,
-                    &self.entry_ttl,
+                    &self.attr_ttl(),
+                    &self.entry_ttl(),
                     &self.attr(&l.st),
                     Generation(0),
                 )
@@ -592,6 +638,7 @@ impl CacheFs {
             self.as_caller(req, || make(&pfd, &cname))?;
             drop(lock);
             self.note_changed(parent.0);
+            self.tell_inode(parent.0, false);
             Ok::<_, io::Error>(pinode)
         })();
         match res {
@@ -646,6 +693,10 @@ impl CacheFs {
                 }
                 _ => self.note_use(node),
             }
+        }
+        if file.writable && !self.server_locks {
+            // No FLUSH came (NOFLUSH): the other mounts learn of the writes now.
+            self.tell_inode(node, true);
         }
         for owner in std::mem::take(&mut *file.lock_owners.lock()) {
             self.locks.drop_owner(node, owner);
@@ -747,8 +798,8 @@ impl fuser::Filesystem for CacheFs {
         }
         match res {
             Ok(l) => reply.entry_with_ttls(
-                &self.attr_ttl,
-                &self.entry_ttl,
+                &self.attr_ttl(),
+                &self.entry_ttl(),
                 &self.attr(&l.st),
                 Generation(0),
             ),
@@ -759,7 +810,7 @@ impl fuser::Filesystem for CacheFs {
                 // file is invalidated by the evictor).
                 reply.entry_with_ttls(
                     &Duration::ZERO,
-                    &self.entry_ttl,
+                    &self.entry_ttl(),
                     &negative_attr(),
                     Generation(0),
                 )
@@ -783,7 +834,7 @@ impl fuser::Filesystem for CacheFs {
                 .and_then(|(_, fd)| sys::fstat(fd.as_fd())),
         };
         match res {
-            Ok(st) => reply.attr(&self.attr_ttl, &self.attr(&st)),
+            Ok(st) => reply.attr(&self.attr_ttl(), &self.attr(&st)),
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -818,7 +869,8 @@ impl fuser::Filesystem for CacheFs {
                 {
                     self.note_inode_changed(&inode, &st);
                 }
-                reply.attr(&self.attr_ttl, &self.attr(&st))
+                self.tell_inode(ino.0, size.is_some());
+                reply.attr(&self.attr_ttl(), &self.attr(&st))
             }
             Err(e) => reply.error(errno(&e)),
         }
@@ -878,13 +930,25 @@ impl fuser::Filesystem for CacheFs {
             let (_, pfd) = self.inode_fd(parent)?;
             let _lock = self.acct_lock();
             let last = self.last_link_of(&pfd, &cname);
+            // The other mounts may hold the inode under another name: its link count moved.
+            let other_links = self
+                .peers
+                .as_ref()
+                .and_then(|_| sys::fstatat(pfd.as_fd(), &cname).ok())
+                .filter(|st| st.st_nlink > 1)
+                .map(|st| self.table.inos.to_node(st.st_ino));
             sys::unlinkat(pfd.as_fd(), &cname, 0)?;
-            Ok(last)
+            Ok((last, other_links))
         });
         match res {
-            Ok(last) => {
+            Ok((last, other_links)) => {
                 self.note_gone(last);
                 self.note_changed(parent.0);
+                self.tell_entry(parent.0, name);
+                self.tell_inode(parent.0, false);
+                if let Some(node) = other_links {
+                    self.tell_inode(node, false);
+                }
                 reply.ok()
             }
             Err(e) => reply.error(errno(&e)),
@@ -899,6 +963,8 @@ impl fuser::Filesystem for CacheFs {
         match res {
             Ok(()) => {
                 self.note_changed(parent.0);
+                self.tell_entry(parent.0, name);
+                self.tell_inode(parent.0, false);
                 reply.ok()
             }
             Err(e) => reply.error(errno(&e)),
@@ -953,6 +1019,12 @@ impl fuser::Filesystem for CacheFs {
             self.note_gone(replaced);
             self.note_changed(parent.0);
             self.note_changed(newparent.0);
+            self.tell_entry(parent.0, name);
+            self.tell_entry(newparent.0, newname);
+            self.tell_inode(parent.0, false);
+            if newparent != parent {
+                self.tell_inode(newparent.0, false);
+            }
             // The change log places changes by the names inodes were last seen under, so it
             // needs the new names too (with handles, nothing else does).
             if !self.table.uses_handles() || self.acct.is_some() {
@@ -993,6 +1065,8 @@ impl fuser::Filesystem for CacheFs {
             let _lock = self.acct_lock();
             sys::linkat_fd(fd.as_fd(), pfd.as_fd(), &cname)?;
             self.note_changed(newparent.0);
+            self.tell_inode(newparent.0, false);
+            self.tell_inode(ino.0, false);
             Ok::<_, io::Error>(pinode)
         })();
         match res {
@@ -1112,7 +1186,15 @@ impl fuser::Filesystem for CacheFs {
         // file (POSIX): the kernel sends its lock owner here, synchronously with close().
         self.locks.drop_owner(ino.0, lock_owner.0);
         match self.file(fh) {
-            Ok(_) => reply.ok(),
+            Ok(f) => {
+                // Close-to-open, as NFS: writes through passthrough never reach us, so the
+                // other mounts learn of them when the writer closes (FLUSH is synchronous with
+                // close(), RELEASE is not).
+                if f.writable {
+                    self.tell_inode(ino.0, true);
+                }
+                reply.ok()
+            }
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -1227,7 +1309,7 @@ impl fuser::Filesystem for CacheFs {
                     INodeNo(e.node),
                     off,
                     &e.name,
-                    &self.entry_ttl,
+                    &self.entry_ttl(),
                     &a,
                     Generation(0),
                 ) {
@@ -1245,7 +1327,7 @@ impl fuser::Filesystem for CacheFs {
                 attr.ino,
                 off,
                 &e.name,
-                &self.entry_ttl,
+                &self.entry_ttl(),
                 &attr,
                 Generation(0),
             ) {
@@ -1330,7 +1412,9 @@ impl fuser::Filesystem for CacheFs {
                 // Symlinks carry no user xattrs, and the /proc route could follow the link.
                 return Err(io::Error::from_raw_os_error(libc::EPERM));
             }
-            sys::setxattr(fd.as_fd(), &cname, value, flags)
+            sys::setxattr(fd.as_fd(), &cname, value, flags)?;
+            self.tell_inode(ino.0, false);
+            Ok(())
         });
         match res {
             Ok(()) => reply.ok(),
@@ -1399,7 +1483,9 @@ impl fuser::Filesystem for CacheFs {
             if inode.state.lock().is_symlink {
                 return Err(io::Error::from_raw_os_error(libc::EPERM));
             }
-            sys::removexattr(fd.as_fd(), &cname)
+            sys::removexattr(fd.as_fd(), &cname)?;
+            self.tell_inode(ino.0, false);
+            Ok(())
         });
         match res {
             Ok(()) => reply.ok(),
@@ -1432,6 +1518,7 @@ impl fuser::Filesystem for CacheFs {
             let oflags = (flags | libc::O_CREAT) & !(libc::O_NOCTTY | libc::O_DIRECT);
             let file = self.create_file(req, &pfd, &cname, oflags, mode & 0o7777)?;
             self.note_changed(parent.0);
+            self.tell_inode(parent.0, false);
             // The inode's own fd must be O_PATH (an fd open for writing would make exec of the
             // file fail with ETXTBSY); reopen the created file itself, not its name.
             let opath = sys::reopen(file.as_fd(), libc::O_PATH)?;
@@ -1453,14 +1540,20 @@ impl fuser::Filesystem for CacheFs {
         let fopen = self.fopen_flags(append, backing.is_some());
         match backing {
             Some(id) => reply.created_passthrough(
-                &self.entry_ttl,
+                &self.entry_ttl(),
                 &attr,
                 Generation(0),
                 FileHandle(fh),
                 fopen,
                 &id,
             ),
-            None => reply.created(&self.entry_ttl, &attr, Generation(0), FileHandle(fh), fopen),
+            None => reply.created(
+                &self.entry_ttl(),
+                &attr,
+                Generation(0),
+                FileHandle(fh),
+                fopen,
+            ),
         }
     }
 
@@ -1579,6 +1672,7 @@ impl fuser::Filesystem for CacheFs {
                 )
             })?;
             self.note_size_of(&f);
+            self.tell_inode(f.inode.node, true);
             Ok(())
         });
         match res {
@@ -1683,6 +1777,7 @@ impl fuser::Filesystem for CacheFs {
             if n < 0 {
                 Err(io::Error::last_os_error())
             } else {
+                self.tell_inode(fout.inode.node, true);
                 Ok(n as u32)
             }
         })();

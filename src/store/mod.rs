@@ -476,6 +476,14 @@ impl Store {
         Ok(out)
     }
 
+    /// `STORE/leases/<key>/peers-<n>`: where the shared mounts of an instance meet to tell
+    /// each other what they change (fs::peers). Beside the instance's lease queue, in the
+    /// store's own directories.
+    pub fn peers_dir(&self, inst: &Instance) -> Option<PathBuf> {
+        let key = inst.path.parent()?.file_name()?.to_str()?;
+        Some(self.lease_dir(key).join(format!("peers-{}", inst.number)))
+    }
+
     fn instance_path(&self, key: &str, number: u32) -> PathBuf {
         self.root
             .join(CACHES_DIR)
