@@ -10,6 +10,7 @@ mod inode;
 mod locks;
 mod ops;
 mod reserve;
+mod ring;
 mod sys;
 
 pub use evict::{EvictOutcome, Evicted, Evictor};
