@@ -602,3 +602,19 @@ pub(super) fn abandon(dev: &OwnedFd) {
         Err(e) => warn!("fuse ring abandon failed: {e}"),
     }
 }
+
+#[cfg(test)]
+impl QueueLink {
+    /// A link whose commits land in the returned receiver, for encoding tests.
+    pub(super) fn for_test() -> (Arc<QueueLink>, mpsc::Receiver<Commit>) {
+        let (tx, rx) = mpsc::channel();
+        let wake =
+            rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC).expect("eventfd");
+        let link = QueueLink {
+            tx: Mutex::new(tx),
+            wake,
+            owner: std::thread::current().id(),
+        };
+        (Arc::new(link), rx)
+    }
+}
