@@ -404,8 +404,12 @@ fn sqe_matches_the_crates_uring_cmd() {
         .user_data(7);
     let ours = abi::uring_cmd_sqe(5, 2, 1, 99, Some(0x1000), 7);
     // SAFETY: both are 128 fully initialised bytes (built from zeroed entries).
-    let (a, b): ([u8; 128], [u8; 128]) =
-        unsafe { (std::mem::transmute(theirs), std::mem::transmute(ours)) };
+    let (a, b): ([u8; 128], [u8; 128]) = unsafe {
+        (
+            std::mem::transmute::<io_uring::squeue::Entry128, [u8; 128]>(theirs),
+            std::mem::transmute::<io_uring::squeue::Entry128, [u8; 128]>(ours),
+        )
+    };
     // Identical but for `len`, which only ours sets.
     assert_eq!(&a[..24], &b[..24]);
     assert_eq!(&b[24..28], &2u32.to_ne_bytes());
@@ -924,8 +928,8 @@ fn serve_over_ring(readdirplus: bool) {
         seen.get(&listing).copied().unwrap_or(0) > 0,
         "no directory listing on the ring"
     );
-    assert!(seen.get(&abi::FUSE_READLINK).is_some());
-    assert!(seen.get(&abi::FUSE_STATFS).is_some());
+    assert!(seen.contains_key(&abi::FUSE_READLINK));
+    assert!(seen.contains_key(&abi::FUSE_STATFS));
     assert!(!seen.contains_key(&abi::FUSE_FORGET) && !seen.contains_key(&abi::FUSE_BATCH_FORGET));
     assert_eq!(
         side.other.load(Ordering::Relaxed),
