@@ -62,6 +62,12 @@ pub(crate) trait RingHandler: Send + Sync + 'static {
     fn handle(&self, req: &RingRequest<'_>, reply: RingReply);
 }
 
+// A reply travels to whichever thread answers it.
+const _: () = {
+    const fn send<T: Send>() {}
+    send::<RingReply>();
+};
+
 /// The shape of a ring.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct RingConfig {
@@ -211,6 +217,15 @@ fn start_queues(
         return Err(invalid(format!(
             "ring payload size {} out of range",
             cfg.payload_size
+        )));
+    }
+    // With fewer queues the ring never becomes ready and every request waits forever;
+    // with more, the surplus queue is refused.
+    let possible = possible_queues()?;
+    if cfg.queues != possible {
+        return Err(invalid(format!(
+            "ring queues {} but the kernel makes one per possible CPU: {possible}",
+            cfg.queues
         )));
     }
     let stop = Arc::new(AtomicBool::new(false));

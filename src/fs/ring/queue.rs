@@ -33,6 +33,11 @@ const WAKE_TAG: u64 = u64::MAX;
 const REGISTER_RETRY: Duration = Duration::from_millis(10);
 const REGISTER_RETRIES: u32 = 500;
 
+/// Queues that stopped while the kernel still held some of their entries, whose buffers
+/// were therefore kept (see `Queue::finish`).
+pub(super) static LEAKED_QUEUES: std::sync::atomic::AtomicUsize =
+    std::sync::atomic::AtomicUsize::new(0);
+
 /// A reply on its way back to its entry's queue thread.
 pub(super) struct Commit {
     pub(super) entry: usize,
@@ -570,6 +575,7 @@ impl Queue {
                 "ring queue stopped with entries in the kernel: their buffers are kept"
             );
             std::mem::forget(entries);
+            LEAKED_QUEUES.fetch_add(1, Ordering::Relaxed);
         }
     }
 }
@@ -592,7 +598,15 @@ pub(super) fn abandon(dev: &OwnedFd) {
         // SAFETY: the entry carries no pointer.
         unsafe { ring.submission().push(&sqe) }
             .map_err(|_| io::Error::other("submission queue full"))?;
-        ring.submit_and_wait(1)?;
+        // The refusal completes during submission; the timeout only guards against a
+        // kernel that took the command after all.
+        let ts = types::Timespec::new().sec(1);
+        let args = types::SubmitArgs::new().timespec(&ts);
+        match ring.submitter().submit_with_args(1, &args) {
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ETIME) => {}
+            Err(e) => return Err(e),
+        }
         let res = ring.completion().next().map_or(0, |c| c.result());
         Ok(res)
     })();

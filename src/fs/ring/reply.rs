@@ -309,13 +309,19 @@ impl RingReply {
     }
 
     /// A READDIR reply holding at most `size` bytes (the request's size).
-    pub(crate) fn dir(self, size: u32) -> DirReply {
+    pub(crate) fn dir(mut self, size: u32) -> DirReply {
+        if let Some(b) = self.buf() {
+            b.clear();
+        }
         let limit = self.limit(size);
         DirReply { reply: self, limit }
     }
 
     /// A READDIRPLUS reply holding at most `size` bytes (the request's size).
-    pub(crate) fn dirplus(self, size: u32) -> DirPlusReply {
+    pub(crate) fn dirplus(mut self, size: u32) -> DirPlusReply {
+        if let Some(b) = self.buf() {
+            b.clear();
+        }
         let limit = self.limit(size);
         DirPlusReply { reply: self, limit }
     }
@@ -325,7 +331,7 @@ impl RingReply {
         (size as usize).min(capacity)
     }
 
-    /// The reply buffer, emptied, for a directory builder.
+    /// The reply buffer, for a directory builder.
     fn buf(&mut self) -> Option<&mut Vec<u8>> {
         self.pending.as_mut().map(|p| &mut p.buf)
     }

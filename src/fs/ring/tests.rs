@@ -799,19 +799,43 @@ fn within<T: Send + 'static>(
     }
 }
 
-fn serve_over_ring(readdirplus: bool) {
-    let _one = KERNEL.lock().unwrap_or_else(|e| e.into_inner());
+/// A DevFs mount whose INIT offered the ring, with a dup of its /dev/fuse fd.
+struct Mounted {
+    _dir: tempfile::TempDir,
+    mnt: PathBuf,
+    guard: MountGuard,
+    side: Arc<DevSide>,
+    dev: Option<std::os::fd::OwnedFd>,
+}
+
+impl Mounted {
+    /// The ring shape the INIT reply calls for.
+    fn config(&self) -> RingConfig {
+        let (max_write, ra) = self.side.limits.lock().map_or((0, 0), |l| *l);
+        let page = page_size() as u32;
+        let max_pages = (max_write.max(ra).max(1) - 1) / page + 1;
+        RingConfig {
+            queues: possible_queues().expect("possible cpus"),
+            depth: 4,
+            payload_size: payload_size(max_write, max_pages as u16),
+        }
+    }
+}
+
+/// Why the kernel tests cannot run here, if they cannot.
+fn kernel_test_skip() -> Option<String> {
     if !is_root() {
-        eprintln!("note: skipping the io-uring mount test: not root");
-        return;
+        return Some("not root".into());
     }
     if !Path::new(ENABLE_URING).exists() {
-        eprintln!("note: skipping the io-uring mount test: no {ENABLE_URING} (kernel < 6.14?)");
-        return;
+        return Some(format!("no {ENABLE_URING} (kernel < 6.14?)"));
     }
-    let _switch = UringSwitch::on().expect("enable_uring");
-    assert!(uring_enabled());
+    None
+}
 
+/// Mounts a DevFs (INIT answered inside Session::new) and starts its /dev/fuse loop; None,
+/// with a note, when the kernel did not offer FUSE_OVER_IO_URING.
+fn mount_devfs(readdirplus: bool) -> Option<Mounted> {
     let dir = tempfile::tempdir().expect("tempdir");
     let mnt = dir.path().join("mnt");
     std::fs::create_dir(&mnt).expect("mkdir");
@@ -825,7 +849,6 @@ fn serve_over_ring(readdirplus: bool) {
         fuser::MountOption::FSName("cachefs-ring-test".into()),
         fuser::MountOption::RO,
     ];
-    // INIT is answered inside Session::new.
     let session = fuser::Session::new(fs, &mnt, &config).expect("mount");
     let dev = session.as_fd().try_clone_to_owned().expect("dup /dev/fuse");
     let mut guard = MountGuard {
@@ -839,28 +862,43 @@ fn serve_over_ring(readdirplus: bool) {
         eprintln!(
             "note: skipping the io-uring mount test: the kernel did not offer FUSE_OVER_IO_URING"
         );
+        return None;
+    }
+    Some(Mounted {
+        _dir: dir,
+        mnt,
+        guard,
+        side,
+        dev: Some(dev),
+    })
+}
+
+fn serve_over_ring(readdirplus: bool) {
+    let _one = KERNEL.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(why) = kernel_test_skip() {
+        eprintln!("note: skipping the io-uring mount test: {why}");
         return;
     }
-
-    let (max_write, ra) = *side.limits.lock().expect("limits");
-    let page = page_size() as u32;
-    let max_pages = (max_write.max(ra) - 1) / page + 1;
-    let cfg = RingConfig {
-        queues: possible_queues().expect("possible cpus"),
-        depth: 4,
-        payload_size: payload_size(max_write, max_pages as u16),
+    let _switch = UringSwitch::on().expect("enable_uring");
+    assert!(uring_enabled());
+    let Some(mut mounted) = mount_devfs(readdirplus) else {
+        return;
     };
+    let cfg = mounted.config();
+    let (mnt, side) = (mounted.mnt.clone(), mounted.side.clone());
+    let leaked = queue::LEAKED_QUEUES.load(Ordering::Relaxed);
     let big = Arc::new(big_content());
     let handler = Arc::new(TreeHandler {
         big: big.clone(),
         flips: AtomicU64::new(0),
         seen: Mutex::new(BTreeMap::new()),
     });
+    let dev = mounted.dev.take().expect("dev");
     let ring = start(dev, cfg, handler.clone()).expect("ring starts");
 
     let m = mnt.clone();
     let expected_big = big.clone();
-    within(&guard, Duration::from_secs(30), move || {
+    within(&mounted.guard, Duration::from_secs(30), move || {
         let md = std::fs::metadata(m.join("hello")).expect("stat hello");
         assert!(md.is_file());
         assert_eq!(md.len(), HELLO_TEXT.len() as u64);
@@ -942,7 +980,7 @@ fn serve_over_ring(readdirplus: bool) {
     );
 
     // Unmounting ends the connection: the queues see it and end by themselves.
-    guard.unmount().expect("unmount");
+    mounted.guard.unmount().expect("unmount");
     let t0 = Instant::now();
     while !ring.is_finished() && t0.elapsed() < Duration::from_secs(10) {
         std::thread::sleep(Duration::from_millis(20));
@@ -952,6 +990,58 @@ fn serve_over_ring(readdirplus: bool) {
         "ring queues still running after unmount"
     );
     ring.join();
+    // Every entry came back from the kernel (ENOTCONN), so every buffer was freed.
+    assert_eq!(queue::LEAKED_QUEUES.load(Ordering::Relaxed), leaked);
+}
+
+/// A ring the kernel refuses, or one `start` gives up before registering, leaves the
+/// connection on /dev/fuse instead of holding its requests forever.
+#[test]
+fn a_failed_start_falls_back_to_dev_fuse() {
+    let _one = KERNEL.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(why) = kernel_test_skip() {
+        eprintln!("note: skipping the io-uring fallback test: {why}");
+        return;
+    }
+    let _switch = UringSwitch::on().expect("enable_uring");
+    let handler = Arc::new(TreeHandler {
+        big: Arc::new(Vec::new()),
+        flips: AtomicU64::new(0),
+        seen: Mutex::new(BTreeMap::new()),
+    });
+    let bad_configs = [
+        // Payload buffers smaller than max_write: every REGISTER is refused.
+        |c: RingConfig| RingConfig {
+            payload_size: abi::FUSE_MIN_READ_BUFFER,
+            ..c
+        },
+        // One queue too many: refused by `start` itself, which then abandons the ring.
+        |c: RingConfig| RingConfig {
+            queues: c.queues + 1,
+            ..c
+        },
+    ];
+    for bad in bad_configs {
+        let Some(mut mounted) = mount_devfs(false) else {
+            return;
+        };
+        let cfg = bad(mounted.config());
+        let dev = mounted.dev.take().expect("dev");
+        let err = start(dev, cfg, handler.clone()).expect_err("a bad ring fails");
+        eprintln!("start({cfg:?}) failed as expected: {err}");
+        let p = mounted.mnt.join("hello");
+        // DevFs answers EIO to everything but INIT and FORGET: that it answers at all shows
+        // the request went to /dev/fuse.
+        let res = within(&mounted.guard, Duration::from_secs(20), move || {
+            std::fs::metadata(p)
+                .map(|_| ())
+                .map_err(|e| e.raw_os_error())
+        });
+        assert_eq!(res, Err(Some(libc::EIO)));
+        assert!(mounted.side.other.load(Ordering::Relaxed) > 0);
+        mounted.guard.unmount().expect("unmount");
+    }
+    assert!(handler.seen.lock().map_or(true, |s| s.is_empty()));
 }
 
 #[test]
