@@ -56,8 +56,10 @@ const ENABLE_URING: &str = "/sys/module/fuse/parameters/enable_uring";
 /// Most entries a queue may have (each holds a payload buffer).
 pub(crate) const MAX_DEPTH: usize = 1024;
 
-/// Serves ring requests. `handle` runs on the queue thread of the request's CPU: a request
-/// that may wait long (a blocking SETLKW) should be answered from another thread.
+/// Serves ring requests. `handle` runs on the queue thread of the request's CPU and that
+/// queue takes no other request meanwhile: a request that may wait long (a blocking
+/// SETLKW) should be answered from another thread. A handler must not drop the [`Ring`]
+/// (its queue thread would wait for itself).
 pub(crate) trait RingHandler: Send + Sync + 'static {
     fn handle(&self, req: &RingRequest<'_>, reply: RingReply);
 }
@@ -116,6 +118,11 @@ fn count_cpus(list: &str) -> Option<usize> {
 /// `max_write` and `max_pages` of the INIT reply (the kernel may lower `max_pages` to
 /// `fs.fuse.max_pages_limit`, never raise it; without FUSE_MAX_PAGES it is 32). fuser
 /// answers `max_pages = ceil(max(max_write, max_readahead) / PAGE_SIZE)`.
+///
+/// fuser's default `max_write` is 16 MiB while the kernel never sends more than
+/// `max_pages_limit` pages (256: 1 MiB) in one request, so a filesystem using the ring
+/// should lower `max_write` in `init` (the buffers are mapped lazily, but each entry's
+/// address space is this size).
 pub(crate) fn payload_size(max_write: u32, max_pages: u16) -> usize {
     let page = page_size();
     abi::FUSE_MIN_READ_BUFFER

@@ -12,9 +12,9 @@ use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::panic::AssertUnwindSafe;
 use std::ptr::NonNull;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
 use std::thread::ThreadId;
 use std::time::Duration;
 
@@ -49,17 +49,14 @@ pub(super) struct Commit {
 
 /// How replies reach a queue thread: its channel, and its eventfd to wake it.
 pub(super) struct QueueLink {
-    tx: Mutex<mpsc::Sender<Commit>>,
+    tx: mpsc::Sender<Commit>,
     wake: OwnedFd,
     owner: ThreadId,
 }
 
 impl QueueLink {
     pub(super) fn commit(&self, c: Commit) {
-        let sent = match self.tx.lock() {
-            Ok(tx) => tx.send(c).is_ok(),
-            Err(_) => false,
-        };
+        let sent = self.tx.send(c).is_ok();
         // A reply made on the queue thread itself is picked up after `handle` returns.
         if sent && std::thread::current().id() != self.owner {
             self.wake();
@@ -243,7 +240,7 @@ impl Queue {
         )?;
         let (tx, rx) = mpsc::channel();
         let link = Arc::new(QueueLink {
-            tx: Mutex::new(tx),
+            tx,
             wake,
             owner: std::thread::current().id(),
         });
@@ -625,7 +622,7 @@ impl QueueLink {
         let wake =
             rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC).expect("eventfd");
         let link = QueueLink {
-            tx: Mutex::new(tx),
+            tx,
             wake,
             owner: std::thread::current().id(),
         };

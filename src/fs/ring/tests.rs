@@ -930,6 +930,22 @@ fn serve_over_ring(readdirplus: bool) {
         for _ in 0..3 {
             let _ = std::fs::metadata(m.join("flip")).expect("stat flip");
         }
+        // Readers on both CPUs at once: several entries per queue in flight, replies from
+        // other threads.
+        let readers: Vec<_> = (0..6)
+            .map(|_| {
+                let (m, expected) = (m.clone(), expected_big.clone());
+                std::thread::spawn(move || {
+                    for _ in 0..5 {
+                        let data = std::fs::read(m.join("big")).expect("read big");
+                        assert!(data == *expected, "big file bytes differ");
+                    }
+                })
+            })
+            .collect();
+        for r in readers {
+            r.join().expect("reader");
+        }
         let st = nix::sys::statvfs::statvfs(&m).expect("statfs");
         assert_eq!(st.blocks(), 100);
     });
