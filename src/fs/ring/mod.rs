@@ -19,6 +19,11 @@
 //! - A refused REGISTER turns the ring off for the connection and requests flow through
 //!   /dev/fuse again; [`start`] provokes that itself when it fails.
 //! - The payload buffer of every entry must hold [`payload_size`] bytes.
+//! - Notifications (fuser's `Notifier`) are still written to /dev/fuse: a commit with
+//!   unique 0 is refused by the ring.
+//! - A request's own struct (`in_args[0]`) arrives in `op_in`, everything else (names, write
+//!   data, extensions) in the payload; all out-args of the reply go to the payload, the
+//!   `fuse_out_header` to `in_out` (see `request` and `reply`).
 //!
 //! API: [`start`] with a [`RingConfig`] and a [`RingHandler`] gives a [`Ring`]; the handler
 //! gets each [`RingRequest`] (header fields and a decoded [`Op`]) with a [`RingReply`],

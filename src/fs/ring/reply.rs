@@ -3,6 +3,10 @@
 //! hands it back to the entry's queue thread, which writes `fuse_out_header` into `in_out`,
 //! the length into `ring_ent_in_out.payload_sz`, and commits the entry. A reply may be sent
 //! from any thread, later than `handle` returns; one dropped unanswered answers EIO.
+//!
+//! The reply is built in its own (reused) buffer rather than in the payload buffer because
+//! the request it answers may still borrow names from the payload buffer while `handle`
+//! runs; the queue thread copies it over once `handle` has returned.
 
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
