@@ -11,6 +11,7 @@ mod locks;
 mod ops;
 pub(crate) mod peers;
 mod reserve;
+mod ring;
 mod sys;
 
 pub use evict::{EvictOutcome, Evicted, Evictor};
