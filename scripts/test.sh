@@ -73,6 +73,29 @@ else
     timeout --kill-after=30 1500 cargo test --release --no-fail-fast "$@" 2>&1 | tee "$log" || status=$?
 fi
 
+# The filesystem suites once more with the requests over io_uring (Linux 6.14+): the kernel's
+# enable_uring is set for the pass and restored after it, and mounts then take the ring
+# (--io-uring auto, the default). Skipped where the kernel has no such switch or we are not
+# root.
+URING=/sys/module/fuse/parameters/enable_uring
+FS_SUITES=(--test fs_data --test fs_meta --test fs_locks --test safety --test attacks --test accounting --test evict)
+if [ -w "$URING" ] && [ "$(id -u)" -eq 0 ]; then
+    was=$(cat "$URING")
+    trap 'rm -f "$log"; echo "$was" > "$URING"' EXIT
+    echo Y > "$URING"
+    if cargo nextest --version >/dev/null 2>&1; then
+        step "the filesystem suites over io_uring: cargo nextest run --release ${FS_SUITES[*]}"
+        cargo nextest run --release --no-fail-fast "${FS_SUITES[@]}" 2>&1 | tee -a "$log" || status=$?
+    else
+        step "the filesystem suites over io_uring: cargo test --release ${FS_SUITES[*]}"
+        timeout --kill-after=30 900 cargo test --release --no-fail-fast "${FS_SUITES[@]}" 2>&1 | tee -a "$log" || status=$?
+    fi
+    echo "$was" > "$URING"
+    trap 'rm -f "$log"' EXIT
+else
+    step "skipping the io_uring pass ($URING is missing or not writable)"
+fi
+
 # One closing line for the whole run, counted from nextest's summary or cargo's per-binary
 # result lines.
 summary=$(awk '

@@ -876,3 +876,81 @@ fn missing_dev_fuse_exits_2() {
     assert_rejected(&env, &out, "/dev/fuse missing", "/dev/fuse");
     assert!(!env.store.exists(), "the store must not even be created");
 }
+
+/// `--io-uring`: a bad value is a one-line usage error (exit 2); `on` where the kernel does
+/// not allow FUSE over io_uring fails with one line naming the switch, before the command runs
+/// and leaving nothing mounted; `auto` then serves through /dev/fuse, and says so at -v.
+#[test]
+fn io_uring_choices() {
+    let env = CliEnv::new();
+    let t = env.path("t");
+    let s = spec("ring", &t, "");
+    let out = env.cachefs(&["run", "--io-uring", "maybe", "--mount", &s, "--", "true"]);
+    assert_eq!(code(&out), 2, "{}", stderr_of(&out));
+    let err = stderr_of(&out);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("invalid io-uring 'maybe': expected auto, on or off"),
+        "{err}"
+    );
+    if skip_unless_root("io_uring_choices (kernel switch)") {
+        return;
+    }
+    let Some(_off) = UringSwitch::set(false) else {
+        eprintln!(
+            "io_uring_choices: skipped, no {}",
+            cachefs::fs::ENABLE_URING
+        );
+        return;
+    };
+    let marker = env.path("ran");
+    let cmd = format!("touch '{}'", marker.display());
+    let out = env.cachefs(&[
+        "run",
+        "--io-uring",
+        "on",
+        "--mount",
+        &s,
+        "--",
+        "sh",
+        "-c",
+        &cmd,
+    ]);
+    assert_ne!(code(&out), 0);
+    let err = stderr_of(&out);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("FUSE over io_uring: off in the kernel: as root, echo Y > /sys/module/fuse/parameters/enable_uring"),
+        "{err}"
+    );
+    assert!(!marker.exists(), "the command must not run");
+    assert_no_mounts_under(env.dir.path());
+    let out = env.cachefs(&["-v", "run", "--mount", &s, "--", "true"]);
+    assert_eq!(code(&out), 0, "{}", stderr_of(&out));
+    let err = stderr_of(&out);
+    assert!(err.contains("transport=\"/dev/fuse\""), "{err}");
+    assert!(
+        err.contains("echo Y > /sys/module/fuse/parameters/enable_uring"),
+        "{err}"
+    );
+    let _on = UringSwitch::set(true).unwrap();
+    let out = env.cachefs(&[
+        "-v",
+        "run",
+        "--io-uring",
+        "on",
+        "--mount",
+        &s,
+        "--",
+        "sh",
+        "-c",
+        &cmd,
+    ]);
+    assert_eq!(code(&out), 0, "{}", stderr_of(&out));
+    assert!(
+        stderr_of(&out).contains("transport=\"io_uring\""),
+        "{}",
+        stderr_of(&out)
+    );
+    assert!(env.find_in_caches("ran").is_empty() && marker.exists());
+}

@@ -566,3 +566,57 @@ both_modes!(
     two_mounts_coherent,
     shared_mounts_tell_each_other,
 );
+
+/// A mount takes its requests over io_uring when the kernel allows it (`auto`, the default,
+/// and `on`), through /dev/fuse otherwise; `on` where the kernel does not allow it fails with
+/// a one-line reason naming the switch. Both transports serve the same files.
+#[test]
+fn the_transport_follows_io_uring_and_the_kernel_switch() {
+    use cachefs::fs::{FsOptions, IoUring, Transport};
+    if skip_unless_root("the_transport_follows_io_uring_and_the_kernel_switch") {
+        return;
+    }
+    let with = |mode| FsOptions {
+        io_uring: mode,
+        ..opts(true)
+    };
+    let Some(_switch) = UringSwitch::set(false) else {
+        eprintln!("skipped: this kernel has no {}", cachefs::fs::ENABLE_URING);
+        return;
+    };
+    let tm = TestMount::with_options(with(IoUring::Auto));
+    assert_eq!(tm.fs().transport(), Transport::DevFuse);
+    drop(tm);
+    let dir = tempdir();
+    let (backing, mnt) = (dir.path().join("b"), dir.path().join("m"));
+    fs::create_dir(&backing).unwrap();
+    fs::create_dir(&mnt).unwrap();
+    let err = cachefs::fs::mount(&backing, &mnt, &with(IoUring::On)).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "FUSE over io_uring: off in the kernel: as root, echo Y > /sys/module/fuse/parameters/enable_uring"
+    );
+    assert!(!is_mounted(&mnt), "nothing left mounted");
+
+    let _on = UringSwitch::set(true).unwrap();
+    for (mode, want) in [
+        (IoUring::Auto, Transport::IoUring),
+        (IoUring::On, Transport::IoUring),
+        (IoUring::Off, Transport::DevFuse),
+    ] {
+        let tm = TestMount::with_options(with(mode));
+        assert_eq!(tm.fs().transport(), want, "{mode:?}");
+        fs::create_dir(tm.m("d")).unwrap();
+        fs::write(tm.m("d/f"), b"through the ring").unwrap();
+        assert_eq!(fs::read(tm.m("d/f")).unwrap(), b"through the ring");
+        assert_eq!(fs::read(tm.b("d/f")).unwrap(), b"through the ring");
+        let names: Vec<_> = fs::read_dir(tm.m("d"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["f"]);
+        fs::rename(tm.m("d/f"), tm.m("g")).unwrap();
+        fs::remove_dir(tm.m("d")).unwrap();
+        assert_same_tree(tm.mnt(), tm.backing());
+    }
+}

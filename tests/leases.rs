@@ -1639,14 +1639,21 @@ fn dead_mount(env: &CliEnv, id: &str, target: &Path, name: &str) -> Option<Bg> {
     Some(server)
 }
 
-/// Waits (bounded) until the dead mount answers ENOTCONN (the kernel may serve cached
-/// attributes of the root for a moment after its server died).
+/// Waits (bounded) until the dead mount answers ENOTCONN. Asked with statfs, which always
+/// reaches the filesystem (as cachefs's own check does): a stat may be answered from the
+/// attributes the kernel keeps, for up to a minute on a mount whose changes it all sees.
 fn wait_enotconn(target: &Path) {
+    let statfs = || {
+        let c = cpath(target);
+        let mut st = std::mem::MaybeUninit::<libc::statfs>::uninit();
+        // SAFETY: a valid C string and a buffer statfs fills.
+        cvt(unsafe { libc::statfs(c.as_ptr(), st.as_mut_ptr()) })
+    };
     assert!(
-        wait_until(T, || errno_of(stat(target)) == libc::ENOTCONN),
+        wait_until(T, || errno_of(statfs()) == libc::ENOTCONN),
         "{}: {:?}",
         target.display(),
-        stat(target).map(|_| ())
+        statfs().map(|_| ())
     );
 }
 

@@ -105,7 +105,7 @@ pub enum Command {
     /// Run a command with cache directories mounted
     Run(run::Args),
     /// Mount a cache in the background until `cachefs umount`
-    Mount(mount::Args),
+    Mount(Box<mount::Args>),
     /// Unmount a `cachefs mount`, or clear a dead cachefs mount
     Umount(umount::Args),
     /// List live mounts and waiting requests: id, instance, mode, target, pid, command
@@ -298,6 +298,30 @@ pub(crate) fn parse_duration_arg(s: &str) -> Result<std::time::Duration, String>
     crate::units::parse_duration(s).map_err(|e| e.to_string())
 }
 
+/// `--io-uring auto|on|off`.
+pub(crate) fn parse_io_uring_arg(s: &str) -> Result<crate::fs::IoUring, String> {
+    use crate::fs::IoUring;
+    match s {
+        "auto" => Ok(IoUring::Auto),
+        "on" => Ok(IoUring::On),
+        "off" => Ok(IoUring::Off),
+        _ => Err(format!(
+            "invalid io-uring '{}': expected auto, on or off",
+            crate::units::Shown(s)
+        )),
+    }
+}
+
+/// How `--io-uring` is written back (for the background server `mount` starts).
+pub(crate) fn io_uring_arg(mode: crate::fs::IoUring) -> &'static str {
+    use crate::fs::IoUring;
+    match mode {
+        IoUring::Auto => "auto",
+        IoUring::On => "on",
+        IoUring::Off => "off",
+    }
+}
+
 pub(crate) fn parse_driver_arg(s: &str) -> Result<crate::spec::Driver, String> {
     s.parse().map_err(|()| {
         format!(
@@ -355,7 +379,7 @@ where
     init_logging(cli.global.verbose);
     let result = match cli.command {
         Command::Run(args) => run::run(&cli.global, args),
-        Command::Mount(args) => mount::run(&cli.global, args),
+        Command::Mount(args) => mount::run(&cli.global, *args),
         Command::Umount(args) => umount::run(&cli.global, args),
         Command::Ls(args) => ls::run(&cli.global, args),
         Command::Inspect(args) => inspect::run(&cli.global, args),

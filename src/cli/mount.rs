@@ -107,6 +107,11 @@ pub struct Args {
     #[arg(long)]
     pub no_passthrough: bool,
 
+    /// FUSE over io_uring: auto uses it when the kernel allows it (enable_uring, Linux
+    /// 6.14+), on fails where it cannot, off always uses /dev/fuse
+    #[arg(long, value_name = "WHEN", default_value = "auto", value_parser = super::parse_io_uring_arg)]
+    pub io_uring: crate::fs::IoUring,
+
     /// fuse (live accounting) or bind (native speed, counted at release; root only), as
     /// driver= in a spec, which wins; stored with the cache [default: the cache's, else fuse]
     #[arg(long, value_name = "DRIVER", value_parser = super::parse_driver_arg)]
@@ -231,6 +236,8 @@ fn start_server(
     if args.no_passthrough {
         cmd.arg("--no-passthrough");
     }
+    cmd.arg("--io-uring")
+        .arg(super::io_uring_arg(args.io_uring));
     if args.remote.insecure {
         cmd.arg("--insecure");
     }
@@ -345,8 +352,11 @@ fn serve(
         &store,
         &plan,
         &leases,
-        !args.no_passthrough,
-        true,
+        mounts::Serving {
+            passthrough: !args.no_passthrough,
+            io_uring: args.io_uring,
+            auto_unmount: true,
+        },
         &inherited,
     )?;
     if let Some(fd) = ready {

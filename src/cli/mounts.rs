@@ -518,6 +518,17 @@ pub(crate) fn finish_counting(store: &Store, flusher: Flusher, leases: &[Lease<'
     }
 }
 
+/// How FUSE mounts are served (`run` and `mount` options).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Serving {
+    /// Kernel passthrough for file I/O (`--no-passthrough` turns it off).
+    pub passthrough: bool,
+    /// `--io-uring`.
+    pub io_uring: crate::fs::IoUring,
+    /// fusermount3 unmounts if the server dies (never for `run`'s private namespace).
+    pub auto_unmount: bool,
+}
+
 /// Mounts each planned cache on the instance its lease grants, undoing the mounts done so
 /// far if one fails. FUSE mounts count sizes and uses; the returned flusher writes them to
 /// the store until [`finish_counting`]. Bind mounts are counted by the rescan there.
@@ -525,8 +536,7 @@ pub(crate) fn mount_all(
     store: &Store,
     plan: &[Planned],
     leases: &[Lease<'_>],
-    passthrough: bool,
-    auto_unmount: bool,
+    serving: Serving,
     inherited: &Inherited,
 ) -> anyhow::Result<(Vec<Live>, Flusher)> {
     let mut live: Vec<Live> = Vec::with_capacity(plan.len());
@@ -540,8 +550,7 @@ pub(crate) fn mount_all(
             store,
             planned,
             lease.instance().clone(),
-            passthrough,
-            auto_unmount,
+            serving,
             inherited,
             accountant.clone(),
         ) {
@@ -569,8 +578,7 @@ fn mount_one(
     store: &Store,
     planned: &Planned,
     instance: Instance,
-    passthrough: bool,
-    auto_unmount: bool,
+    serving: Serving,
     inherited: &Inherited,
     accountant: Option<Arc<Accountant>>,
 ) -> anyhow::Result<Live> {
@@ -611,12 +619,13 @@ fn mount_one(
         (Served::Bind(bound), Some(id))
     } else {
         let mut opts = FsOptions {
-            passthrough,
+            passthrough: serving.passthrough,
             read_only: spec.read_only,
             fsname: fsname_for(spec.id.as_str()),
             accounting: accountant,
-            auto_unmount,
+            auto_unmount: serving.auto_unmount,
             xattrs: spec.xattrs,
+            io_uring: serving.io_uring,
             ..FsOptions::default()
         };
         if spec.sharing != Sharing::Shared {
@@ -632,6 +641,12 @@ fn mount_one(
         opts.peers = peers_dir;
         let fs = fs::mount(&instance.path, target, &opts)
             .with_context(|| format!("cannot mount cache {:?}", spec.id.as_str()))?;
+        tracing::info!(
+            target = %target.display(),
+            transport = fs.transport().as_str(),
+            passthrough = fs.passthrough_active(),
+            "serving"
+        );
         (Served::Fuse(fs), busy::mount_id(target))
     };
     tracing::info!(

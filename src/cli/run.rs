@@ -93,6 +93,11 @@ pub struct Args {
     #[arg(long)]
     pub no_passthrough: bool,
 
+    /// FUSE over io_uring: auto uses it when the kernel allows it (enable_uring, Linux
+    /// 6.14+), on fails where it cannot, off always uses /dev/fuse
+    #[arg(long, value_name = "WHEN", default_value = "auto", value_parser = super::parse_io_uring_arg)]
+    pub io_uring: crate::fs::IoUring,
+
     /// fuse (live accounting) or bind (native speed, counted at release; root only) for
     /// every mount whose spec has no driver= (stored with the cache) [default: each cache's
     /// stored driver, else fuse]
@@ -195,8 +200,11 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
         &store,
         &plan,
         &leases,
-        !args.no_passthrough,
-        false,
+        mounts::Serving {
+            passthrough: !args.no_passthrough,
+            io_uring: args.io_uring,
+            auto_unmount: false,
+        },
         &inherited,
     )?;
     tracing::debug!(isolated, "mounted");

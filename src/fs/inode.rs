@@ -14,8 +14,8 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 
+use super::backing::Backing;
 use dashmap::DashMap;
-use fuser::BackingId;
 use parking_lot::Mutex;
 
 use super::sys::{self, FileHandle};
@@ -62,7 +62,7 @@ pub(crate) struct InodeState {
     pub(crate) is_symlink: bool,
     /// Passthrough backing id shared by every concurrent open of this inode (the kernel
     /// requires one backing file per inode), with the number of opens using it.
-    pub(crate) backing: Option<(Arc<BackingId>, usize)>,
+    pub(crate) backing: Option<(Arc<Backing>, usize)>,
     /// Open files of this inode in this mount.
     pub(crate) opens: usize,
     /// Some lock owner has a lock fd for this inode (see `CacheFs::lock_fd`).

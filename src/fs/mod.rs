@@ -5,6 +5,8 @@
 //! - [`mount`]: mount an instance directory at a target; returns a live [`MountedFs`].
 //! - [`MountedFs::unmount`] (also on drop).
 
+mod backing;
+mod classic;
 mod evict;
 mod inode;
 mod locks;
@@ -18,7 +20,7 @@ pub use evict::{EvictOutcome, Evicted, Evictor};
 
 use std::ffi::CString;
 use std::io;
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
@@ -56,7 +58,49 @@ pub enum FsError {
     Unmount(PathBuf, std::io::Error),
     #[error("cannot join the other mounts of the instance in {0}: {1}")]
     Peers(PathBuf, std::io::Error),
+    #[error("FUSE over io_uring: {0}")]
+    IoUring(String),
 }
+
+/// Whether requests travel over io_uring (`--io-uring`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum IoUring {
+    /// When the kernel allows it (`enable_uring` is Y), else /dev/fuse.
+    #[default]
+    Auto,
+    /// Always: a mount that cannot have it fails.
+    On,
+    /// Never: /dev/fuse.
+    Off,
+}
+
+/// How a mount's requests travel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// read(2) and write(2) on /dev/fuse (fuser's session threads).
+    DevFuse,
+    /// FUSE over io_uring (one queue per CPU, see `ring`).
+    IoUring,
+}
+
+impl Transport {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::DevFuse => "/dev/fuse",
+            Transport::IoUring => "io_uring",
+        }
+    }
+}
+
+/// The module parameter that lets FUSE connections use io_uring.
+pub const ENABLE_URING: &str = "/sys/module/fuse/parameters/enable_uring";
+
+/// The largest write a ring mount takes in one request: each ring entry holds a payload buffer
+/// this large (the kernel sends at most `max_pages_limit` pages, 1 MiB by default, anyway).
+pub(crate) const RING_MAX_WRITE: u32 = 1 << 20;
+
+/// Requests in flight per ring queue (one queue per CPU).
+const RING_DEPTH: usize = 32;
 
 /// How a filesystem is served.
 #[derive(Debug, Clone)]
@@ -93,6 +137,8 @@ pub struct FsOptions {
     /// others what it changes and invalidates what they tell it, so long timeouts stay
     /// coherent on a shared instance. `None`: it neither tells nor listens.
     pub peers: Option<PathBuf>,
+    /// Whether requests travel over io_uring.
+    pub io_uring: IoUring,
 }
 
 /// The timeouts of a shared mount while a bind mount of its instance (which tells nobody what
@@ -118,6 +164,7 @@ impl Default for FsOptions {
             auto_unmount: true,
             xattrs: false,
             peers: None,
+            io_uring: IoUring::Auto,
         }
     }
 }
@@ -126,6 +173,9 @@ impl Default for FsOptions {
 pub struct MountedFs {
     target: PathBuf,
     session: Option<fuser::BackgroundSession>,
+    /// The io_uring queues serving the connection, if it uses them (dropped after the
+    /// session ended: their threads end with the connection).
+    ring: Option<ring::Ring>,
     passthrough: Arc<AtomicBool>,
     /// The FUSE connection number (minor of st_dev), to abort a mount that cannot be
     /// unmounted cleanly.
@@ -205,6 +255,15 @@ impl MountedFs {
         self.passthrough.load(Ordering::Relaxed)
     }
 
+    /// How requests travel to this mount.
+    pub fn transport(&self) -> Transport {
+        if self.ring.is_some() {
+            Transport::IoUring
+        } else {
+            Transport::DevFuse
+        }
+    }
+
     /// Unmounts and waits for the serving threads to end. A mount still busy (a process left
     /// behind holds a file open in it) is detached and its connection aborted, so this never
     /// hangs and never leaves a dead mount behind.
@@ -266,6 +325,8 @@ impl MountedFs {
                 }
             }
         }
+        // The connection is gone, and with it the ring's requests: its threads have ended.
+        drop(self.ring.take());
         result
     }
 
@@ -744,12 +805,19 @@ pub fn mount(source: &Path, target: &Path, opts: &FsOptions) -> Result<MountedFs
         )),
         None => None,
     };
-    let fs = ops::CacheFs::new(
+    let want_ring = wants_ring(opts.io_uring)?;
+    let fs = Arc::new(ops::CacheFs::new(
         table.clone(),
         opts,
         passthrough.clone(),
-        EndGuard(ended.clone()),
         peers.clone(),
+    ));
+    let ring_asked = Arc::new(AtomicBool::new(false));
+    let classic = classic::Classic::new(
+        fs.clone(),
+        want_ring,
+        ring_asked.clone(),
+        EndGuard(ended.clone()),
     );
 
     let as_root = rustix::process::geteuid().is_root();
@@ -786,8 +854,36 @@ pub fn mount(source: &Path, target: &Path, opts: &FsOptions) -> Result<MountedFs
     config.mount_options = options;
     config.n_threads = Some(opts.threads.max(1));
     config.clone_fd = true;
-    let session = fuser::Session::new(fs, target, &config)
+    // INIT is answered inside Session::new; nothing is served before `spawn`.
+    let session = fuser::Session::new(classic, target, &config)
         .map_err(|e| FsError::Mount(target.to_path_buf(), e))?;
+    let dev = |what| {
+        rustix::io::fcntl_dupfd_cloexec(session.as_fd(), 3).map_err(|e| {
+            FsError::Mount(
+                target.to_path_buf(),
+                io::Error::other(format!("{what}: {e}")),
+            )
+        })
+    };
+    fs.set_device(dev("dup /dev/fuse")?);
+    let ring = if ring_asked.load(Ordering::Relaxed) {
+        match start_ring(dev("dup /dev/fuse")?, &fs) {
+            Ok(r) => Some(r),
+            // The kernel serves the connection through /dev/fuse again (ring::start).
+            Err(e) if opts.io_uring == IoUring::Auto => {
+                debug!("FUSE over io_uring unavailable, serving through /dev/fuse: {e}");
+                None
+            }
+            // Dropping the session unmounts.
+            Err(e) => return Err(FsError::IoUring(format!("cannot start the queues: {e}"))),
+        }
+    } else if opts.io_uring == IoUring::On {
+        return Err(FsError::IoUring(
+            "the kernel did not offer it (Linux 6.14 or later with CONFIG_FUSE_IO_URING)".into(),
+        ));
+    } else {
+        None
+    };
     let session = session
         .spawn()
         .map_err(|e| FsError::Mount(target.to_path_buf(), e))?;
@@ -807,11 +903,51 @@ pub fn mount(source: &Path, target: &Path, opts: &FsOptions) -> Result<MountedFs
     Ok(MountedFs {
         target: target.to_path_buf(),
         session: Some(session),
+        ring,
         passthrough,
         connection,
         ended,
         evictor,
     })
+}
+
+/// Whether to ask for FUSE over io_uring at INIT: with `on`, a kernel that does not allow it is
+/// an error; with `auto`, /dev/fuse (saying once, at -v, how to allow it).
+fn wants_ring(mode: IoUring) -> Result<bool, FsError> {
+    static SAID: AtomicBool = AtomicBool::new(false);
+    let enabled = ring::uring_enabled();
+    match mode {
+        IoUring::Off => Ok(false),
+        IoUring::On if !enabled => Err(FsError::IoUring(if Path::new(ENABLE_URING).exists() {
+            format!("off in the kernel: as root, echo Y > {ENABLE_URING}")
+        } else {
+            "not in this kernel (Linux 6.14 or later with CONFIG_FUSE_IO_URING)".into()
+        })),
+        IoUring::On => Ok(true),
+        IoUring::Auto => {
+            if !enabled && Path::new(ENABLE_URING).exists() && !SAID.swap(true, Ordering::Relaxed) {
+                tracing::info!(
+                    "FUSE over io_uring is off in the kernel; as root, `echo Y > {ENABLE_URING}` lets cachefs use it"
+                );
+            }
+            Ok(enabled)
+        }
+    }
+}
+
+/// Starts the io_uring queues of a connection whose INIT asked for them.
+fn start_ring(dev: OwnedFd, fs: &Arc<ops::CacheFs>) -> io::Result<ring::Ring> {
+    // The kernel caps max_pages at fs.fuse.max_pages_limit (256 pages by default).
+    let limit_pages = std::fs::read_to_string("/proc/sys/fs/fuse/max_pages_limit")
+        .ok()
+        .and_then(|s| s.trim().parse::<u16>().ok())
+        .unwrap_or(256);
+    let config = ring::RingConfig {
+        queues: ring::possible_queues()?,
+        depth: RING_DEPTH,
+        payload_size: ring::payload_size(RING_MAX_WRITE, limit_pages),
+    };
+    ring::start(dev, config, Arc::new(ring::serve::Serve(fs.clone())))
 }
 
 /// How a mount applies what the other mounts of its instance changed: by telling its kernel

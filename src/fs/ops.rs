@@ -1,34 +1,89 @@
-//! The FUSE request handlers: a passthrough over one instance directory.
+//! The filesystem core: a passthrough over one instance directory, one method per FUSE
+//! operation, each returning its result. It knows no transport: `classic` serves it over
+//! /dev/fuse through fuser, `ring` over io_uring; both encode what these methods return.
 //!
-//! Every handler reaches the backing tree through the inode table's fds and `*at()` calls on
-//! single name components (see `sys`). The request path does only the request's own work:
+//! Every operation reaches the backing tree through the inode table's fds and `*at()` calls
+//! on single name components (see `sys`). The request path does only the request's own work:
 //! no database access, no scans, and no logging above debug level.
 
 use std::ffi::{OsStr, OsString};
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStringExt;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use dashmap::DashMap;
-use fuser::{
-    AccessFlags, BsdFileFlags, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType,
-    FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags,
-    ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry,
-    ReplyLock, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow,
-    WriteFlags,
-};
+use fuser::{FopenFlags, InitFlags, KernelConfig};
 use parking_lot::Mutex;
 use tracing::debug;
 
 use super::FsOptions;
+use super::backing::Backing;
 use super::inode::{Inode, InodeTable, ROOT};
 use super::locks::{Locks, OwnerFd};
 use super::peers::{Change, Peers};
 use super::reserve::{self, CountedFd};
-use super::sys::{self, errno};
+use super::sys;
+
+/// Who a request comes from: the caller's filesystem uid and gid.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Ctx {
+    pub(crate) uid: u32,
+    pub(crate) gid: u32,
+}
+
+/// A node's attributes: its node id (the backing inode number, mapped) and its stat.
+#[derive(Clone, Copy)]
+pub(crate) struct Attrs {
+    pub(crate) node: u64,
+    pub(crate) st: libc::stat,
+}
+
+/// The answer to a lookup (or a create): the node, or `None` for a negative entry, which the
+/// kernel keeps for `entry_ttl`.
+pub(crate) struct Entry {
+    pub(crate) attrs: Option<Attrs>,
+    pub(crate) entry_ttl: Duration,
+    pub(crate) attr_ttl: Duration,
+}
+
+/// An open file or directory: its handle, the FOPEN_* flags and, with passthrough, the id of
+/// its backing file.
+pub(crate) struct Opened {
+    pub(crate) fh: u64,
+    pub(crate) flags: FopenFlags,
+    pub(crate) backing: Option<u32>,
+}
+
+/// What a SETATTR changes (`None`: left alone). Times are `utimensat` timespecs (UTIME_NOW
+/// for "now").
+#[derive(Clone, Copy, Default)]
+pub(crate) struct SetAttr {
+    pub(crate) mode: Option<u32>,
+    pub(crate) uid: Option<u32>,
+    pub(crate) gid: Option<u32>,
+    pub(crate) size: Option<u64>,
+    pub(crate) atime: Option<libc::timespec>,
+    pub(crate) mtime: Option<libc::timespec>,
+    /// The open file the kernel names, if any.
+    pub(crate) fh: Option<u64>,
+}
+
+/// A getxattr or listxattr answer.
+pub(crate) enum Xattr {
+    /// The size the value (or list) needs: asked with size 0.
+    Size(u32),
+    Data(Vec<u8>),
+}
+
+/// A SETLK's outcome: done, or a wait that must run off the transport's threads, then be
+/// answered with its result.
+pub(crate) enum Locking {
+    Done,
+    Wait(Box<dyn FnOnce() -> io::Result<()> + Send>),
+}
 
 /// One open regular file.
 struct OpenFile {
@@ -55,10 +110,11 @@ struct OpenDir {
     entries: Mutex<Option<Arc<Vec<DirEnt>>>>,
 }
 
-struct DirEnt {
-    name: OsString,
-    node: u64,
-    kind: FileType,
+/// A directory entry as listed (`dtype`: the DT_* type getdents gives).
+pub(crate) struct DirEnt {
+    pub(crate) name: OsString,
+    pub(crate) node: u64,
+    pub(crate) dtype: u8,
 }
 
 pub(crate) struct CacheFs {
@@ -75,7 +131,10 @@ pub(crate) struct CacheFs {
     /// No other mount serves the instance: the kernel may keep the locks itself.
     exclusive: bool,
     /// Locks are forwarded to us (FUSE_POSIX_LOCKS granted), not kept by the kernel.
-    server_locks: bool,
+    server_locks: AtomicBool,
+    /// A /dev/fuse fd of the connection, for registering passthrough backing files (set once
+    /// the session exists: see `set_device`).
+    dev: OnceLock<Arc<OwnedFd>>,
     passthrough: Arc<AtomicBool>,
     files: DashMap<u64, Arc<OpenFile>>,
     dirs: DashMap<u64, Arc<OpenDir>>,
@@ -84,8 +143,6 @@ pub(crate) struct CacheFs {
     next_fh: AtomicU64,
     /// Running as root: new objects are given to the caller, as a local filesystem would.
     as_root: bool,
-    /// Tells the mount's owner when the session has ended (this value is dropped with it).
-    _end: super::EndGuard,
     /// Size accounting and the LRU clock, if the mount counts.
     acct: Option<Arc<crate::accounting::Accountant>>,
     /// The cross-mount accounting lock of a shared mount (see `acct_lock`).
@@ -111,76 +168,11 @@ fn ebadf() -> io::Error {
     io::Error::from_raw_os_error(libc::EBADF)
 }
 
-fn kind_of(mode: u32) -> FileType {
-    match mode & libc::S_IFMT {
-        libc::S_IFDIR => FileType::Directory,
-        libc::S_IFLNK => FileType::Symlink,
-        libc::S_IFBLK => FileType::BlockDevice,
-        libc::S_IFCHR => FileType::CharDevice,
-        libc::S_IFIFO => FileType::NamedPipe,
-        libc::S_IFSOCK => FileType::Socket,
-        _ => FileType::RegularFile,
-    }
-}
-
-fn kind_of_dtype(d: u8) -> FileType {
-    match d {
-        libc::DT_DIR => FileType::Directory,
-        libc::DT_LNK => FileType::Symlink,
-        libc::DT_BLK => FileType::BlockDevice,
-        libc::DT_CHR => FileType::CharDevice,
-        libc::DT_FIFO => FileType::NamedPipe,
-        libc::DT_SOCK => FileType::Socket,
-        _ => FileType::RegularFile,
-    }
-}
-
-fn time(sec: i64, nsec: i64) -> SystemTime {
-    if sec >= 0 {
-        UNIX_EPOCH + Duration::new(sec as u64, nsec as u32)
-    } else {
-        UNIX_EPOCH - Duration::from_secs(sec.unsigned_abs()) + Duration::from_nanos(nsec as u64)
-    }
-}
-
-fn timespec(t: Option<TimeOrNow>) -> libc::timespec {
-    match t {
-        None => libc::timespec {
-            tv_sec: 0,
-            tv_nsec: libc::UTIME_OMIT,
-        },
-        Some(TimeOrNow::Now) => libc::timespec {
-            tv_sec: 0,
-            tv_nsec: libc::UTIME_NOW,
-        },
-        Some(TimeOrNow::SpecificTime(t)) => match t.duration_since(UNIX_EPOCH) {
-            Ok(d) => libc::timespec {
-                tv_sec: d.as_secs() as libc::time_t,
-                tv_nsec: d.subsec_nanos() as libc::c_long,
-            },
-            Err(e) => {
-                let d = e.duration();
-                let mut sec = -(d.as_secs() as i64);
-                let mut nsec = -(d.subsec_nanos() as i64);
-                if nsec < 0 {
-                    sec -= 1;
-                    nsec += 1_000_000_000;
-                }
-                libc::timespec {
-                    tv_sec: sec as libc::time_t,
-                    tv_nsec: nsec as libc::c_long,
-                }
-            }
-        },
-    }
-}
-
 impl CacheFs {
     pub(crate) fn new(
         table: Arc<InodeTable>,
         opts: &FsOptions,
         passthrough: Arc<AtomicBool>,
-        end: super::EndGuard,
         peers: Option<Arc<Peers>>,
     ) -> CacheFs {
         let cross_mount = (opts.accounting.is_some() && !opts.exclusive)
@@ -205,14 +197,14 @@ impl CacheFs {
             want_passthrough: opts.passthrough,
             xattrs: opts.xattrs,
             exclusive: opts.exclusive,
-            server_locks: false,
+            server_locks: AtomicBool::new(false),
+            dev: OnceLock::new(),
             passthrough,
             files: DashMap::new(),
             dirs: DashMap::new(),
             locks: Locks::default(),
             next_fh: AtomicU64::new(1),
             as_root: rustix::process::geteuid().is_root(),
-            _end: end,
             cross_mount,
             acct: opts.accounting.clone(),
         }
@@ -289,35 +281,32 @@ impl CacheFs {
         }
     }
 
-    fn attr(&self, st: &libc::stat) -> FileAttr {
-        FileAttr {
-            ino: INodeNo(self.table.inos.to_node(st.st_ino)),
-            size: st.st_size as u64,
-            blocks: st.st_blocks as u64,
-            atime: time(st.st_atime, st.st_atime_nsec),
-            mtime: time(st.st_mtime, st.st_mtime_nsec),
-            ctime: time(st.st_ctime, st.st_ctime_nsec),
-            crtime: UNIX_EPOCH,
-            kind: kind_of(st.st_mode),
-            perm: (st.st_mode & 0o7777) as u16,
-            nlink: st.st_nlink as u32,
-            uid: st.st_uid,
-            gid: st.st_gid,
-            rdev: st.st_rdev as u32,
-            blksize: st.st_blksize as u32,
-            flags: 0,
+    /// A stat result with its node id (the backing inode number, mapped).
+    fn attrs(&self, st: libc::stat) -> Attrs {
+        Attrs {
+            node: self.table.inos.to_node(st.st_ino),
+            st,
         }
     }
 
-    fn inode_fd(&self, node: INodeNo) -> Res<(Arc<Inode>, Arc<OwnedFd>)> {
-        let inode = self.table.get(node.0)?;
+    /// An entry for a node found (or made) under a name.
+    fn entry(&self, st: libc::stat) -> Entry {
+        Entry {
+            attrs: Some(self.attrs(st)),
+            entry_ttl: self.entry_ttl(),
+            attr_ttl: self.attr_ttl(),
+        }
+    }
+
+    fn inode_fd(&self, node: u64) -> Res<(Arc<Inode>, Arc<OwnedFd>)> {
+        let inode = self.table.get(node)?;
         let fd = self.table.fd(&inode)?;
         Ok((inode, fd))
     }
 
-    fn file(&self, fh: FileHandle) -> Res<Arc<OpenFile>> {
+    fn file(&self, fh: u64) -> Res<Arc<OpenFile>> {
         self.files
-            .get(&fh.0)
+            .get(&fh)
             .map(|f| f.value().clone())
             .ok_or_else(ebadf)
     }
@@ -328,8 +317,8 @@ impl CacheFs {
 
     /// Whether a request's new entries must be given to its caller: we serve as root for
     /// someone else.
-    fn acts_for(&self, req: &Request) -> bool {
-        self.as_root && !(req.uid() == 0 && req.gid() == 0)
+    fn acts_for(&self, ctx: &Ctx) -> bool {
+        self.as_root && !(ctx.uid == 0 && ctx.gid == 0)
     }
 
     /// Runs `make` (the syscall that creates an entry) with the caller's uid and gid as this
@@ -338,11 +327,11 @@ impl CacheFs {
     /// which a rename in the instance directory could redirect to another file. In a
     /// set-group-id directory the kernel gives the entry the directory's group, as on a local
     /// filesystem.
-    fn as_caller<T>(&self, req: &Request, make: impl FnOnce() -> Res<T>) -> Res<T> {
-        if !self.acts_for(req) {
+    fn as_caller<T>(&self, ctx: &Ctx, make: impl FnOnce() -> Res<T>) -> Res<T> {
+        if !self.acts_for(ctx) {
             return make();
         }
-        let _creds = sys::CallerCreds::enter(req.uid(), req.gid(), true)?;
+        let _creds = sys::CallerCreds::enter(ctx.uid, ctx.gid, true)?;
         make()
     }
 
@@ -413,23 +402,15 @@ impl CacheFs {
         }
     }
 
-    fn reply_new_entry(&self, parent: &Arc<Inode>, name: &OsStr, reply: ReplyEntry) {
+    /// The entry of a name just made in `parent` (a lookup, which the kernel counts).
+    fn new_entry(&self, parent: &Arc<Inode>, name: &OsStr) -> Res<Entry> {
         let t0 = crate::accounting::now_ns();
-        match self.table.lookup(parent, name, true) {
-            Ok(l) => {
-                self.note_size(&l.st, false, t0);
-                // A new directory may take the name of one that was removed or moved away:
-                // the change log must not let a snapshot reuse the old one's digest.
-                self.note_moved(l.inode.node, &l.st);
-                reply.entry_with_ttls(
-                    &self.attr_ttl(),
-                    &self.entry_ttl(),
-                    &self.attr(&l.st),
-                    Generation(0),
-                )
-            }
-            Err(e) => reply.error(errno(&e)),
-        }
+        let l = self.table.lookup(parent, name, true)?;
+        self.note_size(&l.st, false, t0);
+        // A new directory may take the name of one that was removed or moved away: the
+        // change log must not let a snapshot reuse the old one's digest.
+        self.note_moved(l.inode.node, &l.st);
+        Ok(self.entry(l.st))
     }
 
     /// Opens the backing file with the caller's flags, by handle when possible.
@@ -448,8 +429,7 @@ impl CacheFs {
         writable: bool,
         by_root: bool,
         append: bool,
-        make_backing: impl FnOnce(&OwnedFd) -> io::Result<fuser::BackingId>,
-    ) -> (u64, Option<Arc<fuser::BackingId>>) {
+    ) -> (u64, Option<u32>) {
         let fh = self.new_fh();
         let mut backing = None;
         {
@@ -461,7 +441,7 @@ impl CacheFs {
                         *n += 1;
                         backing = Some(id.clone());
                     }
-                    None => match make_backing(&fd) {
+                    None => match self.make_backing(&fd) {
                         Ok(id) => {
                             let id = Arc::new(id);
                             st.backing = Some((id.clone(), 1));
@@ -484,14 +464,23 @@ impl CacheFs {
                 lock_owners: Mutex::new(Vec::new()),
             }),
         );
-        (fh, backing)
+        (fh, backing.map(|b| b.id()))
+    }
+
+    /// Registers a backing file for passthrough with the connection.
+    fn make_backing(&self, fd: &OwnedFd) -> io::Result<Backing> {
+        let dev = self
+            .dev
+            .get()
+            .ok_or_else(|| io::Error::other("no /dev/fuse fd yet"))?;
+        Backing::open(dev, fd.as_fd())
     }
 
     /// An open directory and its entries, read afresh when the listing starts (offset 0).
-    fn dir_entries(&self, fh: FileHandle, offset: u64) -> Res<(Arc<OpenDir>, Arc<Vec<DirEnt>>)> {
+    fn dir_entries(&self, fh: u64, offset: u64) -> Res<(Arc<OpenDir>, Arc<Vec<DirEnt>>)> {
         let dir = self
             .dirs
-            .get(&fh.0)
+            .get(&fh)
             .map(|d| d.value().clone())
             .ok_or_else(ebadf)?;
         let entries = self.read_entries(&dir, offset)?;
@@ -512,18 +501,18 @@ impl CacheFs {
             v.push(DirEnt {
                 name: OsString::from("."),
                 node: dir.inode.node,
-                kind: FileType::Directory,
+                dtype: libc::DT_DIR,
             });
             v.push(DirEnt {
                 name: OsString::from(".."),
                 node: parent,
-                kind: FileType::Directory,
+                dtype: libc::DT_DIR,
             });
             for (name, ino, dtype) in raw {
                 v.push(DirEnt {
                     name: OsString::from_vec(name),
                     node: self.table.inos.to_node(ino),
-                    kind: kind_of_dtype(dtype),
+                    dtype,
                 });
             }
             *cached = Some(Arc::new(v));
@@ -531,30 +520,25 @@ impl CacheFs {
         cached.clone().ok_or_else(ebadf)
     }
 
-    /// The setattr request's own fields, as the kernel sends them.
-    #[allow(clippy::too_many_arguments)]
-    fn do_setattr(
-        &self,
-        ino: INodeNo,
-        mode: Option<u32>,
-        uid: Option<u32>,
-        gid: Option<u32>,
-        size: Option<u64>,
-        atime: Option<TimeOrNow>,
-        mtime: Option<TimeOrNow>,
-        fh: Option<FileHandle>,
-    ) -> Res<libc::stat> {
+    fn do_setattr(&self, ino: u64, set: &SetAttr) -> Res<libc::stat> {
+        let SetAttr {
+            mode,
+            uid,
+            gid,
+            size,
+            atime,
+            mtime,
+            fh,
+        } = *set;
         let (inode, fd) = self.inode_fd(ino)?;
-        let open = fh.and_then(|fh| self.files.get(&fh.0).map(|f| f.value().clone()));
+        let open = fh.and_then(|fh| self.files.get(&fh).map(|f| f.value().clone()));
         let is_symlink = inode.state.lock().is_symlink;
         if let Some(mode) = mode {
             if is_symlink {
                 return Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP));
             }
             match &open {
-                Some(f) => {
-                    sys::cvt(unsafe { libc::fchmod(f.fd.as_raw_fd(), mode & 0o7777) }).map(drop)?
-                }
+                Some(f) => sys::fchmod(f.fd.as_fd(), mode & 0o7777)?,
                 None => sys::fchmod_path(fd.as_fd(), mode & 0o7777)?,
             }
         }
@@ -562,22 +546,22 @@ impl CacheFs {
             sys::fchown_path(fd.as_fd(), uid.unwrap_or(u32::MAX), gid.unwrap_or(u32::MAX))?;
         }
         if let Some(size) = size {
-            let res = match &open {
-                Some(f) => {
-                    sys::cvt(unsafe { libc::ftruncate(f.fd.as_raw_fd(), size as libc::off_t) })
-                }
+            match &open {
+                Some(f) => sys::ftruncate(f.fd.as_fd(), size)?,
                 None => {
                     let w = self.table.open_file(&inode, libc::O_WRONLY)?;
-                    sys::cvt(unsafe { libc::ftruncate(w.as_raw_fd(), size as libc::off_t) })
+                    sys::ftruncate(w.as_fd(), size)?
                 }
-            };
-            res?;
+            }
         }
         if atime.is_some() || mtime.is_some() {
-            let times = [timespec(atime), timespec(mtime)];
+            let omit = libc::timespec {
+                tv_sec: 0,
+                tv_nsec: libc::UTIME_OMIT,
+            };
+            let times = [atime.unwrap_or(omit), mtime.unwrap_or(omit)];
             match &open {
-                Some(f) => sys::cvt(unsafe { libc::futimens(f.fd.as_raw_fd(), times.as_ptr()) })
-                    .map(drop)?,
+                Some(f) => sys::futimens(f.fd.as_fd(), &times)?,
                 None => sys::utimens_path(fd.as_fd(), &times, is_symlink)?,
             }
         }
@@ -594,16 +578,16 @@ impl CacheFs {
     /// supplementary group is refused then: FUSE does not carry those).
     fn create_file(
         &self,
-        req: &Request,
+        ctx: &Ctx,
         pfd: &OwnedFd,
         cname: &std::ffi::CStr,
         oflags: i32,
         mode: u32,
     ) -> Res<OwnedFd> {
-        if !self.acts_for(req) {
+        if !self.acts_for(ctx) {
             return sys::openat(pfd.as_fd(), cname, oflags, mode);
         }
-        let made = self.as_caller(req, || {
+        let made = self.as_caller(ctx, || {
             sys::openat(pfd.as_fd(), cname, oflags | libc::O_EXCL, mode)
         });
         match made {
@@ -616,40 +600,34 @@ impl CacheFs {
                     // A FIFO would block this thread; a device is refused by nodev anyway.
                     _ => return Err(e),
                 }
-                let _creds = sys::CallerCreds::enter(req.uid(), req.gid(), false)?;
+                let _creds = sys::CallerCreds::enter(ctx.uid, ctx.gid, false)?;
                 sys::reopen(existing.as_fd(), oflags)
             }
             r => r,
         }
     }
 
+    /// Makes an entry (mknod, mkdir, symlink) with `make`, as the caller.
     fn create_node(
         &self,
-        req: &Request,
-        parent: INodeNo,
+        ctx: &Ctx,
+        parent: u64,
         name: &OsStr,
         make: impl FnOnce(&OwnedFd, &std::ffi::CStr) -> Res<()>,
-        reply: ReplyEntry,
-    ) {
-        let res = (|| {
-            let cname = sys::component(name)?;
-            let (pinode, pfd) = self.inode_fd(parent)?;
-            let lock = self.acct_lock();
-            self.as_caller(req, || make(&pfd, &cname))?;
-            drop(lock);
-            self.note_changed(parent.0);
-            self.tell_inode(parent.0, false);
-            Ok::<_, io::Error>(pinode)
-        })();
-        match res {
-            Ok(pinode) => self.reply_new_entry(&pinode, name, reply),
-            Err(e) => reply.error(errno(&e)),
-        }
+    ) -> Res<Entry> {
+        let cname = sys::component(name)?;
+        let (pinode, pfd) = self.inode_fd(parent)?;
+        let lock = self.acct_lock();
+        self.as_caller(ctx, || make(&pfd, &cname))?;
+        drop(lock);
+        self.note_changed(parent);
+        self.tell_inode(parent, false);
+        self.new_entry(&pinode, name)
     }
 
     /// The backing fd that carries `owner`'s locks on the file's inode (see `locks`).
-    fn lock_fd(&self, file: &OpenFile, owner: LockOwner) -> Res<Arc<OwnerFd>> {
-        let fd = self.locks.get_or_open(file.inode.node, owner.0, || {
+    fn lock_fd(&self, file: &OpenFile, owner: u64) -> Res<Arc<OwnerFd>> {
+        let fd = self.locks.get_or_open(file.inode.node, owner, || {
             // A new owner fd: one user's processes could otherwise make many per open file.
             reserve::admit(file.by_root)?;
             // Write locks need a writable description; a file being executed or not
@@ -665,7 +643,7 @@ impl CacheFs {
     /// The open flags of a new open file (OPEN and CREATE).
     fn fopen_flags(&self, append: bool, passthrough: bool) -> FopenFlags {
         let mut fopen = append_fopen(append, passthrough);
-        if !self.server_locks {
+        if !self.server_locks.load(Ordering::Relaxed) {
             // No FLUSH round trip at close(): nothing is buffered here (writes reach the
             // backing file before they return, and shared mmap pages are written back at
             // munmap), and the kernel keeps this mount's locks and ends them itself. Where we
@@ -677,8 +655,8 @@ impl CacheFs {
         fopen
     }
 
-    fn release_file(&self, fh: FileHandle) {
-        let Some((_, file)) = self.files.remove(&fh.0) else {
+    fn release_file(&self, fh: u64) {
+        let Some((_, file)) = self.files.remove(&fh) else {
             return;
         };
         let node = file.inode.node;
@@ -694,7 +672,7 @@ impl CacheFs {
                 _ => self.note_use(node),
             }
         }
-        if file.writable && !self.server_locks {
+        if file.writable && !self.server_locks.load(Ordering::Relaxed) {
             // No FLUSH came (NOFLUSH): the other mounts learn of the writes now.
             self.tell_inode(node, true);
         }
@@ -729,18 +707,22 @@ impl CacheFs {
     }
 }
 
-impl fuser::Filesystem for CacheFs {
-    fn destroy(&mut self) {
-        // RELEASE is sent asynchronously and dropped when the connection ends: files still
-        // registered here were closed, or will never be. Release them, so their last size
-        // reaches accounting before the mount's final flush.
-        let fhs: Vec<u64> = self.files.iter().map(|e| *e.key()).collect();
-        for fh in fhs {
-            self.release_file(FileHandle(fh));
-        }
+/// FUSE_WRITE_CACHE in a WRITE's write_flags: page cache writeback (a shared mmap).
+pub(crate) const WRITE_CACHE: u32 = 1;
+
+// The operations, one per FUSE request: each returns its result and leaves the encoding to
+// the transport (`classic` for /dev/fuse through fuser, `ring` for io_uring). Errors are the
+// errno the kernel gets.
+impl CacheFs {
+    /// Gives the core a /dev/fuse fd of its connection (for passthrough backing files), once
+    /// the session exists.
+    pub(crate) fn set_device(&self, dev: OwnedFd) {
+        let _ = self.dev.set(Arc::new(dev));
     }
 
-    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
+    /// Answers INIT: what this mount asks of the kernel. With `ring`, FUSE over io_uring too
+    /// (when the kernel offers it); returns whether it was asked for.
+    pub(crate) fn init(&self, config: &mut KernelConfig, ring: bool) -> bool {
         // FUSE_POSIX_ACL (with xattrs on): the kernel enforces POSIX ACLs (read through
         // GETXATTR, cached per inode until its attributes are refreshed); FUSE_DONT_MASK: it
         // leaves the caller's umask to us, since a default ACL on the parent overrides it (see
@@ -765,7 +747,10 @@ impl fuser::Filesystem for CacheFs {
         }
         let have = config.capabilities();
         let _ = config.add_capabilities(wanted & have);
-        self.server_locks = !self.exclusive && have.contains(InitFlags::FUSE_POSIX_LOCKS);
+        self.server_locks.store(
+            !self.exclusive && have.contains(InitFlags::FUSE_POSIX_LOCKS),
+            Ordering::Relaxed,
+        );
         if self.want_passthrough && have.contains(InitFlags::FUSE_PASSTHROUGH) {
             // Depth 2 lets the store live on overlayfs (containers); never combined with the
             // writeback cache, which silently disables passthrough.
@@ -777,14 +762,34 @@ impl fuser::Filesystem for CacheFs {
         }
         let _ = config.set_max_background(64);
         let _ = config.set_congestion_threshold(48);
-        Ok(())
+        let ring = ring
+            && have.contains(InitFlags::FUSE_OVER_IO_URING)
+            && config
+                .add_capabilities(InitFlags::FUSE_OVER_IO_URING)
+                .is_ok();
+        if ring {
+            // Each ring entry holds a payload buffer of max_write bytes (see ring::payload_size):
+            // the kernel never sends more than 1 MiB in one request anyway.
+            let _ = config.set_max_write(super::RING_MAX_WRITE);
+        }
+        ring
     }
 
-    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+    /// The connection ended. RELEASE is sent asynchronously and dropped then: files still
+    /// registered here were closed, or will never be. Release them, so their last size reaches
+    /// accounting before the mount's final flush.
+    pub(crate) fn destroy(&self) {
+        let fhs: Vec<u64> = self.files.iter().map(|e| *e.key()).collect();
+        for fh in fhs {
+            self.release_file(fh);
+        }
+    }
+
+    pub(crate) fn lookup(&self, parent: u64, name: &OsStr) -> Res<Entry> {
         let t0 = crate::accounting::now_ns();
         let res = self
             .table
-            .get(parent.0)
+            .get(parent)
             .and_then(|p| self.table.lookup(&p, name, true));
         if let Some(acct) = &self.acct {
             match &res {
@@ -797,522 +802,348 @@ impl fuser::Filesystem for CacheFs {
             }
         }
         match res {
-            Ok(l) => reply.entry_with_ttls(
-                &self.attr_ttl(),
-                &self.entry_ttl(),
-                &self.attr(&l.st),
-                Generation(0),
-            ),
+            Ok(l) => Ok(self.entry(l.st)),
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) && self.exclusive => {
                 // A negative entry (node 0) the kernel keeps for the entry timeout: compilers
                 // and interpreters probe the same missing names again and again. Only where
                 // every change goes through this mount, which the kernel then sees (an evicted
                 // file is invalidated by the evictor).
-                reply.entry_with_ttls(
-                    &Duration::ZERO,
-                    &self.entry_ttl(),
-                    &negative_attr(),
-                    Generation(0),
-                )
+                Ok(Entry {
+                    attrs: None,
+                    entry_ttl: self.entry_ttl(),
+                    attr_ttl: Duration::ZERO,
+                })
             }
-            Err(e) => reply.error(errno(&e)),
+            Err(e) => Err(e),
         }
     }
 
-    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+    pub(crate) fn forget(&self, node: u64, nlookup: u64) {
         if let Some(acct) = &self.acct {
-            acct.forgetting(ino.0);
+            acct.forgetting(node);
         }
-        self.table.forget(ino.0, nlookup);
+        self.table.forget(node, nlookup);
     }
 
-    fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
-        let res = match fh.and_then(|fh| self.files.get(&fh.0).map(|f| f.value().clone())) {
-            Some(f) => sys::fstat(f.fd.as_fd()),
-            None => self
-                .inode_fd(ino)
-                .and_then(|(_, fd)| sys::fstat(fd.as_fd())),
-        };
-        match res {
-            Ok(st) => reply.attr(&self.attr_ttl(), &self.attr(&st)),
-            Err(e) => reply.error(errno(&e)),
-        }
-    }
-
-    fn setattr(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        mode: Option<u32>,
-        uid: Option<u32>,
-        gid: Option<u32>,
-        size: Option<u64>,
-        atime: Option<TimeOrNow>,
-        mtime: Option<TimeOrNow>,
-        _ctime: Option<SystemTime>,
-        fh: Option<FileHandle>,
-        _crtime: Option<SystemTime>,
-        _chgtime: Option<SystemTime>,
-        _bkuptime: Option<SystemTime>,
-        _flags: Option<BsdFileFlags>,
-        reply: ReplyAttr,
-    ) {
-        let t0 = crate::accounting::now_ns();
-        match self.do_setattr(ino, mode, uid, gid, size, atime, mtime, fh) {
-            Ok(st) => {
-                if size.is_some() {
-                    self.note_size(&st, true, t0);
-                }
-                // Times and owners are not part of a layer; mode and contents are.
-                if (size.is_some() || mode.is_some())
-                    && let Ok(inode) = self.table.get(ino.0)
-                {
-                    self.note_inode_changed(&inode, &st);
-                }
-                self.tell_inode(ino.0, size.is_some());
-                reply.attr(&self.attr_ttl(), &self.attr(&st))
+    pub(crate) fn getattr(&self, node: u64, fh: Option<u64>) -> Res<(Attrs, Duration)> {
+        let st = match fh.and_then(|fh| self.files.get(&fh).map(|f| f.value().clone())) {
+            Some(f) => sys::fstat(f.fd.as_fd())?,
+            None => {
+                let (_, fd) = self.inode_fd(node)?;
+                sys::fstat(fd.as_fd())?
             }
-            Err(e) => reply.error(errno(&e)),
-        }
+        };
+        Ok((self.attrs(st), self.attr_ttl()))
     }
 
-    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        match self
-            .inode_fd(ino)
-            .and_then(|(_, fd)| sys::readlink_fd(fd.as_fd()))
+    pub(crate) fn setattr(&self, node: u64, set: &SetAttr) -> Res<(Attrs, Duration)> {
+        let t0 = crate::accounting::now_ns();
+        let st = self.do_setattr(node, set)?;
+        if set.size.is_some() {
+            self.note_size(&st, true, t0);
+        }
+        // Times and owners are not part of a layer; mode and contents are.
+        if (set.size.is_some() || set.mode.is_some())
+            && let Ok(inode) = self.table.get(node)
         {
-            Ok(target) => reply.data(&target),
-            Err(e) => reply.error(errno(&e)),
+            self.note_inode_changed(&inode, &st);
         }
+        self.tell_inode(node, set.size.is_some());
+        Ok((self.attrs(st), self.attr_ttl()))
     }
 
-    fn mknod(
+    pub(crate) fn readlink(&self, node: u64) -> Res<Vec<u8>> {
+        let (_, fd) = self.inode_fd(node)?;
+        sys::readlink_fd(fd.as_fd())
+    }
+
+    pub(crate) fn mknod(
         &self,
-        req: &Request,
-        parent: INodeNo,
+        ctx: &Ctx,
+        parent: u64,
         name: &OsStr,
         mode: u32,
         umask: u32,
         rdev: u32,
-        reply: ReplyEntry,
-    ) {
+    ) -> Res<Entry> {
         let (_umask, mode) = sys::CallerUmask::set(umask, mode);
-        self.create_node(
-            req,
-            parent,
-            name,
-            |pfd, cname| sys::mknodat(pfd.as_fd(), cname, mode, u64::from(rdev)),
-            reply,
-        );
+        self.create_node(ctx, parent, name, |pfd, cname| {
+            sys::mknodat(pfd.as_fd(), cname, mode, u64::from(rdev))
+        })
     }
 
-    fn mkdir(
+    pub(crate) fn mkdir(
         &self,
-        req: &Request,
-        parent: INodeNo,
+        ctx: &Ctx,
+        parent: u64,
         name: &OsStr,
         mode: u32,
         umask: u32,
-        reply: ReplyEntry,
-    ) {
+    ) -> Res<Entry> {
         let (_umask, mode) = sys::CallerUmask::set(umask, mode);
-        self.create_node(
-            req,
-            parent,
-            name,
-            |pfd, cname| sys::mkdirat(pfd.as_fd(), cname, mode),
-            reply,
-        );
+        self.create_node(ctx, parent, name, |pfd, cname| {
+            sys::mkdirat(pfd.as_fd(), cname, mode)
+        })
     }
 
-    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let res = sys::component(name).and_then(|cname| {
-            let (_, pfd) = self.inode_fd(parent)?;
-            let _lock = self.acct_lock();
-            let last = self.last_link_of(&pfd, &cname);
-            // The other mounts may hold the inode under another name: its link count moved.
-            let other_links = self
-                .peers
-                .as_ref()
-                .and_then(|_| sys::fstatat(pfd.as_fd(), &cname).ok())
-                .filter(|st| st.st_nlink > 1)
-                .map(|st| self.table.inos.to_node(st.st_ino));
-            sys::unlinkat(pfd.as_fd(), &cname, 0)?;
-            Ok((last, other_links))
-        });
-        match res {
-            Ok((last, other_links)) => {
-                self.note_gone(last);
-                self.note_changed(parent.0);
-                self.tell_entry(parent.0, name);
-                self.tell_inode(parent.0, false);
-                if let Some(node) = other_links {
-                    self.tell_inode(node, false);
-                }
-                reply.ok()
-            }
-            Err(e) => reply.error(errno(&e)),
-        }
-    }
-
-    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let res = sys::component(name).and_then(|cname| {
-            let (_, pfd) = self.inode_fd(parent)?;
-            sys::unlinkat(pfd.as_fd(), &cname, libc::AT_REMOVEDIR)
-        });
-        match res {
-            Ok(()) => {
-                self.note_changed(parent.0);
-                self.tell_entry(parent.0, name);
-                self.tell_inode(parent.0, false);
-                reply.ok()
-            }
-            Err(e) => reply.error(errno(&e)),
-        }
-    }
-
-    fn symlink(
+    /// The target is stored as text and never resolved by us: the kernel resolves it in the
+    /// mount's namespace when a process follows the link.
+    pub(crate) fn symlink(
         &self,
-        req: &Request,
-        parent: INodeNo,
-        link_name: &OsStr,
-        target: &std::path::Path,
-        reply: ReplyEntry,
-    ) {
-        // The target is stored as text and never resolved by us: the kernel resolves it in the
-        // mount's namespace when a process follows the link.
-        self.create_node(
-            req,
-            parent,
-            link_name,
-            |pfd, cname| sys::symlinkat(target.as_os_str(), pfd.as_fd(), cname),
-            reply,
-        );
-    }
-
-    fn rename(
-        &self,
-        _req: &Request,
-        parent: INodeNo,
+        ctx: &Ctx,
+        parent: u64,
         name: &OsStr,
-        newparent: INodeNo,
-        newname: &OsStr,
-        flags: RenameFlags,
-        reply: ReplyEmpty,
-    ) {
-        let res = (|| {
-            let cold = sys::component(name)?;
-            let cnew = sys::component(newname)?;
-            let (_, pfd) = self.inode_fd(parent)?;
-            let (_, npfd) = self.inode_fd(newparent)?;
-            let _lock = self.acct_lock();
-            // A rename over a file removes the target's last link (unless it is the same
-            // inode, a hard link of the source).
-            let replaced = if flags.contains(RenameFlags::RENAME_EXCHANGE) {
-                None
-            } else {
-                self.last_link_of(&npfd, &cnew).filter(|&ino| {
-                    sys::fstatat(pfd.as_fd(), &cold).map_or(true, |src| src.st_ino != ino)
-                })
-            };
-            sys::renameat2(pfd.as_fd(), &cold, npfd.as_fd(), &cnew, flags.bits())?;
-            self.note_gone(replaced);
-            self.note_changed(parent.0);
-            self.note_changed(newparent.0);
-            self.tell_entry(parent.0, name);
-            self.tell_entry(newparent.0, newname);
-            self.tell_inode(parent.0, false);
-            if newparent != parent {
-                self.tell_inode(newparent.0, false);
-            }
-            // The change log places changes by the names inodes were last seen under, so it
-            // needs the new names too (with handles, nothing else does).
-            if !self.table.uses_handles() || self.acct.is_some() {
-                // Without handles, cold inodes are found again by name: follow the move.
-                if let Ok(st) = sys::fstatat(npfd.as_fd(), &cnew) {
-                    let node = self.table.inos.to_node(st.st_ino);
-                    self.table.renamed(node, newparent.0, newname);
-                    self.note_moved(node, &st);
-                }
-                if flags.contains(RenameFlags::RENAME_EXCHANGE)
-                    && let Ok(st) = sys::fstatat(pfd.as_fd(), &cold)
-                {
-                    let node = self.table.inos.to_node(st.st_ino);
-                    self.table.renamed(node, parent.0, name);
-                    self.note_moved(node, &st);
-                }
-            }
-            Ok::<_, io::Error>(())
-        })();
-        match res {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(&e)),
-        }
+        target: &OsStr,
+    ) -> Res<Entry> {
+        self.create_node(ctx, parent, name, |pfd, cname| {
+            sys::symlinkat(target, pfd.as_fd(), cname)
+        })
     }
 
-    fn link(
+    pub(crate) fn unlink(&self, parent: u64, name: &OsStr) -> Res<()> {
+        let cname = sys::component(name)?;
+        let (_, pfd) = self.inode_fd(parent)?;
+        let lock = self.acct_lock();
+        let last = self.last_link_of(&pfd, &cname);
+        // The other mounts may hold the inode under another name: its link count moved.
+        let other_links = self
+            .peers
+            .as_ref()
+            .and_then(|_| sys::fstatat(pfd.as_fd(), &cname).ok())
+            .filter(|st| st.st_nlink > 1)
+            .map(|st| self.table.inos.to_node(st.st_ino));
+        sys::unlinkat(pfd.as_fd(), &cname, 0)?;
+        drop(lock);
+        self.note_gone(last);
+        self.note_changed(parent);
+        self.tell_entry(parent, name);
+        self.tell_inode(parent, false);
+        if let Some(node) = other_links {
+            self.tell_inode(node, false);
+        }
+        Ok(())
+    }
+
+    pub(crate) fn rmdir(&self, parent: u64, name: &OsStr) -> Res<()> {
+        let cname = sys::component(name)?;
+        let (_, pfd) = self.inode_fd(parent)?;
+        sys::unlinkat(pfd.as_fd(), &cname, libc::AT_REMOVEDIR)?;
+        self.note_changed(parent);
+        self.tell_entry(parent, name);
+        self.tell_inode(parent, false);
+        Ok(())
+    }
+
+    pub(crate) fn rename(
         &self,
-        _req: &Request,
-        ino: INodeNo,
-        newparent: INodeNo,
+        parent: u64,
+        name: &OsStr,
+        newparent: u64,
         newname: &OsStr,
-        reply: ReplyEntry,
-    ) {
-        let res = (|| {
-            let cname = sys::component(newname)?;
-            let (_, fd) = self.inode_fd(ino)?;
-            let (pinode, pfd) = self.inode_fd(newparent)?;
-            let _lock = self.acct_lock();
-            sys::linkat_fd(fd.as_fd(), pfd.as_fd(), &cname)?;
-            self.note_changed(newparent.0);
-            self.tell_inode(newparent.0, false);
-            self.tell_inode(ino.0, false);
-            Ok::<_, io::Error>(pinode)
-        })();
-        match res {
-            Ok(pinode) => self.reply_new_entry(&pinode, newname, reply),
-            Err(e) => reply.error(errno(&e)),
-        }
-    }
-
-    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        let res = (|| {
-            reserve::admit(req.uid() == 0)?;
-            let inode = self.table.get(ino.0)?;
-            let file = self.open_backing_fd(&inode, flags.0)?;
-            Ok::<_, io::Error>((inode, file))
-        })();
-        let (inode, file) = match res {
-            Ok(v) => v,
-            Err(e) => return reply.error(errno(&e)),
+        flags: u32,
+    ) -> Res<()> {
+        let exchange = flags & libc::RENAME_EXCHANGE != 0;
+        let cold = sys::component(name)?;
+        let cnew = sys::component(newname)?;
+        let (_, pfd) = self.inode_fd(parent)?;
+        let (_, npfd) = self.inode_fd(newparent)?;
+        let _lock = self.acct_lock();
+        // A rename over a file removes the target's last link (unless it is the same inode, a
+        // hard link of the source).
+        let replaced = if exchange {
+            None
+        } else {
+            self.last_link_of(&npfd, &cnew).filter(|&ino| {
+                sys::fstatat(pfd.as_fd(), &cold).map_or(true, |src| src.st_ino != ino)
+            })
         };
-        // O_TRUNC truncates even a read-only open: its size must be taken at release too.
-        let writable = flags.0 & libc::O_ACCMODE != libc::O_RDONLY || flags.0 & libc::O_TRUNC != 0;
-        self.note_use(inode.node);
-        let append = flags.0 & libc::O_APPEND != 0;
-        let (fh, backing) =
-            self.register_open(&inode, file, writable, req.uid() == 0, append, |f| {
-                reply.open_backing(f)
-            });
-        let fopen = self.fopen_flags(append, backing.is_some());
-        match backing {
-            Some(id) => reply.opened_passthrough(FileHandle(fh), fopen, &id),
-            None => reply.opened(FileHandle(fh), fopen),
+        sys::renameat2(pfd.as_fd(), &cold, npfd.as_fd(), &cnew, flags)?;
+        self.note_gone(replaced);
+        self.note_changed(parent);
+        self.note_changed(newparent);
+        self.tell_entry(parent, name);
+        self.tell_entry(newparent, newname);
+        self.tell_inode(parent, false);
+        if newparent != parent {
+            self.tell_inode(newparent, false);
         }
+        // The change log places changes by the names inodes were last seen under, so it needs
+        // the new names too (with handles, nothing else does).
+        if !self.table.uses_handles() || self.acct.is_some() {
+            // Without handles, cold inodes are found again by name: follow the move.
+            if let Ok(st) = sys::fstatat(npfd.as_fd(), &cnew) {
+                let node = self.table.inos.to_node(st.st_ino);
+                self.table.renamed(node, newparent, newname);
+                self.note_moved(node, &st);
+            }
+            if exchange && let Ok(st) = sys::fstatat(pfd.as_fd(), &cold) {
+                let node = self.table.inos.to_node(st.st_ino);
+                self.table.renamed(node, parent, name);
+                self.note_moved(node, &st);
+            }
+        }
+        Ok(())
     }
 
-    fn read(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        fh: FileHandle,
-        offset: u64,
-        size: u32,
-        _flags: OpenFlags,
-        _lock_owner: Option<LockOwner>,
-        reply: ReplyData,
-    ) {
-        let res = self.file(fh).and_then(|f| {
-            let mut buf = vec![0u8; size as usize];
-            let n = sys::pread(f.fd.as_fd(), &mut buf, offset)?;
-            buf.truncate(n);
-            Ok(buf)
-        });
+    pub(crate) fn link(&self, node: u64, newparent: u64, newname: &OsStr) -> Res<Entry> {
+        let cname = sys::component(newname)?;
+        let (_, fd) = self.inode_fd(node)?;
+        let (pinode, pfd) = self.inode_fd(newparent)?;
+        let lock = self.acct_lock();
+        sys::linkat_fd(fd.as_fd(), pfd.as_fd(), &cname)?;
+        drop(lock);
+        self.note_changed(newparent);
+        self.tell_inode(newparent, false);
+        self.tell_inode(node, false);
+        self.new_entry(&pinode, newname)
+    }
+
+    pub(crate) fn open(&self, ctx: &Ctx, node: u64, flags: i32) -> Res<Opened> {
+        reserve::admit(ctx.uid == 0)?;
+        let inode = self.table.get(node)?;
+        let file = self.open_backing_fd(&inode, flags)?;
+        // O_TRUNC truncates even a read-only open: its size must be taken at release too.
+        let writable = flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0;
+        self.note_use(inode.node);
+        let append = flags & libc::O_APPEND != 0;
+        let (fh, backing) = self.register_open(&inode, file, writable, ctx.uid == 0, append);
+        Ok(Opened {
+            fh,
+            flags: self.fopen_flags(append, backing.is_some()),
+            backing,
+        })
+    }
+
+    pub(crate) fn read(&self, node: u64, fh: u64, offset: u64, size: u32) -> Res<Vec<u8>> {
         // The LRU clock (reads through passthrough are covered by the open and release).
         if offset == 0 {
-            self.note_use(ino.0);
+            self.note_use(node);
         }
-        match res {
-            Ok(buf) => reply.data(&buf),
-            Err(e) => reply.error(errno(&e)),
-        }
+        let f = self.file(fh)?;
+        let mut buf = vec![0u8; size as usize];
+        let n = sys::pread(f.fd.as_fd(), &mut buf, offset)?;
+        buf.truncate(n);
+        Ok(buf)
     }
 
-    fn write(
+    /// `write_flags`: the request's (WRITE_CACHE); `flags`: the kernel file's current open
+    /// flags.
+    pub(crate) fn write(
         &self,
-        _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
+        fh: u64,
         offset: u64,
         data: &[u8],
-        write_flags: WriteFlags,
-        flags: OpenFlags,
-        _lock_owner: Option<LockOwner>,
-        reply: ReplyWrite,
-    ) {
-        let res = self.file(fh).and_then(|f| {
-            let n = if write_flags.contains(WriteFlags::FUSE_WRITE_CACHE) {
-                // Page cache writeback (a shared mmap) goes to its exact offset, whichever
-                // open the kernel sends it through.
-                if f.append.load(Ordering::Relaxed) {
-                    let w = self.table.open_file(&f.inode, libc::O_WRONLY)?;
-                    sys::pwrite(w.as_fd(), data, offset)?
-                } else {
-                    sys::pwrite(f.fd.as_fd(), data, offset)?
-                }
+        write_flags: u32,
+        flags: i32,
+    ) -> Res<u32> {
+        let f = self.file(fh)?;
+        let n = if write_flags & WRITE_CACHE != 0 {
+            // Page cache writeback (a shared mmap) goes to its exact offset, whichever open
+            // the kernel sends it through.
+            if f.append.load(Ordering::Relaxed) {
+                let w = self.table.open_file(&f.inode, libc::O_WRONLY)?;
+                sys::pwrite(w.as_fd(), data, offset)?
             } else {
-                // An append goes to the backing file's end, not to the offset the kernel
-                // computed from its own idea of the size, which another mount of the instance
-                // may have made stale (pwrite on an O_APPEND fd appends, on Linux). The kernel
-                // sends the file's current flags: fcntl(F_SETFL) may have changed O_APPEND
-                // since the open.
-                let append = flags.0 & libc::O_APPEND != 0;
-                if f.append.load(Ordering::Relaxed) != append {
-                    sys::set_append(f.fd.as_fd(), append)?;
-                    f.append.store(append, Ordering::Relaxed);
-                }
                 sys::pwrite(f.fd.as_fd(), data, offset)?
-            };
-            // Userspace writes are seen here: a write past the end changes the size now,
-            // not only at release (passthrough writes are only seen at release).
-            self.note_size_of(&f);
-            Ok(n)
-        });
-        match res {
-            Ok(n) => reply.written(n as u32),
-            Err(e) => reply.error(errno(&e)),
-        }
-    }
-
-    fn flush(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        fh: FileHandle,
-        lock_owner: LockOwner,
-        reply: ReplyEmpty,
-    ) {
-        // Nothing is buffered here. A close by a process drops all its fcntl locks on the
-        // file (POSIX): the kernel sends its lock owner here, synchronously with close().
-        self.locks.drop_owner(ino.0, lock_owner.0);
-        match self.file(fh) {
-            Ok(f) => {
-                // Close-to-open, as NFS: writes through passthrough never reach us, so the
-                // other mounts learn of them when the writer closes (FLUSH is synchronous with
-                // close(), RELEASE is not).
-                if f.writable {
-                    self.tell_inode(ino.0, true);
-                }
-                reply.ok()
             }
-            Err(e) => reply.error(errno(&e)),
-        }
+        } else {
+            // An append goes to the backing file's end, not to the offset the kernel computed
+            // from its own idea of the size, which another mount of the instance may have made
+            // stale (pwrite on an O_APPEND fd appends, on Linux). The kernel sends the file's
+            // current flags: fcntl(F_SETFL) may have changed O_APPEND since the open.
+            let append = flags & libc::O_APPEND != 0;
+            if f.append.load(Ordering::Relaxed) != append {
+                sys::set_append(f.fd.as_fd(), append)?;
+                f.append.store(append, Ordering::Relaxed);
+            }
+            sys::pwrite(f.fd.as_fd(), data, offset)?
+        };
+        // Userspace writes are seen here: a write past the end changes the size now, not only
+        // at release (passthrough writes are only seen at release).
+        self.note_size_of(&f);
+        Ok(u32::try_from(n).unwrap_or(u32::MAX))
     }
 
-    fn release(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        fh: FileHandle,
-        _flags: OpenFlags,
-        lock_owner: Option<LockOwner>,
-        _flush: bool,
-        reply: ReplyEmpty,
-    ) {
-        // The owner is set when the kernel drops a flock held by this open file.
+    pub(crate) fn flush(&self, node: u64, fh: u64, lock_owner: u64) -> Res<()> {
+        // Nothing is buffered here. A close by a process drops all its fcntl locks on the file
+        // (POSIX): the kernel sends its lock owner here, synchronously with close().
+        self.locks.drop_owner(node, lock_owner);
+        let f = self.file(fh)?;
+        // Close-to-open, as NFS: writes through passthrough never reach us, so the other
+        // mounts learn of them when the writer closes (FLUSH is synchronous with close(),
+        // RELEASE is not).
+        if f.writable {
+            self.tell_inode(node, true);
+        }
+        Ok(())
+    }
+
+    /// `lock_owner`: set when the kernel drops a flock held by this open file.
+    pub(crate) fn release(&self, node: u64, fh: u64, lock_owner: Option<u64>) {
         if let Some(owner) = lock_owner {
-            self.locks.drop_owner(ino.0, owner.0);
+            self.locks.drop_owner(node, owner);
         }
         self.release_file(fh);
-        reply.ok();
     }
 
-    fn fsync(
+    pub(crate) fn fsync(&self, fh: u64, datasync: bool) -> Res<()> {
+        let f = self.file(fh)?;
+        sys::sync_fd(f.fd.as_fd(), datasync)
+    }
+
+    pub(crate) fn opendir(&self, node: u64) -> Res<u64> {
+        let inode = self.table.get(node)?;
+        let fh = self.new_fh();
+        self.dirs.insert(
+            fh,
+            Arc::new(OpenDir {
+                inode,
+                entries: Mutex::new(None),
+            }),
+        );
+        Ok(fh)
+    }
+
+    /// Lists from `offset` (an entry's offset is its index + 1): `add` takes each entry and
+    /// its offset, and says when the reply is full.
+    pub(crate) fn readdir(
         &self,
-        _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
-        datasync: bool,
-        reply: ReplyEmpty,
-    ) {
-        let res = self.file(fh).and_then(|f| {
-            let fd = f.fd.as_raw_fd();
-            sys::cvt(unsafe {
-                if datasync {
-                    libc::fdatasync(fd)
-                } else {
-                    libc::fsync(fd)
-                }
-            })
-            .map(drop)
-        });
-        match res {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(&e)),
-        }
-    }
-
-    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        match self.table.get(ino.0) {
-            Ok(inode) => {
-                let fh = self.new_fh();
-                self.dirs.insert(
-                    fh,
-                    Arc::new(OpenDir {
-                        inode,
-                        entries: Mutex::new(None),
-                    }),
-                );
-                reply.opened(FileHandle(fh), FopenFlags::empty());
-            }
-            Err(e) => reply.error(errno(&e)),
-        }
-    }
-
-    fn readdir(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
+        fh: u64,
         offset: u64,
-        mut reply: ReplyDirectory,
-    ) {
-        let (_, entries) = match self.dir_entries(fh, offset) {
-            Ok(v) => v,
-            Err(e) => return reply.error(errno(&e)),
-        };
+        mut add: impl FnMut(&DirEnt, u64) -> bool,
+    ) -> Res<()> {
+        let (_, entries) = self.dir_entries(fh, offset)?;
         for (i, e) in entries.iter().enumerate().skip(offset as usize) {
-            if reply.add(INodeNo(e.node), (i + 1) as u64, e.kind, &e.name) {
+            if add(e, (i + 1) as u64) {
                 break;
             }
         }
-        reply.ok();
+        Ok(())
     }
 
-    fn readdirplus(
+    /// READDIRPLUS: each entry with its attributes. Each entry given to `add` is a lookup the
+    /// kernel counts (except "." and ".."), taken back when `add` says it did not fit.
+    pub(crate) fn readdirplus(
         &self,
-        _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
+        fh: u64,
         offset: u64,
-        mut reply: ReplyDirectoryPlus,
-    ) {
-        let (dir, entries) = match self.dir_entries(fh, offset) {
-            Ok(v) => v,
-            Err(e) => return reply.error(errno(&e)),
-        };
-        let dir_attr = match self
-            .table
-            .fd(&dir.inode)
-            .and_then(|fd| sys::fstat(fd.as_fd()))
-        {
-            Ok(st) => self.attr(&st),
-            Err(e) => return reply.error(errno(&e)),
-        };
+        mut add: impl FnMut(&DirEnt, u64, &Entry) -> bool,
+    ) -> Res<()> {
+        let (dir, entries) = self.dir_entries(fh, offset)?;
+        let dir_st = sys::fstat(self.table.fd(&dir.inode)?.as_fd())?;
         for (i, e) in entries.iter().enumerate().skip(offset as usize) {
             let off = (i + 1) as u64;
             if i < 2 {
                 // "." and "..": the kernel takes no reference on these.
-                let mut a = dir_attr;
-                a.ino = INodeNo(e.node);
-                if reply.add(
-                    INodeNo(e.node),
-                    off,
-                    &e.name,
-                    &self.entry_ttl(),
-                    &a,
-                    Generation(0),
-                ) {
+                let entry = Entry {
+                    attrs: Some(Attrs {
+                        node: e.node,
+                        st: dir_st,
+                    }),
+                    entry_ttl: self.entry_ttl(),
+                    attr_ttl: self.entry_ttl(),
+                };
+                if add(e, off, &entry) {
                     break;
                 }
                 continue;
@@ -1322,469 +1153,247 @@ impl fuser::Filesystem for CacheFs {
                 // Removed since the directory was read: skip it, as getdents would.
                 Err(_) => continue,
             };
-            let attr = self.attr(&looked.st);
-            if reply.add(
-                attr.ino,
-                off,
-                &e.name,
-                &self.entry_ttl(),
-                &attr,
-                Generation(0),
-            ) {
+            if add(e, off, &self.entry(looked.st)) {
                 // Not sent: give back the reference the lookup took.
                 self.table.forget(looked.inode.node, 1);
                 break;
             }
         }
-        reply.ok();
+        Ok(())
     }
 
-    fn releasedir(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
-        _flags: OpenFlags,
-        reply: ReplyEmpty,
-    ) {
-        self.dirs.remove(&fh.0);
-        reply.ok();
+    pub(crate) fn releasedir(&self, fh: u64) {
+        self.dirs.remove(&fh);
     }
 
-    fn fsyncdir(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        _fh: FileHandle,
-        datasync: bool,
-        reply: ReplyEmpty,
-    ) {
-        let res = self.inode_fd(ino).and_then(|(_, fd)| {
-            let d = sys::openat(fd.as_fd(), c".", libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
-            sys::cvt(unsafe {
-                if datasync {
-                    libc::fdatasync(d.as_raw_fd())
-                } else {
-                    libc::fsync(d.as_raw_fd())
-                }
-            })
-            .map(drop)
-        });
-        match res {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(&e)),
-        }
+    pub(crate) fn fsyncdir(&self, node: u64, datasync: bool) -> Res<()> {
+        let (_, fd) = self.inode_fd(node)?;
+        let d = sys::openat(fd.as_fd(), c".", libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
+        sys::sync_fd(d.as_fd(), datasync)
     }
 
-    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        match sys::statvfs(self.table.root_fd().as_fd()) {
-            Ok(s) => reply.statfs(
-                s.f_blocks,
-                s.f_bfree,
-                s.f_bavail,
-                s.f_files,
-                s.f_ffree,
-                s.f_bsize as u32,
-                s.f_namemax as u32,
-                s.f_frsize as u32,
-            ),
-            Err(e) => reply.error(errno(&e)),
-        }
+    pub(crate) fn statfs(&self) -> Res<libc::statvfs> {
+        sys::statvfs(self.table.root_fd().as_fd())
     }
 
-    fn setxattr(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        name: &OsStr,
-        value: &[u8],
-        flags: i32,
-        _position: u32,
-        reply: ReplyEmpty,
-    ) {
-        if !self.xattrs {
-            // Remembered by the kernel for the connection: it asks no more.
-            return reply.error(Errno::ENOSYS);
-        }
-        let res = xattr_name(name).and_then(|cname| {
-            let (inode, fd) = self.inode_fd(ino)?;
-            if inode.state.lock().is_symlink {
-                // Symlinks carry no user xattrs, and the /proc route could follow the link.
-                return Err(io::Error::from_raw_os_error(libc::EPERM));
-            }
-            sys::setxattr(fd.as_fd(), &cname, value, flags)?;
-            self.tell_inode(ino.0, false);
+    /// With xattrs off every xattr request is ENOSYS, which the kernel remembers for the
+    /// connection: it asks no more.
+    fn check_xattrs(&self) -> Res<()> {
+        if self.xattrs {
             Ok(())
-        });
-        match res {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(&e)),
+        } else {
+            Err(io::Error::from_raw_os_error(libc::ENOSYS))
         }
     }
 
-    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        if !self.xattrs {
-            // Remembered by the kernel for the connection: it asks no more.
-            return reply.error(Errno::ENOSYS);
+    pub(crate) fn setxattr(&self, node: u64, name: &OsStr, value: &[u8], flags: i32) -> Res<()> {
+        self.check_xattrs()?;
+        let cname = xattr_name(name)?;
+        let (inode, fd) = self.inode_fd(node)?;
+        if inode.state.lock().is_symlink {
+            // Symlinks carry no user xattrs, and the /proc route could follow the link.
+            return Err(io::Error::from_raw_os_error(libc::EPERM));
         }
-        let res = xattr_name(name).and_then(|cname| {
-            let (inode, fd) = self.inode_fd(ino)?;
-            if inode.state.lock().is_symlink {
+        sys::setxattr(fd.as_fd(), &cname, value, flags)?;
+        self.tell_inode(node, false);
+        Ok(())
+    }
+
+    /// `size` 0 asks for the size only.
+    pub(crate) fn getxattr(&self, node: u64, name: &OsStr, size: u32) -> Res<Xattr> {
+        self.check_xattrs()?;
+        let cname = xattr_name(name)?;
+        let (inode, fd) = self.inode_fd(node)?;
+        if inode.state.lock().is_symlink {
+            return Err(io::Error::from_raw_os_error(libc::ENODATA));
+        }
+        let mut buf = vec![0u8; size as usize];
+        let n = match sys::getxattr(fd.as_fd(), &cname, &mut buf) {
+            // The kernel reads ACLs to check permissions (FUSE_POSIX_ACL) and takes EOPNOTSUPP
+            // for an error, refusing every access: a backing filesystem without ACLs has none,
+            // which is ENODATA.
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) && is_posix_acl(&cname) => {
                 return Err(io::Error::from_raw_os_error(libc::ENODATA));
             }
-            let mut buf = vec![0u8; size as usize];
-            let n = match sys::getxattr(fd.as_fd(), &cname, &mut buf) {
-                // The kernel reads ACLs to check permissions (FUSE_POSIX_ACL) and takes
-                // EOPNOTSUPP for an error, refusing every access: a backing filesystem without
-                // ACLs has none, which is ENODATA.
-                Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) && is_posix_acl(&cname) => {
-                    return Err(io::Error::from_raw_os_error(libc::ENODATA));
-                }
-                r => r?,
-            };
-            buf.truncate(n);
-            Ok((n, buf))
-        });
-        match res {
-            Ok((n, _)) if size == 0 => reply.size(n as u32),
-            Ok((_, buf)) => reply.data(&buf),
-            Err(e) => reply.error(errno(&e)),
-        }
+            r => r?,
+        };
+        buf.truncate(n);
+        Ok(xattr_reply(size, n, buf))
     }
 
-    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        if !self.xattrs {
-            // Remembered by the kernel for the connection: it asks no more.
-            return reply.error(Errno::ENOSYS);
+    pub(crate) fn listxattr(&self, node: u64, size: u32) -> Res<Xattr> {
+        self.check_xattrs()?;
+        let (inode, fd) = self.inode_fd(node)?;
+        if inode.state.lock().is_symlink {
+            return Ok(xattr_reply(size, 0, Vec::new()));
         }
-        let res = self.inode_fd(ino).and_then(|(inode, fd)| {
-            if inode.state.lock().is_symlink {
-                return Ok((0, Vec::new()));
-            }
-            let mut buf = vec![0u8; size as usize];
-            let n = sys::listxattr(fd.as_fd(), &mut buf)?;
-            buf.truncate(n);
-            Ok((n, buf))
-        });
-        match res {
-            Ok((n, _)) if size == 0 => reply.size(n as u32),
-            Ok((_, buf)) => reply.data(&buf),
-            Err(e) => reply.error(errno(&e)),
-        }
+        let mut buf = vec![0u8; size as usize];
+        let n = sys::listxattr(fd.as_fd(), &mut buf)?;
+        buf.truncate(n);
+        Ok(xattr_reply(size, n, buf))
     }
 
-    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        if !self.xattrs {
-            // Remembered by the kernel for the connection: it asks no more.
-            return reply.error(Errno::ENOSYS);
+    pub(crate) fn removexattr(&self, node: u64, name: &OsStr) -> Res<()> {
+        self.check_xattrs()?;
+        let cname = xattr_name(name)?;
+        let (inode, fd) = self.inode_fd(node)?;
+        if inode.state.lock().is_symlink {
+            return Err(io::Error::from_raw_os_error(libc::EPERM));
         }
-        let res = xattr_name(name).and_then(|cname| {
-            let (inode, fd) = self.inode_fd(ino)?;
-            if inode.state.lock().is_symlink {
-                return Err(io::Error::from_raw_os_error(libc::EPERM));
-            }
-            sys::removexattr(fd.as_fd(), &cname)?;
-            self.tell_inode(ino.0, false);
-            Ok(())
-        });
-        match res {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(&e)),
-        }
+        sys::removexattr(fd.as_fd(), &cname)?;
+        self.tell_inode(node, false);
+        Ok(())
     }
 
-    fn access(&self, _req: &Request, _ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
-        // Mounted with default_permissions: the kernel checks access itself.
-        reply.ok();
-    }
-
-    fn create(
+    pub(crate) fn create(
         &self,
-        req: &Request,
-        parent: INodeNo,
+        ctx: &Ctx,
+        parent: u64,
         name: &OsStr,
         mode: u32,
         umask: u32,
         flags: i32,
-        reply: ReplyCreate,
-    ) {
+    ) -> Res<(Entry, Opened)> {
         let t0 = crate::accounting::now_ns();
         let (umask_guard, mode) = sys::CallerUmask::set(umask, mode);
-        let res = (|| {
-            reserve::admit(req.uid() == 0)?;
-            let cname = sys::component(name)?;
-            let (pinode, pfd) = self.inode_fd(parent)?;
-            let _lock = self.acct_lock();
-            let oflags = (flags | libc::O_CREAT) & !(libc::O_NOCTTY | libc::O_DIRECT);
-            let file = self.create_file(req, &pfd, &cname, oflags, mode & 0o7777)?;
-            self.note_changed(parent.0);
-            self.tell_inode(parent.0, false);
-            // The inode's own fd must be O_PATH (an fd open for writing would make exec of the
-            // file fail with ETXTBSY); reopen the created file itself, not its name.
-            let opath = sys::reopen(file.as_fd(), libc::O_PATH)?;
-            let looked = self.table.adopt(pinode.node, name, opath, true)?;
-            Ok::<_, io::Error>((looked, file))
-        })();
+        reserve::admit(ctx.uid == 0)?;
+        let cname = sys::component(name)?;
+        let (pinode, pfd) = self.inode_fd(parent)?;
+        let lock = self.acct_lock();
+        let oflags = (flags | libc::O_CREAT) & !(libc::O_NOCTTY | libc::O_DIRECT);
+        let file = self.create_file(ctx, &pfd, &cname, oflags, mode & 0o7777)?;
+        drop(lock);
         drop(umask_guard);
-        let (looked, file) = match res {
-            Ok(v) => v,
-            Err(e) => return reply.error(errno(&e)),
-        };
-        let attr = self.attr(&looked.st);
+        self.note_changed(parent);
+        self.tell_inode(parent, false);
+        // The inode's own fd must be O_PATH (an fd open for writing would make exec of the
+        // file fail with ETXTBSY); reopen the created file itself, not its name.
+        let opath = sys::reopen(file.as_fd(), libc::O_PATH)?;
+        let looked = self.table.adopt(pinode.node, name, opath, true)?;
         self.note_size(&looked.st, true, t0);
         let append = flags & libc::O_APPEND != 0;
-        let (fh, backing) =
-            self.register_open(&looked.inode, file, true, req.uid() == 0, append, |f| {
-                reply.open_backing(f)
-            });
-        let fopen = self.fopen_flags(append, backing.is_some());
-        match backing {
-            Some(id) => reply.created_passthrough(
-                &self.entry_ttl(),
-                &attr,
-                Generation(0),
-                FileHandle(fh),
-                fopen,
-                &id,
-            ),
-            None => reply.created(
-                &self.entry_ttl(),
-                &attr,
-                Generation(0),
-                FileHandle(fh),
-                fopen,
-            ),
-        }
+        let (fh, backing) = self.register_open(&looked.inode, file, true, ctx.uid == 0, append);
+        let opened = Opened {
+            fh,
+            flags: self.fopen_flags(append, backing.is_some()),
+            backing,
+        };
+        Ok((self.entry(looked.st), opened))
     }
 
-    fn getlk(
+    /// F_GETLK: (type, start, end, pid) of a conflicting lock, or F_UNLCK.
+    pub(crate) fn getlk(
         &self,
-        _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
-        lock_owner: LockOwner,
+        fh: u64,
+        owner: u64,
         start: u64,
         end: u64,
         typ: i32,
-        _pid: u32,
-        reply: ReplyLock,
-    ) {
-        let res = self.file(fh).and_then(|f| {
-            let node = f.inode.node;
-            // Test from the owner's own description, so its own locks are not conflicts.
-            let (t, s, e, pid) = match self.locks.get(node, lock_owner.0) {
-                Some(o) => sys::ofd_getlk(o.fd().as_fd(), typ, start, end)?,
-                None => sys::ofd_getlk(f.fd.as_fd(), typ, start, end)?,
-            };
-            // An OFD lock names no process; the holder's pid is known when the holder is one
-            // of this mount's lock owners. Otherwise the pid F_OFD_GETLK gave: a classic
-            // lock's holder on the backing file, or 0 (unknown: another mount's owner).
-            let pid = match t {
-                libc::F_UNLCK => 0,
-                _ => self
-                    .locks
-                    .holder_pid(node, lock_owner.0, t, s, e)
-                    .unwrap_or(pid),
-            };
-            Ok((t, s, e, pid))
-        });
-        match res {
-            Ok((t, s, e, pid)) => reply.locked(s, e, t, pid),
-            Err(e) => reply.error(errno(&e)),
-        }
+    ) -> Res<(i32, u64, u64, u32)> {
+        let f = self.file(fh)?;
+        let node = f.inode.node;
+        // Test from the owner's own description, so its own locks are not conflicts.
+        let (t, s, e, pid) = match self.locks.get(node, owner) {
+            Some(o) => sys::ofd_getlk(o.fd().as_fd(), typ, start, end)?,
+            None => sys::ofd_getlk(f.fd.as_fd(), typ, start, end)?,
+        };
+        // An OFD lock names no process; the holder's pid is known when the holder is one of
+        // this mount's lock owners. Otherwise the pid F_OFD_GETLK gave: a classic lock's
+        // holder on the backing file, or 0 (unknown: another mount's owner).
+        let pid = match t {
+            libc::F_UNLCK => 0,
+            _ => self.locks.holder_pid(node, owner, t, s, e).unwrap_or(pid),
+        };
+        Ok((t, s, e, pid))
     }
 
-    fn setlk(
+    /// F_SETLK / F_SETLKW (`sleep`). A lock that must wait is returned as work for another
+    /// thread: it must not hold a transport thread.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn setlk(
         &self,
-        _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
-        lock_owner: LockOwner,
+        fh: u64,
+        owner: u64,
         start: u64,
         end: u64,
         typ: i32,
         pid: u32,
         sleep: bool,
-        reply: ReplyEmpty,
-    ) {
-        let file = match self.file(fh) {
-            Ok(f) => f,
-            Err(e) => return reply.error(errno(&e)),
-        };
-        if typ == libc::F_UNLCK && self.locks.get(file.inode.node, lock_owner.0).is_none() {
+    ) -> Res<Locking> {
+        let file = self.file(fh)?;
+        if typ == libc::F_UNLCK && self.locks.get(file.inode.node, owner).is_none() {
             // This owner holds nothing here.
-            return reply.ok();
+            return Ok(Locking::Done);
         }
-        let owner = match self.lock_fd(&file, lock_owner) {
-            Ok(o) => o,
-            Err(e) => return reply.error(errno(&e)),
-        };
+        let lock = self.lock_fd(&file, owner)?;
         if typ != libc::F_UNLCK {
-            // The locking process (thread group id in the connection's pid namespace, which
-            // is the namespace the kernel reads a reply's pid in): F_GETLK reports it.
-            owner.set_pid(pid);
+            // The locking process (thread group id in the connection's pid namespace, which is
+            // the namespace the kernel reads a reply's pid in): F_GETLK reports it.
+            lock.set_pid(pid);
         }
         {
             let mut owners = file.lock_owners.lock();
-            if !owners.contains(&lock_owner.0) {
-                owners.push(lock_owner.0);
+            if !owners.contains(&owner) {
+                owners.push(owner);
             }
         }
-        match sys::ofd_lock(owner.fd().as_fd(), typ, start, end, false) {
-            Ok(()) => reply.ok(),
+        match sys::ofd_lock(lock.fd().as_fd(), typ, start, end, false) {
+            Ok(()) => Ok(Locking::Done),
             Err(e)
                 if sleep && matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EACCES)) =>
             {
-                // A waiting lock must not hold one of the few worker threads.
-                let spawned = std::thread::Builder::new()
-                    .name("cachefs-lockwait".into())
-                    .spawn(move || {
-                        match sys::ofd_lock(owner.fd().as_fd(), typ, start, end, true) {
-                            Ok(()) => reply.ok(),
-                            Err(e) => reply.error(errno(&e)),
-                        }
-                    });
-                if let Err(e) = spawned {
-                    debug!("cannot start a lock waiter: {e}");
-                }
+                Ok(Locking::Wait(Box::new(move || {
+                    sys::ofd_lock(lock.fd().as_fd(), typ, start, end, true)
+                })))
             }
-            Err(e) => reply.error(errno(&e)),
+            Err(e) => Err(e),
         }
     }
 
-    fn fallocate(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
-        offset: u64,
-        length: u64,
-        mode: i32,
-        reply: ReplyEmpty,
-    ) {
-        let res = self.file(fh).and_then(|f| {
-            sys::cvt(unsafe {
-                libc::fallocate(
-                    f.fd.as_raw_fd(),
-                    mode,
-                    offset as libc::off_t,
-                    length as libc::off_t,
-                )
-            })?;
-            self.note_size_of(&f);
-            self.tell_inode(f.inode.node, true);
-            Ok(())
-        });
-        match res {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(&e)),
-        }
+    pub(crate) fn fallocate(&self, fh: u64, offset: u64, length: u64, mode: i32) -> Res<()> {
+        let f = self.file(fh)?;
+        sys::fallocate(f.fd.as_fd(), mode, offset, length)?;
+        self.note_size_of(&f);
+        self.tell_inode(f.inode.node, true);
+        Ok(())
     }
 
-    fn lseek(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
-        offset: i64,
-        whence: i32,
-        reply: ReplyLseek,
-    ) {
-        let res = self.file(fh).and_then(|f| {
-            let r = unsafe { libc::lseek(f.fd.as_raw_fd(), offset as libc::off_t, whence) };
-            if r < 0 {
-                Err(io::Error::last_os_error())
-            } else {
-                Ok(r as i64)
-            }
-        });
-        match res {
-            Ok(off) => reply.offset(off),
-            Err(e) => reply.error(errno(&e)),
-        }
+    pub(crate) fn lseek(&self, fh: u64, offset: i64, whence: i32) -> Res<i64> {
+        let f = self.file(fh)?;
+        sys::lseek(f.fd.as_fd(), offset, whence)
     }
 
-    fn ioctl(
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn copy_file_range(
         &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _fh: FileHandle,
-        _flags: fuser::IoctlFlags,
-        _cmd: u32,
-        _in_data: &[u8],
-        _out_size: u32,
-        reply: fuser::ReplyIoctl,
-    ) {
-        // Not forwarded (isatty() probes land here): answer as a plain file would, quietly.
-        // (ENOSYS would not spare later round trips: the kernel does not remember it for
-        // ioctls, and answers every one with a request.)
-        reply.error(Errno::ENOTTY);
-    }
-
-    fn poll(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _fh: FileHandle,
-        _ph: fuser::PollNotifier,
-        _events: fuser::PollEvents,
-        _flags: fuser::PollFlags,
-        reply: fuser::ReplyPoll,
-    ) {
-        // ENOSYS makes the kernel use the default "always ready" mask for regular files.
-        reply.error(Errno::ENOSYS);
-    }
-
-    fn bmap(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _blocksize: u32,
-        _idx: u64,
-        reply: fuser::ReplyBmap,
-    ) {
-        reply.error(Errno::ENOSYS);
-    }
-
-    fn copy_file_range(
-        &self,
-        _req: &Request,
-        _ino_in: INodeNo,
-        fh_in: FileHandle,
+        fh_in: u64,
         offset_in: u64,
-        _ino_out: INodeNo,
-        fh_out: FileHandle,
+        fh_out: u64,
         offset_out: u64,
         len: u64,
-        flags: CopyFileRangeFlags,
-        reply: ReplyWrite,
-    ) {
-        let res = (|| {
-            let fin = self.file(fh_in)?;
-            let fout = self.file(fh_out)?;
-            let mut off_in = offset_in as libc::off64_t;
-            let mut off_out = offset_out as libc::off64_t;
-            let n = unsafe {
-                libc::copy_file_range(
-                    fin.fd.as_raw_fd(),
-                    &mut off_in,
-                    fout.fd.as_raw_fd(),
-                    &mut off_out,
-                    len.min(u32::MAX as u64) as usize,
-                    flags.bits() as u32,
-                )
-            };
-            if n < 0 {
-                Err(io::Error::last_os_error())
-            } else {
-                self.tell_inode(fout.inode.node, true);
-                Ok(n as u32)
-            }
-        })();
-        match res {
-            Ok(n) => reply.written(n),
-            Err(e) => reply.error(errno(&e)),
-        }
+        flags: u32,
+    ) -> Res<u32> {
+        let fin = self.file(fh_in)?;
+        let fout = self.file(fh_out)?;
+        let n = sys::copy_file_range(
+            fin.fd.as_fd(),
+            offset_in,
+            fout.fd.as_fd(),
+            offset_out,
+            len.min(u64::from(u32::MAX)),
+            flags,
+        )?;
+        self.tell_inode(fout.inode.node, true);
+        Ok(u32::try_from(n).unwrap_or(u32::MAX))
+    }
+}
+
+/// A getxattr or listxattr answer: the size when asked for it (`size` 0), else the bytes.
+fn xattr_reply(size: u32, n: usize, buf: Vec<u8>) -> Xattr {
+    if size == 0 {
+        Xattr::Size(u32::try_from(n).unwrap_or(u32::MAX))
+    } else {
+        Xattr::Data(buf)
     }
 }
 
@@ -1799,27 +1408,6 @@ fn append_fopen(append: bool, passthrough: bool) -> FopenFlags {
         FopenFlags::FOPEN_DIRECT_IO
     } else {
         FopenFlags::empty()
-    }
-}
-
-/// The attributes of a negative entry: the kernel reads only the node id (0).
-fn negative_attr() -> FileAttr {
-    FileAttr {
-        ino: INodeNo(0),
-        size: 0,
-        blocks: 0,
-        atime: UNIX_EPOCH,
-        mtime: UNIX_EPOCH,
-        ctime: UNIX_EPOCH,
-        crtime: UNIX_EPOCH,
-        kind: FileType::RegularFile,
-        perm: 0,
-        nlink: 0,
-        uid: 0,
-        gid: 0,
-        rdev: 0,
-        blksize: 0,
-        flags: 0,
     }
 }
 

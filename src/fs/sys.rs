@@ -237,6 +237,79 @@ pub(crate) fn statvfs(fd: BorrowedFd<'_>) -> io::Result<libc::statvfs> {
     Ok(unsafe { st.assume_init() })
 }
 
+/// fsync, or fdatasync with `datasync`.
+pub(crate) fn sync_fd(fd: BorrowedFd<'_>, datasync: bool) -> io::Result<()> {
+    // SAFETY: plain syscalls on an fd the caller holds open.
+    cvt(unsafe {
+        if datasync {
+            libc::fdatasync(fd.as_raw_fd())
+        } else {
+            libc::fsync(fd.as_raw_fd())
+        }
+    })
+    .map(drop)
+}
+
+pub(crate) fn fchmod(fd: BorrowedFd<'_>, mode: u32) -> io::Result<()> {
+    // SAFETY: a plain syscall on an fd the caller holds open.
+    cvt(unsafe { libc::fchmod(fd.as_raw_fd(), mode) }).map(drop)
+}
+
+pub(crate) fn ftruncate(fd: BorrowedFd<'_>, size: u64) -> io::Result<()> {
+    let size =
+        libc::off_t::try_from(size).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
+    // SAFETY: a plain syscall on an fd the caller holds open.
+    cvt(unsafe { libc::ftruncate(fd.as_raw_fd(), size) }).map(drop)
+}
+
+pub(crate) fn futimens(fd: BorrowedFd<'_>, times: &[libc::timespec; 2]) -> io::Result<()> {
+    // SAFETY: `times` points to the two timespecs futimens reads.
+    cvt(unsafe { libc::futimens(fd.as_raw_fd(), times.as_ptr()) }).map(drop)
+}
+
+pub(crate) fn fallocate(fd: BorrowedFd<'_>, mode: i32, offset: u64, len: u64) -> io::Result<()> {
+    let einval = || io::Error::from_raw_os_error(libc::EINVAL);
+    let offset = libc::off_t::try_from(offset).map_err(|_| einval())?;
+    let len = libc::off_t::try_from(len).map_err(|_| einval())?;
+    // SAFETY: a plain syscall on an fd the caller holds open.
+    cvt(unsafe { libc::fallocate(fd.as_raw_fd(), mode, offset, len) }).map(drop)
+}
+
+pub(crate) fn lseek(fd: BorrowedFd<'_>, offset: i64, whence: i32) -> io::Result<i64> {
+    // SAFETY: a plain syscall on an fd the caller holds open.
+    let r = unsafe { libc::lseek(fd.as_raw_fd(), offset as libc::off_t, whence) };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r as i64)
+    }
+}
+
+pub(crate) fn copy_file_range(
+    fd_in: BorrowedFd<'_>,
+    off_in: u64,
+    fd_out: BorrowedFd<'_>,
+    off_out: u64,
+    len: u64,
+    flags: u32,
+) -> io::Result<usize> {
+    let einval = || io::Error::from_raw_os_error(libc::EINVAL);
+    let mut off_in = libc::off64_t::try_from(off_in).map_err(|_| einval())?;
+    let mut off_out = libc::off64_t::try_from(off_out).map_err(|_| einval())?;
+    let len = usize::try_from(len).map_err(|_| einval())?;
+    // SAFETY: the offsets are ours for the call; both fds are held open by the caller.
+    cvt_size(unsafe {
+        libc::copy_file_range(
+            fd_in.as_raw_fd(),
+            &mut off_in,
+            fd_out.as_raw_fd(),
+            &mut off_out,
+            len,
+            flags,
+        )
+    })
+}
+
 pub(crate) fn pread(fd: BorrowedFd<'_>, buf: &mut [u8], offset: u64) -> io::Result<usize> {
     let mut done = 0;
     while done < buf.len() {
@@ -509,10 +582,6 @@ pub(crate) fn ofd_getlk(
         lstart + fl.l_len as u64 - 1
     };
     Ok((fl.l_type as i32, lstart, lend, fl.l_pid.max(0) as u32))
-}
-
-pub(crate) fn errno(e: &io::Error) -> fuser::Errno {
-    fuser::Errno::from_i32(e.raw_os_error().unwrap_or(libc::EIO))
 }
 
 // ---------------------------------------------------------------------------------------------

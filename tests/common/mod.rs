@@ -1077,3 +1077,23 @@ pub fn flock(f: &fs::File, op: i32) -> io::Result<()> {
     cvt(unsafe { libc::flock(f.as_raw_fd(), op) })?;
     Ok(())
 }
+
+/// Sets the kernel's `enable_uring` for the life of the guard, restoring the value it found.
+pub struct UringSwitch(Option<String>);
+
+impl UringSwitch {
+    /// None where the kernel has no such switch (or it cannot be written: not root).
+    pub fn set(on: bool) -> Option<UringSwitch> {
+        let old = fs::read_to_string(cachefs::fs::ENABLE_URING).ok()?;
+        fs::write(cachefs::fs::ENABLE_URING, if on { "Y" } else { "N" }).ok()?;
+        Some(UringSwitch(Some(old.trim().to_owned())))
+    }
+}
+
+impl Drop for UringSwitch {
+    fn drop(&mut self) {
+        if let Some(old) = self.0.take() {
+            let _ = fs::write(cachefs::fs::ENABLE_URING, old);
+        }
+    }
+}

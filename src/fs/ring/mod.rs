@@ -37,6 +37,7 @@ mod abi;
 mod queue;
 mod reply;
 mod request;
+pub(crate) mod serve;
 #[cfg(test)]
 mod tests;
 

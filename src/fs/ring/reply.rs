@@ -420,6 +420,11 @@ impl DirReply {
         let bytes = self.reply.buf().map(std::mem::take).unwrap_or_default();
         send_built(self.reply, bytes);
     }
+
+    /// Answers with an error instead of the entries.
+    pub(crate) fn error(self, errno: i32) {
+        self.reply.error(errno);
+    }
 }
 
 /// Builds a READDIRPLUS reply: `struct fuse_direntplus` records (entry, then dirent).
@@ -443,6 +448,11 @@ impl DirPlusReply {
     pub(crate) fn send(mut self) {
         let bytes = self.reply.buf().map(std::mem::take).unwrap_or_default();
         send_built(self.reply, bytes);
+    }
+
+    /// Answers with an error instead of the entries.
+    pub(crate) fn error(self, errno: i32) {
+        self.reply.error(errno);
     }
 }
 
