@@ -26,9 +26,13 @@
 #   WORK      scratch directory on the disk under test (default /var/tmp/cachefs-bench)
 #   CONFIGS   subset of the configurations below, in table order (default DEFAULT):
 #               native       the scratch directory itself
-#               passthrough  `cachefs mount` (kernel FUSE passthrough, the default mount)
-#               userspace    `cachefs mount --no-passthrough`
+#               passthrough  `cachefs mount --io-uring off` (kernel FUSE passthrough, the default
+#                            shared mount, requests over /dev/fuse)
+#               uring        `cachefs mount --io-uring on`: the same over io_uring (the script
+#                            sets enable_uring as for hp-uring)
+#               userspace    `cachefs mount --no-passthrough --io-uring off`
 #               locked       passthrough under a sharing=locked lease, i.e. an exclusive mount
+#                            (/dev/fuse); locked-uring: the same over io_uring
 #               nocount      passthrough with size accounting off, CACHEFS_NO_ACCOUNTING=1, to
 #                            measure what accounting costs: CONFIGS="native passthrough nocount"
 #               bind         `cachefs mount --mount type=cache,...,sharing=locked,driver=bind`
@@ -42,7 +46,7 @@
 #                            any FUSE server mounted in the run that asks for io_uring gets it)
 #               base-passthrough base-userspace base-locked
 #                            the same with $CACHEFS_BASE
-#               DEFAULT      native passthrough userspace bindfs bindfs-mt hp hp-uring bind,
+#               DEFAULT      native passthrough uring userspace bindfs bindfs-mt hp hp-uring bind,
 #                            leaving out (with a note) the peers that are not installed and
 #                            bind when the binary has no bind driver; may be combined, e.g.
 #                            CONFIGS="DEFAULT locked"
@@ -117,7 +121,13 @@ declare -A OPTIONAL    # configuration -> 1 when only DEFAULT asked for it (may 
 given=$CONFIGS expanded=""
 for c in $given; do
     if [ "$c" != DEFAULT ]; then expanded+=" $c"; continue; fi
-    expanded+=" native passthrough userspace"
+    expanded+=" native passthrough"
+    if [ -w "$URING_PARAM" ]; then
+        expanded+=" uring"
+    else
+        log "DEFAULT: no writable $URING_PARAM (FUSE over io_uring): no uring"
+    fi
+    expanded+=" userspace"
     if command -v bindfs >/dev/null; then
         expanded+=" bindfs bindfs-mt"
     else
@@ -153,6 +163,9 @@ esac
 if has_hp; then
     [ -x "$HP" ] || die "hp, hp-uring: no passthrough_hp at $HP (set PEERS), or set CONFIGS without them"
     hp_runs || die "hp, hp-uring: $HP does not run (\`$HP --help\` fails: liburing2 missing?)"
+fi
+if has uring || has locked-uring; then
+    [ -w "$URING_PARAM" ] || die "uring: no writable $URING_PARAM (FUSE over io_uring needs Linux 6.14+, as root)"
 fi
 if has hp-uring; then
     [ -w "$URING_PARAM" ] || die "hp-uring: no writable $URING_PARAM (FUSE over io_uring needs Linux 6.14+, as root)"
@@ -236,7 +249,7 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-if has hp-uring; then
+if has hp-uring || has uring || has locked-uring; then
     prev=$(cat "$URING_PARAM")
     if [ "$prev" != Y ]; then
         URING_PREV=$prev
@@ -335,13 +348,20 @@ setup() {
             dir=$WORK/native
             mkdir -p "$dir"
             ;;
-        passthrough|userspace|nocount|locked|base-passthrough|base-userspace|base-locked)
+        passthrough|uring|userspace|nocount|locked|locked-uring|base-passthrough|base-userspace|base-locked)
             dir=$WORK/mnt-$config
             mkdir -p "$dir"
             local extra=() env=()
             case "$config" in
                 *userspace) extra=(--no-passthrough);;
-                *locked) extra=(--sharing locked);;
+                *locked*) extra=(--sharing locked);;
+            esac
+            # The transport is explicit (the run sets enable_uring when a ring configuration
+            # is in it); a base binary may predate --io-uring and serves /dev/fuse anyway.
+            case "$config" in
+                base-*) ;;
+                *uring) extra+=(--io-uring on);;
+                *) extra+=(--io-uring off);;
             esac
             if [ "$config" = nocount ]; then env=(CACHEFS_NO_ACCOUNTING=1); fi
             # `cachefs mount`, not `cachefs run -- sleep`: a run's mount exists only in its
@@ -413,7 +433,7 @@ setup() {
 teardown() {
     local config=$1 dir=${DIRS[$1]}
     case "$config" in
-        passthrough|userspace|nocount|locked|bind|base-passthrough|base-userspace|base-locked)
+        passthrough|uring|userspace|nocount|locked|locked-uring|bind|base-passthrough|base-userspace|base-locked)
             "$(bin_of "$config")" --store "$(store_of "$config")" umount "${MOUNTED[$config]}" \
                 || die "cachefs umount $dir failed"
             unset "MOUNTED[$config]"

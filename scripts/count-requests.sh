@@ -29,7 +29,9 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 N=${N:-2000}
 WORK=${WORK:-/var/tmp/cachefs-count}
 SPEC_EXTRA=${SPEC_EXTRA:-}
-read -r -a MOUNT_ARGS <<<"${MOUNT_ARGS:-}"
+# Requests are counted from fuser's log, so they must travel through /dev/fuse (the io_uring
+# transport carries the same requests).
+read -r -a MOUNT_ARGS <<<"--io-uring off ${MOUNT_ARGS:-}"
 
 die() { echo "count-requests: $*" >&2; exit 1; }
 [ "$(id -u)" = 0 ] || die "run as root (it mounts)"

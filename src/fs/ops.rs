@@ -281,6 +281,31 @@ impl CacheFs {
         }
     }
 
+    /// Change log: a file opened for writing may change until its RELEASE, which can come
+    /// after the kernel forgot the file's directory (at unmount the kernel drops the RELEASEs
+    /// still queued, and `destroy` replays them after the FORGETs): its directory is placed
+    /// now, while it is known. Marking a directory that does not change costs a re-hash of it.
+    fn note_opened_for_write(&self, inode: &Inode) {
+        if let Some(acct) = &self.acct {
+            let dir = if inode.node == ROOT {
+                ROOT
+            } else {
+                inode.state.lock().parent_node()
+            };
+            acct.changed_dir(dir);
+        }
+    }
+
+    /// Change log: a file opened for writing was released, with its stat then. Its directory
+    /// was placed at the open (see `note_opened_for_write`); placed again only while it is
+    /// known, since it may have moved.
+    fn note_written_released(&self, inode: &Inode, st: &libc::stat) {
+        let dir = inode.state.lock().parent_node();
+        if st.st_nlink > 1 || inode.node == ROOT || self.table.get(dir).is_ok() {
+            self.note_inode_changed(inode, st);
+        }
+    }
+
     /// A stat result with its node id (the backing inode number, mapped).
     fn attrs(&self, st: libc::stat) -> Attrs {
         Attrs {
@@ -667,7 +692,7 @@ impl CacheFs {
             match file.writable.then(|| sys::fstat(file.fd.as_fd())) {
                 Some(Ok(st)) => {
                     self.note_size(&st, true, t0);
-                    self.note_inode_changed(&file.inode, &st);
+                    self.note_written_released(&file.inode, &st);
                 }
                 _ => self.note_use(node),
             }
@@ -1005,6 +1030,9 @@ impl CacheFs {
         // O_TRUNC truncates even a read-only open: its size must be taken at release too.
         let writable = flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0;
         self.note_use(inode.node);
+        if writable {
+            self.note_opened_for_write(&inode);
+        }
         let append = flags & libc::O_APPEND != 0;
         let (fh, backing) = self.register_open(&inode, file, writable, ctx.uid == 0, append);
         Ok(Opened {
