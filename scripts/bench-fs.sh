@@ -73,6 +73,7 @@
 #   create    N4K files of 4 KiB in 150 new directories (perl: open, write, close per file,
 #             POSIX calls so each file costs 3 syscalls; perl's start is ~10 ms of the figure)
 #   stat      lstat of each of them by name, right after (perl, no readdir)
+#   stat-later  the same again 1.1 s later, past a 1-second entry/attribute timeout
 #   untar-small  tar -xf of the SMALL-file tree (crate-source-like: SMALL/150 crates, 100 by
 #             default, each of 10 directories: the crate's own, src, src/m0-m5, tests,
 #             examples; sizes 5% < 1 KiB, 87% 1-16 KiB log-uniform, 8% 16-64 KiB)
@@ -98,7 +99,7 @@ SETTLE=${SETTLE:-35}
 WORK=${WORK:-/var/tmp/cachefs-bench}
 CONFIGS=${CONFIGS:-DEFAULT}
 RUN_OVERHEAD_RUNS=${RUN_OVERHEAD_RUNS:-30}
-WORKLOADS="write read untar cat du rm create stat untar-small rm-small"
+WORKLOADS="write read untar cat du rm create stat stat-later untar-small rm-small"
 N4K_DIRS=150
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -589,6 +590,9 @@ for R in $(seq 1 "$ROUNDS"); do
         DIR=${DIRS[$config]}
         timed "$config" create w_create
         timed "$config" stat w_stat
+        # Past a one-second entry and attribute timeout: what a mount keeps for long shows.
+        sleep 1.1
+        timed "$config" stat-later w_stat
         sync
     done
     # passthrough_hp would hold N4K fds more into the next phase (dropped for every config).
@@ -665,6 +669,7 @@ label() {
         rm) echo "rm -rf tree";;
         create) echo "create $N4K files of 4 KiB";;
         stat) echo "lstat them, right after";;
+        stat-later) echo "lstat them again, 1.1 s later";;
         untar-small) echo "untar $SMALL_ENTRIES-entry small tree";;
         rm-small) echo "rm -rf small tree";;
     esac

@@ -22,7 +22,7 @@
 #   cat         cat of each (find | xargs cat)
 #   untar       tar -xf of the same tree (N files) into a new directory
 #   ls          ls -lR of that tree
-#   rm          rm -rf of both trees
+#   rm          rm -rf of both trees (counted per file removed)
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -116,8 +116,10 @@ awk -v n="$N" '
     END {
         for (p = 1; p <= np; p++) {
             ph = order[p]; if (ph == "end") continue
-            line = sprintf("%-11s %6.2f  ", ph, total[ph] / n)
-            for (op in ops) if ((ph, op) in count) line = line sprintf(" %s %.2f", op, count[ph, op] / n)
+            # rm removes both trees: per file removed.
+            d = (ph == "rm") ? 2 * n : n
+            line = sprintf("%-11s %6.2f  ", ph, total[ph] / d)
+            for (op in ops) if ((ph, op) in count) line = line sprintf(" %s %.2f", op, count[ph, op] / d)
             print line
         }
     }' "$LOG"

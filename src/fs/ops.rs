@@ -241,7 +241,7 @@ impl CacheFs {
     /// Tells the other mounts that `name` in `parent` no longer names what it did.
     fn tell_entry(&self, parent: u64, name: &OsStr) {
         use std::os::unix::ffi::OsStrExt;
-        if self.peers.is_some() {
+        if self.peers.as_ref().is_some_and(|p| p.has_members()) {
             self.tell(Change::Entry {
                 parent,
                 name: name.as_bytes().to_vec(),
@@ -934,6 +934,7 @@ impl CacheFs {
         let other_links = self
             .peers
             .as_ref()
+            .filter(|p| p.has_members())
             .and_then(|_| sys::fstatat(pfd.as_fd(), &cname).ok())
             .filter(|st| st.st_nlink > 1)
             .map(|st| self.table.inos.to_node(st.st_ino));

@@ -347,9 +347,14 @@ impl Peers {
         *self.inner.apply.write() = Some(apply);
     }
 
+    /// Whether anyone may be told: a mount alone on its instance skips the work of a change.
+    pub(crate) fn has_members(&self) -> bool {
+        self.inner.members.load(Ordering::Relaxed) > 0
+    }
+
     /// Tells every other member about a change (queued: never blocks).
     pub(crate) fn tell(&self, change: Change) {
-        if self.inner.members.load(Ordering::Relaxed) == 0 {
+        if !self.has_members() {
             return;
         }
         let mut outbox = self.inner.outbox.lock();
