@@ -884,6 +884,10 @@ pub fn mount(source: &Path, target: &Path, opts: &FsOptions) -> Result<MountedFs
     } else {
         None
     };
+    // Before the first request is served: from then on the kernel caches what it is told.
+    if let Some(p) = &peers {
+        p.set_apply(apply_changes(session.notifier(), Arc::downgrade(&table)));
+    }
     let session = session
         .spawn()
         .map_err(|e| FsError::Mount(target.to_path_buf(), e))?;
@@ -891,9 +895,6 @@ pub fn mount(source: &Path, target: &Path, opts: &FsOptions) -> Result<MountedFs
         use std::os::unix::fs::MetadataExt;
         connection_of(m.dev())
     });
-    if let Some(p) = &peers {
-        p.set_apply(apply_changes(session.notifier(), Arc::downgrade(&table)));
-    }
     let evictor = Evictor {
         root: table.root_fd().clone(),
         table: Some(table),
