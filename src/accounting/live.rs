@@ -133,6 +133,13 @@ impl Accountant {
         }
     }
 
+    /// Change log: directory `node` was removed: its own entries are gone with it (its parent
+    /// was marked by the removal), and naming it later could fail once the kernel forgot its
+    /// parent too (FORGETs come in any order), which would lose the whole log.
+    pub fn dir_removed(&self, node: u64) {
+        self.changed.remove(&node);
+    }
+
     /// Change log: directory `node` arrived at its path whole (renamed there).
     pub fn changed_subtree(&self, node: u64) {
         self.changed.insert(node, true);

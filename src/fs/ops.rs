@@ -281,6 +281,23 @@ impl CacheFs {
         }
     }
 
+    /// Change log: the directory `node` (named before an rmdir) was removed, if its own inode
+    /// says so (a rename between the look and the rmdir could have put another directory
+    /// under the name): its entries no longer need placing.
+    fn note_dir_removed(&self, node: u64) {
+        let Some(acct) = &self.acct else {
+            return;
+        };
+        let gone = match self.table.get(node).and_then(|i| self.table.fd(&i)) {
+            Ok(fd) => sys::fstat(fd.as_fd()).is_ok_and(|st| st.st_nlink == 0),
+            // Only a handle of a removed inode goes stale.
+            Err(e) => e.raw_os_error() == Some(libc::ESTALE) && self.table.uses_handles(),
+        };
+        if gone {
+            acct.dir_removed(node);
+        }
+    }
+
     /// Change log: a file opened for writing may change until its RELEASE, which can come
     /// after the kernel forgot the file's directory (at unmount the kernel drops the RELEASEs
     /// still queued, and `destroy` replays them after the FORGETs): its directory is placed
@@ -953,7 +970,15 @@ impl CacheFs {
     pub(crate) fn rmdir(&self, parent: u64, name: &OsStr) -> Res<()> {
         let cname = sys::component(name)?;
         let (_, pfd) = self.inode_fd(parent)?;
+        let victim = self
+            .acct
+            .as_ref()
+            .and_then(|_| sys::fstatat(pfd.as_fd(), &cname).ok())
+            .map(|st| self.table.inos.to_node(st.st_ino));
         sys::unlinkat(pfd.as_fd(), &cname, libc::AT_REMOVEDIR)?;
+        if let Some(node) = victim {
+            self.note_dir_removed(node);
+        }
         self.note_changed(parent);
         self.tell_entry(parent, name);
         self.tell_inode(parent, false);
