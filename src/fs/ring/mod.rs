@@ -50,7 +50,7 @@ use std::thread::JoinHandle;
 
 // Re-exported for the filesystem core, which is not wired to the ring yet.
 #[allow(unused_imports)]
-pub(crate) use reply::{Attr, DirPlusReply, DirReply, EntryOut, RingReply, Statfs, dirent_type};
+pub(crate) use reply::{Attr, DirReply, EntryOut, RingReply, Statfs, dirent_type};
 #[allow(unused_imports)]
 pub(crate) use request::{DecodeError, FileLock, Op, RingRequest, SetattrIn};
 

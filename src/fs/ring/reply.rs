@@ -321,13 +321,10 @@ impl RingReply {
         DirReply { reply: self, limit }
     }
 
-    /// A READDIRPLUS reply holding at most `size` bytes (the request's size).
-    pub(crate) fn dirplus(mut self, size: u32) -> DirPlusReply {
-        if let Some(b) = self.buf() {
-            b.clear();
-        }
-        let limit = self.limit(size);
-        DirPlusReply { reply: self, limit }
+    /// A READDIRPLUS reply holding at most `size` bytes (the request's size): entries go in
+    /// with `DirReply::add_plus`.
+    pub(crate) fn dirplus(self, size: u32) -> DirReply {
+        self.dir(size)
     }
 
     fn limit(&self, size: u32) -> usize {
@@ -398,7 +395,8 @@ fn push_dirent(
     false
 }
 
-/// Builds a READDIR reply: `struct fuse_dirent` records, each 8-byte aligned.
+/// Builds a READDIR reply (`struct fuse_dirent` records, each 8-byte aligned) or a
+/// READDIRPLUS one (`struct fuse_direntplus`: the entry, then the dirent).
 pub(crate) struct DirReply {
     reply: RingReply,
     limit: usize,
@@ -415,28 +413,9 @@ impl DirReply {
         }
     }
 
-    /// Sends the entries added so far (none means end of directory).
-    pub(crate) fn send(mut self) {
-        let bytes = self.reply.buf().map(std::mem::take).unwrap_or_default();
-        send_built(self.reply, bytes);
-    }
-
-    /// Answers with an error instead of the entries.
-    pub(crate) fn error(self, errno: i32) {
-        self.reply.error(errno);
-    }
-}
-
-/// Builds a READDIRPLUS reply: `struct fuse_direntplus` records (entry, then dirent).
-pub(crate) struct DirPlusReply {
-    reply: RingReply,
-    limit: usize,
-}
-
-impl DirPlusReply {
     /// Adds one entry with its attributes (each added entry counts as a lookup, as in
     /// LOOKUP, unless its nodeid is 0). Returns true, without adding it, when it does not fit.
-    pub(crate) fn add(&mut self, entry: &EntryOut, off: u64, typ: u32, name: &OsStr) -> bool {
+    pub(crate) fn add_plus(&mut self, entry: &EntryOut, off: u64, typ: u32, name: &OsStr) -> bool {
         let limit = self.limit;
         match self.reply.buf() {
             Some(buf) => push_dirent(buf, limit, Some(entry), entry.attr.ino, off, typ, name),

@@ -231,7 +231,7 @@ impl RingHandler for Serve {
             Op::Readdirplus { fh, offset, size } => {
                 let mut dir = reply.dirplus(size);
                 match fs.readdirplus(fh, offset, |e, off, entry| {
-                    dir.add(&entry_out(entry), off, u32::from(e.dtype), &e.name)
+                    dir.add_plus(&entry_out(entry), off, u32::from(e.dtype), &e.name)
                 }) {
                     Ok(()) => dir.send(),
                     Err(e) => dir.error(err(&e)),

@@ -378,7 +378,7 @@ fn dir_builders_respect_the_size() {
 
     let (r, rx) = reply_pair(4096);
     let mut d = r.dirplus(4096);
-    assert!(!d.add(&sample_entry(), 1, libc::DT_REG as u32, OsStr::new("f")));
+    assert!(!d.add_plus(&sample_entry(), 1, libc::DT_REG as u32, OsStr::new("f")));
     d.send();
     let (_, p) = sent(&rx);
     assert_eq!(p.len(), abi::dirent_align(abi::ENTRY_OUT_SIZE + 24 + 1));
@@ -675,7 +675,7 @@ impl RingHandler for TreeHandler {
                         // No lookup counted for these: the kernel ignores nodeid 0.
                         e.nodeid = 0;
                     }
-                    if d.add(&e, i as u64 + 1, dirent_type(e.attr.mode), OsStr::new(name)) {
+                    if d.add_plus(&e, i as u64 + 1, dirent_type(e.attr.mode), OsStr::new(name)) {
                         break;
                     }
                 }
